@@ -1,0 +1,150 @@
+"""Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p), batched prompts.
+
+Prompts are left-padded into one batch; a prefill writes their keys and values into the cache, then one
+jitted step per new token (same shapes every step, so nothing recompiles) appends to it.
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.models.config import DecoderConfig
+from jaxlora.models.decoder import forward
+
+
+def init_cache(cfg: DecoderConfig, batch: int, max_len: int) -> dict:
+    """An empty cache: k/v [L, B, S, K, H] in the compute dtype, positions/segments [B, S], index 0."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dt = jnp.dtype(cfg.compute_dtype)
+    return {
+        "k": jnp.zeros(shape, dt),
+        "v": jnp.zeros(shape, dt),
+        "positions": jnp.zeros((batch, max_len), jnp.int32),
+        "segments": jnp.zeros((batch, max_len), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def _extend(params, cfg, cache, ids, positions, segments, lora, lora_scale):
+    """Write a [B, T] chunk into the cache and return the last position's logits [B, V]."""
+    idx = cache["index"]
+    cache = dict(
+        cache,
+        positions=jax.lax.dynamic_update_slice(cache["positions"], positions, (0, idx)),
+        segments=jax.lax.dynamic_update_slice(cache["segments"], segments, (0, idx)),
+    )
+    logits, cache = forward(
+        params, cfg, ids, positions, segments, lora=lora, lora_scale=lora_scale, cache=cache
+    )
+    cache["index"] = idx + ids.shape[1]
+    return logits[:, -1], cache
+
+
+def sample(logits: jax.Array, rng, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Pick the next token [B] from logits [B, V]; temperature 0 means greedy."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
+        sorted_logits = jnp.where(before >= top_p, -jnp.inf, sorted_logits)
+        logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _prefill(params, cfg, cache, ids, mask, lora, lora_scale):
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    return _extend(params, cfg, cache, ids, positions, mask.astype(jnp.int32), lora, lora_scale)
+
+
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def _step(params, cfg, cache, token, position, lora, lora_scale):
+    seg = jnp.ones_like(token)
+    return _extend(params, cfg, cache, token[:, None], position[:, None], seg[:, None], lora, lora_scale)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (ids [B, T], mask [B, T]) padded on the left."""
+    t = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), t), pad_id, np.int32)
+    mask = np.zeros((len(prompts), t), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p) :] = p
+        mask[i, t - len(p) :] = 1
+    return ids, mask
+
+
+def generate(
+    params,
+    cfg: DecoderConfig,
+    prompts: list[list[int]],
+    max_new_tokens: int = 64,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_ids: tuple[int, ...] | None = None,
+    lora=None,
+    lora_scale=1.0,
+    return_logits: bool = False,
+):
+    """Generate up to `max_new_tokens` per prompt; each row stops at its first EOS (kept in the output).
+
+    Returns a list of new-token lists (and the [B, N, V] logits of each step with `return_logits`).
+    """
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (use the BOS token to start from nothing)")
+    eos = np.array(cfg.eos_token_ids if eos_ids is None else eos_ids, np.int32)
+    ids, mask = left_pad(prompts)
+    b, t = ids.shape
+    cache = init_cache(cfg, b, t + max_new_tokens)
+    logits, cache = _prefill(params, cfg, cache, jnp.asarray(ids), jnp.asarray(mask), lora, lora_scale)
+    position = jnp.asarray(mask.sum(axis=1), jnp.int32)
+    rng = jax.random.key(seed)
+    out = np.zeros((b, max_new_tokens), np.int32)
+    done = np.zeros(b, bool)
+    steps_logits = []
+    n = 0
+    for n in range(max_new_tokens):
+        rng, sub = jax.random.split(rng)
+        if return_logits:
+            steps_logits.append(np.asarray(logits))
+        token = sample(logits, sub, temperature, top_k, top_p)
+        tok = np.asarray(token)
+        out[:, n] = np.where(done, 0, tok)
+        done |= np.isin(tok, eos)
+        if done.all() or n == max_new_tokens - 1:
+            break
+        logits, cache = _step(params, cfg, cache, token, position, lora, lora_scale)
+        position = position + 1
+    result = []
+    for i in range(b):
+        row = out[i, : n + 1].tolist()
+        hits = [j for j, tk in enumerate(row) if tk in set(eos.tolist())]
+        result.append(row[: hits[0] + 1] if hits else row)
+    if return_logits:
+        return result, np.stack(steps_logits, axis=1)
+    return result
+
+
+def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, **kw) -> list[str]:
+    """Tokenize prompts (an empty prompt starts from BOS), generate, and decode the new text."""
+    encoded = []
+    for text in prompts:
+        ids = tokenizer(text)["input_ids"] if text else []
+        bos = model.config.bos_token_id if model.config.bos_token_id is not None else tokenizer.bos_token_id
+        if not ids or (bos is not None and text == "" and ids[0] != bos):
+            ids = [bos]
+        encoded.append(ids)
+    new = generate(model.params, model.config, encoded, max_new_tokens, **kw)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in new]

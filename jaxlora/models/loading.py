@@ -1,0 +1,189 @@
+"""Load a Hugging Face checkpoint (local folder or hub id) into a jaxlora `Model`.
+
+Tensors go from the memory-mapped safetensors straight into JAX arrays in the requested dtype, one
+parameter at a time: per-layer tensors are stacked into one preallocated host buffer that is freed as
+soon as it is on the device, so host memory never holds two copies of the weights.
+"""
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from jaxlora.errors import UserError
+from jaxlora.models.config import DecoderConfig, config_from_hf, read_hf_config
+from jaxlora.models.names import CONV1D, LINEAR, Entry, hf_shape, name_table
+from jaxlora.models.safetensors_io import CheckpointReader
+
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Quantizer hook: (entry, layer stack [.., in, out] as float32 host array) -> leaf to store, or None to keep.
+Quantizer = Callable[[Entry, np.ndarray], Any]
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded decoder: its `config`, its parameter pytree and the folder it came from."""
+
+    config: DecoderConfig
+    params: dict
+    path: Path
+    name_or_path: str = ""
+
+
+def resolve_model_path(name_or_path: str, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a hub id downloaded with huggingface_hub (clear error offline)."""
+    p = Path(os.path.expanduser(name_or_path))
+    if p.is_dir():
+        return p
+    looks_local = name_or_path.startswith((".", "/", "~")) or p.exists() or not _HUB_ID.match(name_or_path)
+    if looks_local:
+        raise UserError(f"model folder not found: {name_or_path}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            name_or_path,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
+        )
+    except Exception as err:  # offline, unknown repo, gated, ...
+        kind = type(err).__name__
+        raise UserError(
+            f"could not download model {name_or_path!r} from the Hugging Face hub ({kind}); "
+            "check the id and your connection, or pass a local folder"
+        ) from None
+    return Path(folder)
+
+
+def _check_pickle_only(folder: Path, allow_pickle: bool) -> bool:
+    has_st = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+    has_bin = (folder / "pytorch_model.bin").is_file() or (folder / "pytorch_model.bin.index.json").is_file()
+    if not has_st and has_bin and not allow_pickle:
+        raise UserError(
+            f"{folder}: only a pickle checkpoint (pytorch_model.bin) is present; pickle can run code, so it is "
+            "refused. Convert it to safetensors, or opt in with model.allow_pickle: true"
+        )
+    return not has_st and has_bin
+
+
+class _PickleReader:
+    """Opt-in reader for `pytorch_model.bin` (needs torch)."""
+
+    def __init__(self, folder: Path):
+        import torch
+
+        self.tensors = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+
+    def __contains__(self, name):
+        return name in self.tensors
+
+    def shape(self, name):
+        return tuple(self.tensors[name].shape)
+
+    def get(self, name):
+        return self.tensors[name].float().numpy()
+
+
+def _to_jax_layout(arr: np.ndarray, entry: Entry) -> np.ndarray:
+    return arr.T if entry.layout == LINEAR else arr
+
+
+def _read_entry(reader, entry: Entry, cfg: DecoderConfig, layer: int | None) -> np.ndarray:
+    name = entry.hf_name(layer)
+    if name not in reader:
+        # Tied checkpoints sometimes carry lm_head too; untied ones must have it.
+        raise UserError(f"checkpoint is missing tensor {name}")
+    want = hf_shape(entry, cfg)
+    got = reader.shape(name)
+    if tuple(got) != want:
+        raise UserError(f"tensor {name} has shape {list(got)}, expected {list(want)} from config.json")
+    return _to_jax_layout(reader.get(name), entry)
+
+
+def load_params(reader, cfg: DecoderConfig, dtype: str = "float32", quantizer: Quantizer | None = None) -> dict:
+    """Build the parameter pytree from a checkpoint reader, one parameter at a time."""
+    np_dtype = DTYPES[dtype]
+    params: dict = {}
+    for entry in name_table(cfg):
+        quantize = quantizer is not None and entry.layout in (LINEAR, CONV1D)
+        leaf = None
+        if entry.per_layer:
+            if quantize:
+                leaf = _load_quantized_stack(reader, entry, cfg, quantizer)
+            if leaf is None:
+                leaf = _load_stack(reader, entry, cfg, np_dtype)
+        else:
+            host = _read_entry(reader, entry, cfg, None)
+            if quantize:
+                leaf = quantizer(entry, host.astype(np.float32))
+            if leaf is None:
+                leaf = jnp.asarray(host.astype(np_dtype))
+        node = params
+        for key in entry.path[:-1]:
+            node = node.setdefault(key, {})
+        node[entry.path[-1]] = leaf
+    return params
+
+
+def _load_stack(reader, entry: Entry, cfg: DecoderConfig, np_dtype) -> jax.Array:
+    """Fill one preallocated [L, ...] host buffer layer by layer, then move it to the device."""
+    first = _read_entry(reader, entry, cfg, 0)
+    buf = np.empty((cfg.num_layers, *first.shape), np_dtype)
+    for i in range(cfg.num_layers):
+        buf[i] = _read_entry(reader, entry, cfg, i)
+    return jnp.asarray(buf)
+
+
+def _load_quantized_stack(reader, entry: Entry, cfg: DecoderConfig, quantizer: Quantizer):
+    """Quantize layer by layer, so host memory holds one float layer plus the quantized stack.
+
+    Returns None when the quantizer skips this tensor.
+    """
+    parts = []
+    for i in range(cfg.num_layers):
+        q = quantizer(entry, _read_entry(reader, entry, cfg, i).astype(np.float32))
+        if q is None:
+            return None
+        parts.append(q)
+    return jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *parts)
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    dtype: str = "float32",
+    compute_dtype: str | None = None,
+    attention: str = "xla",
+    remat: str = "none",
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    quantizer: Quantizer | None = None,
+) -> Model:
+    """Load a HF decoder checkpoint (folder or hub id) as a `Model`.
+
+    dtype: parameter storage (`float32` or `bfloat16`); compute_dtype defaults to it. `quantizer`
+    (see `jaxlora.quant`) turns linear kernels into quantized tensors while loading.
+    """
+    if dtype not in DTYPES:
+        raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    folder = resolve_model_path(str(name_or_path), revision)
+    cfg = config_from_hf(read_hf_config(folder))
+    cfg = cfg.with_runtime(compute_dtype=compute_dtype or dtype, attention=attention, remat=remat)
+    reader = _PickleReader(folder) if _check_pickle_only(folder, allow_pickle) else CheckpointReader(folder)
+    params = load_params(reader, cfg, dtype, quantizer)
+    return Model(cfg, params, folder, str(name_or_path))
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved beside the model, through transformers."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))

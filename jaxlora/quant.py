@@ -1,0 +1,413 @@
+"""Frozen base weights in int8 or NF4, and the matmul that reads them (QLoRA's storage, written for XLA).
+
+A linear kernel is stored in JAX orientation, `kernel[..., in, out]` with `y = x @ kernel`, possibly stacked
+over layers (`[L, in, out]`, run with `lax.scan`). `quantize` turns one such kernel into a `QuantizedTensor`
+on the host (numpy); the model calls `qmatmul(x, w, dtype)` (or `x @ as_kernel(w, dtype)`) inside jit, and the
+dequantization is pure `jnp`, so XLA fuses it with its neighbours.
+
+Layouts (`...` = the kernel's leading dims, e.g. `[L]`; every array leaf keeps them, so `lax.scan` over axis 0
+or `jax.tree.map(lambda a: a[i], q)` gives a valid per-layer `QuantizedTensor`):
+
+  int8  data  int8    [..., in, out]         w ~= data * scale, symmetric absmax
+        scale float32 [..., in // block, out] block = in (one scale per output column) unless `block_size`
+  nf4   data  uint8   [..., in // 2, out]    two 4-bit codes per byte: row 2k in the low nibble, 2k+1 high
+        scale_codes  int8    [..., S, 256]   absmax of each 64-block along `in`, double-quantized (below)
+        scale_absmax float32 [..., S]        absmax of each 256-group of centred block scales
+        scale_mean   float32 [..., 1]        mean of the block scales (subtracted before the 8-bit step)
+
+NF4 (Dettmers et al. 2023, "QLoRA", sec. 3 and app. E): w ~= NF4[code] * block_absmax, blocks of 64
+consecutive `in` values for each `out` column, so dequantization is a reshape and a broadcast multiply.
+Double quantization: the float32 block scales of one slice (`in // 64 * out` of them, flattened row-major
+and zero-padded after centring to `S * 256`) have their mean subtracted and are stored as int8 with one
+float32 absmax per group of 256. QLoRA uses an 8-bit float there; symmetric int8 on the centred scales is
+simpler and its error (<= absmax/254 of the group deviation) is far below NF4's own.
+
+Bytes per weight: int8 1 + 4/in (per-channel); nf4 0.5 + 1/64 + 4/(64*256) ~= 0.516, i.e. 0.50x and 0.26x
+of bfloat16.
+"""
+
+import dataclasses
+import math
+import statistics
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from jaxlora.errors import UserError
+
+METHODS = ("none", "int8", "nf4")
+NF4_BLOCK = 64  # default NF4 block along `in`
+SCALE_GROUP = 256  # NF4 double quantization: block scales per 8-bit group
+_CHUNK = 1 << 21  # elements per host-side work chunk (bounds numpy temporaries)
+
+
+def nf4_code_values() -> np.ndarray:
+    """The 16 NormalFloat4 code values, ascending, float32 [16], in [-1, 1] with an exact 0.
+
+    Derivation (QLoRA app. E): NF4 takes quantiles of N(0, 1) so each code covers equal probability mass,
+    asymmetric so that 0 is exact: 8 positive codes are the quantiles at 8 probabilities evenly spaced from
+    `delta` down to (excluding) 0.5, 7 negative codes the mirrored quantiles at 7 probabilities evenly spaced
+    from `delta` down to (excluding) 0.5, plus 0. The extreme quantile would be infinite, so the range is
+    cut at `delta = (1 - 1/(2*15) + 1 - 1/(2*16)) / 2`, the mean of the centre of the last bin for 15 and for
+    16 equal-mass bins. Dividing by the largest value maps the codes to [-1, 1].
+    """
+    inv_cdf = statistics.NormalDist().inv_cdf
+    delta = 0.5 * ((1 - 1 / 30) + (1 - 1 / 32))
+    pos = [inv_cdf(p) for p in np.linspace(delta, 0.5, 9)[:-1]]
+    neg = [-inv_cdf(p) for p in np.linspace(delta, 0.5, 8)[:-1]]
+    v = np.array(sorted(neg + [0.0] + pos), np.float64)
+    return (v / v.max()).astype(np.float32)
+
+
+NF4_CODE = nf4_code_values()
+_NF4_MID = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2  # [15] decision thresholds between neighbouring codes
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedTensor:
+    """A quantized kernel `[..., in, out]` (layouts in the module docstring); a JAX pytree.
+
+    Array fields are pytree leaves (unused ones are None); `method`, `block_size`, `kernel_shape` (the
+    per-slice `(in, out)`, valid after scan slicing) and `orig_dtype` are static metadata.
+    `shape` and `dtype` describe the dense kernel it stands for, so `w.shape[-1]` works as for an array.
+    """
+
+    data: Any
+    scale: Any = None
+    scale_codes: Any = None
+    scale_absmax: Any = None
+    scale_mean: Any = None
+    method: str = "int8"
+    block_size: int = 0
+    kernel_shape: tuple[int, int] = (0, 0)
+    orig_dtype: str = "float32"
+
+    @property
+    def lead_shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape[:-2])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.lead_shape + tuple(self.kernel_shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return _np_dtype(self.orig_dtype)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizedTensor({self.method}, shape={list(self.shape)}, block={self.block_size}, "
+            f"from {self.orig_dtype}, {_human(nbytes(self))})"
+        )
+
+
+jax.tree_util.register_dataclass(
+    QuantizedTensor,
+    data_fields=["data", "scale", "scale_codes", "scale_absmax", "scale_mean"],
+    meta_fields=["method", "block_size", "kernel_shape", "orig_dtype"],
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host side: quantize one tensor with numpy.
+
+
+def quantize(
+    w: np.ndarray, method: str, block_size: int | None = None, name: str = ""
+) -> "QuantizedTensor | np.ndarray":
+    """Quantize one kernel `w [..., in, out]` (float32/bfloat16/float16) on the host.
+
+    method: "int8" (symmetric absmax; per output column over all of `in` when `block_size` is None, else per
+    block of `block_size` rows), "nf4" (block_size default 64) or "none" (returns `w` unchanged).
+    Returns a `QuantizedTensor` whose leaves are numpy arrays (the loader device_puts them; jnp code also
+    accepts them as they are). Works slice by slice over the leading dims, so host memory peaks near the
+    input, the output and one float32 slice. `name` only labels errors.
+    Raises UserError for an unknown method or a block size that does not divide `in`.
+    """
+    if method not in METHODS:
+        raise UserError(
+            f"quantization method {method!r} for {name or 'tensor'}: choose one of {', '.join(METHODS)}"
+        )
+    if method == "none":
+        return w
+    w = np.asarray(w)
+    label = f"{name or 'tensor'} {list(w.shape)}"
+    if w.ndim < 2 or not (np.issubdtype(w.dtype, np.floating) or w.dtype == ml_dtypes.bfloat16):
+        raise UserError(f"cannot quantize {label} of dtype {w.dtype}: need a float kernel [..., in, out]")
+    n_in, n_out = w.shape[-2:]
+    lead = w.shape[:-2]
+    if method == "int8":
+        bs = n_in if block_size is None else int(block_size)
+        _check_block(bs, n_in, label, "or block_size=None for one scale per output column")
+        data = np.empty(w.shape, np.int8)
+        scale = np.empty(lead + (n_in // bs, n_out), np.float32)
+        for idx in np.ndindex(*lead):
+            data[idx], scale[idx] = _int8_slice(np.asarray(w[idx], np.float32), bs)
+        return QuantizedTensor(
+            data,
+            scale=scale,
+            method="int8",
+            block_size=bs,
+            kernel_shape=(n_in, n_out),
+            orig_dtype=w.dtype.name,
+        )
+    bs = NF4_BLOCK if block_size is None else int(block_size)
+    _check_block(bs, n_in, label, "or method int8")
+    if bs % 2:
+        raise UserError(f"nf4 block size {bs} for {label} must be even (two 4-bit codes per byte)")
+    n_scales = n_in // bs * n_out
+    n_groups = -(-n_scales // SCALE_GROUP)
+    data = np.empty(lead + (n_in // 2, n_out), np.uint8)
+    codes = np.empty(lead + (n_groups, SCALE_GROUP), np.int8)
+    gmax = np.empty(lead + (n_groups,), np.float32)
+    mean = np.empty(lead + (1,), np.float32)
+    for idx in np.ndindex(*lead):
+        data[idx], absmax = _nf4_slice(np.asarray(w[idx], np.float32), bs)
+        codes[idx], gmax[idx], mean[idx] = _double_quant(absmax.reshape(-1), n_groups)
+    return QuantizedTensor(
+        data,
+        scale_codes=codes,
+        scale_absmax=gmax,
+        scale_mean=mean,
+        method="nf4",
+        block_size=bs,
+        kernel_shape=(n_in, n_out),
+        orig_dtype=w.dtype.name,
+    )
+
+
+def _check_block(bs: int, n_in: int, label: str, alternative: str) -> None:
+    if bs > 0 and n_in % bs == 0:
+        return
+    divs = [d for d in range(1, n_in + 1) if n_in % d == 0]
+    near = sorted(divs, key=lambda d: (abs(d - bs), d))[:4]
+    raise UserError(
+        f"block size {bs} does not divide the input dim {n_in} of {label}: "
+        f"use a divisor such as {', '.join(map(str, sorted(near)))}, {alternative}"
+    )
+
+
+def _chunks(n_blocks: int, bs: int, n_out: int):
+    """Yield block ranges (b0, b1) of roughly _CHUNK elements (at least one block)."""
+    step = max(1, _CHUNK // (bs * n_out))
+    for b0 in range(0, n_blocks, step):
+        yield b0, min(b0 + step, n_blocks)
+
+
+def _absmax(xb: np.ndarray) -> np.ndarray:
+    """Absmax over axis 1 of [nb, bs, out] without an |x| temporary -> [nb, out]."""
+    return np.maximum(xb.max(axis=1), -xb.min(axis=1))
+
+
+def _int8_slice(x: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray]:
+    """x f32 [in, out] -> (int8 [in, out], scale f32 [in // bs, out])."""
+    n_in, n_out = x.shape
+    xb = x.reshape(n_in // bs, bs, n_out)
+    scale = _absmax(xb) / 127
+    inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)  # all-zero blocks -> code 0
+    q = np.empty(xb.shape, np.int8)
+    if n_in // bs == 1:  # per-channel: one scale row, chunk along rows instead of blocks
+        rows = max(1, _CHUNK // n_out)
+        for r0 in range(0, bs, rows):
+            q[0, r0 : r0 + rows] = np.rint(xb[0, r0 : r0 + rows] * inv[0])
+    else:
+        for b0, b1 in _chunks(n_in // bs, bs, n_out):
+            q[b0:b1] = np.rint(xb[b0:b1] * inv[b0:b1, None, :])
+    return q.reshape(n_in, n_out), scale
+
+
+def _nf4_slice(x: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray]:
+    """x f32 [in, out] -> (packed uint8 [in // 2, out], block absmax f32 [in // bs, out])."""
+    n_in, n_out = x.shape
+    xb = x.reshape(n_in // bs, bs, n_out)
+    absmax = _absmax(xb)
+    inv = np.divide(1.0, absmax, out=np.zeros_like(absmax), where=absmax > 0)
+    packed = np.empty((n_in // 2, n_out), np.uint8)
+    for b0, b1 in _chunks(n_in // bs, bs, n_out):
+        codes = np.searchsorted(_NF4_MID, xb[b0:b1] * inv[b0:b1, None, :]).astype(np.uint8)
+        packed[b0 * bs // 2 : b1 * bs // 2] = pack_nf4(codes.reshape(-1, n_out))
+    return packed, absmax
+
+
+def _double_quant(s: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Block scales s f32 [n] -> (int8 [n_groups, 256], group absmax f32 [n_groups], mean f32 [1])."""
+    mean = np.float32(s.mean(dtype=np.float64))
+    c = np.zeros(n_groups * SCALE_GROUP, np.float32)
+    c[: s.size] = s - mean  # padding stays 0 after centring
+    c = c.reshape(n_groups, SCALE_GROUP)
+    gmax = np.abs(c).max(axis=1)
+    inv = np.divide(127.0, gmax, out=np.zeros_like(gmax), where=gmax > 0)
+    return np.rint(c * inv[:, None]).astype(np.int8), gmax, np.array([mean], np.float32)
+
+
+def pack_nf4(codes: np.ndarray) -> np.ndarray:
+    """4-bit codes uint8 [..., 2k, out] (values 0..15) -> bytes uint8 [..., k, out]; row 2i low, 2i+1 high."""
+    c = codes.reshape(codes.shape[:-2] + (codes.shape[-2] // 2, 2, codes.shape[-1]))
+    return (c[..., 0, :] | (c[..., 1, :] << 4)).astype(np.uint8)
+
+
+def unpack_nf4(packed: jax.Array) -> jax.Array:
+    """Inverse of `pack_nf4`, in jnp: uint8 [..., k, out] -> codes uint8 [..., 2k, out]."""
+    p = jnp.asarray(packed)
+    c = jnp.stack([p & 0xF, p >> 4], axis=-2)  # [..., k, 2, out]
+    return c.reshape(p.shape[:-2] + (2 * p.shape[-2], p.shape[-1]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device side: pure jnp, jit-friendly.
+
+
+def dequantize(q: QuantizedTensor, dtype=None) -> jax.Array:
+    """Dense kernel [..., in, out] in `dtype` (default: the original dtype), with gradients stopped.
+
+    Arithmetic is float32 and rounds once to `dtype`; inside jit XLA fuses it into one elementwise kernel.
+    """
+    dtype = q.dtype if dtype is None else jnp.dtype(dtype)
+    lead = q.lead_shape
+    n_in, n_out = q.kernel_shape
+    nb, bs = n_in // q.block_size, q.block_size
+    if q.method == "int8":
+        w = jnp.asarray(q.data).astype(jnp.float32).reshape(lead + (nb, bs, n_out))
+        w = w * jnp.asarray(q.scale)[..., :, None, :]  # [..., nb, bs, out] * [..., nb, 1, out]
+    elif q.method == "nf4":
+        # block scales: int8 [..., S, 256] * absmax/127 [..., S, 1] + mean -> [..., nb, 1, out]
+        s = jnp.asarray(q.scale_codes).astype(jnp.float32) * (jnp.asarray(q.scale_absmax)[..., None] / 127)
+        s = s.reshape(lead + (-1,))[..., : nb * n_out] + jnp.asarray(q.scale_mean)
+        s = s.reshape(lead + (nb, 1, n_out))
+        vals = jnp.asarray(NF4_CODE)[unpack_nf4(q.data)]  # [..., in, out] in [-1, 1]
+        w = vals.reshape(lead + (nb, bs, n_out)) * s
+    else:
+        raise UserError(f"unknown quantization method {q.method!r}: choose one of {', '.join(METHODS)}")
+    return jax.lax.stop_gradient(w.reshape(lead + (n_in, n_out)).astype(dtype))
+
+
+def as_kernel(w, dtype) -> jax.Array:
+    """Dense kernel [..., in, out] in `dtype` from a plain array or a `QuantizedTensor`.
+
+    For `x @ as_kernel(w, dtype)` under `jax.grad`, JAX saves the *dense* kernel as a backward residual
+    (per layer, under scan) unless the layer is rematerialized; `qmatmul` saves only the quantized one.
+    """
+    if isinstance(w, QuantizedTensor):
+        return dequantize(w, dtype)
+    return jnp.asarray(w).astype(dtype)
+
+
+def qmatmul(x: jax.Array, w, compute_dtype=None) -> jax.Array:
+    """`x [..., in] @ w [in, out] -> [..., out]` in `compute_dtype` (default x.dtype).
+
+    `w` is a plain array (ordinary autodiff) or a per-layer `QuantizedTensor` (no leading dims; slice a
+    stacked one with scan or indexing first). For a quantized `w` the gradient reaches `x` only, and the
+    backward pass recomputes the dense kernel from the quantized one, so the saved residual is the quantized
+    weight rather than a dense copy (as bitsandbytes' 4-bit matmul does). Reverse mode only (custom_vjp).
+    """
+    dtype = jnp.dtype(compute_dtype or jnp.result_type(x))
+    x = jnp.asarray(x).astype(dtype)
+    if not isinstance(w, QuantizedTensor):
+        return jnp.einsum("...i,io->...o", x, jnp.asarray(w).astype(dtype))
+    if w.lead_shape:
+        raise ValueError(f"qmatmul takes a per-layer kernel, got {w!r}; slice the leading dims first")
+    return _qmatmul(x, w, dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _qmatmul(x, w, dtype):
+    return jnp.einsum("...i,io->...o", x, dequantize(w, dtype))
+
+
+def _qmatmul_fwd(x, w, dtype):
+    return _qmatmul(x, w, dtype), w
+
+
+def _qmatmul_bwd(dtype, w, g):
+    dx = jnp.einsum("...o,io->...i", g, dequantize(w, dtype))
+    return dx, None  # no cotangent for the frozen weight
+
+
+_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory accounting.
+
+
+def nbytes(tree) -> int:
+    """Bytes of all array leaves of `tree` (numpy, jax, or `jax.ShapeDtypeStruct`), quantized or not.
+
+    Logical bytes of one copy: a replicated or sharded jax array counts once, not per device.
+    """
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            total += math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def num_params(tree) -> int:
+    """Number of weights `tree` stands for: a `QuantizedTensor` counts as its dense shape."""
+    leaves = jax.tree.leaves(tree, is_leaf=lambda a: isinstance(a, QuantizedTensor))
+    return sum(math.prod(a.shape) for a in leaves if hasattr(a, "shape"))
+
+
+def memory_report(base, lora=None, opt_state=None) -> dict:
+    """Bytes and weight counts of the frozen base, the LoRA params and the optimizer state.
+
+    Keys: base_params, base_bytes, base_bf16_bytes (the base dense in bfloat16, for comparison),
+    quantized_params, quantized_bytes (the part of the base held in `QuantizedTensor`s), lora_params,
+    lora_bytes, opt_state_bytes, total_bytes (base + lora + opt_state).
+    """
+    is_q = lambda a: isinstance(a, QuantizedTensor)  # noqa: E731
+    quantized = [a for a in jax.tree.leaves(base, is_leaf=is_q) if is_q(a)]
+    report = {
+        "base_params": num_params(base),
+        "base_bytes": nbytes(base),
+        "quantized_params": num_params(quantized),
+        "quantized_bytes": nbytes(quantized),
+        "lora_params": num_params(lora),
+        "lora_bytes": nbytes(lora),
+        "opt_state_bytes": nbytes(opt_state),
+    }
+    report["base_bf16_bytes"] = 2 * report["base_params"]
+    report["total_bytes"] = report["base_bytes"] + report["lora_bytes"] + report["opt_state_bytes"]
+    return report
+
+
+def format_memory_report(report: dict) -> str:
+    """A small text table of `memory_report`'s figures."""
+    rows = [
+        ("base", report["base_params"], report["base_bytes"]),
+        ("  quantized", report["quantized_params"], report["quantized_bytes"]),
+        ("  (base as bf16)", report["base_params"], report["base_bf16_bytes"]),
+        ("lora", report["lora_params"], report["lora_bytes"]),
+        ("optimizer state", None, report["opt_state_bytes"]),
+        ("total", None, report["total_bytes"]),
+    ]
+    lines = [f"{'part':<16} {'weights':>10} {'bytes':>11}"]
+    for part, n, b in rows:
+        lines.append(f"{part:<16} {'' if n is None else _count(n):>10} {_human(b):>11}")
+    return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    for unit, k in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= k:
+            return f"{n / k:.2f}{unit}"
+    return str(n)
+
+
+def _human(b: int) -> str:
+    for unit, k in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if b >= k:
+            return f"{b / k:.2f} {unit}"
+    return f"{b} B"
+
+
+def _np_dtype(name: str) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)

@@ -294,7 +294,9 @@ class DataConfig(_Section):
     seq_len: int = _opt(512, "tokens per training sequence")
     packing: bool = _opt(True, "pack several examples into each sequence (attention kept per example)")
     train_on_inputs: bool = _opt(False, "compute the loss on prompt tokens too, not only on responses")
-    chat_template: str | None = _opt(None, "Jinja chat template or file; null = the tokenizer's template")
+    chat_template: str | None = _opt(
+        None, "Jinja chat template text, or a path to a .jinja file; null = the tokenizer's template"
+    )
     skip_invalid: bool = _opt(False, "skip malformed records (counted and reported) instead of failing")
     truncation: bool = _opt(False, "truncate examples longer than seq_len instead of failing")
     num_proc: int | None = _opt(None, "worker processes for tokenization; null = one")
@@ -319,7 +321,7 @@ class TrainSection(_Section):
     batch_size: int = _opt(8, "sequences per optimizer micro-step, across all devices")
     grad_accum_steps: int = _opt(1, "micro-steps accumulated per optimizer update")
     max_steps: int | None = _opt(
-        200, "optimizer updates to run (null when only num_epochs is given); the first of both limits wins"
+        200, "optimizer updates; null if num_epochs is given without it; with both, the first limit ends"
     )
     num_epochs: float | None = _opt(None, "passes over data.train; null = limited by max_steps only")
     learning_rate: float = _opt(2.0e-4, "peak learning rate")
@@ -556,7 +558,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
         return _build(tp, {} if value is None else value, key)  # an empty YAML section means defaults
     if value is None:
-        raise UserError(f"{key} must not be null; expected {_type_name(tp)}")
+        takes_none = get_origin(tp) is Literal and "none" in get_args(tp)
+        hint = " (write none, a string, not null)" if takes_none else ""
+        raise UserError(f"{key} must not be null; expected {_type_name(tp)}{hint}")
 
     origin, args = get_origin(tp), get_args(tp)
     if origin is Literal:
@@ -803,7 +807,7 @@ def _apply_override(raw: dict, text: str) -> None:
     for seg, nxt in zip(segments, segments[1:], strict=False):
         if isinstance(seg, int):
             if seg >= len(node):
-                raise UserError(f"override {text!r}: '{path}' has {len(node)} items, no index {seg}")
+                raise UserError(f"override {text!r}: '{path}' has {len(node)} item(s), no index {seg}")
             child, path = node[seg], f"{path}[{seg}]"
         else:
             child, path = node.get(seg), _join(path, seg)
@@ -817,7 +821,7 @@ def _apply_override(raw: dict, text: str) -> None:
     if isinstance(last, int):
         if last > len(node):
             raise UserError(
-                f"override {text!r}: '{path}' has {len(node)} items; use index {len(node)} to add one"
+                f"override {text!r}: '{path}' has {len(node)} item(s); use index {len(node)} to add one"
             )
         if last == len(node):
             node.append(value)
@@ -921,6 +925,10 @@ def _default_text(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, tuple):
         return "[" + ", ".join(_default_text(v) for v in value) + "]"
+    if isinstance(value, float) and value and abs(value) < 1e-3:  # 2.0e-4, not 0.0002
+        mantissa, exponent = f"{value:e}".split("e")
+        mantissa = mantissa.rstrip("0") + ("0" if mantissa.rstrip("0").endswith(".") else "")
+        return f"{mantissa}e{int(exponent)}"
     return str(value)
 
 

@@ -138,7 +138,7 @@ def generate(
 
 
 def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, **kw) -> list[str]:
-    """Tokenize prompts (an empty prompt starts from BOS), generate, and decode the new text."""
+    """Tokenize prompts (an empty prompt starts from BOS), generate, and decode prompt plus new text."""
     encoded = []
     for text in prompts:
         ids = tokenizer(text)["input_ids"] if text else []
@@ -147,4 +147,4 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64
             ids = [bos]
         encoded.append(ids)
     new = generate(model.params, model.config, encoded, max_new_tokens, **kw)
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
+    return [tokenizer.decode(p + row, skip_special_tokens=True) for p, row in zip(encoded, new, strict=True)]

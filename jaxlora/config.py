@@ -62,10 +62,11 @@ Remat = Literal["none", "dots", "full"]
 Resume = Literal["auto", "never", "always"]
 Strategy = Literal["auto", "single", "pmap", "mesh"]
 
-# The record fields each data format reads; `DataSource.fields` may rename any of them.
+# The names each data format reads (as in jaxlora.data.formats); `DataSource.fields` may rename any of them.
+# chat: `messages` column, `role` and `content` keys in each message, `roles` maps role names (a mapping).
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "alpaca": ("instruction", "input", "output"),
-    "chat": ("messages",),
+    "chat": ("messages", "role", "content", "roles"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
@@ -261,7 +262,7 @@ class DataSource(_Section):
     format: DataFormat = _req("record layout: alpaca, chat (messages), prompt_completion or text")
     split: str | None = _opt(None, "hub dataset split; null = train")
     subset: str | None = _opt(None, "hub dataset configuration name; null = the default")
-    fields: dict[str, str] | None = _opt(
+    fields: dict[str, str | dict[str, str]] | None = _opt(
         None, "rename map from the format's field names to this dataset's columns, e.g. {output: answer}"
     )
     streaming: bool = _opt(False, "stream the dataset instead of downloading it whole")
@@ -271,13 +272,17 @@ class DataSource(_Section):
         if self.fields is not None:
             known = FORMAT_FIELDS[self.format]
             for name, column in self.fields.items():
+                key = f"{where}.fields.{name}"
                 if name not in known:
                     raise UserError(
                         f"{where}.fields: unknown field {name!r} for format {self.format}; "
                         f"known: {', '.join(known)}"
                     )
-                if not column.strip():
-                    raise UserError(f"{where}.fields.{name} must name a column, got an empty string")
+                if name == "roles":  # dataset role name -> system, user, assistant or tool
+                    if not isinstance(column, Mapping):
+                        raise UserError(f"{key} must map dataset role names to roles, got {_show(column)}")
+                elif not isinstance(column, str) or not column.strip():
+                    raise UserError(f"{key} must name a column, got {_show(column)}")
 
 
 @_section
@@ -537,6 +542,16 @@ def _number(text: str) -> float | None:
         return None
 
 
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether `value` already has the shape of type `tp` (no coercion)."""
+    origin = get_origin(tp)
+    if origin is tuple:
+        return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, Mapping)
+    return isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against type `tp` and return it in canonical form (tuples, FrozenDict, floats)."""
     if _is_union(tp):
@@ -546,11 +561,14 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         arms = [a for a in args if a is not _NONE]
         if len(arms) == 1:
             return _convert(value, arms[0], key)
-        for arm in arms:  # str | tuple[str, ...]: a string stays a string, a list becomes a tuple
-            if (arm is str and isinstance(value, str)) or (
-                get_origin(arm) is tuple and isinstance(value, (list, tuple))
-            ):
+        for arm in arms:  # the arm of the value's shape: a string stays a string, a list becomes a tuple
+            if _fits(value, arm):
                 return _convert(value, arm, key)
+        for arm in arms:  # else the first arm that accepts it after coercion
+            try:
+                return _convert(value, arm, key)
+            except UserError:
+                pass
         raise _type_error(key, value, tp)
 
     if dataclasses.is_dataclass(tp):

@@ -116,6 +116,38 @@ def test_single_item_lists_and_empty_sections(tmp_path):
     assert cfg.data.train == (DataSource(path="t.jsonl", format="text"),)
 
 
+def test_chat_fields_take_a_roles_mapping():
+    source = DataSource(
+        path="c.jsonl",
+        format="chat",
+        fields={"messages": "conversations", "content": 1, "roles": {"human": "user", "gpt": "assistant"}},
+    )
+    assert source.fields == {
+        "messages": "conversations",
+        "content": "1",
+        "roles": {"human": "user", "gpt": "assistant"},
+    }
+    assert isinstance(source.fields["roles"], FrozenDict)
+    assert (
+        DataSource(
+            **config_from_dict({**MINIMAL, "data": {"train": [source.to_dict()]}}).data.train[0].to_dict()
+        )
+        == source
+    )
+    with pytest.raises(UserError, match=r"^DataSource.fields.roles must map dataset role names to roles"):
+        DataSource(path="c.jsonl", format="chat", fields={"roles": "user"})
+    with pytest.raises(UserError, match=r"^DataSource.fields: unknown field 'roles' for format alpaca"):
+        DataSource(path="c.jsonl", format="alpaca", fields={"roles": {"a": "b"}})
+
+
+def test_override_indexes_a_list_written_as_one_mapping(tmp_path):
+    text = "output_dir: o\nmodel: {path: m}\ndata:\n  train: {path: t.jsonl, format: text}\n"
+    cfg = load_config(
+        _write(tmp_path, text), ["data.train[0].split=train[:10]", "data.train[1]={path: u, format: text}"]
+    )
+    assert [(s.path, s.split) for s in cfg.data.train] == [("t.jsonl", "train[:10]"), ("u", None)]
+
+
 def test_num_epochs_without_max_steps_trains_by_epochs():
     assert config_from_dict(MINIMAL, ["train.num_epochs=2"]).train.max_steps is None
     both = config_from_dict(MINIMAL, ["train.num_epochs=2", "train.max_steps=50"]).train

@@ -34,6 +34,14 @@ def run_generation(
     if adapter is not None:
         raise UserError("--adapter is not available yet")
     return generate_text(
-        m, tokenizer, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        lora=lora, lora_scale=scale,
+        m,
+        tokenizer,
+        prompts,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        lora=lora,
+        lora_scale=scale,
     )

@@ -22,7 +22,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder")
-    p.add_argument("--quant", default="none", choices=["none", "int8", "nf4"], help="quantize the base weights")
+    p.add_argument(
+        "--quant", default="none", choices=["none", "int8", "nf4"], help="quantize the base weights"
+    )
     p.add_argument("--allow-pickle", action="store_true", help="permit loading pytorch_model.bin")
     return p.parse_args(argv)
 

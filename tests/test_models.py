@@ -45,7 +45,9 @@ def test_logits_match_transformers(family, tmp_path):
             attention_mask=torch.tensor(mask),
             position_ids=torch.tensor(pos, dtype=torch.long),
         ).logits.numpy()
-    ours = np.asarray(forward(model.params, model.config, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask)))
+    ours = np.asarray(
+        forward(model.params, model.config, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask))
+    )
     diff = np.abs(ours - ref)[mask == 1].max()
     print(f"{family}: max |jaxlora - transformers| logits = {diff:.2e}")
     assert diff < 1e-4
@@ -70,9 +72,22 @@ def test_stories260k_golden_greedy_and_nll(stories_dir):
 def test_generate_script_prints_golden_text(stories_dir):
     golden = json.loads((stories_dir / "golden_greedy.json").read_text())
     out = subprocess.run(
-        [sys.executable, "scripts/generate.py", "--model", str(stories_dir), "--prompt", "",
-         "--max-new-tokens", "199", "--temperature", "0"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "scripts/generate.py",
+            "--model",
+            str(stories_dir),
+            "--prompt",
+            "",
+            "--max-new-tokens",
+            "199",
+            "--temperature",
+            "0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.rstrip("\n") == golden["text"]
 
@@ -86,8 +101,9 @@ def test_kv_cache_equals_recompute(family, stories_dir, tmp_path):
         model = load_model(tmp_path)
     prompts = [[1, 5, 9, 33, 40, 7, 11], [1, 60], [1, 22, 17, 4]]
     # Sampling makes the rows diverge, so the cache sees varied tokens.
-    new, step_logits = generate(model.params, model.config, prompts, 12, temperature=1.0, seed=3,
-                                eos_ids=(), return_logits=True)
+    new, step_logits = generate(
+        model.params, model.config, prompts, 12, temperature=1.0, seed=3, eos_ids=(), return_logits=True
+    )
     worst = 0.0
     for n in range(len(new[0])):
         seqs = [p + row[:n] for p, row in zip(prompts, new, strict=True)]
@@ -110,8 +126,15 @@ def test_sampling_is_seeded_and_respects_top_k(stories_dir):
 
 
 def _hlo_ops(num_layers: int) -> tuple[int, float]:
-    hf = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-          "num_hidden_layers": num_layers, "num_attention_heads": 4, "num_key_value_heads": 2}
+    hf = {
+        "model_type": "llama",
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
     cfg = config_from_hf(hf)
     from jaxlora.models.names import hf_shape, name_table
 
@@ -140,8 +163,13 @@ def test_scan_keeps_program_size_independent_of_depth():
 
 def _run_generate(args, env=None):
     e = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "scripts/generate.py", *args, "--prompt", "hi"],
-                          cwd=ROOT, capture_output=True, text=True, env=e)
+    return subprocess.run(
+        [sys.executable, "scripts/generate.py", *args, "--prompt", "hi"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=e,
+    )
 
 
 def _assert_one_line_error(proc, *needles):
@@ -158,7 +186,9 @@ def test_bad_input_missing_folder(tmp_path):
 
 def test_bad_input_unsupported_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    _assert_one_line_error(_run_generate(["--model", str(tmp_path)]), "'bert'", "llama, mistral, qwen2, qwen3, gpt2")
+    _assert_one_line_error(
+        _run_generate(["--model", str(tmp_path)]), "'bert'", "llama, mistral, qwen2, qwen3, gpt2"
+    )
 
 
 def _copy_with(src, dst, edit):
@@ -188,7 +218,9 @@ def test_bad_input_pickle_checkpoint_needs_opt_in(tmp_path):
     hf = make_hf_model("llama", tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").unlink()
     torch.save(hf.state_dict(), tmp_path / "m" / "pytorch_model.bin")
-    _assert_one_line_error(_run_generate(["--model", str(tmp_path / "m")]), "pytorch_model.bin", "allow_pickle")
+    _assert_one_line_error(
+        _run_generate(["--model", str(tmp_path / "m")]), "pytorch_model.bin", "allow_pickle"
+    )
     with pytest.raises(UserError):
         load_model(tmp_path / "m")
     model = load_model(tmp_path / "m", allow_pickle=True)  # explicit opt-in works

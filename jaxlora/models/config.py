@@ -88,7 +88,8 @@ def _rope_settings(hf: dict) -> dict:
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     if rope_type not in ROPE_TYPES:
         raise UserError(
-            f"config.json: rope scaling type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+            f"config.json: rope scaling type {rope_type!r} is not supported; "
+            f"supported: {', '.join(ROPE_TYPES)}"
         )
     out = {"rope_theta": float(theta), "rope_type": rope_type}
     if rope_type in ("linear", "llama3"):
@@ -140,7 +141,9 @@ def config_from_hf(hf: dict) -> DecoderConfig:
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise UserError(f"config.json: GPT-2 activation_function {act!r} is not supported; use gelu_new")
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-            raise UserError("config.json: GPT-2 scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn unsupported")
+            raise UserError(
+                "config.json: GPT-2 scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn unsupported"
+            )
         layers = hf["n_layer"]
         return DecoderConfig(
             **common,

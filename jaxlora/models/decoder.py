@@ -8,7 +8,8 @@ run with `jax.lax.scan`, so compile time does not grow with depth.
       "embed": {"embedding": [V, D]},          "pos_embed": {"embedding": [P, D]}   (GPT-2)
       "layers": {
         "attn_norm": {"scale": [L, D], "bias"?},  "mlp_norm": {...},
-        "attn": {"q_proj" | "k_proj" | "v_proj" | "o_proj" | "c_attn" | "c_proj": {"kernel": [L, in, out], "bias"?},
+        "attn": {"q_proj" | "k_proj" | "v_proj" | "o_proj" | "c_attn" | "c_proj":
+                     {"kernel": [L, in, out], "bias"?},
                  "q_norm"?, "k_norm"?: {"scale": [L, H]}},
         "mlp": {"gate_proj" | "up_proj" | "down_proj" | "c_fc" | "c_proj": {"kernel": [L, in, out], "bias"?}},
       },
@@ -28,25 +29,21 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlora.models.config import DecoderConfig
+from jaxlora.quant import as_kernel, qmatmul
 
 Params = dict[str, Any]
 NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 
-def as_kernel(w, dtype) -> jax.Array:
-    """The dense kernel for a plain array or a quantized tensor, in `dtype`."""
-    if hasattr(w, "dequantize"):
-        return jax.lax.stop_gradient(w.dequantize(dtype))
-    return w.astype(dtype)
-
-
-def linear(p: Params, x: jax.Array, dtype, lora: Params | None = None, lora_scale=None, drop=None) -> jax.Array:
+def linear(
+    p: Params, x: jax.Array, dtype, lora: Params | None = None, lora_scale=None, drop=None
+) -> jax.Array:
     """`x @ kernel + bias`, plus the LoRA update when `lora` holds {"a", "b"} for this layer.
 
     x: [..., in] -> [..., out]. `lora_scale` is alpha/r (times a 0/1 per-layer mask); `drop` is an
     optional function applying dropout to the LoRA input.
     """
-    y = jnp.einsum("...i,io->...o", x.astype(dtype), as_kernel(p["kernel"], dtype))
+    y = qmatmul(x, p["kernel"], dtype)
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
     if lora is not None:
@@ -82,7 +79,9 @@ def rope_inv_freq(cfg: DecoderConfig) -> jax.Array:
         high_wavelen = old / cfg.rope_high_freq_factor
         wavelen = 2 * math.pi / inv
         scaled = jnp.where(wavelen > low_wavelen, inv / cfg.rope_factor, inv)
-        smooth = (old / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        smooth = (old / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+        )
         smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return jnp.where(medium, smoothed, scaled)
@@ -137,7 +136,9 @@ def _dropout_fn(rng, rate: float):
     return drop
 
 
-def block(cfg: DecoderConfig, p: Params, h: jax.Array, ctx: dict, lora: Params | None, lora_scale, rng, cache):
+def block(
+    cfg: DecoderConfig, p: Params, h: jax.Array, ctx: dict, lora: Params | None, lora_scale, rng, cache
+):
     """One transformer layer. h: [B, T, D] float32 residual stream. Returns (h, new_cache)."""
     dt = jnp.dtype(cfg.compute_dtype)
     lo = lora or {}
@@ -262,7 +263,9 @@ def forward(
         "lora_dropout": lora_dropout,
     }
     if cache is not None:
-        ctx.update(cache_index=cache["index"], cache_positions=cache["positions"], cache_segments=cache["segments"])
+        ctx.update(
+            cache_index=cache["index"], cache_positions=cache["positions"], cache_segments=cache["segments"]
+        )
     h = embed(params, cfg, input_ids, positions)
 
     scale = jnp.broadcast_to(jnp.asarray(lora_scale, jnp.float32), (cfg.num_layers,))

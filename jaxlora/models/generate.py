@@ -56,7 +56,9 @@ def sample(logits: jax.Array, rng, temperature: float, top_k: int, top_p: float)
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
         sorted_logits = jnp.where(before >= top_p, -jnp.inf, sorted_logits)
-        logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+        logits = (
+            jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+        )
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 

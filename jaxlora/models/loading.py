@@ -68,8 +68,8 @@ def _check_pickle_only(folder: Path, allow_pickle: bool) -> bool:
     has_bin = (folder / "pytorch_model.bin").is_file() or (folder / "pytorch_model.bin.index.json").is_file()
     if not has_st and has_bin and not allow_pickle:
         raise UserError(
-            f"{folder}: only a pickle checkpoint (pytorch_model.bin) is present; pickle can run code, so it is "
-            "refused. Convert it to safetensors, or opt in with model.allow_pickle: true"
+            f"{folder}: only a pickle checkpoint (pytorch_model.bin) is present; pickle can run code, so it "
+            "is refused. Convert it to safetensors, or opt in with model.allow_pickle: true"
         )
     return not has_st and has_bin
 
@@ -108,7 +108,9 @@ def _read_entry(reader, entry: Entry, cfg: DecoderConfig, layer: int | None) -> 
     return _to_jax_layout(reader.get(name), entry)
 
 
-def load_params(reader, cfg: DecoderConfig, dtype: str = "float32", quantizer: Quantizer | None = None) -> dict:
+def load_params(
+    reader, cfg: DecoderConfig, dtype: str = "float32", quantizer: Quantizer | None = None
+) -> dict:
     """Build the parameter pytree from a checkpoint reader, one parameter at a time."""
     np_dtype = DTYPES[dtype]
     params: dict = {}

@@ -45,7 +45,7 @@ def _llama_entries(cfg: DecoderConfig) -> list[Entry]:
     ]
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         out.append(Entry(L + f"self_attn.{name}.weight", ("layers", "attn", name, "kernel"), LINEAR, True))
-        if (cfg.o_bias if name == "o_proj" else cfg.qkv_bias):
+        if cfg.o_bias if name == "o_proj" else cfg.qkv_bias:
             out.append(Entry(L + f"self_attn.{name}.bias", ("layers", "attn", name, "bias"), VECTOR, True))
     if cfg.qk_norm:
         for name in ("q_norm", "k_norm"):
@@ -97,11 +97,21 @@ def linear_dims(cfg: DecoderConfig) -> dict[tuple[str, str], tuple[int, int]]:
     """(group, module) -> (in_features, out_features) for every per-layer linear layer."""
     d, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, cfg.kv_dim
     if cfg.model_type == "gpt2":
-        return {("attn", "c_attn"): (d, q + 2 * kv), ("attn", "c_proj"): (q, d),
-                ("mlp", "c_fc"): (d, i), ("mlp", "c_proj"): (i, d)}
-    return {("attn", "q_proj"): (d, q), ("attn", "k_proj"): (d, kv), ("attn", "v_proj"): (d, kv),
-            ("attn", "o_proj"): (q, d), ("mlp", "gate_proj"): (d, i), ("mlp", "up_proj"): (d, i),
-            ("mlp", "down_proj"): (i, d)}
+        return {
+            ("attn", "c_attn"): (d, q + 2 * kv),
+            ("attn", "c_proj"): (q, d),
+            ("mlp", "c_fc"): (d, i),
+            ("mlp", "c_proj"): (i, d),
+        }
+    return {
+        ("attn", "q_proj"): (d, q),
+        ("attn", "k_proj"): (d, kv),
+        ("attn", "v_proj"): (d, kv),
+        ("attn", "o_proj"): (q, d),
+        ("mlp", "gate_proj"): (d, i),
+        ("mlp", "up_proj"): (d, i),
+        ("mlp", "down_proj"): (i, d),
+    }
 
 
 def hf_shape(entry: Entry, cfg: DecoderConfig) -> tuple[int, ...]:

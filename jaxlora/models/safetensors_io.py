@@ -15,8 +15,16 @@ import numpy as np
 from jaxlora.errors import UserError
 
 _DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 
 
@@ -88,7 +96,11 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
     header, offset = {}, 0
     for name, arr in tensors.items():
         size = arr.size * arr.dtype.itemsize
-        header[name] = {"dtype": names[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": names[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     if metadata:
         header["__metadata__"] = metadata

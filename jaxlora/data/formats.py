@@ -1,0 +1,191 @@
+"""Dataset formats: turn one raw row into text plus the character spans of its responses.
+
+A `Rendered` row is the exact string the model reads and the spans (start, end) of the text it must learn
+to produce. Tokenization (tokenize.py) turns spans into labels, so masking comes from the row's structure.
+Each format checks its fields and raises `RowError` naming the field; the caller adds file and row.
+"""
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+
+from jaxlora.data.templates import alpaca_prompt
+from jaxlora.errors import UserError
+
+FORMATS = ("alpaca", "chat", "prompt_completion", "text")
+
+# ShareGPT and OpenAI role names -> the roles chat templates expect.
+DEFAULT_ROLES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "tool": "tool",
+}
+
+
+class RowError(Exception):
+    """A bad row; the message names the field (file and row are added by the caller)."""
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A row as text, with the character spans of the responses (trained, each followed by EOS)."""
+
+    text: str
+    spans: tuple[tuple[int, int], ...]
+
+
+def check_format(fmt: str, where: str) -> None:
+    """Raise a `UserError` listing the valid formats when `fmt` is not one of them."""
+    if fmt not in FORMATS:
+        raise UserError(f"{where}: unknown data format '{fmt}'; valid formats: {', '.join(FORMATS)}")
+
+
+def _text(row: Mapping, field: str, *, optional: bool = False, label: str | None = None) -> str | None:
+    value = row.get(field)
+    label = label or field
+    if value is None:
+        if optional:
+            return None
+        raise RowError(f"missing field '{label}'")
+    if not isinstance(value, str):
+        raise RowError(f"field '{label}' must be a string, got {type(value).__name__}")
+    if not optional and not value.strip():
+        raise RowError(f"field '{label}' is empty")
+    return value
+
+
+def resolve_fields(fmt: str, fields: Mapping | None, columns: list[str]) -> dict:
+    """Field names for `fmt`: the defaults, overridden by the source's `fields` mapping.
+
+    For `chat` the defaults follow the data: a `messages` column means OpenAI style (role/content), a
+    `conversations` column means ShareGPT (from/value).
+    """
+    fields = dict(fields or {})
+    if fmt == "alpaca":
+        names = {"instruction": "instruction", "input": "input", "output": "output"}
+    elif fmt == "prompt_completion":
+        names = {"prompt": "prompt", "completion": "completion"}
+    elif fmt == "text":
+        names = {"text": "text"}
+    else:
+        messages = fields.get("messages")
+        if messages is None:
+            sharegpt_columns = "conversations" in columns and "messages" not in columns
+            messages = "conversations" if sharegpt_columns else "messages"
+        sharegpt = messages == "conversations"
+        names = {
+            "messages": messages,
+            "role": "from" if sharegpt else "role",
+            "content": "value" if sharegpt else "content",
+        }
+        names["roles"] = {**DEFAULT_ROLES, **(fields.get("roles") or {})}
+    unknown = sorted(set(fields) - set(names))
+    if unknown:
+        raise UserError(f"unknown key(s) {unknown} in fields for format '{fmt}'; valid keys: {sorted(names)}")
+    names.update({k: v for k, v in fields.items() if k != "roles"})
+    return names
+
+
+def make_renderer(fmt: str, names: dict, tokenizer=None, chat_template: str | None = None) -> Callable:
+    """A function row -> `Rendered` for format `fmt` with resolved field `names`."""
+    simple = {"alpaca": _render_alpaca, "prompt_completion": _render_prompt_completion, "text": _render_text}
+    if fmt in simple:
+        return partial(simple[fmt], names=names)
+    return _ChatRenderer(names, tokenizer, chat_template)
+
+
+def _render_alpaca(row: Mapping, names: dict) -> Rendered:
+    instruction = _text(row, names["instruction"])
+    input_text = _text(row, names["input"], optional=True)
+    output = _text(row, names["output"])
+    prompt = alpaca_prompt(instruction, input_text)
+    return Rendered(prompt + output, ((len(prompt), len(prompt) + len(output)),))
+
+
+def _render_prompt_completion(row: Mapping, names: dict) -> Rendered:
+    prompt = _text(row, names["prompt"])
+    completion = _text(row, names["completion"])
+    return Rendered(prompt + completion, ((len(prompt), len(prompt) + len(completion)),))
+
+
+def _render_text(row: Mapping, names: dict) -> Rendered:
+    text = _text(row, names["text"])
+    return Rendered(text, ((0, len(text)),))
+
+
+class _ChatRenderer:
+    """Renders a conversation with a Jinja chat template and finds each assistant turn's span.
+
+    The span of assistant message i runs from the end of the rendered prefix `messages[:i]` with the
+    generation prompt to the end of the rendered prefix `messages[:i+1]` (trailing whitespace dropped), so
+    it covers the content and the template's end-of-turn marker but not the role header. Templates whose
+    renderings are not prefixes of each other fall back to locating the content itself.
+    """
+
+    def __init__(self, names: dict, tokenizer, template: str):
+        self.names = names
+        self.tokenizer = tokenizer
+        self.template = template
+
+    def _messages(self, row: Mapping) -> list[dict]:
+        field, role_key, content_key = self.names["messages"], self.names["role"], self.names["content"]
+        raw = row.get(field)
+        if raw is None:
+            raise RowError(f"missing field '{field}'")
+        if not isinstance(raw, list):
+            raise RowError(f"field '{field}' must be a list of messages, got {type(raw).__name__}")
+        if not raw:
+            raise RowError(f"field '{field}' is empty")
+        messages = []
+        for k, msg in enumerate(raw):
+            where = f"{field}[{k}]"
+            if not isinstance(msg, Mapping):
+                raise RowError(f"field '{where}' must be an object, got {type(msg).__name__}")
+            role = msg.get(role_key)
+            if role is None:
+                raise RowError(f"missing field '{where}.{role_key}'")
+            if role not in self.names["roles"]:
+                known = ", ".join(sorted(self.names["roles"]))
+                raise RowError(f"field '{where}.{role_key}' has unknown role {role!r} (known: {known})")
+            content = _text(msg, content_key, label=f"{where}.{content_key}")
+            messages.append({"role": self.names["roles"][role], "content": content})
+        if not any(m["role"] == "assistant" for m in messages):
+            raise RowError(f"field '{field}' has no assistant message")
+        return messages
+
+    def _apply(self, messages: list[dict], generation_prompt: bool = False) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except Exception as err:  # the template's own raise_exception, or a Jinja error
+            raise RowError(f"field '{self.names['messages']}': chat template failed: {err}") from None
+
+    def __call__(self, row: Mapping) -> Rendered:
+        messages = self._messages(row)
+        full = self._apply(messages)
+        spans: list[tuple[int, int]] = []
+        cursor = 0
+        for i, msg in enumerate(messages):
+            if msg["role"] != "assistant":
+                continue
+            span = None
+            if i > 0:
+                head = self._apply(messages[:i], generation_prompt=True)
+                upto = full if i == len(messages) - 1 else self._apply(messages[: i + 1])
+                end = len(upto.rstrip())
+                if full.startswith(upto) and upto.startswith(head) and cursor <= len(head) < end:
+                    span = (len(head), end)
+            if span is None:
+                content = msg["content"].strip()
+                start = full.find(content, cursor)
+                if start < 0:
+                    field = f"{self.names['messages']}[{i}]"
+                    raise RowError(f"field '{field}': the chat template dropped the content")
+                span = (start, start + len(content))
+            spans.append(span)
+            cursor = span[1]
+        return Rendered(full, tuple(spans))

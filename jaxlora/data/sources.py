@@ -1,0 +1,100 @@
+"""Where rows come from: local files (json, jsonl, csv, parquet, txt) or a Hugging Face hub dataset.
+
+A path that exists, has a known extension, or looks like a file path (`/`, `./`, `~`, a glob) is local;
+anything else (`owner/name`) is a hub dataset id, loaded with `subset` and `split`. A `.txt` file is one
+document (for many documents use jsonl with a `text` field).
+"""
+
+import glob
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from datasets.exceptions import DatasetGenerationError
+
+from jaxlora.errors import UserError
+
+LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A data source made concrete: local files with their builder, or a hub id (`files` empty)."""
+
+    name: str
+    files: tuple[str, ...]
+    builder: str | None
+    split: str
+    subset: str | None
+
+    @property
+    def is_local(self) -> bool:
+        """True for local files or folders."""
+        return bool(self.files)
+
+
+def _looks_local(path: str) -> bool:
+    return (
+        os.path.exists(os.path.expanduser(path))
+        or path.startswith(("/", "./", "../", "~"))
+        or Path(path).suffix in LOCAL_BUILDERS
+        or any(c in path for c in "*?[")
+    )
+
+
+def resolve_source(source) -> ResolvedSource:
+    """Check a source's path (missing file, unknown extension) and decide how it loads."""
+    path = str(source.path)
+    split = source.split or "train"
+    if not _looks_local(path):
+        return ResolvedSource(path, (), None, split, source.subset)
+    expanded = os.path.expanduser(path)
+    if any(c in expanded for c in "*?["):
+        files = sorted(glob.glob(expanded, recursive=True))
+        if not files:
+            raise UserError(f"data file not found: no file matches {path}")
+    elif os.path.isdir(expanded):
+        files = sorted(
+            str(p) for p in Path(expanded).rglob("*") if p.is_file() and not p.name.startswith(".")
+        )
+        if not files:
+            raise UserError(f"data folder is empty: {path}")
+        # A folder loads like a hub dataset (datasets infers the layout); its files give the content hash.
+        return ResolvedSource(path, tuple(files), None, split, source.subset)
+    elif os.path.isfile(expanded):
+        files = [expanded]
+    else:
+        raise UserError(f"data file not found: {path}")
+    suffixes = {Path(f).suffix for f in files}
+    if len(suffixes) != 1 or next(iter(suffixes)) not in LOCAL_BUILDERS:
+        raise UserError(
+            f"{path}: unsupported file type {sorted(suffixes)}; use one of: {', '.join(LOCAL_BUILDERS)}"
+        )
+    return ResolvedSource(path, tuple(files), LOCAL_BUILDERS[suffixes.pop()], split, source.subset)
+
+
+def content_hash(resolved: ResolvedSource) -> str:
+    """A hash of the local files' contents (empty for hub datasets, which use their own fingerprint)."""
+    h = hashlib.sha256()
+    for f in resolved.files:
+        h.update(os.path.basename(f).encode())
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
+def load_rows(resolved: ResolvedSource, *, streaming: bool, cache_dir: str | None):
+    """Load the raw rows as a `datasets.Dataset` (or `IterableDataset` when streaming)."""
+    kwargs = {"split": resolved.split, "streaming": streaming, "cache_dir": cache_dir}
+    try:
+        if resolved.builder is not None:
+            extra = {"sample_by": "document"} if resolved.builder == "text" else {}
+            return datasets.load_dataset(resolved.builder, data_files=list(resolved.files), **extra, **kwargs)
+        target = os.path.expanduser(resolved.name) if resolved.is_local else resolved.name
+        return datasets.load_dataset(target, resolved.subset, **kwargs)
+    except (FileNotFoundError, ConnectionError, ValueError, DatasetGenerationError) as err:
+        what = "data files" if resolved.is_local else "hub dataset"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"could not load {what} {resolved.name} (split {resolved.split}): {first}") from err

@@ -1,0 +1,66 @@
+"""Prompt templates: the Alpaca prompts and the named chat templates (`chatml`, `llama3`).
+
+Chat templates are Jinja strings rendered through `tokenizer.apply_chat_template`, the same path as a
+tokenizer's own template, so a named template and a tokenizer template behave alike.
+"""
+
+from jaxlora.errors import UserError
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+CHATML = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+# Llama 3 instruct layout; `bos_token` rather than a literal so it follows the tokenizer in use.
+LLAMA3 = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"
+)
+
+CHAT_TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3}
+
+
+def alpaca_prompt(instruction: str, input_text: str | None) -> str:
+    """The standard Alpaca prompt, with the `### Input:` block only when `input_text` is non-blank."""
+    if input_text and input_text.strip():
+        return ALPACA_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return ALPACA_NO_INPUT.format(instruction=instruction)
+
+
+def resolve_chat_template(tokenizer, name: str | None) -> str:
+    """The Jinja chat template to use: a named one, a raw Jinja string, or the tokenizer's own (`None`)."""
+    if name is None:
+        own = getattr(tokenizer, "chat_template", None)
+        if isinstance(own, dict):
+            own = own.get("default")
+        if not own:
+            raise UserError(
+                "the tokenizer has no chat template; set data.chat_template to one of: "
+                + ", ".join(sorted(CHAT_TEMPLATES))
+            )
+        return own
+    if name in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[name]
+    if "{{" in name or "{%" in name:
+        return name
+    raise UserError(
+        f"unknown data.chat_template '{name}'; valid: {', '.join(sorted(CHAT_TEMPLATES))} "
+        "(or null for the tokenizer's own template)"
+    )

@@ -182,6 +182,9 @@ class ModelSection(_Section):
     compute_dtype: DType | None = _opt(None, "dtype of activations and matmuls; null = model.dtype")
     attention: Attention = _opt("xla", "attention kernel: plain XLA or cuDNN flash attention (GPU only)")
     allow_pickle: bool = _opt(False, "permit loading pytorch_model.bin (pickle; runs code) if no safetensors")
+    random_init: bool = _opt(
+        False, "ignore any weights: random base from config.json, seeded by `seed` (smoke tests, benchmarks)"
+    )
 
     def _check(self, where: str) -> None:
         self._non_empty(where, "path")

@@ -125,7 +125,7 @@ def load_params(
         else:
             host = _read_entry(reader, entry, cfg, None)
             if quantize:
-                leaf = quantizer(entry, host.astype(np.float32))
+                leaf = quantizer(entry, _host_f32(host))
             if leaf is None:
                 leaf = jnp.asarray(host.astype(np_dtype))
         node = params
@@ -145,17 +145,28 @@ def _load_stack(reader, entry: Entry, cfg: DecoderConfig, np_dtype) -> jax.Array
 
 
 def _load_quantized_stack(reader, entry: Entry, cfg: DecoderConfig, quantizer: Quantizer):
-    """Quantize layer by layer, so host memory holds one float layer plus the quantized stack.
+    """Quantize layer by layer into preallocated [L, ...] host leaves, so host memory holds one float32
+    layer plus one quantized stack; each leaf is freed once it is on the device.
 
     Returns None when the quantizer skips this tensor.
     """
-    parts = []
+    stack = None
     for i in range(cfg.num_layers):
-        q = quantizer(entry, _read_entry(reader, entry, cfg, i).astype(np.float32))
+        q = quantizer(entry, _host_f32(_read_entry(reader, entry, cfg, i)))
         if q is None:
             return None
-        parts.append(q)
-    return jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *parts)
+        if stack is None:
+            stack = jax.tree.map(lambda a: np.empty((cfg.num_layers, *a.shape), a.dtype), q)
+        leaves, treedef = jax.tree.flatten(q)
+        assert treedef == jax.tree.structure(stack), f"layer {i} of {entry.hf} quantized differently"
+        for buf, a in zip(jax.tree.leaves(stack), leaves, strict=True):
+            buf[i] = a
+    return jax.tree.map(jnp.asarray, stack)
+
+
+def _host_f32(arr: np.ndarray) -> np.ndarray:
+    """One C-contiguous float32 copy of a (possibly transposed, memory-mapped) tensor."""
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def load_model(
@@ -168,20 +179,49 @@ def load_model(
     revision: str | None = None,
     allow_pickle: bool = False,
     quantizer: Quantizer | None = None,
+    random_init_seed: int | None = None,
 ) -> Model:
     """Load a HF decoder checkpoint (folder or hub id) as a `Model`.
 
     dtype: parameter storage (`float32` or `bfloat16`); compute_dtype defaults to it. `quantizer`
-    (see `jaxlora.quant`) turns linear kernels into quantized tensors while loading.
+    (see `jaxlora.quant`) turns linear kernels into quantized tensors while loading. With
+    `random_init_seed`, only `config.json` is read and the weights are random (see `models.init`).
     """
     if dtype not in DTYPES:
         raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     folder = resolve_model_path(str(name_or_path), revision)
     cfg = config_from_hf(read_hf_config(folder))
     cfg = cfg.with_runtime(compute_dtype=compute_dtype or dtype, attention=attention, remat=remat)
+    if random_init_seed is not None:
+        from jaxlora.models.init import init_params
+
+        params = init_params(cfg, random_init_seed, dtype)
+        if quantizer is not None:
+            params = quantize_loaded(params, cfg, quantizer)
+        return Model(cfg, params, folder, str(name_or_path))
     reader = _PickleReader(folder) if _check_pickle_only(folder, allow_pickle) else CheckpointReader(folder)
     params = load_params(reader, cfg, dtype, quantizer)
     return Model(cfg, params, folder, str(name_or_path))
+
+
+def quantize_loaded(params: dict, cfg: DecoderConfig, quantizer: Quantizer) -> dict:
+    """Quantize the linear kernels of an in-memory parameter tree, layer by layer."""
+    for entry in name_table(cfg):
+        if entry.layout not in (LINEAR, CONV1D):
+            continue
+        node = params
+        for key in entry.path[:-1]:
+            node = node[key]
+        w = node[entry.path[-1]]
+        if entry.per_layer:
+            parts = [quantizer(entry, np.asarray(w[i], np.float32)) for i in range(cfg.num_layers)]
+            if parts[0] is not None:
+                node[entry.path[-1]] = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *parts)
+        else:
+            q = quantizer(entry, np.asarray(w, np.float32))
+            if q is not None:
+                node[entry.path[-1]] = q
+    return params
 
 
 def load_tokenizer(path: str | Path):

@@ -1,0 +1,34 @@
+"""Random parameters for an architecture (for smoke tests, benchmarks and the offline quickstart)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.models.config import DecoderConfig
+from jaxlora.models.names import LINEAR, VECTOR, hf_shape, name_table
+
+
+def init_params(cfg: DecoderConfig, seed: int = 0, dtype: str = "float32", std: float = 0.02) -> dict:
+    """Parameters with the layout `load_model` produces: kernels and embeddings ~ N(0, std), norm
+    scales 1, biases 0. Generated one tensor at a time on the device."""
+    key = jax.random.key(seed)
+    params: dict = {}
+    for n, e in enumerate(name_table(cfg)):
+        shape = hf_shape(e, cfg)
+        shape = shape[::-1] if e.layout == LINEAR else shape
+        if e.per_layer:
+            shape = (cfg.num_layers, *shape)
+        if e.layout == VECTOR:
+            value = jnp.zeros(shape, dtype) if e.path[-1] == "bias" else jnp.ones(shape, dtype)
+        else:
+            value = (jax.random.normal(jax.random.fold_in(key, n), shape, jnp.float32) * std).astype(dtype)
+        node = params
+        for k in e.path[:-1]:
+            node = node.setdefault(k, {})
+        node[e.path[-1]] = value
+    return params
+
+
+def count_params(params) -> int:
+    """Number of scalar parameters in a (possibly quantized) tree."""
+    return int(sum(np.prod(getattr(x, "shape", ())) for x in jax.tree.leaves(params)))

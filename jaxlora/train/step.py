@@ -1,0 +1,89 @@
+"""The pure training step: `train_step(lora, opt_state, base, batch, rng) -> (lora, opt_state, metrics)`.
+
+Gradients exist for the LoRA tree only; the frozen base is an ordinary (non-differentiated) argument.
+Micro-batches are scanned, their gradients summed and divided by the total number of target tokens, so
+accumulation equals one large batch. A non-finite loss or gradient leaves the state unchanged and sets
+`metrics["nonfinite"]`, which the loop reads at its logging interval.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlora.models.config import DecoderConfig
+from jaxlora.models.decoder import forward
+from jaxlora.train.loss import chunked_cross_entropy
+
+BATCH_KEYS = ("input_ids", "targets", "positions", "segment_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Static parts of the step: the model config, LoRA dropout and the loss chunk size."""
+
+    model: DecoderConfig
+    lora_dropout: float = 0.0
+    loss_chunk: int = 1024
+
+
+def loss_and_count(lora, base, batch, lora_scale, rng, spec: StepSpec, train: bool = True):
+    """(sum of token NLL, token count) for one batch of [B, T] arrays."""
+    hidden = forward(
+        base,
+        spec.model,
+        batch["input_ids"],
+        batch["positions"],
+        batch["segment_ids"],
+        lora=lora,
+        lora_scale=lora_scale,
+        lora_dropout=spec.lora_dropout if train else 0.0,
+        dropout_rng=rng if train and spec.lora_dropout > 0 else None,
+        return_hidden=True,
+    )
+    return chunked_cross_entropy(base, spec.model, hidden, batch["targets"], spec.loss_chunk)
+
+
+def make_train_step(spec: StepSpec, optimizer: optax.GradientTransformation) -> Callable:
+    """Build `train_step(lora, opt_state, base, batch, rng, lora_scale)`; batch arrays are [A, B, T]."""
+    value_grad = jax.value_and_grad(
+        lambda lora, base, mb, scale, r: loss_and_count(lora, base, mb, scale, r, spec), has_aux=True
+    )
+
+    def train_step(lora, opt_state, base, batch, rng, lora_scale):
+        accum = batch["input_ids"].shape[0]
+        rngs = jax.random.split(rng, accum)
+
+        def micro(carry, xs):
+            g_acc, s_acc, n_acc = carry
+            mb, r = xs
+            (s, n), g = value_grad(lora, base, mb, lora_scale, r)
+            return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, n_acc + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, lora)
+        (g_sum, loss_sum, count), _ = jax.lax.scan(
+            micro, (zeros, jnp.float32(0), jnp.float32(0)), (batch, rngs)
+        )
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, g_sum)
+        loss = loss_sum / denom
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt = optimizer.update(grads, opt_state, lora)
+        new_lora = optax.apply_updates(lora, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "nonfinite": ~ok}
+        return keep(new_lora, lora), keep(new_opt, opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(spec: StepSpec) -> Callable:
+    """Build `eval_step(lora, base, batch, lora_scale) -> (loss_sum, count)` for a [B, T] batch."""
+
+    def eval_step(lora, base, batch, lora_scale):
+        return loss_and_count(lora, base, batch, lora_scale, None, spec, train=False)
+
+    return eval_step

@@ -139,8 +139,8 @@ def train(cfg: Config, *, resume: bool = False, on_step=None) -> TrainResult:
 
     `on_step(step, metrics)` (optional) is called after each logging interval with host metrics.
     """
-    from jaxlora.lora import init_lora, lora_scale
     from jaxlora.export import save_peft_adapter
+    from jaxlora.lora import init_lora, lora_scale
 
     resuming = prepare_output_dir(cfg, resume)
     out = Path(cfg.output_dir)
@@ -234,9 +234,9 @@ def train(cfg: Config, *, resume: bool = False, on_step=None) -> TrainResult:
                 bad = [last_logged + i + 1 for i, h in enumerate(host) if h["nonfinite"]]
                 if bad:
                     good = ckpt.latest_step()
+                    good = "none" if good is None else f"step {good} in {out / 'checkpoints'}"
                     raise TrainingDiverged(
-                        f"loss or gradient became NaN/Inf at step {bad[0]}; stopped; "
-                        f"last good checkpoint: {good if good is not None else 'none'} in {out / 'checkpoints'}"
+                        f"loss or gradient became NaN/Inf at step {bad[0]}; stopped; last good checkpoint: {good}"
                     )
                 now = time.perf_counter()
                 tokens = sum(float(h["tokens"]) for h in host)

@@ -236,7 +236,8 @@ def train(cfg: Config, *, resume: bool = False, on_step=None) -> TrainResult:
                     good = ckpt.latest_step()
                     good = "none" if good is None else f"step {good} in {out / 'checkpoints'}"
                     raise TrainingDiverged(
-                        f"loss or gradient became NaN/Inf at step {bad[0]}; stopped; last good checkpoint: {good}"
+                        f"loss or gradient became NaN/Inf at step {bad[0]}; stopped; "
+                        f"last good checkpoint: {good}"
                     )
                 now = time.perf_counter()
                 tokens = sum(float(h["tokens"]) for h in host)

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import datasets
@@ -104,7 +105,7 @@ def _cache_key(source, resolved, data_cfg, info: TokenizerInfo, template: str | 
         "split": resolved.split,
         "subset": resolved.subset,
         "format": source.format,
-        "fields": source.fields,
+        "fields": _plain(source.fields),
         "tokenizer": info.fingerprint,
         "template": template,
         "seq_len": data_cfg.seq_len,
@@ -113,6 +114,13 @@ def _cache_key(source, resolved, data_cfg, info: TokenizerInfo, template: str | 
         "skip_invalid": data_cfg.skip_invalid,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _plain(value):
+    """Mappings as sorted plain dicts, so a frozen mapping hashes like a dict."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in sorted(value.items())}
+    return value
 
 
 def _chat_template(source, data_cfg, tokenizer) -> str | None:
@@ -192,6 +200,13 @@ def load_source(source, data_cfg, tokenizer, info: TokenizerInfo | None = None):
         )
         seconds = time.perf_counter() - t0
         meta = {"rows": len(rows), "kept_rows": kept, "examples": len(out), "seconds": seconds}
+        if len(out) == 0:
+            _report(resolved.name, meta, cached=False)
+            if len(rows) == 0:
+                raise UserError(f"{resolved.name}: the dataset has no rows")
+            raise UserError(
+                f"{resolved.name}: no examples left after skipping invalid rows ({len(rows)} skipped)"
+            )
         out.save_to_disk(os.path.join(work, "data"))
         del out
         shutil.rmtree(os.path.join(work, "maps"), ignore_errors=True)
@@ -252,11 +267,6 @@ def build_datasets(data_cfg, tokenizer, seed: int = 0):
     info = tokenizer_info(tokenizer)
     train_parts = [load_source(s, data_cfg, tokenizer, info) for s in data_cfg.train]
     val_parts = [load_source(s, data_cfg, tokenizer, info) for s in (data_cfg.validation or ())]
-    for part, src in zip(
-        train_parts + val_parts, list(data_cfg.train) + list(data_cfg.validation or ()), strict=True
-    ):
-        if isinstance(part, Examples) and len(part) == 0:
-            raise UserError(f"{src.path}: no examples left after skipping invalid rows")
     train = _concat(train_parts)
     val = _concat(val_parts) if val_parts else None
     split = data_cfg.validation_split

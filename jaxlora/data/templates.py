@@ -4,6 +4,8 @@ Chat templates are Jinja strings rendered through `tokenizer.apply_chat_template
 tokenizer's own template, so a named template and a tokenizer template behave alike.
 """
 
+from pathlib import Path
+
 from jaxlora.errors import UserError
 
 ALPACA_WITH_INPUT = (
@@ -45,7 +47,8 @@ def alpaca_prompt(instruction: str, input_text: str | None) -> str:
 
 
 def resolve_chat_template(tokenizer, name: str | None) -> str:
-    """The Jinja chat template to use: a named one, a raw Jinja string, or the tokenizer's own (`None`)."""
+    """The Jinja chat template to use: a named one (`chatml`, `llama3`), Jinja text, a `.jinja` file,
+    or the tokenizer's own (`None`)."""
     if name is None:
         own = getattr(tokenizer, "chat_template", None)
         if isinstance(own, dict):
@@ -60,7 +63,12 @@ def resolve_chat_template(tokenizer, name: str | None) -> str:
         return CHAT_TEMPLATES[name]
     if "{{" in name or "{%" in name:
         return name
+    path = Path(name).expanduser()
+    if path.suffix == ".jinja":
+        if not path.is_file():
+            raise UserError(f"chat template file not found: {name}")
+        return path.read_text()
     raise UserError(
-        f"unknown data.chat_template '{name}'; valid: {', '.join(sorted(CHAT_TEMPLATES))} "
-        "(or null for the tokenizer's own template)"
+        f"unknown data.chat_template '{name}'; valid: {', '.join(sorted(CHAT_TEMPLATES))}, "
+        "Jinja text, a .jinja file, or null for the tokenizer's own template"
     )

@@ -411,7 +411,9 @@ def test_bad_chat_rows(chat_tok, tmp_path, conv, message):
 
 
 def test_skip_invalid_skips_and_reports(tok, tmp_path, caplog):
-    rows = [GOOD] * 7 + [
+    numeric_text = {"instruction": "What is 3 - 2?", "output": "1"}  # a string that is also valid JSON
+    rows = [GOOD] * 6 + [
+        numeric_text,
         {"instruction": "x"},
         {"instruction": "x", "output": 3},
         {"instruction": "", "output": "y"},
@@ -423,6 +425,17 @@ def test_skip_invalid_skips_and_reports(tok, tmp_path, caplog):
         )
     assert len(train) == 7
     assert "skipped 3 of 10 rows" in caplog.text
+    assert tok.decode(train[6]["input_ids"], skip_special_tokens=True).endswith("### Response:\n1")
+
+
+def test_csv_cells_are_text(tok, tmp_path):
+    path = tmp_path / "n.csv"
+    path.write_text("prompt,completion\nWhat is 2+2? ,4\nEmpty,\n")
+    with pytest.raises(UserError, match=re.escape(f"{path}: row 1: field 'completion' is empty")):
+        build_datasets(data_cfg(source(path, "prompt_completion"), cache_dir=str(tmp_path)), tok)
+    path.write_text("prompt,completion\nWhat is 2+2? ,4\n")
+    train, _ = build_datasets(data_cfg(source(path, "prompt_completion"), cache_dir=str(tmp_path)), tok)
+    assert tok.decode(train[0]["input_ids"], skip_special_tokens=True) == "What is 2+2? 4"
 
 
 def test_truncation_cuts_instead_of_failing(tok, tmp_path):

@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxlora.data.examples import Examples
 from jaxlora.data.formats import RowError, check_format, make_renderer, resolve_fields
-from jaxlora.data.sources import content_hash, load_rows, resolve_source
+from jaxlora.data.sources import content_hash, has_mixed_types, load_rows, read_json_rows, resolve_source
 from jaxlora.data.templates import resolve_chat_template
 from jaxlora.data.tokenize import IGNORE, TokenizerInfo, chunk_tokens, encode_rendered, tokenizer_info
 from jaxlora.errors import UserError
@@ -29,6 +29,13 @@ from jaxlora.errors import UserError
 log = logging.getLogger("jaxlora.data")
 
 CACHE_VERSION = 1  # bump when tokenization changes its output
+ROW_ERROR = "_jaxlora_row_error"  # column marking rows found bad before tokenization
+TOP_LEVEL = {
+    "alpaca": ("instruction", "input", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+    "chat": ("messages",),
+}
 _FEATURES = datasets.Features(
     {
         "input_ids": datasets.List(datasets.Value("int32")),
@@ -59,8 +66,12 @@ class _Encoder:
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:
         keys = list(batch)
+        errors = batch.get(ROW_ERROR)
         rendered, rows = [], []
         for j, i in enumerate(indices):
+            if errors is not None and errors[j]:
+                self._bad(i, errors[j])
+                continue
             try:
                 rendered.append(self.renderer({k: batch[k][j] for k in keys}))
                 rows.append(i)
@@ -127,6 +138,35 @@ def _chat_template(source, data_cfg, tokenizer) -> str | None:
     return resolve_chat_template(tokenizer, data_cfg.chat_template) if source.format == "chat" else None
 
 
+def _retyped_rows(resolved, source, tokenizer, template) -> datasets.Dataset:
+    """Re-read local JSON whose columns mix types, which `datasets` stores as `Json` (and so would turn
+    the string "1" into the number 1). Rows are checked in Python with their real types; good rows keep the
+    columns the format reads, bad rows carry their error in `ROW_ERROR`."""
+    raw = read_json_rows(resolved)
+    columns = sorted({k for r in raw if isinstance(r, dict) for k in r})
+    names = resolve_fields(source.format, source.fields, columns)
+    renderer = make_renderer(source.format, names, tokenizer, template)
+    used = [names[k] for k in TOP_LEVEL[source.format]]
+    records = []
+    for row in raw:
+        error = None
+        try:
+            if not isinstance(row, dict):
+                raise RowError(f"must be an object, got {type(row).__name__}")
+            renderer(row)
+        except RowError as err:
+            error = str(err)
+        rec = {c: None for c in used}
+        if error is None:
+            rec = {c: row.get(c) for c in used}
+            if source.format == "chat":
+                keep = (names["role"], names["content"])
+                rec[used[0]] = [{k: m.get(k) for k in keep} for m in row[used[0]]]
+        rec[ROW_ERROR] = error
+        records.append(rec)
+    return datasets.Dataset.from_list(records)
+
+
 def _tokenize(rows, source, name, data_cfg, tokenizer, info, template, cache_files: str | None):
     """Run the map(s) over raw rows; `cache_files` is a folder for map outputs (None when streaming).
 
@@ -191,6 +231,8 @@ def load_source(source, data_cfg, tokenizer, info: TokenizerInfo | None = None):
     t0 = time.perf_counter()
     if rows is None:
         rows = load_rows(resolved, streaming=False, cache_dir=str(root / "hf"))
+        if resolved.builder == "json" and has_mixed_types(rows.features):
+            rows = _retyped_rows(resolved, source, tokenizer, template)
     root.mkdir(parents=True, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{key}-", dir=root)
     try:

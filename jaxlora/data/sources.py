@@ -5,8 +5,10 @@ anything else (`owner/name`) is a hub dataset id, loaded with `subset` and `spli
 document (for many documents use jsonl with a `text` field).
 """
 
+import csv
 import glob
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,12 +87,51 @@ def content_hash(resolved: ResolvedSource) -> str:
     return h.hexdigest()
 
 
+def has_mixed_types(features) -> bool:
+    """True when `datasets` stored a column as `Json` because its rows mix types."""
+    if isinstance(features, datasets.Json):
+        return True
+    if isinstance(features, dict):
+        return any(has_mixed_types(f) for f in features.values())
+    inner = getattr(features, "feature", None)
+    return inner is not None and has_mixed_types(inner)
+
+
+def read_json_rows(resolved: ResolvedSource) -> list:
+    """Rows of local .json (a list) / .jsonl files parsed by Python, with their original types."""
+    rows: list = []
+    for f in resolved.files:
+        with open(f, encoding="utf-8") as fh:
+            if f.endswith(".jsonl"):
+                rows.extend(json.loads(line) for line in fh if line.strip())
+            else:
+                data = json.load(fh)
+                if not isinstance(data, list):
+                    raise UserError(
+                        f"{resolved.name}: expected a JSON list of records, got {type(data).__name__}"
+                    )
+                rows.extend(data)
+    return rows
+
+
+def _csv_string_features(files) -> datasets.Features:
+    columns: dict[str, None] = {}
+    for f in files:
+        with open(f, newline="", encoding="utf-8") as fh:
+            columns.update(dict.fromkeys(next(csv.reader(fh), [])))
+    return datasets.Features({c: datasets.Value("string") for c in columns})
+
+
 def load_rows(resolved: ResolvedSource, *, streaming: bool, cache_dir: str | None):
     """Load the raw rows as a `datasets.Dataset` (or `IterableDataset` when streaming)."""
     kwargs = {"split": resolved.split, "streaming": streaming, "cache_dir": cache_dir}
     try:
         if resolved.builder is not None:
-            extra = {"sample_by": "document"} if resolved.builder == "text" else {}
+            extra = {}
+            if resolved.builder == "text":
+                extra = {"sample_by": "document"}
+            elif resolved.builder == "csv":  # every cell is text ("4" stays "4"), an empty cell is ""
+                extra = {"features": _csv_string_features(resolved.files), "keep_default_na": False}
             return datasets.load_dataset(resolved.builder, data_files=list(resolved.files), **extra, **kwargs)
         target = os.path.expanduser(resolved.name) if resolved.is_local else resolved.name
         return datasets.load_dataset(target, resolved.subset, **kwargs)

@@ -57,6 +57,7 @@ def encode_rendered(
         add_special_tokens=False,
         return_offsets_mapping=True,
         return_attention_mask=False,
+        verbose=False,  # lengths are checked by the caller against seq_len, not model_max_length
     )
     out = []
     for row, ids, offsets in zip(rows, enc["input_ids"], enc["offset_mapping"], strict=True):

@@ -46,34 +46,71 @@ def tokenizer_info(tokenizer) -> TokenizerInfo:
     return TokenizerInfo(bos_id, eos_id, add_bos, h.hexdigest()[:16])
 
 
+class _Encoded:
+    """Token ids of one text and a way to find the tokens overlapping a character span."""
+
+    def __init__(self, ids, encoding=None, offsets=None):
+        self.ids = np.fromiter(ids, dtype=np.int32, count=len(ids))
+        self.encoding, self.offsets = encoding, offsets
+
+    def _chars(self, t: int) -> tuple[int, int]:
+        if self.encoding is not None:
+            return self.encoding.token_to_chars(t) or (-1, -1)
+        return tuple(self.offsets[t])
+
+    def _token_at(self, c: int) -> int | None:
+        if self.encoding is not None:
+            return self.encoding.char_to_token(c)
+        hit = next((t for t, (a, b) in enumerate(self.offsets) if a <= c < b), None)
+        return hit
+
+    def span(self, s: int, e: int) -> tuple[int, int] | None:
+        """First and last token overlapping characters [s, e), or None when no token does."""
+        first = next((t for c in range(s, e) if (t := self._token_at(c)) is not None), None)
+        if first is None:
+            return None
+        last = next(t for c in range(e - 1, s - 1, -1) if (t := self._token_at(c)) is not None)
+        n = len(self.ids)
+        while first > 0 and self._chars(first - 1)[1] > s:  # byte tokens of one character share offsets
+            first -= 1
+        while last + 1 < n and 0 <= self._chars(last + 1)[0] < e:
+            last += 1
+        return first, last
+
+
+def _encode_batch(tokenizer, texts: list[str]) -> list[_Encoded]:
+    """Tokenize without special tokens, truncation or padding."""
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is None and backend.padding is None:  # the fast path: no per-call settings
+        return [_Encoded(e.ids, encoding=e) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    enc = tokenizer(
+        texts,
+        add_special_tokens=False,
+        return_offsets_mapping=True,
+        return_attention_mask=False,
+        verbose=False,  # lengths are checked by the caller against seq_len, not model_max_length
+    )
+    return [_Encoded(i, offsets=o) for i, o in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
+
+
 def encode_rendered(
     tokenizer, info: TokenizerInfo, rows: list[Rendered], train_on_inputs: bool = False
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Tokenize rendered rows in one batched call; returns (input_ids, labels) int32 arrays per row."""
     if not rows:
         return []
-    enc = tokenizer(
-        [r.text for r in rows],
-        add_special_tokens=False,
-        return_offsets_mapping=True,
-        return_attention_mask=False,
-        verbose=False,  # lengths are checked by the caller against seq_len, not model_max_length
-    )
     out = []
-    for row, ids, offsets in zip(rows, enc["input_ids"], enc["offset_mapping"], strict=True):
-        ids = np.asarray(ids, dtype=np.int32)
-        offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        start, end = offs[:, 0], np.maximum(offs[:, 1], offs[:, 0] + 1)  # zero-width tokens act as a point
+    for row, enc in zip(rows, _encode_batch(tokenizer, [r.text for r in rows]), strict=True):
+        ids = enc.ids
         trained = np.zeros(len(ids), dtype=bool)
         eos_at = []
         for s, e in row.spans:
-            inside = (start < e) & (end > s)
-            hit = np.flatnonzero(inside)
-            if hit.size == 0:
+            hit = enc.span(s, e)
+            if hit is None:
                 continue
-            trained |= inside
-            if ids[hit[-1]] != info.eos_id:
-                eos_at.append(hit[-1] + 1)
+            trained[hit[0] : hit[1] + 1] = True
+            if ids[hit[1]] != info.eos_id:
+                eos_at.append(hit[1] + 1)
         if train_on_inputs:
             trained[:] = True
         labels = np.where(trained, ids, IGNORE).astype(np.int32)

@@ -224,3 +224,47 @@ def test_packed_row_loss_equals_examples_alone_and_attention_stays_in_segment(st
     rest = slice(b, int(np.flatnonzero(batch["segment_ids"][r])[-1]) + 1)
     np.testing.assert_array_equal(np.asarray(logits2[r, rest]), np.asarray(logits[r, rest]))
     assert not np.allclose(np.asarray(logits2[r, a:b]), np.asarray(logits[r, a:b]))
+
+
+@pytest.mark.filterwarnings(
+    "ignore:os.fork:RuntimeWarning"
+)  # JAX is initialised by conftest; workers never use it
+def test_num_proc_gives_the_same_examples_and_row_errors(assets, tok, tmp_path):
+    rows = json.loads((assets / "data" / "alpaca_100.json").read_text())
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def cfg(num_proc, cache):
+        src = SimpleNamespace(
+            path=str(path), format="alpaca", split=None, subset=None, fields=None, streaming=False
+        )
+        return SimpleNamespace(
+            train=(src,), validation=(), validation_split=0.0, seq_len=2048, packing=True,
+            train_on_inputs=False, chat_template=None, skip_invalid=False, truncation=False,
+            num_proc=num_proc, cache_dir=str(tmp_path / cache), shuffle=True,
+        )  # fmt: skip
+
+    one, _ = build_datasets(cfg(None, "c1"), tok)
+    two, _ = build_datasets(cfg(2, "c2"), tok)
+    assert len(one) == len(two) == 100
+    assert all(np.array_equal(one[i]["labels"], two[i]["labels"]) for i in range(100))
+    rows[80]["output"] = ""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match=f"{path}: row 80: field 'output' is empty"):
+        build_datasets(cfg(2, "c2"), tok)
+
+
+def test_bench_script_runs(assets, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_data.py"
+    spec = importlib.util.spec_from_file_location("bench_data", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--rows", "300", "--workdir", str(tmp_path)])
+    cold, cached = bench.bench(args)
+    assert cold["examples"] == cached["examples"] > 250
+    assert cached["tokenize_s"] < cold["tokenize_s"]
+    table = bench._table([cold, cached], 300)
+    assert table.splitlines()[2].startswith("cold") and table.splitlines()[3].startswith("cached")

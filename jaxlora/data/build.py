@@ -18,6 +18,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import tokenizers
 
 from jaxlora.data.examples import Examples
 from jaxlora.data.formats import RowError, check_format, make_renderer, resolve_fields
@@ -28,7 +29,13 @@ from jaxlora.errors import UserError
 
 log = logging.getLogger("jaxlora.data")
 
-CACHE_VERSION = 1  # bump when tokenization changes its output
+# The cache is keyed by the code that shapes examples too, so a changed pipeline never reads stale data.
+_CODE = hashlib.sha256(
+    b"".join(
+        (Path(__file__).parent / f).read_bytes()
+        for f in ("build.py", "formats.py", "templates.py", "tokenize.py")
+    )
+).hexdigest()[:16]
 ROW_ERROR = "_jaxlora_row_error"  # column marking rows found bad before tokenization
 TOP_LEVEL = {
     "alpaca": ("instruction", "input", "output"),
@@ -111,7 +118,8 @@ class _Chunker:
 
 def _cache_key(source, resolved, data_cfg, info: TokenizerInfo, template: str | None, raw_fp: str) -> str:
     parts = {
-        "version": CACHE_VERSION,
+        "code": _CODE,
+        "tokenizers": tokenizers.__version__,
         "content": raw_fp,
         "split": resolved.split,
         "subset": resolved.subset,

@@ -329,6 +329,20 @@ def test_streaming_gives_the_same_batches(assets, tok, tmp_path, cache):
             assert np.array_equal(x[k], y[k])
     shuffled = list(BatchLoader(stream, 4, 512, seed=1, num_epochs=2))
     assert not np.array_equal(shuffled[0]["input_ids"], a[0]["input_ids"])
+    resumed = BatchLoader(stream, 4, 512, seed=1, num_epochs=2, start_state={"epoch": 1, "step": 2})
+    assert np.array_equal(next(resumed)["input_ids"], shuffled[len(shuffled) // 2 + 2]["input_ids"])
+    resumed.close()
+
+
+def test_streaming_chat_finds_sharegpt_columns(assets, chat_tok, cache):
+    path = assets / "data" / "sharegpt_500.json"
+    stream, _ = build_datasets(
+        data_cfg(source(path, "chat", streaming=True), seq_len=2048, cache_dir=cache), chat_tok
+    )
+    mapped, _ = build_datasets(data_cfg(source(path, "chat"), seq_len=2048, cache_dir=cache), chat_tok)
+    first = next(iter(stream))
+    assert np.array_equal(first["input_ids"], mapped[0]["input_ids"])
+    assert np.array_equal(first["labels"], mapped[0]["labels"])
 
 
 def test_cache_hit_on_second_run_and_miss_when_content_changes(assets, tok, tmp_path, caplog):

@@ -181,6 +181,8 @@ def _tokenize(rows, source, name, data_cfg, tokenizer, info, template, cache_fil
     Returns (tokenized dataset, number of raw rows kept).
     """
     columns = list(rows.column_names or [])
+    if not columns and isinstance(rows, datasets.IterableDataset):  # a stream may not know its columns
+        columns = list(next(iter(rows), None) or [])
     names = resolve_fields(source.format, source.fields, columns)
     renderer = make_renderer(source.format, names, tokenizer, template)
     encoder = _Encoder(name, renderer, tokenizer, info, data_cfg, source.format == "text")

@@ -195,6 +195,15 @@ def test_llama3_template_single_bos_and_header_masked(assets, tok, tmp_path, cac
     assert pieces(tok, ids[:c]).endswith(b"<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
+def test_empty_system_prompt_is_dropped(chat_tok, tmp_path, cache):
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    path = tmp_path / "sys.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "system", "content": " "}, *turns]}) + "\n")
+    path.write_text(path.read_text() + json.dumps({"messages": turns}) + "\n")
+    train, _ = build_datasets(data_cfg(source(path, "chat"), cache_dir=cache), chat_tok)
+    assert np.array_equal(train[0]["input_ids"], train[1]["input_ids"])
+
+
 def test_train_on_inputs_trains_every_token_but_bos(assets, tok, chat_tok, cache):
     # ChatML ends every turn, the last included, with "\n" after the EOS.
     for path, fmt, t, end in [

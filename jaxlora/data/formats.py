@@ -150,8 +150,11 @@ class _ChatRenderer:
             if role not in self.names["roles"]:
                 known = ", ".join(sorted(self.names["roles"]))
                 raise RowError(f"field '{where}.{role_key}' has unknown role {role!r} (known: {known})")
+            role = self.names["roles"][role]
+            if role == "system" and isinstance(msg.get(content_key), str) and not msg[content_key].strip():
+                continue  # an empty system prompt is the same as none
             content = _text(msg, content_key, label=f"{where}.{content_key}")
-            messages.append({"role": self.names["roles"][role], "content": content})
+            messages.append({"role": role, "content": content})
         if not any(m["role"] == "assistant" for m in messages):
             raise RowError(f"field '{field}' has no assistant message")
         return messages

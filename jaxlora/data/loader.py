@@ -193,7 +193,7 @@ class BatchLoader:
             {"input_ids": np.asarray(r["input_ids"], np.int32), "labels": np.asarray(r["labels"], np.int32)}
             for r in ds
         )
-        sized = ((ex, len(ex["input_ids"])) for ex in items)
+        sized = ((ex, self._fits(len(ex["input_ids"]))) for ex in items)
         rows = pack_rows(sized, self.seq_len, self.pack_window) if self.packing else ([ex] for ex, _ in sized)
         step, batch = 0, []
         for row in rows:
@@ -204,6 +204,14 @@ class BatchLoader:
                 step, batch = step + 1, []
         if batch and not self.drop_last and step >= start:
             yield step, self._assemble(batch)
+
+    def _fits(self, n: int) -> int:
+        if n > self.seq_len:
+            raise UserError(
+                f"a streamed example has {n} tokens, more than seq_len {self.seq_len}; "
+                "build the data with the same seq_len"
+            )
+        return n
 
     def _produce(self, epoch: int, step: int) -> Iterator[tuple[int, int, dict]]:
         while self.num_epochs is None or epoch < self.num_epochs:

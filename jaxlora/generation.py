@@ -3,6 +3,7 @@
 from jaxlora.errors import UserError
 from jaxlora.models import load_model, load_tokenizer
 from jaxlora.models.generate import generate_text
+from jaxlora.quant import make_quantizer
 
 
 def run_generation(
@@ -19,16 +20,18 @@ def run_generation(
     quant: str = "none",
     allow_pickle: bool = False,
 ) -> list[str]:
-    """Load a model (and optionally a PEFT adapter), generate for each prompt, return the new text."""
+    """Load a model (and optionally a PEFT adapter), generate for each prompt, return the new text.
+
+    quant: "none", "int8" or "nf4" quantizes the base's linear weights while loading (`make_quantizer`).
+    """
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {top_p}")
-    if quant != "none":
-        raise UserError("--quant is not available yet")
-    m = load_model(model, dtype=dtype, allow_pickle=allow_pickle)
+    quantizer = make_quantizer(quant)  # None for "none"; UserError for an unknown method
+    m = load_model(model, dtype=dtype, allow_pickle=allow_pickle, quantizer=quantizer)
     tokenizer = load_tokenizer(m.path)
     lora, scale = None, 1.0
     if adapter is not None:

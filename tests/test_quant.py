@@ -1,4 +1,5 @@
-"""int8 / NF4 weights: code table, packing, round trips, scan slicing, gradients, memory, bad input."""
+"""int8 / NF4 weights: code table, packing, round trips, padding, scan slicing, gradients, memory, the
+loader's quantizer, bad input. Whole models (stories260K, random Llamas, host memory): test_quant_models."""
 
 import math
 
@@ -9,14 +10,19 @@ import numpy as np
 import pytest
 
 from jaxlora.errors import UserError
+from jaxlora.models.names import EMBEDDING, LINEAR, Entry
 from jaxlora.quant import (
     NF4_CODE,
     QuantizedTensor,
+    WeightQuantizer,
     as_kernel,
     dequantize,
+    dequantize_params,
     format_memory_report,
+    make_quantizer,
     memory_report,
     nbytes,
+    nf4_codes,
     num_params,
     pack_nf4,
     qmatmul,
@@ -62,6 +68,15 @@ def test_nf4_table_matches_independent_quantiles():
     np.testing.assert_allclose(NF4_CODE, mine, atol=1e-6, rtol=0)
     np.testing.assert_allclose(NF4_CODE, PUBLISHED_NF4, atol=1e-6, rtol=0)
     assert NF4_CODE[7] == 0 and NF4_CODE[0] == -1 and NF4_CODE[-1] == 1
+
+
+def test_nf4_codes_are_the_nearest_code():
+    rng = np.random.default_rng(2)
+    y = np.concatenate([rng.uniform(-1, 1, 20000), NF4_CODE, [-1.0, 1.0, 0.0]]).astype(np.float32)
+    codes = nf4_codes(y)
+    nearest = np.abs(y[:, None] - NF4_CODE[None, :]).argmin(axis=1)
+    assert codes.dtype == np.uint8 and codes.max() == 15 and codes.min() == 0
+    np.testing.assert_array_equal(codes, nearest)
 
 
 def test_pack_unpack_is_exact():
@@ -128,6 +143,59 @@ def test_bfloat16_input_and_output_dtype(method):
     assert q.dtype == jnp.bfloat16 and q.orig_dtype == "bfloat16"
     assert dequantize(q).dtype == jnp.bfloat16 and dequantize(q, jnp.float32).dtype == jnp.float32
     assert rel_err(dequantize(q, jnp.float32), w.astype(np.float32)) < 0.1
+
+
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_default_block_pads_in_when_64_does_not_divide_it(method):
+    """stories260K's down_proj has in = 172: nf4 pads to 192 with zeros; int8 (per column) needs no pad."""
+    n_layers, n_in, n_out = 3, 172, 64
+    w = gaussian((n_layers, n_in, n_out), seed=7)
+    q = quantize(w, method, name="down_proj")
+    assert q.shape == (n_layers, n_in, n_out) and q.kernel_shape == (n_in, n_out)
+    deq = jax.jit(dequantize, static_argnums=1)  # one compile instead of many eager ops
+    d = np.asarray(deq(q, jnp.float32))
+    assert d.shape == w.shape
+    if method == "int8":
+        assert q.pad == 0 and q.data.shape == w.shape
+        return
+    assert q.pad == 20 and q.data.shape == (n_layers, 96, n_out) and "pad=20" in repr(q)
+    # The same as quantizing the explicitly zero-padded kernel, then dropping the zero rows.
+    padded = np.concatenate([w, np.zeros((n_layers, 20, n_out), np.float32)], axis=1)
+    ref = quantize(padded, "nf4", block_size=64, name="padded")
+    assert ref.pad == 0
+    np.testing.assert_array_equal(q.data, ref.data)
+    np.testing.assert_array_equal(d, np.asarray(deq(ref, jnp.float32))[:, :n_in])
+    err = rel_err(d, w)
+    print(f"\nnf4 with padding 172 -> 192: relative error {err:.4f}")
+    assert err < 1e-1
+    # Scan and index slicing keep the padding (static metadata) and the dense per-layer shape.
+    scan = jax.jit(lambda q: jax.lax.scan(lambda c, ql: (c, dequantize(ql, jnp.float32)), 0, q)[1])
+    np.testing.assert_array_equal(np.asarray(scan(q)), d)
+    q1 = jax.tree.map(lambda a: a[1], q)
+    assert q1.pad == 20 and q1.shape == (n_in, n_out)
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((5, n_in), dtype=np.float32))
+
+    @jax.jit
+    def forward_and_grad(x, q1, dense):
+        loss_q = lambda x: jnp.sum(qmatmul(x, q1, jnp.float32) ** 2)  # noqa: E731
+        loss_d = lambda x: jnp.sum((x @ dense) ** 2)  # noqa: E731
+        return qmatmul(x, q1, jnp.float32), x @ dense, jax.grad(loss_q)(x), jax.grad(loss_d)(x)
+
+    y, y_ref, dx, dx_ref = forward_and_grad(x, q1, d[1])
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dequantize_params_replaces_only_quantized_leaves():
+    w = gaussian((2, 128, 32))
+    tree = {"q": quantize(w, "nf4"), "norm": jnp.ones((4,)), "lm": quantize(w[0], "int8")}
+    dense = jax.jit(dequantize_params, static_argnums=1)(tree, jnp.bfloat16)
+    assert dense["q"].shape == (2, 128, 32) and dense["q"].dtype == jnp.bfloat16
+    assert dense["lm"].shape == (128, 32) and dense["lm"].dtype == jnp.bfloat16
+    assert dense["norm"].dtype == jnp.float32  # plain arrays pass through unchanged
+    assert rel_err(dense["q"].astype(jnp.float32), w) < 1e-1
+    plain = {"w": jnp.ones((2, 2))}
+    assert dequantize_params(plain)["w"] is plain["w"]
 
 
 def test_none_is_pass_through():
@@ -287,10 +355,53 @@ def test_block_size_not_dividing_in_names_the_tensor():
     with pytest.raises(UserError, match=r"32, 48.*block_size=None") as err:
         quantize(w, "int8", block_size=40, name="layers.3.q_proj")
     assert "\n" not in str(err.value)
-    with pytest.raises(UserError, match=r"block size 64 does not divide the input dim 96 of down_proj"):
-        quantize(w, "nf4", name="down_proj")
+    # An nf4 block the user chose is refused as well; only the default block pads.
+    with pytest.raises(UserError, match=r"block size 64 does not divide the input dim 96 of down_proj.*unse"):
+        quantize(w, "nf4", block_size=64, name="down_proj")
+    assert quantize(w, "nf4", name="down_proj").pad == 32
 
 
 def test_unknown_method_lists_choices():
     with pytest.raises(UserError, match="none, int8, nf4"):
         quantize(np.zeros((64, 8), np.float32), "int4", name="w")
+
+
+# ---------------------------------------------------------------- the loader's quantizer
+
+
+LAYER = "model.layers.{i}."
+Q_PROJ = Entry(LAYER + "self_attn.q_proj.weight", ("layers", "attn", "q_proj", "kernel"), LINEAR, True)
+DOWN = Entry(LAYER + "mlp.down_proj.weight", ("layers", "mlp", "down_proj", "kernel"), LINEAR, True)
+LM_HEAD = Entry("lm_head.weight", ("lm_head", "kernel"), LINEAR, False)
+EMBED = Entry("model.embed_tokens.weight", ("embed", "embedding"), EMBEDDING, False)
+
+
+def test_make_quantizer_methods_and_skip():
+    assert make_quantizer("none") is None
+    qz = make_quantizer("nf4")
+    assert isinstance(qz, WeightQuantizer) and qz.block_size is None
+    assert qz.skip == ("lm_head", "embed_tokens")
+    assert qz.wants(Q_PROJ) and qz.wants(DOWN)
+    assert not qz.wants(LM_HEAD) and not qz.wants(EMBED) and qz(LM_HEAD, gaussian((64, 32))) is None
+    q = qz(DOWN, gaussian((172, 64)))
+    assert q.method == "nf4" and q.pad == 20
+    # A module name, or any substring of the HF name (matched against the `{i}` template).
+    by_module = make_quantizer("int8", skip=("down_proj",))
+    assert by_module.wants(Q_PROJ) and not by_module.wants(DOWN) and by_module.wants(LM_HEAD)
+    by_sub = make_quantizer("int8", skip=("mlp.",))
+    assert by_sub.wants(Q_PROJ) and not by_sub.wants(DOWN)
+    assert make_quantizer("int8", block_size=32, skip=()).wants(LM_HEAD)
+    assert make_quantizer("int8", skip="lm_head").skip == ("lm_head",)
+
+
+def test_make_quantizer_bad_input():
+    with pytest.raises(UserError, match=r"unknown quantization 'int4' \(quant.weights\).*none, int8, nf4"):
+        make_quantizer("int4")
+    with pytest.raises(UserError, match="quant.block_size must be a positive integer"):
+        make_quantizer("int8", block_size=0)
+    with pytest.raises(UserError, match="quant.skip must hold non-empty names"):
+        make_quantizer("nf4", skip=("lm_head", " "))
+    # An explicit block size is checked per tensor and the error names it (layer template with *).
+    with pytest.raises(UserError, match=r"block size 64 does not divide the input dim 172 of "
+                       r"model\.layers\.\*\.mlp\.down_proj\.weight \[172, 64\]"):  # fmt: skip
+        make_quantizer("nf4", block_size=64)(DOWN, gaussian((172, 64)))

@@ -24,7 +24,8 @@ from jaxlora.models.safetensors_io import CheckpointReader
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-# Quantizer hook: (entry, layer stack [.., in, out] as float32 host array) -> leaf to store, or None to keep.
+# Quantizer hook: (entry, one layer [in, out] as float32 host array) -> leaf to store, or None to keep.
+# An optional `wants(entry) -> bool` method lets the loader skip a tensor before reading it as float32.
 Quantizer = Callable[[Entry, np.ndarray], Any]
 
 
@@ -116,6 +117,8 @@ def load_params(
     params: dict = {}
     for entry in name_table(cfg):
         quantize = quantizer is not None and entry.layout in (LINEAR, CONV1D)
+        if quantize and hasattr(quantizer, "wants"):  # skip before making a float32 copy
+            quantize = quantizer.wants(entry)
         leaf = None
         if entry.per_layer:
             if quantize:

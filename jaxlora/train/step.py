@@ -69,7 +69,7 @@ def make_train_step(spec: StepSpec, optimizer: optax.GradientTransformation) -> 
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, g_sum)
         loss = loss_sum / denom
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt = optimizer.update(grads, opt_state, lora)
         new_lora = optax.apply_updates(lora, updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

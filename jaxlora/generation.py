@@ -35,7 +35,11 @@ def run_generation(
     tokenizer = load_tokenizer(m.path)
     lora, scale = None, 1.0
     if adapter is not None:
-        raise UserError("--adapter is not available yet")
+        from jaxlora.export import load_peft_adapter
+        from jaxlora.lora import lora_scale
+
+        lora, lora_cfg = load_peft_adapter(adapter, m.config)
+        scale = lora_scale(m.config, lora_cfg)
     return generate_text(
         m,
         tokenizer,

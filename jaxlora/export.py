@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from jaxlora.errors import UserError
-from jaxlora.lora import LoraConfig, layer_mask, lora_scale, matching_paths, merge
+from jaxlora.lora import LoraConfig, layer_mask, lora_scale, matching_paths
 from jaxlora.models.config import DecoderConfig, config_from_hf, read_hf_config
 from jaxlora.models.loading import DTYPES, Model, load_model, resolve_model_path
 from jaxlora.models.names import LINEAR, LinearModule, hf_shape, linear_dims, linear_modules, name_table
@@ -344,29 +344,40 @@ def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig
 
 
 def _dense(leaf) -> np.ndarray:
+    """A host float array from a dense or quantized (dequantized in float32) leaf."""
     if isinstance(leaf, QuantizedTensor):
-        leaf = dequantize(leaf)
+        leaf = dequantize(leaf, np.float32)
     return np.asarray(jax.device_get(leaf))
 
 
-def _hf_tensors(params: dict, cfg: DecoderConfig, np_dtype):
-    """(name, shape, producer) for every tensor of the HF checkpoint, in name-table order."""
+def _hf_tensors(params: dict, cfg: DecoderConfig, np_dtype, lora: dict, scale: np.ndarray):
+    """(HF name, bytes, producer) for every tensor of the HF checkpoint, in name-table order.
+
+    A producer returns the tensor in HF layout and `np_dtype`; for a kernel in `lora` it adds
+    `scale[i] * A[i] @ B[i]` to layer i in float32 on the host, one layer at a time, so the merge needs no
+    second copy of the model on the device.
+    """
     itemsize = np.dtype(np_dtype).itemsize
     for entry in name_table(cfg):
         leaf = params
         for key in entry.path:
             leaf = leaf[key]
         shape = hf_shape(entry, cfg)
+        is_layer_kernel = entry.per_layer and entry.path[-1] == "kernel"
+        ab = lora.get(entry.path[1], {}).get(entry.path[2]) if is_layer_kernel else None
 
-        def produce(leaf=leaf, entry=entry, layer=None, shape=shape):
+        def produce(layer, leaf=leaf, entry=entry, shape=shape, ab=ab):
             arr = _dense(leaf if layer is None else jax.tree.map(lambda x: x[layer], leaf))
+            if ab is not None:
+                a = np.asarray(jax.device_get(ab["a"][layer]), np.float32)  # [in, r]
+                b = np.asarray(jax.device_get(ab["b"][layer]), np.float32)  # [r, out]
+                arr = arr.astype(np.float32) + np.float32(scale[layer]) * (a @ b)
             arr = arr.T if entry.layout == LINEAR else arr
             assert arr.shape == shape, (entry.hf_name(layer), arr.shape, shape)
             return np.ascontiguousarray(arr.astype(np_dtype))
 
-        layers = range(cfg.num_layers) if entry.per_layer else [None]
-        for i in layers:
-            yield entry.hf_name(i), int(np.prod(shape)) * itemsize, (lambda p=produce, i=i: p(layer=i))
+        for i in range(cfg.num_layers) if entry.per_layer else [None]:
+            yield entry.hf_name(i), int(np.prod(shape)) * itemsize, (lambda p=produce, i=i: p(i))
 
 
 def _source_dtype(folder: Path) -> str:
@@ -399,16 +410,22 @@ def save_merged(
     dtype = dtype or _source_dtype(source)
     if dtype not in DTYPES:
         raise UserError(f"merged dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    params = model.params
-    if lora:
-        _ordered_paths(cfg, lora)
-        params = merge(params, lora, lora_scale(cfg, lora_cfg))
+    lora = lora or {}
+    scale = lora_scale(cfg, lora_cfg) if lora else np.zeros(cfg.num_layers, np.float32)
+    for group, name in _ordered_paths(cfg, lora):
+        a, b = lora[group][name]["a"], lora[group][name]["b"]
+        kernel = model.params["layers"][group][name]["kernel"]
+        if tuple(kernel.shape) != (*a.shape[:2], b.shape[-1]):
+            raise UserError(
+                f"LoRA for {group}.{name} has A {list(a.shape)} and B {list(b.shape)} but the kernel is "
+                f"{list(kernel.shape)}: the adapter belongs to a different base model"
+            )
     tok_src = Path(tokenizer_src) if tokenizer_src is not None else source
     if not tok_src.is_dir():
         tok_src = resolve_model_path(str(tokenizer_src))
     out = _prepare_out(out_dir, overwrite)
 
-    tensors = list(_hf_tensors(params, cfg, DTYPES[dtype]))
+    tensors = list(_hf_tensors(model.params, cfg, DTYPES[dtype], lora, scale))
     shards: list[list] = [[]]
     size = 0
     for item in tensors:
@@ -450,6 +467,21 @@ def save_merged(
 FORMATS = ("peft", "merged")
 
 
+def _model_hf_config(model: str) -> dict:
+    """config.json of a local model folder, or of a hub model (downloading that file only)."""
+    folder = Path(os.path.expanduser(model))
+    if folder.is_dir():
+        return read_hf_config(folder)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return read_hf_config(Path(hf_hub_download(model, "config.json")).parent)
+    except UserError:
+        raise
+    except Exception:  # not a hub id, offline, unknown or gated repo
+        return read_hf_config(resolve_model_path(model))  # raises the loader's one-line error
+
+
 def run_export(
     adapter: str | None,
     model: str,
@@ -473,8 +505,9 @@ def run_export(
         raise UserError("--run is not available yet; pass --adapter with an adapter folder")
     if adapter is None:
         raise UserError("pass --adapter DIR (a PEFT LoRA adapter folder)")
+    read_adapter_config(adapter)  # fail on a bad adapter before loading any weights
     if fmt == "peft":
-        cfg = config_from_hf(read_hf_config(resolve_model_path(model)))
+        cfg = config_from_hf(_model_hf_config(model))
         lora, lora_cfg = load_peft_adapter(adapter, cfg)
         return save_peft_adapter(out, lora, lora_cfg, cfg, model, overwrite=overwrite)
     if dtype is not None and dtype not in DTYPES:

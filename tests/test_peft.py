@@ -27,6 +27,7 @@ from jaxlora.models import config_from_hf, forward, load_model, load_tokenizer
 from jaxlora.models.config import read_hf_config
 from jaxlora.models.generate import generate_text
 from jaxlora.models.safetensors_io import SafetensorsFile
+from jaxlora.quant import QuantizedTensor, make_quantizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = ("r8_qv", "r16_rslora_all")
@@ -207,6 +208,26 @@ def test_merged_export_loads_in_transformers(family, setting, base, tmp_path):
     assert diff < 1e-4
 
 
+def test_merged_export_of_quantized_base_adds_to_dequantized_weights(base, tmp_path):
+    folder, _ = base("qwen3")
+    qmodel = load_model(folder, quantizer=make_quantizer("int8"))
+    assert isinstance(qmodel.params["layers"]["attn"]["q_proj"]["kernel"], QuantizedTensor)
+    lc = jl_config("qwen3", "r8_qv")
+    lora = randomized(init_lora(qmodel.config, lc, jax.random.key(0)), 9)
+    ids = token_ids(qmodel.config.vocab_size)
+    ours = jax_logits(qmodel, ids, lora, lc)  # int8 base + adapter, as trained with QLoRA
+    out = save_merged(tmp_path / "merged", qmodel, lora, lc, dtype="float32")
+    merged, info = AutoModelForCausalLM.from_pretrained(
+        out, attn_implementation="eager", output_loading_info=True
+    )
+    assert not any(info.values()), info
+    diff = np.abs(torch_logits(merged.eval(), ids) - ours).max()
+    print(
+        f"int8 base merged checkpoint in transformers vs int8 base + adapter: max |logits diff| = {diff:.2e}"
+    )
+    assert diff < 1e-4
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_layers_to_transform_round_trip(family, base, tmp_path):
     folder, model = base(family)
@@ -238,6 +259,21 @@ def test_layers_to_transform_round_trip(family, base, tmp_path):
     assert d_in < 1e-4 and d_out < 1e-4
 
 
+def test_gpt2_attn_c_proj_only_is_named_unambiguously(base, tmp_path):
+    folder, model = base("gpt2")
+    lc = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["attn.c_proj"])
+    lora = randomized(init_lora(model.config, lc, jax.random.key(0)), 8)
+    out = save_peft_adapter(tmp_path / "adapter", lora, lc, model.config, str(folder))
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == ["attn.c_proj"]
+    with peft_warnings_are_errors():
+        pm = PeftModel.from_pretrained(hf_model(folder), str(out))
+    assert all(".attn.c_proj." in k for k in get_peft_model_state_dict(pm))  # not mlp.c_proj
+    ids = token_ids(model.config.vocab_size)
+    diff = np.abs(torch_logits(pm, ids) - jax_logits(model, ids, lora, lc)).max()
+    print(f"gpt2 attn.c_proj only: max |logits diff| = {diff:.2e}")
+    assert diff < 1e-4
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The real stories260K model: generation with --adapter, merged export with the tokenizer
 
@@ -264,10 +300,15 @@ def test_stories_adapter_generation_and_merged_tokenizer(stories_dir, tmp_path):
     diff = np.abs(torch_logits(hf_model(out), ids) - jax_logits(model, ids, lora, lc)).max()
     print(f"stories260K merged checkpoint in transformers, max |logits diff| = {diff:.2e}")
     assert diff < 1e-4
-    bf16 = save_merged(tmp_path / "merged_bf16", model, lora, lc, dtype="bfloat16")
+    # bfloat16, sharded with an index as transformers writes big checkpoints
+    bf16 = save_merged(tmp_path / "merged_bf16", model, lora, lc, dtype="bfloat16", max_shard_bytes=200_000)
     assert json.loads((bf16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    header = SafetensorsFile(bf16 / "model.safetensors").header
-    assert {v["dtype"] for v in header.values()} == {"BF16"}
+    index = json.loads((bf16 / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (bf16 / "model.safetensors").exists()
+    assert {v["dtype"] for f in shards for v in SafetensorsFile(bf16 / f).header.values()} == {"BF16"}
+    reloaded, info = AutoModelForCausalLM.from_pretrained(bf16, output_loading_info=True)
+    assert not any(info.values()), info
 
 
 # ----------------------------------------------------------------------------------------------------------

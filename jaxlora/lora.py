@@ -164,34 +164,41 @@ def init_lora(cfg: DecoderConfig, lora_cfg, rng: jax.Array) -> dict:
     """A fresh float32 LoRA tree {group: {name: {"a": [L, in, r], "b": [L, r, out]}}}, B = 0.
 
     init "default": A ~ U(-1/sqrt(in), 1/sqrt(in)), PEFT's Kaiming-uniform with a=sqrt(5) on lora_A
-    [r, in]; "gaussian": A ~ N(0, (1/r)^2). Each module's A uses `fold_in(rng, its index in the name
-    table)`, so adding or dropping other targets does not change it.
+    [r, in]; "gaussian": A ~ N(0, (1/r)^2). One draw covers every linear module of the model, so adding
+    or dropping other targets does not change a module's A.
     """
     init = getattr(lora_cfg, "init", "default")
     if init not in INITS:
         raise UserError(f"lora.init must be one of {', '.join(INITS)}, got {init!r}")
     mods, _ = _selection(cfg, lora_cfg)
-    dims, index = linear_dims(cfg), {m: k for k, m in enumerate(linear_modules(cfg))}
-    spec = tuple((index[m], *dims[(m.path[1], m.path[2])]) for m in mods)  # (fold-in index, in, out)
-    arrays = _init_arrays(rng, spec, cfg.num_layers, _r(lora_cfg), init)
+    dims = linear_dims(cfg)
+    spec = tuple((*dims[(m.path[1], m.path[2])], m in mods) for m in linear_modules(cfg))
+    arrays = iter(_init_arrays(rng, spec, cfg.num_layers, _r(lora_cfg), init))
     tree: dict = {}
-    for m, (a, b) in zip(mods, arrays, strict=True):
-        tree.setdefault(m.path[1], {})[m.path[2]] = {"a": a, "b": b}
+    for m in linear_modules(cfg):
+        if m in mods:
+            a, b = next(arrays)
+            tree.setdefault(m.path[1], {})[m.path[2]] = {"a": a, "b": b}
     return tree
 
 
 @partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _init_arrays(rng, spec, n_layers: int, r: int, init: str):
-    """One compiled program for all A [L, in, r] and B [L, r, out] of `init_lora`."""
-    out = []
-    for index, fan_in, fan_out in spec:
-        key = jax.random.fold_in(rng, index)
-        if init == "gaussian":
-            a = jax.random.normal(key, (n_layers, fan_in, r), jnp.float32) / r
-        else:
-            bound = 1.0 / math.sqrt(fan_in)
-            a = jax.random.uniform(key, (n_layers, fan_in, r), jnp.float32, -bound, bound)
-        out.append((a, jnp.zeros((n_layers, r, fan_out), jnp.float32)))
+def _init_arrays(rng, spec: tuple, n_layers: int, r: int, init: str) -> list:
+    """[(A [L, in, r], B [L, r, out])] for the kept modules of spec = ((in, out, keep), ...), all linear
+    modules of the model in name-table order, from one random draw (one compiled kernel). Drawing for
+    every module, kept or not, makes each module's A independent of which others are targeted."""
+    sizes = [n_layers * fan_in * r for fan_in, _, _ in spec]
+    if init == "gaussian":
+        flat = jax.random.normal(rng, (sum(sizes),), jnp.float32) / r
+    else:
+        flat = jax.random.uniform(rng, (sum(sizes),), jnp.float32, -1.0, 1.0)
+    out, start = [], 0
+    for (fan_in, fan_out, keep), size in zip(spec, sizes, strict=True):
+        if keep:
+            a = flat[start : start + size].reshape(n_layers, fan_in, r)
+            a = a if init == "gaussian" else a / math.sqrt(fan_in)  # U(-1/sqrt(in), 1/sqrt(in))
+            out.append((a, jnp.zeros((n_layers, r, fan_out), jnp.float32)))
+        start += size
     return out
 
 

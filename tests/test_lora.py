@@ -51,11 +51,9 @@ def configs(family: str) -> dict[str, LoraConfig]:
 
 
 def randomized(lora: dict, seed: int, std: float = 0.1) -> dict:
-    """Non-zero random A and B (B is 0 after init)."""
-    leaves, treedef = jax.tree.flatten(lora)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    new = [jax.random.normal(k, x.shape, jnp.float32) * std for k, x in zip(keys, leaves, strict=True)]
-    return treedef.unflatten(new)
+    """Non-zero random A and B (B is 0 after init), drawn on the host."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32) * std), lora)
 
 
 _MODELS: dict = {}

@@ -56,9 +56,9 @@ def peft_config(family: str, setting: str, **kw) -> PeftLoraConfig:
 
 
 def randomized(lora: dict, seed: int, std: float = 0.1) -> dict:
-    leaves, treedef = jax.tree.flatten(lora)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return treedef.unflatten([jax.random.normal(k, x.shape) * std for k, x in zip(keys, leaves, strict=True)])
+    """Non-zero random A and B (B is 0 after init), drawn on the host."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32) * std), lora)
 
 
 def randomize_peft_(model, seed: int) -> None:

@@ -25,7 +25,6 @@ from jaxlora.generation import run_generation
 from jaxlora.lora import LoraConfig, init_lora, lora_scale, matching_paths
 from jaxlora.models import config_from_hf, forward, load_model, load_tokenizer
 from jaxlora.models.config import read_hf_config
-from jaxlora.models.generate import generate_text
 from jaxlora.models.safetensors_io import SafetensorsFile
 from jaxlora.quant import QuantizedTensor, make_quantizer
 
@@ -278,19 +277,26 @@ def test_gpt2_attn_c_proj_only_is_named_unambiguously(base, tmp_path):
 # The real stories260K model: generation with --adapter, merged export with the tokenizer
 
 
-def test_stories_adapter_generation_and_merged_tokenizer(stories_dir, tmp_path):
-    model = load_model(stories_dir)
-    cfg = model.config
-    lc = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
-    lora = randomized(init_lora(cfg, lc, jax.random.key(0)), 6)
-    adapter = save_peft_adapter(tmp_path / "adapter", lora, lc, cfg, str(stories_dir))
-    prompt = ["Once upon a time"]
-    with_adapter = run_generation(str(stories_dir), prompt, 12, adapter=str(adapter))
+def test_stories_peft_adapter_generation_and_merged_tokenizer(stories_dir, tmp_path):
+    # A PyTorch PEFT adapter on the real stories260K model, generated from with scripts/generate.py's code
+    pm = get_peft_model(
+        hf_model(stories_dir),
+        PeftLoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"
+        ),
+    )
+    randomize_peft_(pm, 6)
+    pm.save_pretrained(tmp_path / "adapter")
     tok = load_tokenizer(stories_dir)
-    direct = generate_text(model, tok, prompt, 12, lora=lora, lora_scale=lora_scale(cfg, lc))
-    print(f"with the adapter: {with_adapter[0]!r}")
-    assert with_adapter == direct
+    prompt = "Once upon a time"
+    with torch.no_grad():
+        ref = pm.eval().generate(**tok(prompt, return_tensors="pt"), max_new_tokens=12, do_sample=False)
+    with_adapter = run_generation(str(stories_dir), [prompt], 12, adapter=str(tmp_path / "adapter"))
+    print(f"jaxlora: {with_adapter[0]!r}\nPEFT:    {tok.decode(ref[0], skip_special_tokens=True)!r}")
+    assert with_adapter[0] == tok.decode(ref[0], skip_special_tokens=True)
 
+    model = load_model(stories_dir)
+    lora, lc = load_peft_adapter(tmp_path / "adapter", model.config)
     out = save_merged(tmp_path / "merged", model, lora, lc, dtype="float32")
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model"):
         assert (out / name).is_file(), name

@@ -67,10 +67,6 @@ SCRIPT_REF = re.compile(r"(?<![\w/.])scripts/([\w-]+\.py)\b")
 # and reported. Fix the block or mark it no-run, then delete its entry: an entry whose text no longer occurs
 # in its page fails the test. {page: {text in the block: why it cannot run}}
 KNOWN_BROKEN: dict[str, dict[str, str]] = {
-    "docs/configuration.md": {
-        'load_config("configs/my_run.yaml"': "configs/my_run.yaml does not exist",
-        "python scripts/train.py configs/my_run.yaml": "train.py takes the config as --config FILE",
-    },
     "docs/data-formats.md": {
         "build_datasets(cfg.data, tokenizer": "uses `cfg` and `tokenizer` without defining them",
     },

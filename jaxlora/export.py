@@ -31,7 +31,7 @@ from jaxlora.models.config import DecoderConfig, config_from_hf, read_hf_config
 from jaxlora.models.loading import DTYPES, Model, load_model, resolve_model_path
 from jaxlora.models.names import LINEAR, LinearModule, hf_shape, linear_dims, linear_modules, name_table
 from jaxlora.models.safetensors_io import SafetensorsFile, write_safetensors
-from jaxlora.quant import QuantizedTensor, dequantize
+from jaxlora.quant import QuantizedTensor, dequantize, make_quantizer
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -490,13 +490,17 @@ def run_export(
     *,
     overwrite: bool = False,
     dtype: str | None = None,
+    quant: str = "none",
+    quant_block_size: int | None = None,
     run: str | None = None,
 ) -> Path:
     """Export an adapter folder for base `model` (hub id or folder) as `fmt` into `out`.
 
     "peft": re-save the adapter in normalized PEFT form (explicit target list, float32 tensors, only the
     adapted layers), checked against the model's dimensions; only config.json is read. "merged": load the
-    model, merge the adapter and write a full HF checkpoint (`dtype` as in `save_merged`).
+    model, merge the adapter and write a full HF checkpoint (`dtype` as in `save_merged`). For an adapter
+    trained on a quantized base (QLoRA), pass the training's `quant` ("int8"/"nf4") and `quant_block_size`:
+    the base is quantized the same way and the update is added to those dequantized weights.
     `run` (a training run's output folder) is reserved for exporting its latest checkpoint.
     """
     if fmt not in FORMATS:
@@ -507,12 +511,14 @@ def run_export(
         raise UserError("pass --adapter DIR (a PEFT LoRA adapter folder)")
     read_adapter_config(adapter)  # fail on a bad adapter before loading any weights
     if fmt == "peft":
+        if quant != "none":
+            raise UserError("--quant applies to --format merged only")
         cfg = config_from_hf(_model_hf_config(model))
         lora, lora_cfg = load_peft_adapter(adapter, cfg)
         return save_peft_adapter(out, lora, lora_cfg, cfg, model, overwrite=overwrite)
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    m = load_model(model)
+    m = load_model(model, quantizer=make_quantizer(quant, quant_block_size))
     lora, lora_cfg = load_peft_adapter(adapter, m.config)
     return save_merged(out, m, lora, lora_cfg, dtype=dtype, overwrite=overwrite)
 

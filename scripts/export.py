@@ -1,10 +1,11 @@
 """Export a LoRA adapter as a PEFT adapter folder or as a merged Hugging Face checkpoint.
 
     python scripts/export.py --adapter DIR --model PATH_OR_ID --format peft|merged --out DIR
-        [--dtype float32|bfloat16|float16] [--overwrite]
+        [--dtype float32|bfloat16|float16] [--quant none|int8|nf4] [--quant-block-size N] [--overwrite]
 
 `--format peft` re-saves the adapter in normalized PEFT form (checked against the model's dimensions);
-`--format merged` folds it into the base weights and writes a checkpoint transformers loads directly.
+`--format merged` folds it into the base weights and writes a checkpoint transformers loads directly
+(with `--quant`, into the dequantized weights of the base quantized as in a QLoRA training run).
 `--run OUTPUT_DIR` (a training run's latest checkpoint) is reserved and not available yet.
 """
 
@@ -27,6 +28,15 @@ def parse_args(argv=None):
         choices=["float32", "bfloat16", "float16"],
         help="merged weights dtype (default: the base checkpoint's)",
     )
+    p.add_argument(
+        "--quant",
+        default="none",
+        choices=["none", "int8", "nf4"],
+        help="merged: quantize the base as in training (QLoRA) and merge into the dequantized weights",
+    )
+    p.add_argument(
+        "--quant-block-size", type=int, default=None, help="merged: the training's quant.block_size"
+    )
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
     return p.parse_args(argv)
 
@@ -43,6 +53,8 @@ def main() -> int:
         args.out,
         overwrite=args.overwrite,
         dtype=args.dtype,
+        quant=args.quant,
+        quant_block_size=args.quant_block_size,
         run=args.run,
     )
     print(f"wrote {args.format} export to {out}")

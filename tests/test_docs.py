@@ -70,13 +70,6 @@ KNOWN_BROKEN: dict[str, dict[str, str]] = {
     "docs/data-formats.md": {
         "build_datasets(cfg.data, tokenizer": "uses `cfg` and `tokenizer` without defining them",
     },
-    "docs/peft.md": {
-        'load_model("HuggingFaceTB/SmolLM2-135M")': "downloads a model from the hub",
-        'save_peft_adapter("out/adapter"': "needs the model and adapter of the block above",
-        'from_pretrained("HuggingFaceTB/SmolLM2-135M"': "downloads a model from the hub",
-        'load_peft_adapter("someone/their-lora-adapter"': "a placeholder hub id",
-        "python scripts/export.py --adapter runs/x/adapter": "a placeholder adapter and a hub model",
-    },
     "docs/quantization.md": {
         'load_model("path/or/hub-id"': "a placeholder model path, and `lora`, `opt_state` undefined",
         "load_model(base_path": "placeholders `base_path` and `adapter_dir`",

@@ -66,15 +66,7 @@ SCRIPT_REF = re.compile(r"(?<![\w/.])scripts/([\w-]+\.py)\b")
 # Blocks of pages this file does not own that cannot run today (placeholders, downloads); they are skipped
 # and reported. Fix the block or mark it no-run, then delete its entry: an entry whose text no longer occurs
 # in its page fails the test. {page: {text in the block: why it cannot run}}
-KNOWN_BROKEN: dict[str, dict[str, str]] = {
-    "docs/data-formats.md": {
-        "build_datasets(cfg.data, tokenizer": "uses `cfg` and `tokenizer` without defining them",
-    },
-    "docs/quantization.md": {
-        'load_model("path/or/hub-id"': "a placeholder model path, and `lora`, `opt_state` undefined",
-        "load_model(base_path": "placeholders `base_path` and `adapter_dir`",
-    },
-}
+KNOWN_BROKEN: dict[str, dict[str, str]] = {}
 
 
 HOW_TO_FIX = (

@@ -482,48 +482,92 @@ def _model_hf_config(model: str) -> dict:
         return read_hf_config(resolve_model_path(model))  # raises the loader's one-line error
 
 
+def lora_from_run(run_dir) -> tuple:
+    """The LoRA tree of a training run's latest checkpoint: `(run Config, lora tree, step)`.
+
+    Reads `run_dir/config.yaml` (the resolved config the trainer saved) and restores only what is
+    needed from `run_dir/checkpoints/<latest step>`.
+    """
+    from jaxlora.config import load_config
+    from jaxlora.lora import init_lora
+    from jaxlora.train.checkpoint import Checkpointer, rng_to_array
+    from jaxlora.train.optim import make_optimizer
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run}: no config.yaml; is this a jaxlora run folder (train output_dir)?")
+    ckpt_dir = run / "checkpoints"
+    if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+        raise UserError(f"{run}: no checkpoint under {ckpt_dir}")
+    cfg = load_config(run / "config.yaml")
+    mcfg = config_from_hf(_model_hf_config(cfg.model.path))
+    key = jax.random.key(0)
+    lora = init_lora(mcfg, cfg.lora, key)
+    optimizer, _ = make_optimizer(cfg.train, 1)
+    ckpt = Checkpointer(ckpt_dir, cfg.checkpoint.keep)
+    try:
+        step = ckpt.latest_step()
+        like = {"lora": lora, "opt_state": optimizer.init(lora), "rng": rng_to_array(key)}
+        state, _ = ckpt.restore(step, like)
+    finally:
+        ckpt.close()
+    return cfg, jax.tree.map(np.asarray, state["lora"]), step
+
+
 def run_export(
     adapter: str | None,
-    model: str,
+    model: str | None,
     fmt: str,
     out: str,
     *,
     overwrite: bool = False,
     dtype: str | None = None,
-    quant: str = "none",
+    quant: str | None = None,
     quant_block_size: int | None = None,
     run: str | None = None,
 ) -> Path:
-    """Export an adapter folder for base `model` (hub id or folder) as `fmt` into `out`.
+    """Export an adapter folder, or a training run's latest checkpoint, for base `model` as `fmt` into `out`.
 
     "peft": re-save the adapter in normalized PEFT form (explicit target list, float32 tensors, only the
     adapted layers), checked against the model's dimensions; only config.json is read. "merged": load the
     model, merge the adapter and write a full HF checkpoint (`dtype` as in `save_merged`). For an adapter
     trained on a quantized base (QLoRA), pass the training's `quant` ("int8"/"nf4") and `quant_block_size`:
     the base is quantized the same way and the update is added to those dequantized weights.
-    `run` (a training run's output folder) is reserved for exporting its latest checkpoint.
+    With `run` (a training output_dir), the model and the quant settings default to the run's config.
     """
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    lora = lora_cfg = None
     if run is not None:
-        raise UserError("--run is not available yet; pass --adapter with an adapter folder")
-    if adapter is None:
-        raise UserError("pass --adapter DIR (a PEFT LoRA adapter folder)")
-    read_adapter_config(adapter)  # fail on a bad adapter before loading any weights
+        run_cfg, lora, _ = lora_from_run(run)
+        lora_cfg = run_cfg.lora
+        model = model or run_cfg.model.path
+        if quant is None:
+            quant, quant_block_size = run_cfg.quant.weights, run_cfg.quant.block_size
+    elif adapter is None:
+        raise UserError("pass --adapter DIR (a PEFT LoRA adapter folder) or --run OUTPUT_DIR")
+    else:
+        read_adapter_config(adapter)  # fail on a bad adapter before loading any weights
+    if model is None:
+        raise UserError("pass --model PATH_OR_ID (the base model the adapter was trained on)")
+    quant = quant or "none"
     if fmt == "peft":
-        if quant != "none":
+        if quant != "none" and run is None:
             raise UserError("--quant applies to --format merged only")
         cfg = config_from_hf(_model_hf_config(model))
-        lora, lora_cfg = load_peft_adapter(adapter, cfg)
+        if lora is None:
+            lora, lora_cfg = load_peft_adapter(adapter, cfg)
         return save_peft_adapter(out, lora, lora_cfg, cfg, model, overwrite=overwrite)
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     m = load_model(model, quantizer=make_quantizer(quant, quant_block_size))
-    lora, lora_cfg = load_peft_adapter(adapter, m.config)
+    if lora is None:
+        lora, lora_cfg = load_peft_adapter(adapter, m.config)
     return save_merged(out, m, lora, lora_cfg, dtype=dtype, overwrite=overwrite)
 
 
 __all__ = [
+    "lora_from_run",
     "load_peft_adapter",
     "peft_adapter_config",
     "peft_key",

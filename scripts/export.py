@@ -6,7 +6,8 @@
 `--format peft` re-saves the adapter in normalized PEFT form (checked against the model's dimensions);
 `--format merged` folds it into the base weights and writes a checkpoint transformers loads directly
 (with `--quant`, into the dequantized weights of the base quantized as in a QLoRA training run).
-`--run OUTPUT_DIR` (a training run's latest checkpoint) is reserved and not available yet.
+`--run OUTPUT_DIR` exports a training run's latest checkpoint instead of an adapter folder; `--model`
+and `--quant` then default to the run's config.
 """
 
 import argparse
@@ -18,8 +19,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--adapter", help="PEFT LoRA adapter folder (adapter_config.json + safetensors)")
-    src.add_argument("--run", help="training run output folder: export its latest checkpoint (not yet)")
-    p.add_argument("--model", required=True, help="base model: HF hub id or local folder")
+    src.add_argument("--run", help="training run output_dir: export its latest checkpoint")
+    p.add_argument("--model", default=None, help="base model: HF hub id or local folder (default with --run)")
     p.add_argument("--format", required=True, choices=["peft", "merged"], help="what to write")
     p.add_argument("--out", required=True, help="output folder (must be empty or new unless --overwrite)")
     p.add_argument(
@@ -30,9 +31,10 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--quant",
-        default="none",
+        default=None,
         choices=["none", "int8", "nf4"],
-        help="merged: quantize the base as in training (QLoRA) and merge into the dequantized weights",
+        help="merged: quantize the base as in training (QLoRA) and merge into the dequantized weights "
+        "(default: none, or the run's quant.weights with --run)",
     )
     p.add_argument(
         "--quant-block-size", type=int, default=None, help="merged: the training's quant.block_size"

@@ -85,9 +85,7 @@ def test_tinyshakespeare_finetune_loss_falls(assets, tmp_path):
     cfg["data"]["train"] = [{"path": str(assets / "data" / "tinyshakespeare.txt"), "format": "text"}]
     result = train(config_from_dict(cfg))
     before, after = result.eval_history[0][1], result.eval_history[-1][1]
-    print(
-        f"stories260K tinyshakespeare: eval loss {before:.4f} -> {after:.4f} ({after / before:.3f}x)"
-    )
+    print(f"stories260K tinyshakespeare: eval loss {before:.4f} -> {after:.4f} ({after / before:.3f}x)")
     assert after <= 0.8 * before
 
 
@@ -323,3 +321,52 @@ def test_existing_output_dir_is_not_overwritten(assets, tmp_path):
     assert proc.returncode == 2 and "overwrite=true" in proc.stderr
     assert (out / "precious.txt").read_text() == "keep me"
     assert sorted(os.listdir(out)) == ["precious.txt"]
+
+
+def test_export_from_run_equals_final_adapter(alpaca_run, tmp_path):
+    from safetensors.numpy import load_file
+
+    out, _ = alpaca_run
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/export.py",
+            "--run",
+            str(out),
+            "--format",
+            "peft",
+            "--out",
+            str(tmp_path / "a"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    exported = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    final = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert exported.keys() == final.keys()
+    for k in final:
+        np.testing.assert_array_equal(exported[k], final[k])
+    empty = tmp_path / "not-a-run"
+    empty.mkdir()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/export.py",
+            "--run",
+            str(empty),
+            "--format",
+            "peft",
+            "--out",
+            str(tmp_path / "b"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        proc.returncode == 2
+        and "no config.yaml" in proc.stderr
+        and len(proc.stderr.strip().splitlines()) == 1
+    )

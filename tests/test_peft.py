@@ -391,8 +391,8 @@ def test_bad_adapters_one_line_each(bad_adapters, base):
     with pytest.raises(UserError, match="already exists and is not empty"):
         save_merged(good, model, lora, lc)
     save_peft_adapter(good, lora, lc, model.config, "x", overwrite=True)
-    with pytest.raises(UserError, match="--run is not available yet"):
-        run_export(None, str(folder), "peft", str(good), run="runs/x")
+    with pytest.raises(UserError, match="no config.yaml; is this a jaxlora run folder"):
+        run_export(None, str(folder), "peft", str(good), run=str(folder))
 
 
 @pytest.mark.parametrize("case", ["dims", "ia3", "r0", "targets"])

@@ -2,6 +2,12 @@
 
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed while
 saving leaves no half-written checkpoint that could be taken for a good one.
+
+Arrays may be sharded over many devices and hosts: every process calls `save` and `restore` (they are
+collective; each writes or reads the shards it holds, process 0 the metadata), so `output_dir` must be
+on a filesystem all hosts share. The layout does not depend on the mesh: `restore` reads into whatever
+shardings the targets carry, so a run saved on 4 devices with FSDP resumes on 1 device or on a
+data x tensor mesh.
 """
 
 from pathlib import Path
@@ -35,8 +41,11 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def restore(self, step: int, like: dict) -> tuple[dict, dict]:
-        """Restore the state into the structure (and shardings) of `like`, and the metadata."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        """Restore the state into the structure, dtypes and shardings of `like`, and the metadata.
+
+        `like` holds arrays or `jax.ShapeDtypeStruct`s; each restored array gets that leaf's sharding.
+        """
+        abstract = jax.tree.map(_abstract, like)
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
@@ -47,9 +56,17 @@ class Checkpointer:
         self.manager.close()
 
 
+def _abstract(x) -> jax.ShapeDtypeStruct:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+
 def rng_to_array(key) -> np.ndarray:
+    """The raw uint32 data of a typed PRNG key (what checkpoints store)."""
     return np.asarray(jax.random.key_data(key))
 
 
 def rng_from_array(data) -> jax.Array:
+    """A typed PRNG key from `rng_to_array`'s data (host or device array)."""
     return jax.random.wrap_key_data(jax.numpy.asarray(data, dtype=jax.numpy.uint32))

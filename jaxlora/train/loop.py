@@ -1,7 +1,14 @@
-"""`train(cfg)`: the whole run from a `Config`: load, data, LoRA, jitted steps, eval, checkpoints, export."""
+"""`train(cfg)`: the whole run from a `Config`: load, data, LoRA, jitted steps, eval, checkpoints, export.
+
+Devices and hosts follow `cfg.parallel` (see `jaxlora.parallel` and docs/multi-gpu.md): the plan places the
+base, LoRA and optimizer state, and compiles the one train step. With several processes every process runs
+this same function on its own slice of each batch; only process 0 writes config.yaml, metrics.jsonl,
+TensorBoard events, run_state.json and the adapter, while checkpoints are written by all of them together.
+"""
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
 import signal
@@ -9,18 +16,19 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.config import Config, save_config
 from jaxlora.data import BatchLoader, build_datasets
 from jaxlora.errors import UserError
 from jaxlora.models import load_model, load_tokenizer
+from jaxlora.parallel import Plan, init_distributed, make_plan
 from jaxlora.train.checkpoint import Checkpointer, rng_from_array, rng_to_array
 from jaxlora.train.metrics import MetricsLogger
 from jaxlora.train.optim import make_optimizer
 from jaxlora.train.step import BATCH_KEYS, StepSpec, make_eval_step, make_train_step
 
+log = logging.getLogger("jaxlora.train")
 RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "adapter", "config.yaml")
 
 
@@ -38,8 +46,11 @@ class TrainResult:
     eval_history: list = dataclasses.field(default_factory=list)
 
 
-def prepare_output_dir(cfg: Config, resume_flag: bool = False) -> bool:
-    """Create `output_dir`, decide whether to resume; never overwrite a run unless asked. Returns resume."""
+def prepare_output_dir(cfg: Config, resume_flag: bool = False, *, clean: bool = True) -> bool:
+    """Create `output_dir`, decide whether to resume; never overwrite a run unless asked. Returns resume.
+
+    With `clean=False` it only decides (and raises), touching nothing: what processes other than 0 do.
+    """
     out = Path(cfg.output_dir)
     mode = "always" if resume_flag else cfg.checkpoint.resume
     ckpt = out / "checkpoints"
@@ -54,13 +65,16 @@ def prepare_output_dir(cfg: Config, resume_flag: bool = False) -> bool:
                 f"output_dir {out} is not empty and holds no run to resume; choose a new output_dir "
                 "or set overwrite=true"
             )
+        if not clean:
+            return False
         for name in RUN_FILES:
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if clean:
+        out.mkdir(parents=True, exist_ok=True)
     return False
 
 
@@ -107,9 +121,10 @@ def _quantizer(cfg: Config):
     return make_quantizer(cfg.quant.weights, cfg.quant.block_size, tuple(cfg.quant.skip))
 
 
-def _evaluate(eval_fn, lora, base, scale, examples, cfg: Config) -> dict | None:
+def _evaluate(eval_fn, lora, base, scale, examples, cfg: Config, plan: Plan) -> dict | None:
     if examples is None:
         return None
+    index, count = plan.loader_slice()
     loader = BatchLoader(
         examples,
         cfg.train.batch_size,
@@ -120,53 +135,79 @@ def _evaluate(eval_fn, lora, base, scale, examples, cfg: Config) -> dict | None:
         prefetch=0,
         drop_last=False,
         seed=cfg.seed,
+        process_index=index,
+        process_count=count,
     )
-    total, count = 0.0, 0.0
+    sums = []
     for i, batch in enumerate(loader):
         if cfg.train.eval_batches is not None and i >= cfg.train.eval_batches:
             break
-        s, n = eval_fn(lora, base, {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}, scale)
-        total, count = total + float(s), count + float(n)
+        sums.append(eval_fn(lora, base, plan.put_eval_batch({k: batch[k] for k in BATCH_KEYS}), scale))
     loader.close()
+    total = sum(float(s) for s, _ in jax.device_get(sums))
+    count = sum(float(n) for _, n in jax.device_get(sums))
     if count == 0:
         return None
     loss = total / count
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 80.0))}
 
 
-def train(cfg: Config, *, resume: bool = False, on_step=None) -> TrainResult:
-    """Run LoRA fine-tuning as configured; see `docs/configuration.md`. Returns a `TrainResult`.
+def _model_config(cfg: Config):
+    """The model's `DecoderConfig` from config.json alone (to check the mesh before loading weights)."""
+    from jaxlora.models.config import config_from_hf, read_hf_config
+    from jaxlora.models.loading import resolve_model_path
 
-    `on_step(step, metrics)` (optional) is called after each logging interval with host metrics.
+    return config_from_hf(read_hf_config(resolve_model_path(cfg.model.path, cfg.model.revision)))
+
+
+def train(cfg: Config, *, resume: bool = False, on_step=None) -> TrainResult:
+    """Run LoRA fine-tuning as configured; see `docs/configuration.md` and `docs/multi-gpu.md`.
+
+    Returns a `TrainResult`. `on_step(step, metrics)` (optional) is called after each logging interval with
+    host metrics. Multi-host: every process calls `train` with the same config.
     """
     from jaxlora.export import save_peft_adapter
     from jaxlora.lora import init_lora, lora_scale
 
-    resuming = prepare_output_dir(cfg, resume)
-    out = Path(cfg.output_dir)
-    save_config(cfg, out / "config.yaml")
-
-    model = load_model(
-        cfg.model.path,
-        dtype=cfg.model.dtype,
-        compute_dtype=cfg.model.compute_dtype,
-        attention=cfg.model.attention,
-        remat=cfg.train.remat,
-        revision=cfg.model.revision,
-        allow_pickle=cfg.model.allow_pickle,
-        quantizer=_quantizer(cfg),
-        random_init_seed=cfg.seed if cfg.model.random_init else None,
-    )
-    mcfg = model.config
-    if cfg.data.seq_len > mcfg.max_position_embeddings:
+    init_distributed(cfg.parallel.distributed)
+    t = cfg.train
+    arch = _model_config(cfg)  # config.json only: check before loading any weights
+    if cfg.data.seq_len > arch.max_position_embeddings:
         raise UserError(
-            f"data.seq_len {cfg.data.seq_len} is above the model's maximum of {mcfg.max_position_embeddings} "
+            f"data.seq_len {cfg.data.seq_len} is above the model's maximum of {arch.max_position_embeddings} "
             "positions (max_position_embeddings); lower data.seq_len"
         )
-    tokenizer = load_tokenizer(cfg.model.tokenizer or model.path)
+    plan = make_plan(cfg.parallel, t.batch_size, arch.num_kv_heads)
+    log.info("parallel: %s", plan.describe())
+    main = plan.is_main
+    resuming = prepare_output_dir(cfg, resume, clean=False)  # every process decides before anyone cleans
+    plan.barrier("jaxlora-output-dir-read")
+    if main:
+        prepare_output_dir(cfg, resume)
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    plan.barrier("jaxlora-output-dir-ready")
+    out = Path(cfg.output_dir)
+
+    with plan.host_loading():
+        model = load_model(
+            cfg.model.path,
+            dtype=cfg.model.dtype,
+            compute_dtype=cfg.model.compute_dtype,
+            attention=cfg.model.attention,
+            remat=cfg.train.remat,
+            revision=cfg.model.revision,
+            allow_pickle=cfg.model.allow_pickle,
+            quantizer=_quantizer(cfg),
+            random_init_seed=cfg.seed if cfg.model.random_init else None,
+        )
+    mcfg, model_path, model_name = model.config, model.path, model.name_or_path
+    base_s = plan.param_shardings(model.params)
+    base = plan.place(model.params, base_s)
+    del model  # the host (or first-device) copy of the weights
+    tokenizer = load_tokenizer(cfg.model.tokenizer or model_path)
     train_ex, val_ex = build_datasets(cfg.data, tokenizer, cfg.seed)
 
-    t = cfg.train
+    index, count = plan.loader_slice()
     loader = BatchLoader(
         train_ex,
         t.batch_size,
@@ -175,42 +216,50 @@ def train(cfg: Config, *, resume: bool = False, on_step=None) -> TrainResult:
         shuffle=cfg.data.shuffle,
         seed=cfg.seed,
         num_epochs=None,
+        process_index=index,
+        process_count=count,
     )
     total_steps = _total_steps(cfg, loader)
     optimizer, schedule = make_optimizer(t, total_steps)
     key = jax.random.key(cfg.seed)
     lora = init_lora(mcfg, cfg.lora, jax.random.fold_in(key, 1))
-    scale = jnp.asarray(lora_scale(mcfg, cfg.lora))
-    opt_state = optimizer.init(lora)
-    base = model.params
+    lora_s = plan.lora_shardings(lora)
+    opt_s = plan.like_shardings(jax.eval_shape(optimizer.init, lora), lora, lora_s)
+    lora = plan.place(lora, lora_s)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_s)(lora)
+    scale = plan.replicate(np.asarray(lora_scale(mcfg, cfg.lora), np.float32))
+    key_data = rng_to_array(key)  # checkpoints hold the key as a host array
 
     ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint.keep)
     step = 0
     if resuming:
         step = ckpt.latest_step()
-        state, meta = ckpt.restore(step, {"lora": lora, "opt_state": opt_state, "rng": rng_to_array(key)})
-        lora, opt_state, key = state["lora"], state["opt_state"], rng_from_array(state["rng"])
+        like = {"lora": lora, "opt_state": opt_state, "rng": key_data}  # target shardings: this plan's
+        state, meta = ckpt.restore(step, like)
+        lora, opt_state, key_data = state["lora"], state["opt_state"], np.asarray(state["rng"])
         loader.restore(meta["data"])
+    key = rng_from_array(plan.replicate(key_data))
+    step_rng = jax.jit(jax.random.fold_in, out_shardings=plan.replicated)
 
     spec = StepSpec(mcfg, cfg.lora.dropout, t.loss_chunk_size)
-    step_fn = jax.jit(make_train_step(spec, optimizer), donate_argnums=(0, 1))
-    eval_fn = jax.jit(make_eval_step(spec))
-    logger = MetricsLogger(out, tensorboard=cfg.logging.tensorboard)
+    step_fn = plan.compile_train_step(make_train_step(spec, optimizer, plan.axis_name), lora_s, opt_s, base_s)
+    eval_fn = plan.compile_eval_step(make_eval_step(spec, plan.axis_name), lora_s, base_s)
+    logger = MetricsLogger(out, tensorboard=cfg.logging.tensorboard, enabled=main)
     result = TrainResult(out, step)
 
     def save(at: int):
         meta = {"step": at, "data": loader.state()}
-        ckpt.save(at, {"lora": lora, "opt_state": opt_state, "rng": rng_to_array(key)}, meta)
+        ckpt.save(at, {"lora": lora, "opt_state": opt_state, "rng": key_data}, meta)
 
     def run_eval(at: int):
-        metrics = _evaluate(eval_fn, lora, base, scale, val_ex, cfg)
+        metrics = _evaluate(eval_fn, lora, base, scale, val_ex, cfg, plan)
         if metrics is not None:
             logger.log(at, metrics)
             result.eval_history.append((at, metrics["eval/loss"]))
         return metrics
 
     bar = None
-    if cfg.logging.progress_bar:
+    if cfg.logging.progress_bar and main:
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
@@ -220,16 +269,21 @@ def train(cfg: Config, *, resume: bool = False, on_step=None) -> TrainResult:
         run_eval(0)
     pending: list[dict] = []
     last_time, last_logged = time.perf_counter(), step
+    stopping = False
     with _StopSignals() as stop:
-        while step < total_steps and not stop.received:
+        while step < total_steps and not stopping:
             micro = [next(loader) for _ in range(t.grad_accum_steps)]
-            batch = {k: jnp.asarray(np.stack([m[k] for m in micro])) for k in BATCH_KEYS}
-            lora, opt_state, m = step_fn(lora, opt_state, base, batch, jax.random.fold_in(key, step), scale)
+            batch = plan.put_batch({k: np.stack([m[k] for m in micro]) for k in BATCH_KEYS})
+            lora, opt_state, m = step_fn(lora, opt_state, base, batch, step_rng(key, step), scale)
             pending.append(m)
             step += 1
             at_log = step % cfg.logging.every_steps == 0 or step == total_steps
             at_ckpt = cfg.checkpoint.every_steps is not None and step % cfg.checkpoint.every_steps == 0
-            if at_log or at_ckpt or stop.received:
+            if not plan.multi_process:
+                stopping = bool(stop.received)
+            elif at_log or at_ckpt:  # hosts agree to stop together, at an interval where they wait anyway
+                stopping = bool(plan.agree(stop.received))
+            if at_log or at_ckpt or stopping:
                 host = jax.device_get(pending)
                 bad = [last_logged + i + 1 for i, h in enumerate(host) if h["nonfinite"]]
                 if bad:
@@ -264,17 +318,22 @@ def train(cfg: Config, *, resume: bool = False, on_step=None) -> TrainResult:
                 run_eval(step)
             if at_ckpt:
                 save(step)
-        result.interrupted = stop.received
+        result.interrupted = plan.agree(stop.received)
     save(step)
     if not result.interrupted:
         if eval_every is not None:
             run_eval(step)
-        save_peft_adapter(out / "adapter", lora, cfg.lora, mcfg, model.name_or_path, overwrite=True)
+        lora_host = plan.to_host(lora)  # a collective when LoRA is sharded over hosts
+        if main:
+            save_peft_adapter(out / "adapter", lora_host, cfg.lora, mcfg, model_name, overwrite=True)
     if bar is not None:
         bar.close()
     loader.close()
     logger.close()
     ckpt.close()
     result.step = step
-    (out / "run_state.json").write_text(json.dumps({"step": step, "finished": not result.interrupted}))
+    if main:
+        state = {"step": step, "finished": not result.interrupted}
+        (out / "run_state.json").write_text(json.dumps(state))
+    plan.barrier("jaxlora-run-done")
     return result

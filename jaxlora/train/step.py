@@ -4,6 +4,11 @@ Gradients exist for the LoRA tree only; the frozen base is an ordinary (non-diff
 Micro-batches are scanned, their gradients summed and divided by the total number of target tokens, so
 accumulation equals one large batch. A non-finite loss or gradient leaves the state unchanged and sets
 `metrics["nonfinite"]`, which the loop reads at its logging interval.
+
+The same step runs under every parallel strategy (`jaxlora.parallel`): under `jit` (single device or a
+sharded mesh) XLA partitions it from the arrays' shardings; under `pmap` it is given `axis_name` and
+`psum`s the gradient sums, loss sums and token counts over the devices before dividing, so the loss is
+normalized by the total number of target tokens exactly as on one device.
 """
 
 import dataclasses
@@ -46,14 +51,22 @@ def loss_and_count(lora, base, batch, lora_scale, rng, spec: StepSpec, train: bo
     return chunked_cross_entropy(base, spec.model, hidden, batch["targets"], spec.loss_chunk)
 
 
-def make_train_step(spec: StepSpec, optimizer: optax.GradientTransformation) -> Callable:
-    """Build `train_step(lora, opt_state, base, batch, rng, lora_scale)`; batch arrays are [A, B, T]."""
+def make_train_step(
+    spec: StepSpec, optimizer: optax.GradientTransformation, axis_name: str | None = None
+) -> Callable:
+    """Build `train_step(lora, opt_state, base, batch, rng, lora_scale)`; batch arrays are [A, B, T].
+
+    `axis_name`: the `pmap` axis to reduce over (None under `jit`). Each device then sees its own rows
+    [A, B / devices, T] and draws its own dropout masks.
+    """
     value_grad = jax.value_and_grad(
         lambda lora, base, mb, scale, r: loss_and_count(lora, base, mb, scale, r, spec), has_aux=True
     )
 
     def train_step(lora, opt_state, base, batch, rng, lora_scale):
         accum = batch["input_ids"].shape[0]
+        if axis_name is not None:
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
         rngs = jax.random.split(rng, accum)
 
         def micro(carry, xs):
@@ -66,6 +79,8 @@ def make_train_step(spec: StepSpec, optimizer: optax.GradientTransformation) -> 
         (g_sum, loss_sum, count), _ = jax.lax.scan(
             micro, (zeros, jnp.float32(0), jnp.float32(0)), (batch, rngs)
         )
+        if axis_name is not None:  # sums over all devices; a pmean of per-device means would be inexact
+            g_sum, loss_sum, count = jax.lax.psum((g_sum, loss_sum, count), axis_name)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, g_sum)
         loss = loss_sum / denom
@@ -80,10 +95,14 @@ def make_train_step(spec: StepSpec, optimizer: optax.GradientTransformation) -> 
     return train_step
 
 
-def make_eval_step(spec: StepSpec) -> Callable:
-    """Build `eval_step(lora, base, batch, lora_scale) -> (loss_sum, count)` for a [B, T] batch."""
+def make_eval_step(spec: StepSpec, axis_name: str | None = None) -> Callable:
+    """Build `eval_step(lora, base, batch, lora_scale) -> (loss_sum, count)` for a [B, T] batch.
+
+    With `axis_name` (pmap) both sums are taken over all devices.
+    """
 
     def eval_step(lora, base, batch, lora_scale):
-        return loss_and_count(lora, base, batch, lora_scale, None, spec, train=False)
+        out = loss_and_count(lora, base, batch, lora_scale, None, spec, train=False)
+        return out if axis_name is None else jax.lax.psum(out, axis_name)
 
     return eval_step

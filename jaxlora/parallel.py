@@ -1,0 +1,473 @@
+"""Devices, meshes and sharding rules: how `train` spreads the one train step over devices and hosts.
+
+The step (`jaxlora.train.step`) is the same function whatever the strategy; a `Plan` decides where its
+inputs live and how it is compiled:
+
+  single  one device; `jit`.
+  pmap    classic data parallelism over every device: LoRA, optimizer state and base replicated, the batch
+          split, gradient sums and token counts `psum`-ed inside the step (`axis_name="data"`).
+  mesh    `jit` over a `Mesh(data, fsdp, tensor)`: arrays carry `NamedSharding`s from one rules table and
+          XLA partitions the step (GSPMD). Base weights, LoRA and optimizer state are sharded, so a model
+          too large for one device trains this way.
+  auto    single on one device, mesh otherwise.
+
+Sharding rules. Every array dimension has a logical name; `RULES` maps logical names to mesh axes:
+
+    batch   -> (data, fsdp)   rows of every batch
+    embed   -> fsdp           the model width D of kernels, embeddings and LoRA A/B (FSDP)
+    q_heads, kv_heads, qkv, mlp, vocab -> tensor   (Megatron-style column / row splits)
+    layers, rank, everything else -> replicated
+
+Linear kernels [L, in, out] (`LINEAR_AXES`): q/k/v/gate/up/c_attn/c_fc are split on `out` over tensor
+and on `in` (= embed) over fsdp; o_proj/down_proj/c_proj the other way round. Biases follow `out`.
+Embedding [V, D] is (vocab, embed), the LM head [D, V] (embed, vocab); norms are replicated. LoRA A
+[L, in, r] follows its kernel's `in`, B [L, r, out] its `out`; optimizer state follows its parameter.
+A dimension the mesh axis does not divide stays replicated (e.g. a vocabulary of 50257 over tensor=2).
+
+Quantized kernels (`jaxlora.quant.QuantizedTensor`): int8 `data` is sharded like the dense kernel and
+its per-column `scale` along `out`; NF4 packed `data` [L, in/2, out] likewise (whole bytes, so `in`
+splits stay on byte boundaries); NF4's double-quantized block scales (1/64 of the weights) are replicated.
+
+Multi-host: `init_distributed` calls `jax.distributed.initialize` from the config or the environment
+(SLURM, Open MPI, `JAX_COORDINATOR_ADDRESS`); each process loads the rows of every global batch that its
+own devices hold (`Plan.loader_slice`) and `Plan.put_batch` assembles the global array from them.
+"""
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxlora.errors import UserError
+from jaxlora.quant import QuantizedTensor
+
+log = logging.getLogger("jaxlora.parallel")
+
+MESH_AXES = ("data", "fsdp", "tensor")
+PMAP_AXIS = "data"  # the pmap axis name, and the name of its 1-D mesh
+
+# Logical dimension name -> mesh axis (or axes); names not listed are replicated.
+RULES: dict[str, str | tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "embed": "fsdp",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "qkv": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+}
+
+# (group, module) -> logical names of a linear kernel's (in, out).
+LINEAR_AXES: dict[tuple[str, str], tuple[str, str]] = {
+    ("attn", "q_proj"): ("embed", "q_heads"),
+    ("attn", "k_proj"): ("embed", "kv_heads"),
+    ("attn", "v_proj"): ("embed", "kv_heads"),
+    ("attn", "o_proj"): ("q_heads", "embed"),
+    ("attn", "c_attn"): ("embed", "qkv"),
+    ("attn", "c_proj"): ("q_heads", "embed"),
+    ("mlp", "gate_proj"): ("embed", "mlp"),
+    ("mlp", "up_proj"): ("embed", "mlp"),
+    ("mlp", "down_proj"): ("mlp", "embed"),
+    ("mlp", "c_fc"): ("embed", "mlp"),
+    ("mlp", "c_proj"): ("mlp", "embed"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Multi-host start-up
+
+
+def _cluster_process_count() -> int:
+    """Processes a launcher started for this job (1 when none is detected)."""
+    env = os.environ
+    if "SLURM_STEP_NODELIST" in env and "SLURM_PROCID" in env:  # inside `srun`
+        return int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
+    if "OMPI_COMM_WORLD_SIZE" in env:
+        return int(env["OMPI_COMM_WORLD_SIZE"])
+    return 1
+
+
+def init_distributed(dist) -> bool:
+    """Join the other processes of a multi-host run (`jax.distributed.initialize`). Returns whether it did.
+
+    `dist` is a `DistributedSection`: `enabled` true always initializes (fields left null are detected by
+    JAX from SLURM, Open MPI, Kubernetes or `JAX_COORDINATOR_ADDRESS`), false never, null when any field
+    is set, `JAX_COORDINATOR_ADDRESS` is set, or a launcher started more than one process. Call it before
+    anything touches the devices; a second call in the same process does nothing.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    fields = (dist.coordinator_address, dist.num_processes, dist.process_id)
+    enabled = dist.enabled
+    if enabled is None:
+        enabled = (
+            any(f is not None for f in fields)
+            or "JAX_COORDINATOR_ADDRESS" in os.environ
+            or _cluster_process_count() > 1
+        )
+    if not enabled:
+        return False
+    try:
+        jax.distributed.initialize(
+            coordinator_address=dist.coordinator_address,
+            num_processes=dist.num_processes,
+            process_id=dist.process_id,
+        )
+    except (ValueError, TypeError) as err:
+        raise UserError(
+            f"parallel.distributed: cannot start multi-host JAX ({err}); set coordinator_address, "
+            "num_processes and process_id, or launch with srun/mpirun"
+        ) from None
+    log.info("process %d of %d joined", jax.process_index(), jax.process_count())
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logical axes of the parameter trees
+
+
+def param_logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
+    """Logical names of the dims of the (dense) parameter at `path` in the decoder's params tree."""
+    if path[0] == "layers" and len(path) >= 4 and (path[1], path[2]) in LINEAR_AXES:
+        fan_in, fan_out = LINEAR_AXES[(path[1], path[2])]
+        return ("layers", fan_in, fan_out) if path[-1] == "kernel" else ("layers", fan_out)
+    if path == ("embed", "embedding"):
+        return ("vocab", "embed")
+    if path == ("pos_embed", "embedding"):
+        return (None, "embed")
+    if path == ("lm_head", "kernel"):
+        return ("embed", "vocab")
+    return (None,) * ndim  # norms, q/k norms: small, replicated
+
+
+def _path_keys(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclasses.dataclass
+class Plan:
+    """Where the step's inputs live and how it is compiled (see the module docstring).
+
+    strategy: "single", "pmap" or "mesh"; mesh: `Mesh(data, fsdp, tensor)` (single: one device, pmap:
+    a 1-D `data` mesh over every device, as `jax.pmap` builds it); rules: logical name -> mesh axes.
+    """
+
+    strategy: str
+    mesh: Mesh
+    rules: Mapping[str, str | tuple[str, ...]]
+    batch_size: int
+
+    # --- facts ----------------------------------------------------------------------------------
+
+    @property
+    def axis_name(self) -> str | None:
+        """The collective axis the step reduces over (pmap only)."""
+        return PMAP_AXIS if self.strategy == "pmap" else None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run's files (TensorBoard, metrics, config, exports)."""
+        return jax.process_index() == 0
+
+    @property
+    def multi_process(self) -> bool:
+        return jax.process_count() > 1
+
+    def describe(self) -> str:
+        axes = " x ".join(f"{n}={s}" for n, s in self.mesh.shape.items())
+        hosts = f", {jax.process_count()} processes" if self.multi_process else ""
+        platform = self.mesh.devices.flat[0].platform
+        return f"{self.strategy} ({axes}) on {self.mesh.size} {platform} devices{hosts}"
+
+    # --- shardings ------------------------------------------------------------------------------
+
+    def spec(self, logical, shape) -> P:
+        """PartitionSpec for an array of `shape` whose dims have the given logical names."""
+        out, used = [], set()
+        for name, size in zip(logical, shape, strict=True):
+            axes = self.rules.get(name, ()) if name else ()
+            axes = (axes,) if isinstance(axes, str) else tuple(axes)
+            axes = tuple(a for a in axes if a not in used and self.mesh.shape[a] > 1)
+            if not axes or size % math.prod(self.mesh.shape[a] for a in axes):
+                out.append(None)  # nothing to split, or not divisible: replicated along this dim
+                continue
+            used.update(axes)
+            out.append(axes[0] if len(axes) == 1 else axes)
+        while out and out[-1] is None:
+            out.pop()
+        return P(*out)
+
+    def sharding(self, logical, shape) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(logical, shape))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    def param_shardings(self, params: dict) -> dict:
+        """NamedShardings for the decoder's params tree (QuantizedTensors get one per array field)."""
+
+        def visit(path, node):
+            if isinstance(node, dict):
+                return {k: visit(path + (k,), v) for k, v in node.items()}
+            logical = param_logical_axes(path, len(node.shape))
+            if isinstance(node, QuantizedTensor):
+                return self._quantized(node, logical)
+            return self.sharding(logical, node.shape)
+
+        return visit((), params)
+
+    def _quantized(self, q: QuantizedTensor, logical) -> QuantizedTensor:
+        lead, fan_out = logical[:-2], logical[-1]
+        fields = {
+            "data": self.sharding(logical, q.data.shape),  # [..., in (or in/2 packed), out]
+            "scale": None if q.scale is None else self.sharding(lead + (None, fan_out), q.scale.shape),
+        }
+        for name in ("scale_codes", "scale_absmax", "scale_mean"):  # NF4 double quantization: small
+            fields[name] = None if getattr(q, name) is None else self.replicated
+        return dataclasses.replace(q, **fields)
+
+    def lora_shardings(self, lora: dict) -> dict:
+        """A [L, in, r] follows its kernel's `in`, B [L, r, out] its `out`."""
+        out = {}
+        for group, mods in lora.items():
+            for name, ab in mods.items():
+                fan_in, fan_out = LINEAR_AXES[(group, name)]
+                out.setdefault(group, {})[name] = {
+                    "a": self.sharding(("layers", fan_in, "rank"), ab["a"].shape),
+                    "b": self.sharding(("layers", "rank", fan_out), ab["b"].shape),
+                }
+        return out
+
+    def like_shardings(self, tree, ref, ref_shardings):
+        """Shardings for `tree` (an optimizer state) whose leaves mirror `ref`'s leaves (mu, nu, ...).
+
+        A leaf whose key path ends with a `ref` leaf's path and has its shape takes that leaf's sharding;
+        other leaves (step counts) are replicated.
+        """
+        table = {}
+        for (path, leaf), s in zip(
+            jax.tree_util.tree_flatten_with_path(ref)[0], jax.tree.leaves(ref_shardings), strict=True
+        ):
+            table[_path_keys(path)] = (tuple(leaf.shape), s)
+
+        def pick(path, leaf):
+            keys = _path_keys(path)
+            for i in range(len(keys)):
+                hit = table.get(keys[i:])
+                if hit is not None and hit[0] == tuple(leaf.shape):
+                    return hit[1]
+            return self.replicated
+
+        return jax.tree_util.tree_map_with_path(pick, tree)
+
+    # --- placing arrays -------------------------------------------------------------------------
+
+    def place(self, tree, shardings):
+        """Arrays of `tree` (host or one device; the same values on every process) put on `shardings`."""
+
+        def put(x, s):
+            if s.is_fully_addressable:
+                return jax.device_put(x, s)
+            host = np.asarray(x)
+            return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+
+        return jax.tree.map(put, tree, shardings)
+
+    def replicate(self, x):
+        """One array (the same on every process) replicated on every device of the plan."""
+        return self.place(x, self.replicated)
+
+    def host_loading(self):
+        """Context for loading the base model: into host memory when it will be sharded over accelerators
+        (so a model larger than one device can be loaded), else onto the default device."""
+        if self.mesh.size > 1 and jax.default_backend() != "cpu":
+            return jax.default_device(jax.local_devices(backend="cpu")[0])
+        return contextlib.nullcontext()
+
+    def loader_slice(self) -> tuple[int, int]:
+        """`(process_index, process_count)` for `BatchLoader`: this process reads rows
+        `[index * B / count, (index + 1) * B / count)` of each global batch, the rows its devices hold."""
+        if self.strategy == "pmap":
+            return jax.process_index(), jax.process_count()
+        s = self.sharding(("batch",), (self.batch_size,))
+        rows = set()
+        for idx in s.addressable_devices_indices_map((self.batch_size,)).values():
+            rows.update(range(self.batch_size)[idx[0]])
+        lo, n = min(rows), len(rows)
+        if rows != set(range(lo, lo + n)) or lo % n or self.batch_size % n:
+            raise UserError(
+                f"this process's devices hold batch rows {sorted(rows)[:8]}..., not one contiguous block; "
+                "order the mesh so each host's devices share data-parallel indices"
+            )
+        return lo // n, self.batch_size // n
+
+    def put_batch(self, local: dict) -> dict:
+        """This process's rows `{key: [A, b, T]}` (stacked micro-batches) -> the step's batch argument:
+        a global [A, B, T] array sharded over (data, fsdp), or for pmap [devices, A, B/devices, T]."""
+        if self.strategy == "pmap":
+            n = jax.local_device_count()
+            return {k: np.moveaxis(v.reshape(v.shape[0], n, -1, v.shape[-1]), 1, 0) for k, v in local.items()}
+        return {k: self._global_rows(v, 1) for k, v in local.items()}
+
+    def put_eval_batch(self, local: dict) -> dict:
+        """This process's rows `{key: [b, T]}` of one evaluation batch -> the eval step's batch argument."""
+        if self.strategy == "pmap":
+            n = jax.local_device_count()
+            return {k: v.reshape(n, -1, v.shape[-1]) for k, v in local.items()}
+        return {k: self._global_rows(v, 0) for k, v in local.items()}
+
+    def _global_rows(self, v: np.ndarray, axis: int) -> jax.Array:
+        """A global array from this process's rows of it, rows (dim `axis`) sharded over (data, fsdp)."""
+        shape = v.shape[:axis] + (self.batch_size,) + v.shape[axis + 1 :]
+        logical = (None,) * axis + ("batch",) + (None,) * (v.ndim - axis - 1)
+        return jax.make_array_from_process_local_data(self.sharding(logical, shape), v, shape)
+
+    # --- compiling ------------------------------------------------------------------------------
+
+    def compile_train_step(self, step_fn, lora_s, opt_s, base_s):
+        """`step_fn(lora, opt_state, base, batch, rng, lora_scale)` compiled for this plan, with the LoRA
+        and optimizer buffers donated; returns state with the given shardings and replicated metrics."""
+        if self.strategy == "pmap":
+            pmapped = jax.pmap(
+                step_fn,
+                axis_name=PMAP_AXIS,
+                in_axes=(None, None, None, 0, None, None),
+                out_axes=(None, None, None),
+                donate_argnums=(0, 1),
+            )
+            if not self.multi_process:
+                return pmapped
+
+            def step(*args):  # multi-host pmap hands back host-local arrays: keep the state global
+                lora, opt, metrics = pmapped(*args)
+                lora, opt = multihost_utils.host_local_array_to_global_array((lora, opt), self.mesh, P())
+                return lora, opt, metrics
+
+            return step
+        batch_s = self.sharding((None, "batch", None), (1, self.batch_size, 1))
+        rep = self.replicated
+        return jax.jit(
+            step_fn,
+            in_shardings=(lora_s, opt_s, base_s, batch_s, rep, rep),
+            out_shardings=(lora_s, opt_s, rep),
+            donate_argnums=(0, 1),
+        )
+
+    def compile_eval_step(self, eval_fn, lora_s, base_s):
+        """`eval_fn(lora, base, batch [B, T], lora_scale) -> (loss_sum, count)` compiled for this plan."""
+        if self.strategy == "pmap":
+            return jax.pmap(eval_fn, axis_name=PMAP_AXIS, in_axes=(None, None, 0, None), out_axes=None)
+        batch_s = self.sharding(("batch", None), (self.batch_size, 1))
+        rep = self.replicated
+        return jax.jit(eval_fn, in_shardings=(lora_s, base_s, batch_s, rep), out_shardings=rep)
+
+    # --- host side ------------------------------------------------------------------------------
+
+    def to_host(self, tree):
+        """Numpy copies of the full (global) values, on every process (a collective when multi-host)."""
+        if all(x.is_fully_addressable for x in jax.tree.leaves(tree)):
+            return jax.device_get(tree)
+        return multihost_utils.process_allgather(tree, tiled=True)
+
+    def agree(self, flag: int) -> int:
+        """The largest of `flag` over all processes (e.g. a stop signal one host received)."""
+        if not self.multi_process:
+            return flag
+        return int(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+    def barrier(self, name: str) -> None:
+        """Wait until every process gets here (no-op on one process)."""
+        if self.multi_process:
+            multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building a plan from the config
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def _mesh_sizes(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
+    fsdp, tensor = mesh_cfg.fsdp, mesh_cfg.tensor
+    if mesh_cfg.data == -1:
+        if n_devices % (fsdp * tensor):
+            raise UserError(
+                f"parallel.mesh fsdp={fsdp} x tensor={tensor} = {fsdp * tensor} does not divide the "
+                f"{n_devices} devices; choose fsdp x tensor among {_divisors(n_devices)}"
+            )
+        return n_devices // (fsdp * tensor), fsdp, tensor
+    data = mesh_cfg.data
+    if data * fsdp * tensor != n_devices:
+        raise UserError(
+            f"parallel.mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} devices, "
+            f"but there are {n_devices}; make the product {n_devices} or set parallel.mesh.data=-1 "
+            "(all devices left over)"
+        )
+    return data, fsdp, tensor
+
+
+def _check_batch(batch_size: int, dp: int, what: str) -> None:
+    if batch_size % dp:
+        lower = batch_size // dp * dp
+        options = f"{lower} or {lower + dp}" if lower else f"{dp}"
+        raise UserError(
+            f"train.batch_size {batch_size} is not divisible by the data-parallel size {dp} ({what}); "
+            f"use a multiple of {dp}, e.g. {options}"
+        )
+
+
+def make_plan(parallel, batch_size: int, num_kv_heads: int | None = None, devices=None) -> Plan:
+    """Build and check the `Plan` for `parallel` (a `ParallelSection`) and a global batch of `batch_size`.
+
+    `num_kv_heads` (the model's) is checked against the tensor-parallel size. `devices` defaults to
+    `jax.devices()` (every process's). Raises UserError for a mesh that does not match the device count,
+    a batch the data-parallel size does not divide, or a tensor size that does not divide the KV heads.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    m = parallel.mesh
+    strategy = parallel.strategy
+    if strategy == "auto":
+        one = n == 1 and m.fsdp == 1 and m.tensor == 1 and m.data in (-1, 1)
+        strategy = "single" if one else "mesh"
+    if strategy == "single":
+        if jax.process_count() > 1:
+            raise UserError(
+                f"parallel.strategy single runs on one device, but {jax.process_count()} processes were "
+                "started; use parallel.strategy mesh or pmap"
+            )
+        mesh = Mesh(np.array(devices[:1]).reshape(1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        return Plan("single", mesh, {}, batch_size)
+    if strategy == "pmap":
+        if m.data not in (-1, n):
+            raise UserError(
+                f"parallel.mesh.data={m.data}, but parallel.strategy pmap uses all {n} devices; "
+                "set parallel.mesh.data=-1 or use parallel.strategy mesh"
+            )
+        _check_batch(batch_size, n, f"pmap over {n} devices")
+        ordered = [d for p in range(jax.process_count()) for d in devices if d.process_index == p]
+        return Plan("pmap", Mesh(np.array(ordered), (PMAP_AXIS,)), {}, batch_size)
+    data, fsdp, tensor = _mesh_sizes(m, n)
+    if num_kv_heads is not None and num_kv_heads % tensor:
+        raise UserError(
+            f"parallel.mesh.tensor={tensor} does not divide the model's {num_kv_heads} KV heads "
+            f"(num_key_value_heads); use a tensor size among {_divisors(num_kv_heads)}"
+        )
+    _check_batch(batch_size, data * fsdp, f"parallel.mesh data={data} x fsdp={fsdp}: rows split over both")
+    mesh = jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return Plan("mesh", mesh, RULES, batch_size)

@@ -60,6 +60,8 @@ class DecoderConfig:
     compute_dtype: str = "float32"
     attention: str = "xla"
     remat: str = "none"
+    # False: a Python loop over the layers instead of `lax.scan` (compile time grows with depth).
+    scan_layers: bool = True
 
     @property
     def q_dim(self) -> int:
@@ -70,7 +72,7 @@ class DecoderConfig:
         return self.num_kv_heads * self.head_dim
 
     def with_runtime(self, **kw) -> "DecoderConfig":
-        """Copy with run-time fields changed (`compute_dtype`, `attention`, `remat`), validated."""
+        """Copy with run-time fields changed (compute_dtype, attention, remat, scan_layers), validated."""
         cfg = dataclasses.replace(self, **kw)
         if cfg.attention not in ATTENTION_IMPLS:
             raise UserError(f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {cfg.attention!r}")

@@ -2,7 +2,7 @@
 
 Parameters are a nested dict (a pytree) with HF's module names for every linear layer, so LoRA targets,
 loading and PEFT export all use one vocabulary. Layer parameters are stacked on a leading axis `L` and
-run with `jax.lax.scan`, so compile time does not grow with depth.
+run with `jax.lax.scan`, so compile time does not grow with depth (`cfg.scan_layers=False` unrolls).
 
     params = {
       "embed": {"embedding": [V, D]},          "pos_embed": {"embedding": [P, D]}   (GPT-2)
@@ -22,17 +22,21 @@ Norms, softmax and logits run in float32; matmuls in `cfg.compute_dtype`.
 """
 
 import math
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxlora.errors import UserError
 from jaxlora.models.config import DecoderConfig
 from jaxlora.quant import as_kernel, qmatmul
 
 Params = dict[str, Any]
+F32 = jnp.float32
 NEG_INF = float(jnp.finfo(jnp.float32).min)
+TINY = float(jnp.finfo(jnp.float32).tiny)
 
 
 def linear(
@@ -112,9 +116,10 @@ def attention_mask(q_pos, q_seg, kv_pos, kv_seg, window) -> jax.Array:
 
 
 def dot_attention(q, k, v, mask, cfg: DecoderConfig) -> jax.Array:
-    """Grouped-query attention. q: [B, T, N, H], k/v: [B, S, K, H], mask: [B, 1, T, S] -> [B, T, N, H]."""
-    if cfg.attention == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    """Dense grouped-query attention (the KV-cache path and the reference for `causal_attention`).
+
+    q: [B, T, N, H], k/v: [B, S, K, H], mask: [B, 1, T, S] -> [B, T, N, H].
+    """
     b, t, n, h = q.shape
     g = n // cfg.num_kv_heads
     qg = q.reshape(b, t, cfg.num_kv_heads, g, h)
@@ -123,6 +128,148 @@ def dot_attention(q, k, v, mask, cfg: DecoderConfig) -> jax.Array:
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(b, t, n, h)
+
+
+# --- causal attention in blocks, for training and prefill (no cache) --------------------------------
+#
+# Query block i attends to keys 0 .. end of block i only (keys after a query are never attended to), so
+# about half of the [T, S] score matrix is never computed. A custom VJP keeps only q, k, v, the output
+# and the log-sum-exp per query (FlashAttention's residuals) and recomputes the probabilities block by
+# block in the backward pass; plain autodiff would store three float32 [B, N, T, S] tensors per layer.
+# Every matmul is laid out as [batch, M, contract] x [batch, contract, N] with one contracting dimension
+# (query rows m = (t, g) flattened), which XLA:CPU runs without transposing the large operand.
+
+
+def attention_block_size(t: int) -> int:
+    """Query/key block length for `causal_attention`: 64, or T/16 rounded up to 64 for long sequences."""
+    return max(64, -(-t // 16 // 64) * 64)
+
+
+def _allowed(q_pos, q_seg, q_idx, k_pos, k_seg, k_idx, window) -> jax.Array:
+    """Broadcastable bool: same non-padding segment, causal by position and by index, inside the window."""
+    delta = q_pos - k_pos
+    return (
+        (q_seg == k_seg) & (k_seg != 0) & (delta >= 0) & ((window == 0) | (delta < window)) & (k_idx <= q_idx)
+    )
+
+
+def _spans(t: int, block: int) -> list[tuple[int, int]]:
+    return [(i, min(i + block, t)) for i in range(0, t, block)]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6,))
+def causal_attention(q, k, v, positions, segment_ids, window, block: int) -> jax.Array:
+    """Causal grouped-query self-attention with packed segments and an optional sliding window.
+
+    q: [B, T, N, H], k/v: [B, T, K, H], positions/segment_ids: [B, T] int32 (segment 0 = padding),
+    window: int32 scalar (0 = none), block: static block length. Returns [B, T, N, H] in q's dtype.
+    Same result as `dot_attention` with `attention_mask` for every query that has a key to attend to
+    (a key after its query in the row is never one); a query with none (padding) gets zeros.
+    """
+    return _attention_fwd(q, k, v, positions, segment_ids, window, block)[0]
+
+
+def _attention_fwd(q, k, v, positions, segment_ids, window, block):
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    g = n // kh
+    scale = 1.0 / math.sqrt(h)
+    qm = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)  # [B, K, M, H]
+    k_t = k.transpose(0, 2, 3, 1)  # [B, K, H, S]
+    v_s = v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    pos, seg, idx = positions, segment_ids, jnp.arange(t)
+    outs, lses = [], []
+    for q0, q1 in _spans(t, block):
+        s = jnp.einsum(
+            "bkmh,bkhs->bkms", qm[:, :, q0 * g : q1 * g], k_t[..., :q1], preferred_element_type=F32
+        )
+        ok = _allowed(
+            pos[:, q0:q1, None],
+            seg[:, q0:q1, None],
+            idx[q0:q1, None],
+            pos[:, None, :q1],
+            seg[:, None, :q1],
+            idx[None, :q1],
+            window,
+        )  # [B, bq, S]
+        ok = jnp.broadcast_to(ok[:, None, :, None], (b, kh, q1 - q0, g, q1)).reshape(s.shape)
+        s = jnp.where(ok, s * scale, NEG_INF)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        p = jnp.where(ok, jnp.exp(s - m), 0.0)
+        total = jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), TINY)
+        o = jnp.einsum("bkms,bksh->bkmh", p.astype(v.dtype), v_s[:, :, :q1], preferred_element_type=F32)
+        outs.append(o / total)
+        lses.append((m + jnp.log(total))[..., 0])
+    o = jnp.concatenate(outs, axis=2).astype(q.dtype)  # [B, K, M, H]
+    out = o.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+    return out, (q, k, v, positions, segment_ids, window, out, jnp.concatenate(lses, axis=2))
+
+
+def _attention_bwd(block, res, d_out):
+    q, k, v, positions, segment_ids, window, out, lse = res  # lse: [B, K, M]
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    g = n // kh
+    m = t * g
+    scale = 1.0 / math.sqrt(h)
+    q5, do5 = q.reshape(b, t, kh, g, h), d_out.reshape(b, t, kh, g, h)
+    qm, dom = (x.transpose(0, 2, 1, 3, 4).reshape(b, kh, m, h) for x in (q5, do5))  # [B, K, M, H]
+    q_t, do_t = (x.transpose(0, 2, 4, 1, 3).reshape(b, kh, h, m) for x in (q5, do5))  # [B, K, H, M]
+    k_s, v_s = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    k_t = k.transpose(0, 2, 3, 1)  # [B, K, H, S]
+    o5 = out.reshape(b, t, kh, g, h).astype(F32)
+    delta = jnp.sum(do5.astype(F32) * o5, axis=-1).transpose(0, 2, 1, 3).reshape(b, kh, m)  # [B, K, M]
+    pos, seg, idx = positions, segment_ids, jnp.arange(t)
+    dks, dvs, dq_t = [], [], jnp.zeros((b, kh, h, m), F32)
+    # Key block j meets the queries from its own start on; everything is computed transposed, [S, M].
+    for k0, k1 in _spans(t, block):
+        rows = slice(k0 * g, m)
+        s_t = jnp.einsum("bksh,bkhm->bksm", k_s[:, :, k0:k1], q_t[..., rows], preferred_element_type=F32)
+        ok = _allowed(
+            pos[:, None, k0:],
+            seg[:, None, k0:],
+            idx[None, k0:],
+            pos[:, k0:k1, None],
+            seg[:, k0:k1, None],
+            idx[k0:k1, None],
+            window,
+        )  # [B, bk, T - k0]
+        ok = jnp.broadcast_to(ok[:, None, :, :, None], (b, kh, k1 - k0, t - k0, g)).reshape(s_t.shape)
+        p_t = jnp.where(ok, jnp.exp(s_t * scale - lse[:, :, None, rows]), 0.0)
+        dvs.append(
+            jnp.einsum("bksm,bkmh->bksh", p_t.astype(v.dtype), dom[:, :, rows], preferred_element_type=F32)
+        )
+        dp_t = jnp.einsum("bksh,bkhm->bksm", v_s[:, :, k0:k1], do_t[..., rows], preferred_element_type=F32)
+        ds_t = (p_t * (dp_t - delta[:, :, None, rows]) * scale).astype(q.dtype)
+        dks.append(jnp.einsum("bksm,bkmh->bksh", ds_t, qm[:, :, rows], preferred_element_type=F32))
+        dq_blk = jnp.einsum("bkhs,bksm->bkhm", k_t[..., k0:k1], ds_t, preferred_element_type=F32)
+        dq_t = dq_t.at[..., rows].add(dq_blk)
+    dq = dq_t.astype(q.dtype).reshape(b, kh, h, t, g).transpose(0, 3, 1, 4, 2).reshape(b, t, n, h)
+    dk = jnp.concatenate(dks, axis=2).astype(k.dtype).transpose(0, 2, 1, 3)
+    dv = jnp.concatenate(dvs, axis=2).astype(v.dtype).transpose(0, 2, 1, 3)
+    return dq, dk, dv, None, None, None
+
+
+causal_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def cudnn_attention(q, k, v, mask) -> jax.Array:
+    """cuDNN flash attention (causal, GQA; packed segments and sliding windows through `mask`).
+
+    Needs a GPU and bfloat16/float16 inputs; raises UserError otherwise (there is no silent fallback,
+    so a run or a benchmark never reports XLA attention as cuDNN).
+    """
+    if jax.default_backend() != "gpu":
+        raise UserError(
+            f"model.attention=cudnn needs an NVIDIA GPU (cuDNN flash attention) but JAX runs on "
+            f"{jax.default_backend()!r} here; use model.attention=xla"
+        )
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise UserError(
+            f"model.attention=cudnn needs model.compute_dtype bfloat16 or float16, got {q.dtype}; "
+            "set model.compute_dtype=bfloat16 or use model.attention=xla"
+        )
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
 
 
 def _dropout_fn(rng, rate: float):
@@ -139,57 +286,83 @@ def _dropout_fn(rng, rate: float):
 def block(
     cfg: DecoderConfig, p: Params, h: jax.Array, ctx: dict, lora: Params | None, lora_scale, rng, cache
 ):
-    """One transformer layer. h: [B, T, D] float32 residual stream. Returns (h, new_cache)."""
+    """One transformer layer. h: [B, T, D] float32 residual stream. Returns (h, new_cache).
+
+    Training (no cache, `remat="none"`) keeps the matmul outputs for the backward pass and recomputes
+    only the cheap rest: the norms, RoPE, activations and the rank-r LoRA products `x @ A`. Saving
+    every float32 intermediate instead costs more memory traffic than recomputing it.
+    """
     dt = jnp.dtype(cfg.compute_dtype)
-    lo = lora or {}
     rngs = jax.random.split(rng, 8) if rng is not None else [None] * 8
 
-    def lin(group, name, x, i):
+    def lin(p, lo, group, name, x, i):
         sub = lo.get(group, {}).get(name)
         drop = _dropout_fn(rngs[i], ctx["lora_dropout"]) if sub is not None else None
         return linear(p[group][name], x, dt, sub, lora_scale, drop)
 
-    b, t, _ = h.shape
-    x = norm(p["attn_norm"], h, cfg)
-    if cfg.fused_qkv:
-        qkv = lin("attn", "c_attn", x, 0)
-        q, k, v = jnp.split(qkv, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
-    else:
-        q, k, v = lin("attn", "q_proj", x, 0), lin("attn", "k_proj", x, 1), lin("attn", "v_proj", x, 2)
-    q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    if cfg.qk_norm:
-        q = norm(p["attn"]["q_norm"], q, cfg).astype(dt)
-        k = norm(p["attn"]["k_norm"], k, cfg).astype(dt)
-    if not cfg.learned_positions:
-        q = apply_rope(q, ctx["positions"], ctx["inv_freq"])
-        k = apply_rope(k, ctx["positions"], ctx["inv_freq"])
-    q, k, v = checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
+    def project_qkv(p, lo, h):  # [B, T, D] -> q [B, T, N, H], k/v [B, T, K, H]
+        b, t, _ = h.shape
+        x = norm(p["attn_norm"], h, cfg)
+        if cfg.fused_qkv:
+            qkv = lin(p, lo, "attn", "c_attn", x, 0)
+            q, k, v = jnp.split(qkv, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
+        else:
+            q = lin(p, lo, "attn", "q_proj", x, 0)
+            k, v = lin(p, lo, "attn", "k_proj", x, 1), lin(p, lo, "attn", "v_proj", x, 2)
+        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = norm(p["attn"]["q_norm"], q, cfg).astype(dt)
+            k = norm(p["attn"]["k_norm"], k, cfg).astype(dt)
+        if not cfg.learned_positions:
+            q = apply_rope(q, ctx["positions"], ctx["inv_freq"])
+            k = apply_rope(k, ctx["positions"], ctx["inv_freq"])
+        return checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
 
-    if cache is None:
-        kv_pos, kv_seg, new_cache = ctx["positions"], ctx["segment_ids"], None
+    def finish(p, lo, h, attn):  # residual stream [B, T, D] and attention output [B, T, N * H]
+        out = lin(p, lo, "attn", "c_proj" if cfg.fused_qkv else "o_proj", attn, 3)
+        h = checkpoint_name(h + out.astype(F32), "mlp_input")
+        x = norm(p["mlp_norm"], h, cfg)
+        if cfg.activation == "silu":
+            gate = checkpoint_name(lin(p, lo, "mlp", "gate_proj", x, 4), "mlp_gate")
+            up = checkpoint_name(lin(p, lo, "mlp", "up_proj", x, 5), "mlp_up")
+            mid = (jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(dt)
+            out = lin(p, lo, "mlp", "down_proj", mid, 6)
+        else:
+            up = checkpoint_name(lin(p, lo, "mlp", "c_fc", x, 4), "mlp_up")
+            mid = jax.nn.gelu(up.astype(F32), approximate=True).astype(dt)
+            out = lin(p, lo, "mlp", "c_proj", mid, 6)
+        return h + out.astype(F32)
+
+    lo = lora or {}
+    training = cache is None
+    if training and cfg.remat == "none":
+        project_qkv = jax.checkpoint(project_qkv, policy=jax.checkpoint_policies.nothing_saveable)
+        keep = jax.checkpoint_policies.save_only_these_names("mlp_input", "mlp_gate", "mlp_up")
+        finish = jax.checkpoint(finish, policy=keep)
+    b, t, _ = h.shape
+    q, k, v = project_qkv(p, lo, h)
+    if training:
+        new_cache = None
+        if cfg.attention == "cudnn":
+            mask = attention_mask(
+                ctx["positions"], ctx["segment_ids"], ctx["positions"], ctx["segment_ids"], ctx["window"]
+            )
+            out = cudnn_attention(q, k, v, mask)
+        else:
+            block_size = attention_block_size(t)
+            out = causal_attention(q, k, v, ctx["positions"], ctx["segment_ids"], ctx["window"], block_size)
     else:
         idx = ctx["cache_index"]
         ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, idx, 0, 0))
         cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, idx, 0, 0))
         new_cache = {"k": ck, "v": cv}
-        k, v = ck.astype(dt), cv.astype(dt)
-        kv_pos, kv_seg = ctx["cache_positions"], ctx["cache_segments"]
-    mask = attention_mask(ctx["positions"], ctx["segment_ids"], kv_pos, kv_seg, ctx["window"])
-    out = dot_attention(q, k, v, mask, cfg).reshape(b, t, cfg.q_dim)
-    out = lin("attn", "c_proj" if cfg.fused_qkv else "o_proj", out, 3)
-    h = h + out.astype(jnp.float32)
-
-    x = norm(p["mlp_norm"], h, cfg)
-    if cfg.activation == "silu":
-        gate, up = lin("mlp", "gate_proj", x, 4), lin("mlp", "up_proj", x, 5)
-        mid = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dt)
-        out = lin("mlp", "down_proj", mid, 6)
-    else:
-        mid = jax.nn.gelu(lin("mlp", "c_fc", x, 4).astype(jnp.float32), approximate=True).astype(dt)
-        out = lin("mlp", "c_proj", mid, 6)
-    h = h + out.astype(jnp.float32)
+        mask = attention_mask(
+            ctx["positions"], ctx["segment_ids"], ctx["cache_positions"], ctx["cache_segments"], ctx["window"]
+        )
+        out = dot_attention(q, ck.astype(dt), cv.astype(dt), mask, cfg)
+    h = finish(p, lo, h, out.reshape(b, t, cfg.q_dim))
     return checkpoint_name(h, "residual"), new_cache
 
 
@@ -284,7 +457,15 @@ def forward(
         h, new_cache = block(cfg, x["p"], h, layer_ctx, x["lora"], x["scale"], x["rng"], x["cache"])
         return h, new_cache
 
-    h, new_kv = jax.lax.scan(_remat(body, cfg.remat), h, xs)
+    layer = _remat(body, cfg.remat)
+    if cfg.scan_layers:
+        h, new_kv = jax.lax.scan(layer, h, xs)
+    else:  # one copy of the layer per layer in the program: static slices, no stacked residuals
+        kvs = []
+        for i in range(cfg.num_layers):
+            h, kv = layer(h, jax.tree.map(lambda a, i=i: a[i], xs))
+            kvs.append(kv)
+        new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *kvs)
     h = norm(params["final_norm"], h, cfg)
     out = h if return_hidden else logits_from_hidden(params, cfg, h)
     if cache is None:

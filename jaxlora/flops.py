@@ -1,0 +1,94 @@
+"""FLOPs of one LoRA training step, counted by hand from the architecture (docs/performance.md).
+
+Matmul FLOPs only (a multiply-add is 2 FLOPs; norms, RoPE, softmax and the optimizer are left out). Per
+token of a batch of rows of length T, for a frozen linear layer [in, out] and an adapter of rank r on it:
+
+    frozen weight   forward 2*in*out, activation gradient 2*in*out, no weight gradient     = 4*in*out
+    adapter         forward 2*r*(in+out), backward 4*r*(in+out) (dA, dB and the input
+                    gradient through A and B)                                             = 6*r*(in+out)
+    LM head [D, V]  forward 2*D*V, activation gradient 2*D*V (frozen, tied or not)         = 4*D*V
+    attention       per layer and query, over the k keys it attends to (causal: k = t+1 for the query at
+                    0-based index t, min(t+1, window) with a sliding window): forward QK^T and PV,
+                    2*2*H*k per head; backward dQ, dK, dV and dP, twice the forward      = 12*N*H*k
+
+Their sum over all tokens is the useful work (`model`); MFU divides it by the step time and the peak.
+What the backward pass recomputes is counted apart (`recompute`), never as useful work:
+
+    always          the LM head logits of each loss chunk (chunked cross-entropy)          2*D*V
+                    the attention scores QK^T (flash-style backward keeps only the output
+                    and log-sum-exp)                                                       2*N*H*k
+    remat "none"    the rank-r products x @ A of every adapter                              2*in*r
+    remat "dots"    the attention forward (QK^T and PV) again (matmul outputs are kept)    4*N*H*k
+    remat "full"    the layer forward again: frozen weights, adapters and attention, except the MLP
+                    output projection's own product (nothing in the backward pass reads it)
+                                                        2*in*out + 2*r*(in+out) + 4*N*H*k
+
+Embedding lookups and the elementwise work cost no FLOPs here. Example (stories260K, r=8 all-linear):
+
+    train_step_flops(cfg, r=8, targets=None, batch=8, seq_len=256)["model"]
+"""
+
+import numpy as np
+
+from jaxlora.models.config import DecoderConfig
+from jaxlora.models.names import linear_dims
+
+REMATS = ("none", "dots", "full")
+
+
+def attended_keys(seq_len: int, window: int = 0) -> int:
+    """Sum over the queries of one causal row of the number of keys each attends to (itself included)."""
+    k = np.arange(1, seq_len + 1)
+    if window:
+        k = np.minimum(k, window)
+    return int(k.sum())
+
+
+def train_step_flops(
+    cfg: DecoderConfig,
+    r: int,
+    targets: list[tuple[str, str]] | None,
+    batch: int,
+    seq_len: int,
+    remat: str = "none",
+    adapted_layers: int | None = None,
+) -> dict[str, int]:
+    """Matmul FLOPs of one optimizer step over `batch` full rows of `seq_len` tokens.
+
+    targets: (group, module) pairs carrying an adapter (`jaxlora.lora.target_paths`), None = all linear
+    layers; adapted_layers: how many layers have adapters (default all). Returns integers: `model` (useful:
+    forward + backward), `recompute` (remat and flash-style recomputation, not useful), and the parts of
+    `model`: `frozen`, `adapters`, `attention`, `lm_head`.
+    """
+    if remat not in REMATS:
+        raise ValueError(f"remat must be one of {REMATS}, got {remat!r}")
+    dims = linear_dims(cfg)
+    targets = list(dims) if targets is None else list(targets)
+    layers = cfg.num_layers
+    adapted = layers if adapted_layers is None else adapted_layers
+    tokens = batch * seq_len
+
+    w_frozen = sum(i * o for i, o in dims.values())  # weights of one layer
+    w_adapter = sum(r * (dims[t][0] + dims[t][1]) for t in targets)  # adapter weights of one layer
+    xa = sum(r * dims[t][0] for t in targets)  # the A products x @ A of one layer, per token
+    nh = cfg.num_heads * cfg.head_dim
+    keys = sum(attended_keys(seq_len, w) for w in cfg.sliding_windows) * batch  # over layers and rows
+    dv = cfg.hidden_size * cfg.vocab_size
+
+    parts = {
+        "frozen": 4 * w_frozen * layers * tokens,
+        "adapters": 6 * w_adapter * adapted * tokens,
+        "attention": 12 * nh * keys,
+        "lm_head": 4 * dv * tokens,
+    }
+    recompute = 2 * dv * tokens + 2 * nh * keys
+    if remat == "none":
+        recompute += 2 * xa * adapted * tokens
+    elif remat == "dots":
+        recompute += 4 * nh * keys
+    else:
+        last = list(dims)[-1]  # the MLP output projection
+        w_last, a_last = dims[last][0] * dims[last][1], r * dims[last][1] if last in targets else 0
+        recompute += 2 * (w_frozen - w_last) * layers * tokens + 4 * nh * keys
+        recompute += 2 * (w_adapter - a_last) * adapted * tokens
+    return {"model": sum(parts.values()), "recompute": recompute, **parts}

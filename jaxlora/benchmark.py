@@ -286,7 +286,7 @@ def run_jaxlora(spec: BenchSpec) -> dict:
             quantizer=make_quantizer(spec.quant) if spec.quant != "none" else None,
             random_init_seed=spec.seed if random else None,
         )
-    cfg = model.config.with_runtime(scan_layers=spec.scan_layers)
+    cfg = model.config if spec.scan_layers else model.config.with_runtime(scan_layers=False)
     base = jax.block_until_ready(model.params)
     load_s = time.perf_counter() - t0
     lora_cfg = LoraSection(r=spec.r, alpha=spec.alpha, dropout=0.0, target_modules="all-linear")

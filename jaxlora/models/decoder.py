@@ -53,10 +53,37 @@ def linear(
     if lora is not None:
         xa = x if drop is None else drop(x)
         a = lora["a"]
-        h = jnp.einsum("...i,ir->...r", xa.astype(a.dtype), a)
-        delta = jnp.einsum("...r,ro->...o", h, lora["b"]) * lora_scale
+        delta = lora_product(xa.astype(a.dtype), a, lora["b"]) * lora_scale
         y = (y.astype(jnp.float32) + delta).astype(dtype)
     return y
+
+
+@jax.custom_vjp
+def lora_product(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`(x @ a) @ b`: x [..., in], a [in, r], b [r, out] -> [..., out], with a hand-written backward pass.
+
+    The backward pass computes dA as [r, in] and transposes that small result, so no [tokens, in]
+    activation is transposed (autodiff's [in, r] orientation costs XLA:CPU a transpose or a slow dot).
+    """
+    return jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x, a), b)
+
+
+def _lora_product_fwd(x, a, b):
+    xa = jnp.einsum("...i,ir->...r", x, a)
+    return jnp.einsum("...r,ro->...o", xa, b), (x, xa, a, b)
+
+
+def _lora_product_bwd(res, g):
+    x, xa, a, b = res
+    x2, xa2, g2 = x.reshape(-1, a.shape[0]), xa.reshape(-1, a.shape[1]), g.reshape(-1, b.shape[1])
+    g_xa = g2 @ b.T  # [N, r]
+    dx = (g_xa @ a.T).reshape(x.shape)
+    da_t = jax.lax.optimization_barrier(jnp.einsum("nr,ni->ri", g_xa, x2))  # keep the [r, in] orientation
+    db = jnp.einsum("nr,no->ro", xa2, g2)
+    return dx, da_t.T, db
+
+
+lora_product.defvjp(_lora_product_fwd, _lora_product_bwd)
 
 
 def norm(p: Params, x: jax.Array, cfg: DecoderConfig) -> jax.Array:

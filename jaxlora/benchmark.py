@@ -119,7 +119,7 @@ class BenchSpec:
     window: int = 5  # steps per timed window (one host sync per window)
     lr: float = 1e-4
     seed: int = 0
-    threads: int = 0  # CPU only: intra-op threads of both frameworks (0 = each one's default)
+    threads: int = 0  # CPU only: cores (affinity) and intra-op threads of both frameworks; 0 = defaults
     model_path: str = ""  # the real model's folder when arch == "stories260k"
     profile_dir: str = ""  # jaxlora only: a jax.profiler trace of the timed steps
 
@@ -349,7 +349,7 @@ def run_jaxlora(spec: BenchSpec) -> dict:
         "loss_last": float(state["metrics"]["loss"]),
         "peak_memory_bytes": mem,
         "memory_kind": kind,
-        "threads": os.cpu_count() if dev.platform == "cpu" else None,
+        "threads": len(os.sched_getaffinity(0)) if dev.platform == "cpu" else None,
         **_summary(walls, cpus, spec),
     }
     return out
@@ -481,6 +481,8 @@ def run_worker(framework: str, spec: BenchSpec) -> dict:
     """
     if framework not in FRAMEWORKS:
         raise UserError(f"unknown framework {framework!r}; choose from {', '.join(FRAMEWORKS)}")
+    if spec.threads:  # pin before JAX or PyTorch starts its thread pools
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: spec.threads])
     out = run_jaxlora(spec) if framework == "jaxlora" else run_peft(spec)
     peak = matmul_peak_jax if framework == "jaxlora" else matmul_peak_torch
     out["matmul_peak_flops"] = {dt: peak(dt) for dt in ("bfloat16", "float32")}

@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--no-donate", action="store_true", help="jaxlora: do not donate the state buffers")
     p.add_argument("--no-prefetch", action="store_true", help="jaxlora: pass host batches to the step")
     p.add_argument("--sync-every-step", action="store_true", help="read the loss on the host every step")
-    p.add_argument("--threads", type=int, help="CPU: intra-op threads for both frameworks (default: theirs)")
+    p.add_argument("--threads", type=int, help="CPU: pin both frameworks to this many cores and threads")
     p.add_argument("--steps", type=int, help="timed steps")
     p.add_argument("--warmup", type=int, help="untimed steps after compilation")
     p.add_argument("--repeats", type=int, default=1, help="runs of each measurement, interleaved")

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type
 
 import yaml
 
+from jaxlora.data.formats import FORMAT_FIELDS
 from jaxlora.errors import UserError
 
 __all__ = [
@@ -61,15 +62,6 @@ LrSchedule = Literal["cosine", "linear", "constant"]
 Remat = Literal["none", "dots", "full"]
 Resume = Literal["auto", "never", "always"]
 Strategy = Literal["auto", "single", "pmap", "mesh"]
-
-# The names each data format reads (as in jaxlora.data.formats); `DataSource.fields` may rename any of them.
-# chat: `messages` column, `role` and `content` keys in each message, `roles` maps role names (a mapping).
-FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
-    "alpaca": ("instruction", "input", "output"),
-    "chat": ("messages", "role", "content", "roles"),
-    "prompt_completion": ("prompt", "completion"),
-    "text": ("text",),
-}
 
 _NONE = type(None)
 # Dotted path of the section being built by the loader, e.g. "data.train[0]"; None outside it.

@@ -12,7 +12,16 @@ from functools import partial
 from jaxlora.data.templates import alpaca_prompt
 from jaxlora.errors import UserError
 
-FORMATS = ("alpaca", "chat", "prompt_completion", "text")
+# The field names each format reads; a source's `fields` mapping may rename any of them.
+# chat: the messages column, the role and content keys of each message, and `roles` (a mapping of the
+# dataset's role names); its defaults follow the data (see `resolve_fields`).
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "alpaca": ("instruction", "input", "output"),
+    "chat": ("messages", "role", "content", "roles"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+FORMATS = tuple(FORMAT_FIELDS)
 
 # ShareGPT and OpenAI role names -> the roles chat templates expect.
 DEFAULT_ROLES = {
@@ -64,12 +73,8 @@ def resolve_fields(fmt: str, fields: Mapping | None, columns: list[str]) -> dict
     `conversations` column means ShareGPT (from/value).
     """
     fields = dict(fields or {})
-    if fmt == "alpaca":
-        names = {"instruction": "instruction", "input": "input", "output": "output"}
-    elif fmt == "prompt_completion":
-        names = {"prompt": "prompt", "completion": "completion"}
-    elif fmt == "text":
-        names = {"text": "text"}
+    if fmt != "chat":
+        names = {name: name for name in FORMAT_FIELDS[fmt]}
     else:
         messages = fields.get("messages")
         if messages is None:

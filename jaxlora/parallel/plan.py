@@ -37,7 +37,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 from collections.abc import Mapping
 
 import jax
@@ -47,105 +46,13 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxlora.errors import UserError
+from jaxlora.parallel.rules import LINEAR_AXES, RULES, param_logical_axes
 from jaxlora.quant import QuantizedTensor
 
 log = logging.getLogger("jaxlora.parallel")
 
 MESH_AXES = ("data", "fsdp", "tensor")
 PMAP_AXIS = "data"  # the pmap axis name, and the name of its 1-D mesh
-
-# Logical dimension name -> mesh axis (or axes); names not listed are replicated.
-RULES: dict[str, str | tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
-    "embed": "fsdp",
-    "q_heads": "tensor",
-    "kv_heads": "tensor",
-    "qkv": "tensor",
-    "mlp": "tensor",
-    "vocab": "tensor",
-}
-
-# (group, module) -> logical names of a linear kernel's (in, out).
-LINEAR_AXES: dict[tuple[str, str], tuple[str, str]] = {
-    ("attn", "q_proj"): ("embed", "q_heads"),
-    ("attn", "k_proj"): ("embed", "kv_heads"),
-    ("attn", "v_proj"): ("embed", "kv_heads"),
-    ("attn", "o_proj"): ("q_heads", "embed"),
-    ("attn", "c_attn"): ("embed", "qkv"),
-    ("attn", "c_proj"): ("q_heads", "embed"),
-    ("mlp", "gate_proj"): ("embed", "mlp"),
-    ("mlp", "up_proj"): ("embed", "mlp"),
-    ("mlp", "down_proj"): ("mlp", "embed"),
-    ("mlp", "c_fc"): ("embed", "mlp"),
-    ("mlp", "c_proj"): ("mlp", "embed"),
-}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Multi-host start-up
-
-
-def _cluster_process_count() -> int:
-    """Processes a launcher started for this job (1 when none is detected)."""
-    env = os.environ
-    if "SLURM_STEP_NODELIST" in env and "SLURM_PROCID" in env:  # inside `srun`
-        return int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
-    if "OMPI_COMM_WORLD_SIZE" in env:
-        return int(env["OMPI_COMM_WORLD_SIZE"])
-    return 1
-
-
-def init_distributed(dist) -> bool:
-    """Join the other processes of a multi-host run (`jax.distributed.initialize`). Returns whether it did.
-
-    `dist` is a `DistributedSection`: `enabled` true always initializes (fields left null are detected by
-    JAX from SLURM, Open MPI, Kubernetes or `JAX_COORDINATOR_ADDRESS`), false never, null when any field
-    is set, `JAX_COORDINATOR_ADDRESS` is set, or a launcher started more than one process. Call it before
-    anything touches the devices; a second call in the same process does nothing.
-    """
-    if jax.distributed.is_initialized():
-        return True
-    fields = (dist.coordinator_address, dist.num_processes, dist.process_id)
-    enabled = dist.enabled
-    if enabled is None:
-        enabled = (
-            any(f is not None for f in fields)
-            or "JAX_COORDINATOR_ADDRESS" in os.environ
-            or _cluster_process_count() > 1
-        )
-    if not enabled:
-        return False
-    try:
-        jax.distributed.initialize(
-            coordinator_address=dist.coordinator_address,
-            num_processes=dist.num_processes,
-            process_id=dist.process_id,
-        )
-    except (ValueError, TypeError) as err:
-        raise UserError(
-            f"parallel.distributed: cannot start multi-host JAX ({err}); set coordinator_address, "
-            "num_processes and process_id, or launch with srun/mpirun"
-        ) from None
-    log.info("process %d of %d joined", jax.process_index(), jax.process_count())
-    return True
-
-
-# ----------------------------------------------------------------------------------------------------
-# Logical axes of the parameter trees
-
-
-def param_logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
-    """Logical names of the dims of the (dense) parameter at `path` in the decoder's params tree."""
-    if path[0] == "layers" and len(path) >= 4 and (path[1], path[2]) in LINEAR_AXES:
-        fan_in, fan_out = LINEAR_AXES[(path[1], path[2])]
-        return ("layers", fan_in, fan_out) if path[-1] == "kernel" else ("layers", fan_out)
-    if path == ("embed", "embedding"):
-        return ("vocab", "embed")
-    if path == ("pos_embed", "embedding"):
-        return (None, "embed")
-    if path == ("lm_head", "kernel"):
-        return ("embed", "vocab")
-    return (None,) * ndim  # norms, q/k norms: small, replicated
 
 
 def _path_keys(path) -> tuple:

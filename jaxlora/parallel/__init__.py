@@ -1,0 +1,16 @@
+"""How `train` spreads the one train step over devices and hosts (see `plan`)."""
+
+from jaxlora.parallel.distributed import init_distributed
+from jaxlora.parallel.plan import MESH_AXES, PMAP_AXIS, Plan, make_plan
+from jaxlora.parallel.rules import LINEAR_AXES, RULES, param_logical_axes
+
+__all__ = [
+    "LINEAR_AXES",
+    "MESH_AXES",
+    "PMAP_AXIS",
+    "RULES",
+    "Plan",
+    "init_distributed",
+    "make_plan",
+    "param_logical_axes",
+]

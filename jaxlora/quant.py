@@ -37,7 +37,7 @@ import dataclasses
 import math
 import statistics
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +45,6 @@ import ml_dtypes
 import numpy as np
 
 from jaxlora.errors import UserError
-
-if TYPE_CHECKING:  # names.py imports nothing from here, but jaxlora.models imports this module
-    from jaxlora.models.names import Entry
 
 METHODS = ("none", "int8", "nf4")
 NF4_BLOCK = 64  # default NF4 block along `in`
@@ -308,24 +305,25 @@ def unpack_nf4(packed: jax.Array) -> jax.Array:
 class WeightQuantizer:
     """The loader's quantizer hook (`jaxlora.models.loading.Quantizer`); build it with `make_quantizer`.
 
-    Called as `quantizer(entry, w)` with the name-table `Entry` of a linear weight and its float32 host
-    array (`[in, out]`, one layer at a time; `[D, V]` for an untied LM head). Returns a `QuantizedTensor`,
-    or None to keep the tensor in float (the loader then stores it in the model dtype). The loader asks
-    `wants(entry)` first, so a skipped tensor is never copied to float32.
+    Called as `quantizer(name, w)` with the HF tensor name of a linear weight (the layer template with
+    `{i}` for a per-layer one, e.g. `model.layers.{i}.mlp.down_proj.weight`) and its float32 host array
+    (`[in, out]`, one layer at a time; `[D, V]` for an untied LM head). Returns a `QuantizedTensor`, or None
+    to keep the tensor in float (the loader then stores it in the model dtype). The loader asks
+    `wants(name)` first, so a skipped tensor is never copied to float32.
     """
 
     method: str
     block_size: int | None = None
     skip: tuple[str, ...] = ("lm_head", "embed_tokens")
 
-    def wants(self, entry: "Entry") -> bool:
-        """False when the tensor's HF name (template, `{i}` for the layer) contains a `skip` string."""
-        return not any(s in entry.hf for s in self.skip)
+    def wants(self, name: str) -> bool:
+        """False when the HF tensor name (template, `{i}` for the layer) contains a `skip` string."""
+        return not any(s in name for s in self.skip)
 
-    def __call__(self, entry: "Entry", w: np.ndarray) -> "QuantizedTensor | None":
-        if not self.wants(entry):
+    def __call__(self, name: str, w: np.ndarray) -> "QuantizedTensor | None":
+        if not self.wants(name):
             return None
-        return quantize(w, self.method, self.block_size, name=entry.hf.replace("{i}", "*"))
+        return quantize(w, self.method, self.block_size, name=name.replace("{i}", "*"))
 
 
 def make_quantizer(
@@ -342,6 +340,9 @@ def make_quantizer(
     biases never are (they are not linear kernels). Example:
 
         model = load_model(path, quantizer=make_quantizer("nf4"))
+
+    The config validates all three; `weights` and `block_size` are checked here too because the export
+    and generation entry points also take them from command-line arguments.
     """
     if weights not in METHODS:
         raise UserError(
@@ -349,13 +350,10 @@ def make_quantizer(
         )
     if block_size is not None and (isinstance(block_size, bool) or int(block_size) < 1):
         raise UserError(f"quant.block_size must be a positive integer or null, got {block_size!r}")
-    if isinstance(skip, str):
-        skip = (skip,)
-    if any(not isinstance(s, str) or not s.strip() for s in skip):
-        raise UserError(f"quant.skip must hold non-empty names, got {list(skip)}")
     if weights == "none":
         return None
-    return WeightQuantizer(weights, None if block_size is None else int(block_size), tuple(skip))
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    return WeightQuantizer(weights, None if block_size is None else int(block_size), skip)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -459,8 +457,10 @@ def nbytes(tree) -> int:
     return total
 
 
-def num_params(tree) -> int:
-    """Number of weights `tree` stands for: a `QuantizedTensor` counts as its dense shape."""
+def count_params(tree) -> int:
+    """Number of weights `tree` stands for: a `QuantizedTensor` counts as its dense shape.
+
+    The package's one parameter counter (also `jaxlora.lora.count_params`)."""
     leaves = jax.tree.leaves(tree, is_leaf=lambda a: isinstance(a, QuantizedTensor))
     return sum(math.prod(a.shape) for a in leaves if hasattr(a, "shape"))
 
@@ -475,11 +475,11 @@ def memory_report(base, lora=None, opt_state=None) -> dict:
     is_q = lambda a: isinstance(a, QuantizedTensor)  # noqa: E731
     quantized = [a for a in jax.tree.leaves(base, is_leaf=is_q) if is_q(a)]
     report = {
-        "base_params": num_params(base),
+        "base_params": count_params(base),
         "base_bytes": nbytes(base),
-        "quantized_params": num_params(quantized),
+        "quantized_params": count_params(quantized),
         "quantized_bytes": nbytes(quantized),
-        "lora_params": num_params(lora),
+        "lora_params": count_params(lora),
         "lora_bytes": nbytes(lora),
         "opt_state_bytes": nbytes(opt_state),
     }

@@ -14,7 +14,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from jaxlora.errors import cli_main
 
@@ -72,6 +71,8 @@ def bench(args) -> list[dict]:
     import datasets
     from transformers import AutoTokenizer
 
+    from jaxlora.data.config import DataConfig, DataSource
+
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-data-"))
@@ -82,13 +83,10 @@ def bench(args) -> list[dict]:
     datasets.concatenate_datasets([src] * reps).select(range(args.rows)).to_json(str(data))
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
-    source = SimpleNamespace(
-        path=str(data), format="alpaca", split=None, subset=None, fields=None, streaming=False
-    )
-    cfg = SimpleNamespace(
-        train=(source,), validation=(), validation_split=0.0, seq_len=args.seq_len, packing=True,
-        train_on_inputs=False, chat_template=None, skip_invalid=False, truncation=True,
-        num_proc=args.num_proc, cache_dir=str(cache), shuffle=True,
+    source = DataSource(path=str(data), format="alpaca")
+    cfg = DataConfig(
+        train=(source,), validation_split=0.0, seq_len=args.seq_len, truncation=True,
+        num_proc=args.num_proc, cache_dir=str(cache),
     )  # fmt: skip
     rows = [_run("cold", cfg, tokenizer, args), _run("cached", cfg, tokenizer, args)]
     if args.workdir is None:

@@ -9,6 +9,8 @@ Each framework runs in its own subprocess; the table gives tokens/s, the median 
 (and the process CPU time per step), peak memory (device, or host RSS on CPU), compile time, achieved
 TFLOP/s and MFU against the best bf16 (and the compute dtype's) matmul peak measured in the same run.
 `--features` measures jaxlora alone with one switch changed at a time against the preset's defaults.
+The harness is benchmarks/ at the repository root: architectures as HF config.json files in
+benchmarks/presets/, reports in benchmarks/results/.
 """
 
 import argparse
@@ -18,14 +20,15 @@ import os
 import sys
 from pathlib import Path
 
-from jaxlora.errors import cli_main
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `benchmarks` lives at the repository root, outside the package
+
+from benchmarks.harness import feature_specs, format_table, run_benchmark, run_worker  # noqa: E402
+from benchmarks.spec import FRAMEWORKS, PRESETS, REMATS, RESULT_TAG, SUITES, BenchSpec  # noqa: E402
+from jaxlora.errors import cli_main  # noqa: E402
 
 
 def parse_args(argv=None):
-    from jaxlora.benchmark import FRAMEWORKS, PRESETS, SUITES
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", nargs=2, metavar=("FRAMEWORK", "SPEC_JSON"), help=argparse.SUPPRESS)
     g = p.add_mutually_exclusive_group()
@@ -38,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--quant", choices=["none", "int8", "nf4"])
     p.add_argument("--rank", type=int, help="LoRA r (alpha = 2r)")
     p.add_argument(
-        "--remat", choices=["none", "dots", "full"], help="PEFT: gradient checkpointing if not none"
+        "--remat", choices=REMATS, help="jaxlora train.remat; PEFT: gradient checkpointing for dots and full"
     )
     p.add_argument("--attention", choices=["xla", "cudnn"], help="jaxlora attention (PEFT: always sdpa)")
     p.add_argument("--loss-chunk", type=int, help="jaxlora train.loss_chunk_size")
@@ -62,8 +65,6 @@ def parse_args(argv=None):
 
 
 def build_specs(args) -> list:
-    from jaxlora.benchmark import PRESETS, SUITES
-
     names = args.preset or SUITES[args.suite or "cpu"]
     over = {
         "batch": args.batch,
@@ -90,31 +91,9 @@ def build_specs(args) -> list:
     return [PRESETS[n].replace(model_path=model_path, **over) for n in names]
 
 
-def feature_specs(base) -> list:
-    """The preset's defaults, then one switch changed at a time."""
-    import jax
-
-    variants = [
-        ("default", {}),
-        ("remat=dots", {"remat": "dots"}),
-        ("remat=full", {"remat": "full"}),
-        ("loss_chunk=256", {"loss_chunk": 256}),
-        (f"loss_chunk={base.batch * base.seq}", {"loss_chunk": base.batch * base.seq}),
-        ("no scan (unrolled)", {"scan_layers": False}),
-        ("no donation", {"donate": False}),
-        ("no prefetch", {"prefetch": False}),
-        ("host sync every step", {"sync_every_step": True}),
-    ]
-    if jax.default_backend() == "gpu":
-        variants.append(("attention=cudnn", {"attention": "cudnn"}))
-    return [base.replace(name=f"{base.name} {label}", **kw) for label, kw in variants]
-
-
 @cli_main
 def main() -> int:
     args = parse_args()
-    from jaxlora.benchmark import RESULT_TAG, BenchSpec, format_table, run_benchmark, run_worker
-
     if args.worker:
         framework, spec_json = args.worker
         result = run_worker(framework, BenchSpec(**json.loads(spec_json)))
@@ -123,7 +102,9 @@ def main() -> int:
     specs = build_specs(args)
     frameworks = tuple(f.strip() for f in args.frameworks.split(",") if f.strip())
     if args.features:
-        specs = [v for s in specs for v in feature_specs(s)]
+        import jax  # only here: a worker process must not load JAX before its CPU affinity is set
+
+        specs = [v for s in specs for v in feature_specs(s, gpu=jax.default_backend() == "gpu")]
         frameworks = ("jaxlora",)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     report = run_benchmark(specs, str(Path(__file__).resolve()), frameworks, args.repeats, log)

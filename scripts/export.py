@@ -46,7 +46,7 @@ def parse_args(argv=None):
 @cli_main
 def main() -> int:
     args = parse_args()
-    from jaxlora.export import run_export
+    from jaxlora.cli.export import run_export
 
     out = run_export(
         args.adapter,

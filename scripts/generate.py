@@ -32,7 +32,7 @@ def parse_args(argv=None):
 @cli_main
 def main() -> int:
     args = parse_args()
-    from jaxlora.generation import run_generation
+    from jaxlora.cli.generate import run_generation
 
     texts = run_generation(
         model=args.model,

@@ -39,7 +39,7 @@ def _copy_run(src: Path, dst: Path, keep_up_to: int) -> None:
 
 def _specs(run: dict) -> dict[str, list]:
     """PartitionSpecs the plan gives each array of the (optionally quantized) base and of a LoRA tree."""
-    from jaxlora.config import LoraSection, ParallelSection
+    from jaxlora.config import LoraConfig, ParallelSection
     from jaxlora.lora import init_lora
     from jaxlora.models import load_model
     from jaxlora.parallel import make_plan
@@ -50,7 +50,7 @@ def _specs(run: dict) -> dict[str, list]:
     )
     model = load_model(run["model"], quantizer=quantizer)
     plan = make_plan(ParallelSection(**run["plan"]), 8, model.config.num_kv_heads)
-    lora = init_lora(model.config, LoraSection(r=8), jax.random.key(0))
+    lora = init_lora(model.config, LoraConfig(r=8), jax.random.key(0))
     trees = {"base": plan.param_shardings(model.params), "lora": plan.lora_shardings(lora)}
     flat = jax.tree_util.tree_flatten_with_path(trees)[0]
     return {

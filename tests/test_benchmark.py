@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 from jax.extend import core as jax_core
 
-from jaxlora.config import LoraSection
 from jaxlora.errors import UserError
-from jaxlora.flops import attended_keys, train_step_flops
-from jaxlora.lora import init_lora, lora_scale
+from jaxlora.lora import LoraConfig, init_lora, lora_scale
 from jaxlora.models import load_model
+from jaxlora.models.attention import attention_mask, causal_attention, dot_attention
 from jaxlora.models.config import config_from_hf
-from jaxlora.models.decoder import attention_mask, causal_attention, dot_attention
-from jaxlora.models.init import init_params
+from jaxlora.models.random_weights import init_params
+from jaxlora.train.flops import attended_keys, train_step_flops
 from jaxlora.train.step import StepSpec, loss_and_count
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +83,7 @@ def _dot_flops(jaxpr, with_batch_dims: bool) -> int:
 def test_flops_match_the_matmuls_the_train_step_traces(remat):
     """Linear layers, adapters and LM head (dots without batch dims) in the traced gradient, exactly."""
     cfg = config_from_hf(SMALL).with_runtime(remat=remat)
-    lora_cfg = LoraSection(r=2, alpha=4.0, dropout=0.0, target_modules="all-linear")
+    lora_cfg = LoraConfig(r=2, alpha=4.0, dropout=0.0, target_modules="all-linear")
     lora = init_lora(cfg, lora_cfg, jax.random.key(0))
     batch = {k: jnp.ones((2, 5), jnp.int32) for k in ("input_ids", "targets", "positions", "segment_ids")}
     spec = StepSpec(cfg, 0.0, 4)  # 3 loss chunks, the last one padded: 12 rows of logits
@@ -148,7 +147,7 @@ def test_benchmark_cudnn_on_cpu_is_a_user_error(tmp_path):
 @pytest.fixture(scope="module")
 def stories_setup(stories_dir):
     model = load_model(stories_dir)
-    lora_cfg = LoraSection(r=8, alpha=16.0, dropout=0.0, target_modules="all-linear")
+    lora_cfg = LoraConfig(r=8, alpha=16.0, dropout=0.0, target_modules="all-linear")
     lora = init_lora(model.config, lora_cfg, jax.random.key(1))
     lora = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(2), a.shape), lora)  # B != 0
     rng = np.random.default_rng(0)

@@ -1,12 +1,13 @@
-"""Config: YAML to frozen dataclasses, overrides, error messages, round trips, and the docs' key tables."""
+"""Config: YAML to frozen pydantic sections, overrides, error messages, round trips, the docs' key tables."""
 
-import dataclasses
 import pickle
 import re
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from jaxlora import config as C
 from jaxlora.config import (
@@ -21,6 +22,7 @@ from jaxlora.config import (
     save_config,
 )
 from jaxlora.errors import UserError
+from jaxlora.schema import section_type, type_name
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
@@ -82,7 +84,7 @@ def test_lists_become_tuples_and_sections_are_frozen_and_hashable():
     assert isinstance(cfg.data.train[0].fields, FrozenDict)
     with pytest.raises(TypeError):
         cfg.data.train[0].fields["output"] = "x"
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValidationError):  # frozen
         cfg.train.max_steps = 3
     assert hash(cfg) == hash(config_from_dict(cfg.to_dict()))
     assert pickle.loads(pickle.dumps(cfg)) == cfg
@@ -111,7 +113,7 @@ def test_single_item_lists_and_empty_sections(tmp_path):
         "data:\n  train: {path: t.jsonl, format: text}\n"
     )
     cfg = load_config(_write(tmp_path, text))
-    assert cfg.lora == C.LoraSection()
+    assert cfg.lora == C.LoraConfig()
     assert cfg.quant.skip == ("lm_head",)
     assert cfg.data.train == (DataSource(path="t.jsonl", format="text"),)
 
@@ -232,7 +234,7 @@ def test_apply_overrides_returns_a_changed_copy():
     cfg = config_from_dict(MINIMAL)
     changed = apply_overrides(cfg, ["train.batch_size=2"])
     assert changed.train.batch_size == 2 and cfg.train.batch_size == 8
-    assert dataclasses.replace(changed, train=cfg.train) == cfg
+    assert changed.model_copy(update={"train": cfg.train}) == cfg
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -330,7 +332,7 @@ def test_overrides_must_be_a_list():
 
 
 # ---------------------------------------------------------------------------------------------------
-# docs/configuration.md stays in step with the dataclasses
+# docs/configuration.md stays in step with the sections
 
 
 def _doc_rows() -> dict[str, tuple[str, str, str]]:
@@ -349,11 +351,10 @@ def _doc_rows() -> dict[str, tuple[str, str, str]]:
 
 def _schema_fields(cls=Config, where=""):
     """(dotted key, field, type) for every leaf key; DataSource keys as data.train[i].<name>."""
-    hints = C._hints(cls)
-    for f in dataclasses.fields(cls):
-        key, tp = f"{where}.{f.name}" if where else f.name, hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            yield from _schema_fields(tp, key)
+    for name, f in cls.model_fields.items():
+        key, tp = f"{where}.{name}" if where else name, f.annotation
+        if section_type(tp) is not None:
+            yield from _schema_fields(section_type(tp), key)
             continue
         yield key, f, tp
         if key == "data.train":
@@ -367,12 +368,13 @@ def test_doc_tables_match_dataclasses():
     assert set(rows) == set(schema), f"keys differ: {set(rows) ^ set(schema)}; {fix}"
     for key, (f, tp) in schema.items():
         doc_type, doc_default, doc_meaning = rows[key]
-        assert doc_type == C._type_name(tp), f"{key}: type {doc_type!r} in the doc; {fix}"
-        assert doc_meaning == f.metadata["help"], f"{key}: meaning differs; {fix}"
-        if f.default is dataclasses.MISSING:
+        assert doc_type == type_name(tp), f"{key}: type {doc_type!r} in the doc; {fix}"
+        assert doc_meaning == f.description, f"{key}: meaning differs; {fix}"
+        if f.is_required():
             assert doc_default == "required", f"{key} is required; {fix}"
         else:
-            value = C._convert(yaml.safe_load(doc_default.strip("`")), tp, key)
+            declared = TypeAdapter(Annotated[(tp, *f.metadata)] if f.metadata else tp)
+            value = declared.validate_python(yaml.safe_load(doc_default.strip("`")))
             assert value == f.default and type(value) is type(f.default), f"{key}: default differs; {fix}"
     assert C.reference_markdown() in DOC.read_text(), f"tables are not exactly as rendered; {fix}"
 
@@ -395,4 +397,4 @@ def test_doc_example_is_complete_and_loads():
 
 
 def test_format_fields_cover_every_format():
-    assert set(C.FORMAT_FIELDS) == set(C._hints(DataSource)["format"].__args__)
+    assert set(C.FORMAT_FIELDS) == set(DataSource.model_fields["format"].annotation.__args__)

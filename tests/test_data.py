@@ -4,7 +4,6 @@ import csv
 import json
 import logging
 import re
-from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from jaxlora.data import BatchLoader, build_datasets, load_source
+from jaxlora.data.config import DataConfig, DataSource
 from jaxlora.errors import UserError
 
 IGNORE = -100
@@ -32,36 +32,11 @@ CHATML_JINJA = (
 
 
 def data_cfg(*train, **kw):
-    base = dict(
-        train=train,
-        validation=(),
-        validation_split=0.0,
-        seq_len=512,
-        packing=True,
-        train_on_inputs=False,
-        chat_template=None,
-        skip_invalid=False,
-        truncation=False,
-        num_proc=None,
-        cache_dir=None,
-        shuffle=True,
-    )
-    base.update(kw)
-    return SimpleNamespace(**base)
+    return DataConfig(**{"train": train, "validation_split": 0.0, **kw})
 
 
 def source(path, fmt, **kw):
-    return SimpleNamespace(
-        **{
-            "path": str(path),
-            "format": fmt,
-            "split": None,
-            "subset": None,
-            "fields": None,
-            "streaming": False,
-            **kw,
-        }
-    )
+    return DataSource(path=str(path), format=fmt, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -283,11 +258,11 @@ def test_local_file_types_give_the_same_examples(assets, tok, tmp_path, cache):
     (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     results = []
     for name in ["a.json", "a.jsonl", "a.csv", "a.parquet"]:
-        ex = load_source(source(tmp_path / name, "alpaca"), data_cfg(seq_len=4096, cache_dir=cache), tok)
+        src = source(tmp_path / name, "alpaca")
+        ex = load_source(src, data_cfg(src, seq_len=4096, cache_dir=cache), tok)
         results.append(ex)
-    results.append(
-        load_source(source(folder, "alpaca", split="test"), data_cfg(seq_len=4096, cache_dir=cache), tok)
-    )
+    src = source(folder, "alpaca", split="test")
+    results.append(load_source(src, data_cfg(src, seq_len=4096, cache_dir=cache), tok))
     for ex in results:
         assert len(ex) == 30
         for i in range(30):

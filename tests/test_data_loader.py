@@ -1,7 +1,6 @@
 """Packing and the batch loader: batch layout, determinism, resume, host sharding, packed-loss parity."""
 
 import json
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from jaxlora.data import BatchLoader, Examples, build_datasets, pack_rows
+from jaxlora.data.config import DataConfig, DataSource
 from jaxlora.errors import UserError
 
 IGNORE = -100
@@ -23,27 +23,13 @@ def tok(stories_dir):
 @pytest.fixture(scope="module")
 def alpaca(assets, tok, tmp_path_factory):
     """alpaca_cleaned_1000 tokenized for seq_len 256 (long examples cut)."""
-    src = SimpleNamespace(
-        path=str(assets / "data" / "alpaca_cleaned_1000.json"),
-        format="alpaca",
-        split=None,
-        subset=None,
-        fields=None,
-        streaming=False,
-    )
-    cfg = SimpleNamespace(
+    src = DataSource(path=str(assets / "data" / "alpaca_cleaned_1000.json"), format="alpaca")
+    cfg = DataConfig(
         train=(src,),
-        validation=(),
         validation_split=0.0,
         seq_len=256,
-        packing=True,
-        train_on_inputs=False,
-        chat_template=None,
-        skip_invalid=False,
         truncation=True,
-        num_proc=None,
         cache_dir=str(tmp_path_factory.mktemp("cache")),
-        shuffle=True,
     )
     return build_datasets(cfg, tok)[0]
 
@@ -89,7 +75,7 @@ def test_packed_batches_hold_every_example_once_with_shifted_targets(alpaca):
     assert real / (rows * 256) > 0.9  # packing density
 
 
-def test_unpacked_batches_are_right_padded_and_bucketed(alpaca):
+def test_unpacked_batches_are_right_padded(alpaca):
     loader = BatchLoader(alpaca, 4, 256, packing=False, shuffle=False)
     batch = next(loader)
     for r in range(4):
@@ -98,13 +84,6 @@ def test_unpacked_batches_are_right_padded_and_bucketed(alpaca):
         assert (batch["segment_ids"][r, :n] == 1).all() and (batch["segment_ids"][r, n:] == 0).all()
         assert (batch["targets"][r, n - 1 :] == IGNORE).all()
     assert loader.num_batches_per_epoch == len(alpaca) // 4
-    widths = set()
-    for b in BatchLoader(alpaca, 4, 256, packing=False, buckets=(160, 200)):
-        width, longest = b["input_ids"].shape[1], int((b["segment_ids"] > 0).sum(axis=1).max())
-        assert width in (160, 200, 256) and longest <= width
-        assert width == 160 or longest > {200: 160, 256: 200}[width]  # the smallest bucket that fits
-        widths.add(width)
-    assert len(widths) == 3
 
 
 def test_same_seed_same_batches_other_seed_other_order(alpaca):
@@ -235,14 +214,14 @@ def test_num_proc_gives_the_same_examples_and_row_errors(assets, tok, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def cfg(num_proc, cache):
-        src = SimpleNamespace(
-            path=str(path), format="alpaca", split=None, subset=None, fields=None, streaming=False
+        src = DataSource(path=str(path), format="alpaca")
+        return DataConfig(
+            train=(src,),
+            validation_split=0.0,
+            seq_len=2048,
+            num_proc=num_proc,
+            cache_dir=str(tmp_path / cache),
         )
-        return SimpleNamespace(
-            train=(src,), validation=(), validation_split=0.0, seq_len=2048, packing=True,
-            train_on_inputs=False, chat_template=None, skip_invalid=False, truncation=False,
-            num_proc=num_proc, cache_dir=str(tmp_path / cache), shuffle=True,
-        )  # fmt: skip
 
     one, _ = build_datasets(cfg(None, "c1"), tok)
     two, _ = build_datasets(cfg(2, "c2"), tok)

@@ -39,7 +39,6 @@ import subprocess
 import sys
 import time
 import traceback
-import typing
 from pathlib import Path
 
 import pytest
@@ -191,7 +190,7 @@ def _check_yaml(code: str) -> str:
     from jaxlora.config import Config, config_from_dict
 
     data = yaml.safe_load(code)
-    sections = {f.name for f in dataclasses.fields(Config)}
+    sections = set(Config.model_fields)
     if not isinstance(data, dict) or not sections & set(data):
         return "shown (not a jaxlora config)"
     if "output_dir" in data:
@@ -494,19 +493,18 @@ def _key(span: str) -> str:
 
 def config_keys() -> set[str]:
     from jaxlora.config import Config
+    from jaxlora.schema import item_type, section_type
 
     keys: set[str] = set()
 
     def walk(cls, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            key, tp = prefix + f.name, hints[f.name]
+        for name, f in cls.model_fields.items():
+            key, tp = prefix + name, f.annotation
             keys.add(key)
-            args = typing.get_args(tp)
-            if dataclasses.is_dataclass(tp):
-                walk(tp, key + ".")
-            elif typing.get_origin(tp) is tuple and args and dataclasses.is_dataclass(args[0]):
-                walk(args[0], key + "[i].")
+            if section_type(tp) is not None:
+                walk(section_type(tp), key + ".")
+            elif section_type(item_type(tp)) is not None:
+                walk(section_type(item_type(tp)), key + "[i].")
 
     walk(Config, "")
     return keys

@@ -136,7 +136,7 @@ def _hlo_ops(num_layers: int) -> tuple[int, float]:
         "num_key_value_heads": 2,
     }
     cfg = config_from_hf(hf)
-    from jaxlora.models.names import hf_shape, name_table
+    from jaxlora.models.spec import hf_shape, name_table
 
     params = {}
     for e in name_table(cfg):
@@ -212,6 +212,22 @@ def test_bad_input_missing_and_misshapen_tensor(stories_dir, tmp_path):
 
     _copy_with(stories_dir, tmp_path / "shape", shrink)
     _assert_one_line_error(_run_generate(["--model", str(tmp_path / "shape")]), name, "[32, 10]", "[32, 64]")
+
+
+def test_every_checkpoint_tensor_is_consumed(stories_dir, tmp_path):
+    extra = "model.layers.5.self_attn.q_proj.weight"  # stories260K has 5 layers
+    _copy_with(stories_dir, tmp_path / "extra", lambda t: t.update({extra: t[extra.replace("5", "0")]}))
+    proc = _run_generate(["--model", str(tmp_path / "extra")])
+    _assert_one_line_error(proc, "1 checkpoint tensor is no weight of this llama", extra)
+
+    # Known leftovers load: the LM head of a tied model, rotary caches of older exports.
+    def buffers(t):
+        t["lm_head.weight"] = t["model.embed_tokens.weight"]
+        t["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
+
+    _copy_with(stories_dir, tmp_path / "buffers", buffers)
+    a, b = load_model(stories_dir), load_model(tmp_path / "buffers")
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), a.params, b.params))
 
 
 def test_bad_input_pickle_checkpoint_needs_opt_in(tmp_path):

@@ -6,8 +6,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxlora.config import LoraSection
-from jaxlora.lora import count_params
+from jaxlora.lora import LoraConfig, count_params
 from jaxlora.models import forward, load_model
 from jaxlora.models.nnx_model import CausalLM, FrozenWeight, LoraWeight
 
@@ -18,7 +17,7 @@ def test_nnx_module_matches_functional_and_trains_only_lora(stories_dir):
     ref = load_model(stories_dir)
     np.testing.assert_array_equal(model(ids), forward(ref.params, ref.config, ids))
 
-    lcfg = LoraSection(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"))
+    lcfg = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"))
     model.add_lora(lcfg, seed=0)
     assert len(jax.tree.leaves(nnx.state(model, nnx.Param))) == 0  # nothing hides behind a Param filter
     lora_state = nnx.state(model, LoraWeight)

@@ -19,13 +19,14 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from jaxlora.cli.export import run_export
+from jaxlora.cli.generate import run_generation
 from jaxlora.errors import UserError
-from jaxlora.export import load_peft_adapter, run_export, save_merged, save_peft_adapter
-from jaxlora.generation import run_generation
-from jaxlora.lora import LoraConfig, init_lora, lora_scale, matching_paths
+from jaxlora.lora import LoraConfig, init_lora, lora_scale, matching_paths, save_merged
 from jaxlora.models import config_from_hf, forward, load_model, load_tokenizer
 from jaxlora.models.config import read_hf_config
 from jaxlora.models.safetensors_io import SafetensorsFile
+from jaxlora.peft import load_peft_adapter, save_peft_adapter
 from jaxlora.quant import QuantizedTensor, make_quantizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,23 +18,23 @@ import pytest
 import torch
 from hf_tiny import hf_config, make_hf_model
 
+from jaxlora.cli.generate import run_generation
 from jaxlora.config import config_from_dict
 from jaxlora.errors import UserError
-from jaxlora.generation import run_generation
 from jaxlora.models import forward, load_model, load_tokenizer
 from jaxlora.models.generate import generate
-from jaxlora.models.names import linear_dims
 from jaxlora.models.safetensors_io import write_safetensors
+from jaxlora.models.spec import linear_dims
 from jaxlora.quant import (
     NF4_BLOCK,
     SCALE_GROUP,
     QuantizedTensor,
+    count_params,
     dequantize_params,
     format_memory_report,
     make_quantizer,
     memory_report,
     nbytes,
-    num_params,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,7 +143,7 @@ def test_stories260k_loaded_layout_and_memory_report(stories):
         assert rep["quantized_params"] == n_layers * sum(i * o for i, o in dims.values()) == 226_560
         assert rep["quantized_bytes"] == expected_bytes == nbytes(list(leaves.values()))
         assert rep["base_bytes"] == expected_bytes + 4 * (dense["base_params"] - rep["quantized_params"])
-        assert rep["lora_params"] == num_params(lora) == n_layers * 4 * (64 + 32 + 64 + 172 + 64 + 64)
+        assert rep["lora_params"] == count_params(lora) == n_layers * 4 * (64 + 32 + 64 + 172 + 64 + 64)
         assert rep["opt_state_bytes"] >= 2 * rep["lora_bytes"]  # Adam's two moments (+ a step count)
         assert rep["total_bytes"] == rep["base_bytes"] + rep["lora_bytes"] + rep["opt_state_bytes"]
         assert rep["base_bytes"] < (0.45 if m == "int8" else 0.3) * dense["base_bytes"]

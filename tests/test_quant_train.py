@@ -9,9 +9,9 @@ import torch
 from test_train import run_config
 
 from jaxlora.config import config_from_dict
-from jaxlora.export import load_peft_adapter
 from jaxlora.lora import lora_scale
 from jaxlora.models import forward, load_model
+from jaxlora.peft import load_peft_adapter
 from jaxlora.train import train
 
 

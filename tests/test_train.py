@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from jaxlora.config import DataConfig, DataSource, LoraSection, TrainSection, config_from_dict
+from jaxlora.config import DataConfig, DataSource, LoraConfig, TrainSection, config_from_dict
 from jaxlora.data import BatchLoader, build_datasets
 from jaxlora.lora import init_lora, lora_scale
 from jaxlora.models import load_model, load_tokenizer
@@ -200,7 +200,7 @@ def test_grad_accumulation_equals_large_batch(assets):
     rows = next(loader)
     counts = (rows["targets"] != -100).sum(axis=1)
     assert len(set(counts.tolist())) > 1  # really variable length
-    lcfg = LoraSection(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj", "down_proj"))
+    lcfg = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj", "down_proj"))
     lora = init_lora(model.config, lcfg, jax.random.key(0))
     lora = jax.tree.map(lambda x: x + 0.01, lora)  # non-zero B so every gradient is non-trivial
     scale = jnp.asarray(lora_scale(model.config, lcfg))

@@ -21,7 +21,7 @@ import numpy as np
 import tokenizers
 
 from jaxlora.data.examples import Examples
-from jaxlora.data.formats import RowError, check_format, make_renderer, resolve_fields
+from jaxlora.data.formats import RowError, make_renderer, resolve_fields, row_columns
 from jaxlora.data.sources import content_hash, has_mixed_types, load_rows, read_json_rows, resolve_source
 from jaxlora.data.templates import resolve_chat_template
 from jaxlora.data.tokenize import IGNORE, TokenizerInfo, chunk_tokens, encode_rendered, tokenizer_info
@@ -37,12 +37,6 @@ _CODE = hashlib.sha256(
     )
 ).hexdigest()[:16]
 ROW_ERROR = "_jaxlora_row_error"  # column marking rows found bad before tokenization
-TOP_LEVEL = {
-    "alpaca": ("instruction", "input", "output"),
-    "prompt_completion": ("prompt", "completion"),
-    "text": ("text",),
-    "chat": ("messages",),
-}
 _FEATURES = datasets.Features(
     {
         "input_ids": datasets.List(datasets.Value("int32")),
@@ -154,7 +148,7 @@ def _retyped_rows(resolved, source, tokenizer, template) -> datasets.Dataset:
     columns = sorted({k for r in raw if isinstance(r, dict) for k in r})
     names = resolve_fields(source.format, source.fields, columns)
     renderer = make_renderer(source.format, names, tokenizer, template)
-    used = [names[k] for k in TOP_LEVEL[source.format]]
+    used = row_columns(source.format, names)
     records = []
     for row in raw:
         error = None
@@ -216,7 +210,6 @@ def _tokenize(rows, source, name, data_cfg, tokenizer, info, template, cache_fil
 
 def load_source(source, data_cfg, tokenizer, info: TokenizerInfo | None = None):
     """Tokenize one source (cached); returns `Examples`, or a `datasets.IterableDataset` when streaming."""
-    check_format(source.format, str(source.path))
     info = info or tokenizer_info(tokenizer)
     resolved = resolve_source(source)
     template = _chat_template(source, data_cfg, tokenizer)
@@ -312,18 +305,15 @@ def build_datasets(data_cfg, tokenizer, seed: int = 0):
     Returns `(train, validation)`: `Examples` (or a `datasets.IterableDataset` when a source streams);
     `validation` is `None` when there is none. Without validation sources, a `validation_split`
     fraction of the train examples (chosen by `seed`) is held out; streamed data is never split.
-    Raises `UserError` for bad sources, bad rows (unless `skip_invalid`) and empty results.
+    Raises `UserError` for bad sources, bad rows (unless `skip_invalid`) and empty results; the config
+    values themselves are validated by `jaxlora.data.config.DataConfig`.
     """
-    if not data_cfg.train:
-        raise UserError("data.train is empty; list at least one data source")
     info = tokenizer_info(tokenizer)
     train_parts = [load_source(s, data_cfg, tokenizer, info) for s in data_cfg.train]
     val_parts = [load_source(s, data_cfg, tokenizer, info) for s in (data_cfg.validation or ())]
     train = _concat(train_parts)
     val = _concat(val_parts) if val_parts else None
     split = data_cfg.validation_split
-    if not 0 <= split < 1:
-        raise UserError(f"data.validation_split must be in [0, 1), got {split}")
     if val is None and split > 0:
         if isinstance(train, Examples):
             n = len(train)

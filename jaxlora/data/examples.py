@@ -9,8 +9,6 @@ from collections.abc import Iterable, Mapping
 import datasets
 import numpy as np
 
-from jaxlora.data.tokenize import IGNORE
-
 
 class _Part:
     """One contiguous block: flat token and label arrays plus offsets (n + 1) into them."""
@@ -30,7 +28,7 @@ def _list_chunk(chunk) -> tuple[np.ndarray, np.ndarray]:
 class Examples:
     """A sequence of tokenized examples; `ex[i]` is `{"input_ids": int32[L], "labels": int32[L]}`.
 
-    `labels` are not shifted: `labels[t]` is `input_ids[t]` where token t is trained, else -100. The
+    `labels` are not shifted: `labels[t]` is `input_ids[t]` where token t is trained, else IGNORE. The
     batch loader shifts them into `targets`.
     """
 
@@ -106,11 +104,3 @@ class Examples:
         a, b = int(part.offsets[k]), int(part.offsets[k + 1])
         shift = part.label_shift
         return {"input_ids": part.ids[a:b], "labels": part.labels[a + shift : b + shift]}
-
-    def num_tokens(self) -> int:
-        """Total tokens over all examples."""
-        return int(self.lengths.sum())
-
-    def num_trained_tokens(self) -> int:
-        """Tokens with a label (not -100); reads every example."""
-        return int(sum(int((self[i]["labels"] != IGNORE).sum()) for i in range(len(self))))

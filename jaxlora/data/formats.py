@@ -3,6 +3,7 @@
 A `Rendered` row is the exact string the model reads and the spans (start, end) of the text it must learn
 to produce. Tokenization (tokenize.py) turns spans into labels, so masking comes from the row's structure.
 Each format checks its fields and raises `RowError` naming the field; the caller adds file and row.
+The format names and a source's `fields` keys are validated by the config (`jaxlora.data.config`).
 """
 
 from collections.abc import Callable, Mapping
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 from functools import partial
 
 from jaxlora.data.templates import alpaca_prompt
-from jaxlora.errors import UserError
 
 # The field names each format reads; a source's `fields` mapping may rename any of them.
 # chat: the messages column, the role and content keys of each message, and `roles` (a mapping of the
@@ -44,12 +44,6 @@ class Rendered:
 
     text: str
     spans: tuple[tuple[int, int], ...]
-
-
-def check_format(fmt: str, where: str) -> None:
-    """Raise a `UserError` listing the valid formats when `fmt` is not one of them."""
-    if fmt not in FORMATS:
-        raise UserError(f"{where}: unknown data format '{fmt}'; valid formats: {', '.join(FORMATS)}")
 
 
 def _text(row: Mapping, field: str, *, optional: bool = False, label: str | None = None) -> str | None:
@@ -87,11 +81,15 @@ def resolve_fields(fmt: str, fields: Mapping | None, columns: list[str]) -> dict
             "content": "value" if sharegpt else "content",
         }
         names["roles"] = {**DEFAULT_ROLES, **(fields.get("roles") or {})}
-    unknown = sorted(set(fields) - set(names))
-    if unknown:
-        raise UserError(f"unknown key(s) {unknown} in fields for format '{fmt}'; valid keys: {sorted(names)}")
     names.update({k: v for k, v in fields.items() if k != "roles"})
     return names
+
+
+def row_columns(fmt: str, names: Mapping) -> list[str]:
+    """The top-level columns a row of `fmt` is read from, under their resolved `names` (chat: only the
+    messages column; role and content are keys inside each message)."""
+    keys = FORMAT_FIELDS[fmt][:1] if fmt == "chat" else FORMAT_FIELDS[fmt]
+    return [names[k] for k in keys]
 
 
 def make_renderer(fmt: str, names: dict, tokenizer=None, chat_template: str | None = None) -> Callable:

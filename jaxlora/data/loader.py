@@ -9,13 +9,13 @@ give; `state()` returns it and `restore()` (or `start_state=`) resumes exactly t
 
 import queue
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 
 import datasets
 import numpy as np
 
 from jaxlora.data.examples import Examples
-from jaxlora.data.packing import length_grouped, make_batch, pack_rows
+from jaxlora.data.packing import make_batch, pack_rows
 from jaxlora.errors import UserError
 
 _END = object()
@@ -35,9 +35,7 @@ class BatchLoader:
       num_epochs: epochs to give before stopping; `None` for endless.
       prefetch: batches built ahead in a background thread (0: build on demand in the caller).
       drop_last: drop an epoch's last partial global batch (default); else pad it with empty rows.
-      pad_id: token id written in padding (never read: padding has segment 0 and target -100).
-      buckets: unpacked only; pad each batch to the smallest of these lengths that fits its longest
-        example (and group examples of similar length) instead of always to `seq_len`.
+      pad_id: token id written in padding (never read: padding has segment 0 and target IGNORE).
       start_state: a `state()` dict to resume from.
       transform: applied to each batch in the background thread (e.g. a `jax.device_put`).
       shuffle_buffer: shuffle buffer for streaming datasets.
@@ -58,7 +56,6 @@ class BatchLoader:
         prefetch: int = 2,
         drop_last: bool = True,
         pad_id: int = 0,
-        buckets: Sequence[int] | None = None,
         start_state: Mapping[str, int] | None = None,
         transform: Callable | None = None,
         shuffle_buffer: int = 10_000,
@@ -93,9 +90,6 @@ class BatchLoader:
         self.num_epochs, self.prefetch, self.drop_last = num_epochs, prefetch, drop_last
         self.pad_id, self.transform, self.shuffle_buffer = pad_id, transform, shuffle_buffer
         self.pack_window = pack_window
-        self.buckets = sorted({int(b) for b in buckets} | {seq_len}) if buckets and not packing else None
-        if self.buckets and self.buckets[0] < 2:
-            raise UserError(f"buckets must be >= 2 tokens, got {buckets}")
         self._plans: dict[int, list] = {}
         self._plan_lock = threading.Lock()
         self._epoch, self._step = 0, 0
@@ -130,8 +124,6 @@ class BatchLoader:
                         pack_rows(((int(i), int(lengths[i])) for i in order), self.seq_len, self.pack_window)
                     )
                 else:
-                    if self.buckets:
-                        order = length_grouped(order, lengths, self.batch_size, rng)
                     rows = [[int(i)] for i in order]
                 if len(self._plans) >= 2:
                     self._plans.pop(min(self._plans))
@@ -161,12 +153,8 @@ class BatchLoader:
     def _assemble(self, rows: list[list]) -> dict[str, np.ndarray]:
         """The local slice of one global batch of rows (rows hold examples as dicts)."""
         rows = rows + [[] for _ in range(self.batch_size - len(rows))]
-        width = self.seq_len
-        if self.buckets:
-            longest = max((sum(len(ex["input_ids"]) for ex in r) for r in rows), default=1)
-            width = next(b for b in self.buckets if b >= longest)
         lo = self.process_index * self.local_batch_size
-        return make_batch(rows[lo : lo + self.local_batch_size], width, self.pad_id)
+        return make_batch(rows[lo : lo + self.local_batch_size], self.seq_len, self.pad_id)
 
     def _epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[int, dict]]:
         if self.stream is not None:
@@ -175,13 +163,10 @@ class BatchLoader:
         rows = self._plan(epoch)
         for step in range(start, self.batches_in_epoch(epoch)):
             chunk = rows[step * self.batch_size : (step + 1) * self.batch_size]
-            if self.buckets:
-                examples = [[self.examples[i] for i in r] for r in chunk]
-            else:  # read only this host's rows
-                lo = self.process_index * self.local_batch_size
-                examples = [[] for _ in chunk]
-                for k in range(lo, min(lo + self.local_batch_size, len(chunk))):
-                    examples[k] = [self.examples[i] for i in chunk[k]]
+            lo = self.process_index * self.local_batch_size  # read only this host's rows
+            examples = [[] for _ in chunk]
+            for k in range(lo, min(lo + self.local_batch_size, len(chunk))):
+                examples[k] = [self.examples[i] for i in chunk[k]]
             yield step, self._assemble(examples)
 
     def _stream_batches(self, epoch: int, start: int) -> Iterator[tuple[int, dict]]:

@@ -3,7 +3,8 @@
 A row holds one or more whole examples. Each example gets its own segment id (1, 2, ...; 0 is padding)
 and positions restarting at 0, so attention masked by segment never crosses examples and a packed row's
 loss is the sum of its examples' losses. Targets are shifted inside each example: `targets[t]` is the
-example's next token after `input_ids[t]`, or -100 (prompt tokens, an example's last token, padding).
+example's next token after `input_ids[t]`, or `IGNORE` (-100: prompt tokens, an example's last token,
+padding).
 """
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -49,28 +50,11 @@ def pack_rows(items: Iterable[tuple[T, int]], seq_len: int, window: int = 16) ->
     yield from rows
 
 
-def length_grouped(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng, window_batches: int = 32):
-    """Reorder `order` so each batch holds examples of similar length (for bucketed padding).
-
-    Sorts by length inside windows of `window_batches` batches, cuts batches, then shuffles the batches.
-    """
-    out = []
-    span = batch_size * window_batches
-    for w in range(0, len(order), span):
-        chunk = order[w : w + span]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        out.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
-    full = [b for b in out if len(b) == batch_size]
-    rest = [b for b in out if len(b) != batch_size]
-    perm = rng.permutation(len(full))
-    return np.concatenate([full[i] for i in perm] + rest) if out else order
-
-
 def make_batch(rows: Sequence[Sequence[Mapping]], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
     """Arrays [len(rows), seq_len] for rows of examples (dicts with `input_ids` and unshifted `labels`).
 
-    Returns `input_ids`, `targets` (shifted, -100 where no loss), `positions`, `segment_ids`, all int32;
-    padding is on the right with `pad_id`, segment 0 and target -100.
+    Returns `input_ids`, `targets` (shifted, IGNORE where no loss), `positions`, `segment_ids`, all int32;
+    padding is on the right with `pad_id`, segment 0 and target IGNORE.
     """
     b = len(rows)
     input_ids = np.full((b, seq_len), pad_id, dtype=np.int32)

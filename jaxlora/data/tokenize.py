@@ -15,7 +15,7 @@ import numpy as np
 from jaxlora.data.formats import Rendered
 from jaxlora.errors import UserError
 
-IGNORE = -100
+IGNORE = -100  # the label and target of tokens without loss (PyTorch's ignore_index)
 
 
 @dataclass(frozen=True)

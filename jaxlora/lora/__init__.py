@@ -1,19 +1,18 @@
-"""LoRA adapters on the frozen decoder: targets, init, scaling, merge (see `adapters`)."""
+"""LoRA adapters on the frozen decoder: targets, init and scaling (`adapters`), merging (`merge`)."""
 
 from jaxlora.lora.adapters import (
     ALL_LINEAR,
     INITS,
-    LoraConfig,
-    count_params,
     init_lora,
     layer_mask,
     lora_scale,
     matching_paths,
-    merge,
     scaling,
     target_paths,
-    unmerge,
 )
+from jaxlora.lora.config import LoraConfig
+from jaxlora.lora.merge import merge, merge_kernel, save_merged, unmerge
+from jaxlora.quant import count_params  # the package's one parameter counter
 
 __all__ = [
     "ALL_LINEAR",
@@ -25,6 +24,8 @@ __all__ = [
     "lora_scale",
     "matching_paths",
     "merge",
+    "merge_kernel",
+    "save_merged",
     "scaling",
     "target_paths",
     "unmerge",

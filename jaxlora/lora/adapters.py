@@ -1,4 +1,4 @@
-"""LoRA adapters as a separate pytree: targets, init, scaling, merge and unmerge, with PEFT's meanings.
+"""LoRA adapters as a separate pytree: targets, init and scaling, with PEFT's meanings (merging: `merge`).
 
 A targeted linear layer computes `base(x) + scale * B(A(dropout(x)))` (in `models.decoder.linear`), with
 
@@ -9,7 +9,7 @@ The tree mirrors `params["layers"]` and holds only the targeted modules; `A` is 
 and `B` is `lora_B.weight.T`. Layers are stacked on axis 0 (the decoder scans them), so a layer left out
 by `layers_to_transform` still has (unused, never exported) slots and gets its 0 from `lora_scale`.
 
-Options (`jaxlora.config.LoraSection`, re-exported here as `LoraConfig`) keep PEFT's names and meanings:
+Options (`jaxlora.lora.LoraConfig`, validated where it is built) keep PEFT's names and meanings:
 `r`, `alpha` (PEFT `lora_alpha`), `dropout`, `target_modules`, `use_rslora`, `init`, `layers_to_transform`.
 `target_modules` is matched as PEFT does, against full HF module names such as
 `model.layers.0.self_attn.q_proj`: a list entry matches the whole name or a suffix after a dot; a string
@@ -24,35 +24,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.config import LoraSection
 from jaxlora.errors import UserError
+from jaxlora.lora.config import LoraConfig
 from jaxlora.models.config import DecoderConfig
-from jaxlora.models.names import LinearModule, linear_dims, linear_modules
-from jaxlora.quant import QuantizedTensor, dequantize, num_params
+from jaxlora.models.spec import LinearModule, linear_modules, target_names
 
-LoraConfig = LoraSection
 ALL_LINEAR = "all-linear"
 INITS = ("default", "gaussian")
 
 
-def _r(lora_cfg) -> int:
-    r = lora_cfg.r
-    if isinstance(r, bool) or not isinstance(r, int | np.integer) or r <= 0:
-        raise UserError(f"lora.r must be a positive integer, got {r!r}")
-    return int(r)
-
-
 def _module_list(cfg: DecoderConfig) -> str:
     """The names a user may target, for error messages (`attn.c_proj` where a short name is ambiguous)."""
-    names = [m.name for m in linear_modules(cfg)]
-    out = []
-    for m in linear_modules(cfg):
-        out.append(_suffix(m, 2) if names.count(m.name) > 1 else m.name)
-    return ", ".join(out)
-
-
-def _suffix(m: LinearModule, parts: int) -> str:
-    return ".".join(m.hf_prefix.split(".")[-parts:])
+    return ", ".join(target_names(cfg, [m.key])[0] for m in linear_modules(cfg))
 
 
 def _match_matrix(cfg: DecoderConfig, targets) -> dict[LinearModule, np.ndarray]:
@@ -89,15 +72,14 @@ def matching_paths(cfg: DecoderConfig, target_modules) -> list[tuple[str, str]]:
     Raises UserError listing the modules that exist when nothing matches.
     """
     matches = _match_matrix(cfg, target_modules)
-    paths = [(m.path[1], m.path[2]) for m, sel in matches.items() if sel.any()]
+    paths = [m.key for m, sel in matches.items() if sel.any()]
     if not paths:
         raise _no_match(cfg, target_modules)
     return paths
 
 
-def _selection(cfg: DecoderConfig, lora_cfg) -> tuple[list[LinearModule], np.ndarray]:
+def _selection(cfg: DecoderConfig, lora_cfg: LoraConfig) -> tuple[list[LinearModule], np.ndarray]:
     """(targeted modules in name-table order, layer mask [L] bool shared by all of them)."""
-    _r(lora_cfg)
     targets = lora_cfg.target_modules
     chosen = {m: sel for m, sel in _match_matrix(cfg, targets).items() if sel.any()}
     if not chosen:
@@ -126,7 +108,7 @@ def _selection(cfg: DecoderConfig, lora_cfg) -> tuple[list[LinearModule], np.nda
         chosen = {m: sel for m, sel in chosen.items() if sel.any()}
     sets = {tuple(np.flatnonzero(sel)) for sel in chosen.values()}
     if len(sets) > 1:
-        detail = ", ".join(f"{_suffix(m, 2)}: {np.flatnonzero(s).tolist()}" for m, s in chosen.items())
+        detail = ", ".join(f"{m.suffix}: {np.flatnonzero(s).tolist()}" for m, s in chosen.items())
         raise UserError(
             f"lora.target_modules selects different layers for different modules ({detail}); jaxlora adapts "
             "one set of layers for every targeted module: target by name and use lora.layers_to_transform"
@@ -134,33 +116,33 @@ def _selection(cfg: DecoderConfig, lora_cfg) -> tuple[list[LinearModule], np.nda
     return list(chosen), next(iter(chosen.values()))
 
 
-def target_paths(cfg: DecoderConfig, lora_cfg) -> list[tuple[str, str]]:
+def target_paths(cfg: DecoderConfig, lora_cfg: LoraConfig) -> list[tuple[str, str]]:
     """The targeted linear layers as (group, name) pairs, e.g. [("attn", "q_proj"), ("attn", "v_proj")].
 
-    Raises UserError when nothing matches (listing the modules that exist), for r <= 0, for layer indices
-    out of range, and when the rule would adapt different layers for different modules.
+    Raises UserError when nothing matches (listing the modules that exist), for layer indices out of
+    range, and when the rule would adapt different layers for different modules.
     """
     mods, _ = _selection(cfg, lora_cfg)
-    return [(m.path[1], m.path[2]) for m in mods]
+    return [m.key for m in mods]
 
 
-def layer_mask(cfg: DecoderConfig, lora_cfg) -> np.ndarray:
+def layer_mask(cfg: DecoderConfig, lora_cfg: LoraConfig) -> np.ndarray:
     """[L] bool: the layers that are adapted (layers_to_transform, or the layers a regex names)."""
     return _selection(cfg, lora_cfg)[1]
 
 
-def scaling(lora_cfg) -> float:
+def scaling(lora_cfg: LoraConfig) -> float:
     """alpha / r, or alpha / sqrt(r) with `use_rslora` (PEFT's `scaling`)."""
-    r = _r(lora_cfg)
+    r = lora_cfg.r
     return float(lora_cfg.alpha) / (math.sqrt(r) if getattr(lora_cfg, "use_rslora", False) else r)
 
 
-def lora_scale(cfg: DecoderConfig, lora_cfg) -> np.ndarray:
+def lora_scale(cfg: DecoderConfig, lora_cfg: LoraConfig) -> np.ndarray:
     """Per-layer scale [L] float32 for `forward(..., lora_scale=...)`: `scaling` on adapted layers, else 0."""
     return (layer_mask(cfg, lora_cfg) * scaling(lora_cfg)).astype(np.float32)
 
 
-def init_lora(cfg: DecoderConfig, lora_cfg, rng: jax.Array) -> dict:
+def init_lora(cfg: DecoderConfig, lora_cfg: LoraConfig, rng: jax.Array) -> dict:
     """A fresh float32 LoRA tree {group: {name: {"a": [L, in, r], "b": [L, r, out]}}}, B = 0.
 
     init "default": A ~ U(-1/sqrt(in), 1/sqrt(in)), PEFT's Kaiming-uniform with a=sqrt(5) on lora_A
@@ -171,14 +153,15 @@ def init_lora(cfg: DecoderConfig, lora_cfg, rng: jax.Array) -> dict:
     if init not in INITS:
         raise UserError(f"lora.init must be one of {', '.join(INITS)}, got {init!r}")
     mods, _ = _selection(cfg, lora_cfg)
-    dims = linear_dims(cfg)
-    spec = tuple((*dims[(m.path[1], m.path[2])], m in mods) for m in linear_modules(cfg))
-    arrays = iter(_init_arrays(rng, spec, cfg.num_layers, _r(lora_cfg), init))
+    every = linear_modules(cfg)
+    spec = tuple((m.in_features, m.out_features, m in mods) for m in every)
+    arrays = iter(_init_arrays(rng, spec, cfg.num_layers, int(lora_cfg.r), init))
     tree: dict = {}
-    for m in linear_modules(cfg):
+    for m in every:
         if m in mods:
             a, b = next(arrays)
-            tree.setdefault(m.path[1], {})[m.path[2]] = {"a": a, "b": b}
+            group, name = m.key
+            tree.setdefault(group, {})[name] = {"a": a, "b": b}
     return tree
 
 
@@ -200,62 +183,3 @@ def _init_arrays(rng, spec: tuple, n_layers: int, r: int, init: str) -> list:
             out.append((a, jnp.zeros((n_layers, r, fan_out), jnp.float32)))
         start += size
     return out
-
-
-def count_params(tree) -> int:
-    """Number of weights in a pytree (a `QuantizedTensor` counts as its dense shape)."""
-    return int(num_params(tree))
-
-
-@jax.jit
-def _merged_kernels(kernels: dict, lora: dict, scale, sign) -> dict:
-    """Each targeted kernel [L, in, out] (dense or quantized) + sign * scale[l] * A[l] @ B[l], in float32."""
-
-    def one(kernel, ab):
-        if isinstance(kernel, QuantizedTensor):
-            dense = dequantize(kernel, jnp.float32)
-        else:
-            dense = kernel.astype(jnp.float32)
-        s = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (dense.shape[0],))
-        a, b = ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32)
-        delta = jnp.einsum("lir,lro->lio", a, b, precision="highest")
-        return (dense + sign * s[:, None, None] * delta).astype(kernel.dtype)
-
-    return {g: {n: one(kernels[g][n], lora[g][n]) for n in mods} for g, mods in lora.items()}
-
-
-def _apply(params: dict, lora: dict, scale, sign: float) -> dict:
-    kernels: dict = {}
-    for group, mods in lora.items():
-        for name, ab in mods.items():
-            kernel = params["layers"][group][name]["kernel"]
-            a, b = ab["a"], ab["b"]
-            if tuple(kernel.shape) != (*a.shape[:2], b.shape[-1]) or a.shape[::2] != b.shape[:2]:
-                raise UserError(
-                    f"LoRA for {group}.{name} has A {list(a.shape)} and B {list(b.shape)} but the kernel is "
-                    f"{list(kernel.shape)}: the adapter belongs to a different base model"
-                )
-            kernels.setdefault(group, {})[name] = kernel
-    merged = _merged_kernels(kernels, lora, jnp.asarray(scale, jnp.float32), jnp.float32(sign))
-    layers = dict(params["layers"])
-    for group, mods in merged.items():
-        layers[group] = dict(layers[group])
-        for name, kernel in mods.items():
-            layers[group][name] = dict(layers[group][name], kernel=kernel)
-    return dict(params, layers=layers)
-
-
-def merge(params: dict, lora: dict, scale) -> dict:
-    """New params with `W + scale[l] * A[l] @ B[l]` in every targeted kernel [L, in, out].
-
-    `scale` is a scalar or the [L] array from `lora_scale`. The sum is done in float32 and cast to the
-    kernel's dtype. A quantized kernel (`QuantizedTensor`) is dequantized first and comes back as a dense
-    float kernel in its original dtype: re-quantizing would throw most of the small update away. The input
-    tree is not modified; untouched leaves are shared.
-    """
-    return _apply(params, lora, scale, 1.0)
-
-
-def unmerge(params: dict, lora: dict, scale) -> dict:
-    """The inverse of `merge`: `W - scale[l] * A[l] @ B[l]` (exact up to float rounding)."""
-    return _apply(params, lora, scale, -1.0)

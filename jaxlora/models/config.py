@@ -13,7 +13,8 @@ from jaxlora.errors import UserError
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 ROPE_TYPES = ("default", "linear", "llama3")
 ATTENTION_IMPLS = ("xla", "cudnn")
-REMAT_POLICIES = ("none", "dots", "full")
+REMAT_POLICIES = ("none", "lean", "dots", "full")  # what each keeps: `jaxlora.models.decoder.REMAT`
+LORA_PRODUCTS = ("plain", "cpu", "auto")  # see DecoderConfig.lora_product
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,11 @@ class DecoderConfig:
     # Run-time choices, not part of the checkpoint.
     compute_dtype: str = "float32"
     attention: str = "xla"
-    remat: str = "none"
+    # What the backward pass keeps and what it recomputes; one of REMAT_POLICIES.
+    remat: str = "lean"
+    # The LoRA product (x @ A) @ B: "plain" under autodiff, "cpu" with the backward pass written for
+    # XLA:CPU (`jaxlora.models.lora_product`), "auto" = "cpu" when JAX runs on the CPU, else "plain".
+    lora_product: str = "auto"
     # False: a Python loop over the layers instead of `lax.scan` (compile time grows with depth).
     scan_layers: bool = True
 
@@ -72,12 +77,16 @@ class DecoderConfig:
         return self.num_kv_heads * self.head_dim
 
     def with_runtime(self, **kw) -> "DecoderConfig":
-        """Copy with run-time fields changed (compute_dtype, attention, remat, scan_layers), validated."""
+        """A validated copy with run-time fields changed (compute_dtype, attention, remat, scan_layers...)."""
         cfg = dataclasses.replace(self, **kw)
         if cfg.attention not in ATTENTION_IMPLS:
             raise UserError(f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {cfg.attention!r}")
         if cfg.remat not in REMAT_POLICIES:
             raise UserError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {cfg.remat!r}")
+        if cfg.lora_product not in LORA_PRODUCTS:
+            raise UserError(
+                f"lora_product must be one of {', '.join(LORA_PRODUCTS)}, got {cfg.lora_product!r}"
+            )
         if cfg.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"compute_dtype must be float32 or bfloat16, got {cfg.compute_dtype!r}")
         return cfg

@@ -18,90 +18,135 @@ run with `jax.lax.scan`, so compile time does not grow with depth (`cfg.scan_lay
 
 A linear `kernel` may also be a `jaxlora.quant.QuantizedTensor`; `lora` mirrors the targeted linear
 layers with `{"a": [L, in, r], "b": [L, r, out]}` and is added as `base(x) + scale * B(A(dropout(x)))`.
-Norms, softmax and logits run in float32; matmuls in `cfg.compute_dtype`.
+Norms, softmax and logits run in float32; matmuls in `cfg.compute_dtype`. Attention lives in
+`jaxlora.models.attention`. Shapes: B batch, T tokens, D hidden, N/K query/key-value heads, H head dim,
+F MLP width, r LoRA rank.
 """
 
 import math
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxlora.errors import UserError
+from jaxlora.models.attention import RESIDUALS, KVCache, attend
 from jaxlora.models.config import DecoderConfig
+from jaxlora.models.lora_product import lora_product_cpu
 from jaxlora.quant import as_kernel, qmatmul
 
 Params = dict[str, Any]
 F32 = jnp.float32
-NEG_INF = float(jnp.finfo(jnp.float32).min)
-TINY = float(jnp.finfo(jnp.float32).tiny)
+
+# --- rematerialization: what each `cfg.remat` keeps for the backward pass ---------------------------------
+#
+# The layer tags its activations with `checkpoint_name` (query, key, value, attention_residuals,
+# mlp_input, mlp_gate, mlp_up, residual); a policy other than "none" wraps each layer in `jax.checkpoint`.
+#
+#   none   no jax.checkpoint: the backward pass reads everything the forward pass computed. Most memory.
+#   lean   the large matmul outputs: q, k, v after RoPE, what the attention kernel keeps for its backward
+#          pass (output and log-sum-exp), the residual stream after attention (mlp_input) and the MLP's
+#          gate and up projections. Recomputes the norms, RoPE, activations, dropout masks and the rank-r
+#          LoRA products x @ A: cheaper than storing them as float32.
+#   dots   every matmul output without batch dimensions (the frozen and LoRA projections); recomputes
+#          the rest, the attention forward included.
+#   full   only the layer's input; recomputes the whole layer.
+LEAN_SAVED = ("query", "key", "value", RESIDUALS, "mlp_input", "mlp_gate", "mlp_up")
+REMAT = {
+    "none": None,
+    "lean": jax.checkpoint_policies.save_only_these_names(*LEAN_SAVED),
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+# Each adapted module draws its LoRA dropout mask from its own key, fold_in(layer key, stream). GPT-2's
+# fused modules share the stream of the Llama module they stand in for (so masks match older releases).
+DROPOUT_STREAMS = {
+    ("attn", "q_proj"): 0,
+    ("attn", "c_attn"): 0,
+    ("attn", "k_proj"): 1,
+    ("attn", "v_proj"): 2,
+    ("attn", "o_proj"): 3,
+    ("attn", "c_proj"): 3,
+    ("mlp", "gate_proj"): 4,
+    ("mlp", "c_fc"): 4,
+    ("mlp", "up_proj"): 5,
+    ("mlp", "down_proj"): 6,
+    ("mlp", "c_proj"): 6,
+}
+
+
+class LayerInputs(NamedTuple):
+    """What one layer reads besides its weights, its adapters and the residual stream."""
+
+    positions: jax.Array  # [B, T] int32
+    segment_ids: jax.Array  # [B, T] int32, 0 = padding, packed rows 1, 2, ...
+    inv_freq: jax.Array  # [H/2] float32, RoPE inverse frequencies
+    window: jax.Array  # int32 scalar: this layer's sliding window, 0 = full attention
+    lora_scale: jax.Array  # float32 scalar: alpha/r for this layer, 0 where it is not adapted
+    dropout_rng: jax.Array | None = None  # this layer's LoRA dropout key; None = no dropout
+    cache: KVCache | None = None  # this layer's slice of the KV cache (generation); None = training
+
+
+# --- building blocks ----------------------------------------------------------------------------------------
+
+
+def lora_product(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`(x @ a) @ b`: x [..., in], a [in, r], b [r, out] -> [..., out] (`cfg.lora_product="plain"`)."""
+    xa = jnp.einsum("...i,ir->...r", x, a)  # [..., r]
+    return jnp.einsum("...r,ro->...o", xa, b)
+
+
+def dropout(x: jax.Array, key: jax.Array, rate: float) -> jax.Array:
+    """Inverted dropout: zero each element with probability `rate`, scale the rest by 1 / (1 - rate)."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def linear(
-    p: Params, x: jax.Array, dtype, lora: Params | None = None, lora_scale=None, drop=None
+    p: Params,
+    x: jax.Array,
+    dtype,
+    lora: Params | None = None,
+    lora_scale=None,
+    dropout_key: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    product=lora_product,
 ) -> jax.Array:
-    """`x @ kernel + bias`, plus the LoRA update when `lora` holds {"a", "b"} for this layer.
+    """`x @ kernel + bias`, plus `lora_scale * B(A(dropout(x)))` when `lora` holds {"a", "b"}.
 
-    x: [..., in] -> [..., out]. `lora_scale` is alpha/r (times a 0/1 per-layer mask); `drop` is an
-    optional function applying dropout to the LoRA input.
+    x: [..., in] -> [..., out] in `dtype`. `lora_scale` is alpha/r (times a 0/1 per-layer mask);
+    `product` computes `(x @ A) @ B` (`lora_product` or `lora_product_cpu`).
     """
-    y = qmatmul(x, p["kernel"], dtype)
+    y = qmatmul(x, p["kernel"], dtype)  # [..., out]
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
-    if lora is not None:
-        xa = x if drop is None else drop(x)
-        a = lora["a"]
-        delta = lora_product(xa.astype(a.dtype), a, lora["b"]) * lora_scale
-        y = (y.astype(jnp.float32) + delta).astype(dtype)
-    return y
-
-
-@jax.custom_vjp
-def lora_product(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-    """`(x @ a) @ b`: x [..., in], a [in, r], b [r, out] -> [..., out], with a hand-written backward pass.
-
-    The backward pass computes dA as [r, in] and transposes that small result, so no [tokens, in]
-    activation is transposed (autodiff's [in, r] orientation costs XLA:CPU a transpose or a slow dot).
-    """
-    return jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x, a), b)
-
-
-def _lora_product_fwd(x, a, b):
-    xa = jnp.einsum("...i,ir->...r", x, a)
-    return jnp.einsum("...r,ro->...o", xa, b), (x, xa, a, b)
-
-
-def _lora_product_bwd(res, g):
-    x, xa, a, b = res
-    x2, xa2, g2 = x.reshape(-1, a.shape[0]), xa.reshape(-1, a.shape[1]), g.reshape(-1, b.shape[1])
-    g_xa = g2 @ b.T  # [N, r]
-    dx = (g_xa @ a.T).reshape(x.shape)
-    da_t = jax.lax.optimization_barrier(jnp.einsum("nr,ni->ri", g_xa, x2))  # keep the [r, in] orientation
-    db = jnp.einsum("nr,no->ro", xa2, g2)
-    return dx, da_t.T, db
-
-
-lora_product.defvjp(_lora_product_fwd, _lora_product_bwd)
+    if lora is None:
+        return y
+    if dropout_key is not None:
+        x = dropout(x, dropout_key, dropout_rate)
+    a = lora["a"]
+    delta = product(x.astype(a.dtype), a, lora["b"]) * lora_scale  # [..., out] float32
+    return (y.astype(F32) + delta).astype(dtype)
 
 
 def norm(p: Params, x: jax.Array, cfg: DecoderConfig) -> jax.Array:
-    """RMSNorm or LayerNorm (per `cfg.norm`) computed in float32, returned in float32."""
-    x = x.astype(jnp.float32)
+    """RMSNorm or LayerNorm (per `cfg.norm`) over the last axis, computed and returned in float32."""
+    x = x.astype(F32)
     if cfg.norm == "rms":
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps)
-        return x * p["scale"].astype(jnp.float32)
+        return x * p["scale"].astype(F32)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
     x = (x - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
-    return x * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+    return x * p["scale"].astype(F32) + p["bias"].astype(F32)
 
 
 def rope_inv_freq(cfg: DecoderConfig) -> jax.Array:
     """Inverse frequencies [H/2] with `linear` or `llama3` scaling applied."""
     h = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=F32) / h))
     if cfg.rope_type == "linear":
         return inv / cfg.rope_factor
     if cfg.rope_type == "llama3":
@@ -120,297 +165,90 @@ def rope_inv_freq(cfg: DecoderConfig) -> jax.Array:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """HF's half-split RoPE. x: [B, T, N, H], positions: [B, T]."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
-    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
+    """HF's half-split RoPE. x: [B, T, N, H], positions: [B, T], inv_freq: [H/2] -> [B, T, N, H]."""
+    angles = positions[..., None].astype(F32) * inv_freq  # [B, T, H/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]  # [B, T, 1, H]
     sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
-    xf = x.astype(jnp.float32)
+    xf = x.astype(F32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
     return (xf * cos + rotated * sin).astype(x.dtype)
 
 
-def attention_mask(q_pos, q_seg, kv_pos, kv_seg, window) -> jax.Array:
-    """Boolean [B, 1, T, S]: same segment, key not padding, causal by position, inside the window.
-
-    Segment id 0 marks padding. `window` is a traced int; 0 means no sliding window.
-    """
-    same = (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
-    delta = q_pos[:, :, None] - kv_pos[:, None, :]
-    causal = delta >= 0
-    in_window = (window == 0) | (delta < window)
-    return (same & causal & in_window)[:, None]
+def lora_product_for(cfg: DecoderConfig):
+    """The `(x @ A) @ B` function `cfg.lora_product` asks for."""
+    if cfg.lora_product == "cpu" or (cfg.lora_product == "auto" and jax.default_backend() == "cpu"):
+        return lora_product_cpu
+    return lora_product
 
 
-def dot_attention(q, k, v, mask, cfg: DecoderConfig) -> jax.Array:
-    """Dense grouped-query attention (the KV-cache path and the reference for `causal_attention`).
-
-    q: [B, T, N, H], k/v: [B, S, K, H], mask: [B, 1, T, S] -> [B, T, N, H].
-    """
-    b, t, n, h = q.shape
-    g = n // cfg.num_kv_heads
-    qg = q.reshape(b, t, cfg.num_kv_heads, g, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(h)
-    scores = jnp.where(mask[:, :, None], scores, NEG_INF)  # [B, K, G, T, S]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return out.reshape(b, t, n, h)
+def _project(cfg: DecoderConfig, p: Params, lora: Params, x: LayerInputs, rate: float, group, name, inp):
+    """The layer's linear `p[group][name]` on `inp`, with its adapter and dropout when it has one."""
+    adapter = lora.get(group, {}).get(name)
+    key = None
+    if adapter is not None and x.dropout_rng is not None and rate > 0.0:
+        key = jax.random.fold_in(x.dropout_rng, DROPOUT_STREAMS[group, name])
+    dt = jnp.dtype(cfg.compute_dtype)
+    return linear(p[group][name], inp, dt, adapter, x.lora_scale, key, rate, lora_product_for(cfg))
 
 
-# --- causal attention in blocks, for training and prefill (no cache) --------------------------------
-#
-# Query block i attends to keys 0 .. end of block i only (keys after a query are never attended to), so
-# about half of the [T, S] score matrix is never computed. A custom VJP keeps only q, k, v, the output
-# and the log-sum-exp per query (FlashAttention's residuals) and recomputes the probabilities block by
-# block in the backward pass; plain autodiff would store three float32 [B, N, T, S] tensors per layer.
-# Every matmul is laid out as [batch, M, contract] x [batch, contract, N] with one contracting dimension
-# (query rows m = (t, g) flattened), which XLA:CPU runs without transposing the large operand.
+# --- the layer and the model --------------------------------------------------------------------------------
 
 
-def attention_block_size(t: int) -> int:
-    """Query/key block length for `causal_attention`: 64, or T/16 rounded up to 64 for long sequences."""
-    return max(64, -(-t // 16 // 64) * 64)
+def block(cfg: DecoderConfig, p: Params, lora: Params | None, h: jax.Array, x: LayerInputs, lora_dropout=0.0):
+    """One transformer layer (pre-norm). h: [B, T, D] float32 residual stream; p, lora: this layer's.
 
-
-def _allowed(q_pos, q_seg, q_idx, k_pos, k_seg, k_idx, window) -> jax.Array:
-    """Broadcastable bool: same non-padding segment, causal by position and by index, inside the window."""
-    delta = q_pos - k_pos
-    return (
-        (q_seg == k_seg) & (k_seg != 0) & (delta >= 0) & ((window == 0) | (delta < window)) & (k_idx <= q_idx)
-    )
-
-
-def _spans(t: int, block: int) -> list[tuple[int, int]]:
-    return [(i, min(i + block, t)) for i in range(0, t, block)]
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(6,))
-def causal_attention(q, k, v, positions, segment_ids, window, block: int) -> jax.Array:
-    """Causal grouped-query self-attention with packed segments and an optional sliding window.
-
-    q: [B, T, N, H], k/v: [B, T, K, H], positions/segment_ids: [B, T] int32 (segment 0 = padding),
-    window: int32 scalar (0 = none), block: static block length. Returns [B, T, N, H] in q's dtype.
-    Same result as `dot_attention` with `attention_mask` for every query that has a key to attend to
-    (a key after its query in the row is never one); a query with none (padding) gets zeros.
-    """
-    return _attention_fwd(q, k, v, positions, segment_ids, window, block)[0]
-
-
-def _attention_fwd(q, k, v, positions, segment_ids, window, block):
-    b, t, n, h = q.shape
-    kh = k.shape[2]
-    g = n // kh
-    scale = 1.0 / math.sqrt(h)
-    qm = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)  # [B, K, M, H]
-    k_t = k.transpose(0, 2, 3, 1)  # [B, K, H, S]
-    v_s = v.transpose(0, 2, 1, 3)  # [B, K, S, H]
-    pos, seg, idx = positions, segment_ids, jnp.arange(t)
-    outs, lses = [], []
-    for q0, q1 in _spans(t, block):
-        s = jnp.einsum(
-            "bkmh,bkhs->bkms", qm[:, :, q0 * g : q1 * g], k_t[..., :q1], preferred_element_type=F32
-        )
-        ok = _allowed(
-            pos[:, q0:q1, None],
-            seg[:, q0:q1, None],
-            idx[q0:q1, None],
-            pos[:, None, :q1],
-            seg[:, None, :q1],
-            idx[None, :q1],
-            window,
-        )  # [B, bq, S]
-        ok = jnp.broadcast_to(ok[:, None, :, None], (b, kh, q1 - q0, g, q1)).reshape(s.shape)
-        s = jnp.where(ok, s * scale, NEG_INF)
-        m = jnp.max(s, axis=-1, keepdims=True)
-        p = jnp.where(ok, jnp.exp(s - m), 0.0)
-        total = jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), TINY)
-        o = jnp.einsum("bkms,bksh->bkmh", p.astype(v.dtype), v_s[:, :, :q1], preferred_element_type=F32)
-        outs.append(o / total)
-        lses.append((m + jnp.log(total))[..., 0])
-    o = jnp.concatenate(outs, axis=2).astype(q.dtype)  # [B, K, M, H]
-    out = o.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
-    return out, (q, k, v, positions, segment_ids, window, out, jnp.concatenate(lses, axis=2))
-
-
-def _attention_bwd(block, res, d_out):
-    q, k, v, positions, segment_ids, window, out, lse = res  # lse: [B, K, M]
-    b, t, n, h = q.shape
-    kh = k.shape[2]
-    g = n // kh
-    m = t * g
-    scale = 1.0 / math.sqrt(h)
-    q5, do5 = q.reshape(b, t, kh, g, h), d_out.reshape(b, t, kh, g, h)
-    qm, dom = (x.transpose(0, 2, 1, 3, 4).reshape(b, kh, m, h) for x in (q5, do5))  # [B, K, M, H]
-    q_t, do_t = (x.transpose(0, 2, 4, 1, 3).reshape(b, kh, h, m) for x in (q5, do5))  # [B, K, H, M]
-    k_s, v_s = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
-    k_t = k.transpose(0, 2, 3, 1)  # [B, K, H, S]
-    o5 = out.reshape(b, t, kh, g, h).astype(F32)
-    delta = jnp.sum(do5.astype(F32) * o5, axis=-1).transpose(0, 2, 1, 3).reshape(b, kh, m)  # [B, K, M]
-    pos, seg, idx = positions, segment_ids, jnp.arange(t)
-    dks, dvs, dq_t = [], [], jnp.zeros((b, kh, h, m), F32)
-    # Key block j meets the queries from its own start on; everything is computed transposed, [S, M].
-    for k0, k1 in _spans(t, block):
-        rows = slice(k0 * g, m)
-        s_t = jnp.einsum("bksh,bkhm->bksm", k_s[:, :, k0:k1], q_t[..., rows], preferred_element_type=F32)
-        ok = _allowed(
-            pos[:, None, k0:],
-            seg[:, None, k0:],
-            idx[None, k0:],
-            pos[:, k0:k1, None],
-            seg[:, k0:k1, None],
-            idx[k0:k1, None],
-            window,
-        )  # [B, bk, T - k0]
-        ok = jnp.broadcast_to(ok[:, None, :, :, None], (b, kh, k1 - k0, t - k0, g)).reshape(s_t.shape)
-        p_t = jnp.where(ok, jnp.exp(s_t * scale - lse[:, :, None, rows]), 0.0)
-        dvs.append(
-            jnp.einsum("bksm,bkmh->bksh", p_t.astype(v.dtype), dom[:, :, rows], preferred_element_type=F32)
-        )
-        dp_t = jnp.einsum("bksh,bkhm->bksm", v_s[:, :, k0:k1], do_t[..., rows], preferred_element_type=F32)
-        ds_t = (p_t * (dp_t - delta[:, :, None, rows]) * scale).astype(q.dtype)
-        dks.append(jnp.einsum("bksm,bkmh->bksh", ds_t, qm[:, :, rows], preferred_element_type=F32))
-        dq_blk = jnp.einsum("bkhs,bksm->bkhm", k_t[..., k0:k1], ds_t, preferred_element_type=F32)
-        dq_t = dq_t.at[..., rows].add(dq_blk)
-    dq = dq_t.astype(q.dtype).reshape(b, kh, h, t, g).transpose(0, 3, 1, 4, 2).reshape(b, t, n, h)
-    dk = jnp.concatenate(dks, axis=2).astype(k.dtype).transpose(0, 2, 1, 3)
-    dv = jnp.concatenate(dvs, axis=2).astype(v.dtype).transpose(0, 2, 1, 3)
-    return dq, dk, dv, None, None, None
-
-
-causal_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-def cudnn_attention(q, k, v, mask) -> jax.Array:
-    """cuDNN flash attention (causal, GQA; packed segments and sliding windows through `mask`).
-
-    Needs a GPU and bfloat16/float16 inputs; raises UserError otherwise (there is no silent fallback,
-    so a run or a benchmark never reports XLA attention as cuDNN).
-    """
-    if jax.default_backend() != "gpu":
-        raise UserError(
-            f"model.attention=cudnn needs an NVIDIA GPU (cuDNN flash attention) but JAX runs on "
-            f"{jax.default_backend()!r} here; use model.attention=xla"
-        )
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise UserError(
-            f"model.attention=cudnn needs model.compute_dtype bfloat16 or float16, got {q.dtype}; "
-            "set model.compute_dtype=bfloat16 or use model.attention=xla"
-        )
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
-
-
-def _dropout_fn(rng, rate: float):
-    if rng is None or rate == 0.0:
-        return None
-
-    def drop(x):
-        keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-        return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-    return drop
-
-
-def block(
-    cfg: DecoderConfig, p: Params, h: jax.Array, ctx: dict, lora: Params | None, lora_scale, rng, cache
-):
-    """One transformer layer. h: [B, T, D] float32 residual stream. Returns (h, new_cache).
-
-    Training (no cache, `remat="none"`) keeps the matmul outputs for the backward pass and recomputes
-    only the cheap rest: the norms, RoPE, activations and the rank-r LoRA products `x @ A`. Saving
-    every float32 intermediate instead costs more memory traffic than recomputing it.
+    Returns (h, this layer's updated cache (k, v) or None).
     """
     dt = jnp.dtype(cfg.compute_dtype)
-    rngs = jax.random.split(rng, 8) if rng is not None else [None] * 8
-
-    def lin(p, lo, group, name, x, i):
-        sub = lo.get(group, {}).get(name)
-        drop = _dropout_fn(rngs[i], ctx["lora_dropout"]) if sub is not None else None
-        return linear(p[group][name], x, dt, sub, lora_scale, drop)
-
-    def project_qkv(p, lo, h):  # [B, T, D] -> q [B, T, N, H], k/v [B, T, K, H]
-        b, t, _ = h.shape
-        x = norm(p["attn_norm"], h, cfg)
-        if cfg.fused_qkv:
-            qkv = lin(p, lo, "attn", "c_attn", x, 0)
-            q, k, v = jnp.split(qkv, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
-        else:
-            q = lin(p, lo, "attn", "q_proj", x, 0)
-            k, v = lin(p, lo, "attn", "k_proj", x, 1), lin(p, lo, "attn", "v_proj", x, 2)
-        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q = norm(p["attn"]["q_norm"], q, cfg).astype(dt)
-            k = norm(p["attn"]["k_norm"], k, cfg).astype(dt)
-        if not cfg.learned_positions:
-            q = apply_rope(q, ctx["positions"], ctx["inv_freq"])
-            k = apply_rope(k, ctx["positions"], ctx["inv_freq"])
-        return checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
-
-    def finish(p, lo, h, attn):  # residual stream [B, T, D] and attention output [B, T, N * H]
-        out = lin(p, lo, "attn", "c_proj" if cfg.fused_qkv else "o_proj", attn, 3)
-        h = checkpoint_name(h + out.astype(F32), "mlp_input")
-        x = norm(p["mlp_norm"], h, cfg)
-        if cfg.activation == "silu":
-            gate = checkpoint_name(lin(p, lo, "mlp", "gate_proj", x, 4), "mlp_gate")
-            up = checkpoint_name(lin(p, lo, "mlp", "up_proj", x, 5), "mlp_up")
-            mid = (jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(dt)
-            out = lin(p, lo, "mlp", "down_proj", mid, 6)
-        else:
-            up = checkpoint_name(lin(p, lo, "mlp", "c_fc", x, 4), "mlp_up")
-            mid = jax.nn.gelu(up.astype(F32), approximate=True).astype(dt)
-            out = lin(p, lo, "mlp", "c_proj", mid, 6)
-        return h + out.astype(F32)
-
-    lo = lora or {}
-    training = cache is None
-    if training and cfg.remat == "none":
-        project_qkv = jax.checkpoint(project_qkv, policy=jax.checkpoint_policies.nothing_saveable)
-        keep = jax.checkpoint_policies.save_only_these_names("mlp_input", "mlp_gate", "mlp_up")
-        finish = jax.checkpoint(finish, policy=keep)
     b, t, _ = h.shape
-    q, k, v = project_qkv(p, lo, h)
-    if training:
-        new_cache = None
-        if cfg.attention == "cudnn":
-            mask = attention_mask(
-                ctx["positions"], ctx["segment_ids"], ctx["positions"], ctx["segment_ids"], ctx["window"]
-            )
-            out = cudnn_attention(q, k, v, mask)
-        else:
-            block_size = attention_block_size(t)
-            out = causal_attention(q, k, v, ctx["positions"], ctx["segment_ids"], ctx["window"], block_size)
+    proj = partial(_project, cfg, p, lora or {}, x, lora_dropout)
+
+    # Attention: norm -> q, k, v -> RoPE -> attention -> output projection -> residual.
+    a = norm(p["attn_norm"], h, cfg)  # [B, T, D]
+    if cfg.fused_qkv:
+        qkv = proj("attn", "c_attn", a)  # [B, T, (N + 2K) * H]
+        q, k, v = jnp.split(qkv, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
     else:
-        idx = ctx["cache_index"]
-        ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, idx, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, idx, 0, 0))
-        new_cache = {"k": ck, "v": cv}
-        mask = attention_mask(
-            ctx["positions"], ctx["segment_ids"], ctx["cache_positions"], ctx["cache_segments"], ctx["window"]
-        )
-        out = dot_attention(q, ck.astype(dt), cv.astype(dt), mask, cfg)
-    h = finish(p, lo, h, out.reshape(b, t, cfg.q_dim))
-    return checkpoint_name(h, "residual"), new_cache
+        q, k, v = proj("attn", "q_proj", a), proj("attn", "k_proj", a), proj("attn", "v_proj", a)
+    q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)  # [B, T, N, H]
+    k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, K, H]
+    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, K, H]
+    if cfg.qk_norm:
+        q = norm(p["attn"]["q_norm"], q, cfg).astype(dt)
+        k = norm(p["attn"]["k_norm"], k, cfg).astype(dt)
+    if not cfg.learned_positions:
+        q = apply_rope(q, x.positions, x.inv_freq)
+        k = apply_rope(k, x.positions, x.inv_freq)
+    q, k, v = checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
+    out, new_kv = attend(q, k, v, cfg, x.positions, x.segment_ids, x.window, x.cache)  # [B, T, N, H]
+    out = proj("attn", "c_proj" if cfg.fused_qkv else "o_proj", out.reshape(b, t, cfg.q_dim))  # [B, T, D]
+    h = checkpoint_name(h + out.astype(F32), "mlp_input")
 
-
-def _remat(fn, policy: str):
-    if policy == "none":
-        return fn
-    if policy == "dots":
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+    # MLP: norm -> gate and up (or GPT-2's c_fc) -> activation -> down projection -> residual.
+    m = norm(p["mlp_norm"], h, cfg)  # [B, T, D]
+    if cfg.activation == "silu":
+        gate = checkpoint_name(proj("mlp", "gate_proj", m), "mlp_gate")  # [B, T, F]
+        up = checkpoint_name(proj("mlp", "up_proj", m), "mlp_up")  # [B, T, F]
+        out = proj("mlp", "down_proj", (jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(dt))
+    else:
+        up = checkpoint_name(proj("mlp", "c_fc", m), "mlp_up")  # [B, T, F]
+        out = proj("mlp", "c_proj", jax.nn.gelu(up.astype(F32), approximate=True).astype(dt))
+    h = h + out.astype(F32)  # [B, T, D]
+    return checkpoint_name(h, "residual"), new_kv
 
 
 def default_positions(input_ids: jax.Array) -> jax.Array:
+    """0, 1, ..., T - 1 for every row: [B, T] int32."""
     b, t = input_ids.shape
     return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
 def embed(params: Params, cfg: DecoderConfig, input_ids, positions) -> jax.Array:
     """Token (and GPT-2 position) embeddings as the float32 residual stream [B, T, D]."""
-    h = jnp.take(params["embed"]["embedding"], input_ids, axis=0).astype(jnp.float32)
+    h = jnp.take(params["embed"]["embedding"], input_ids, axis=0).astype(F32)
     if cfg.learned_positions:
-        h = h + jnp.take(params["pos_embed"]["embedding"], positions, axis=0).astype(jnp.float32)
+        h = h + jnp.take(params["pos_embed"]["embedding"], positions, axis=0).astype(F32)
     return h
 
 
@@ -426,7 +264,7 @@ def logits_from_hidden(params: Params, cfg: DecoderConfig, hidden: jax.Array) ->
     """Final-normed hidden [..., D] -> float32 logits [..., V]."""
     dt = jnp.dtype(cfg.compute_dtype)
     w = lm_head_kernel(params, cfg)
-    return jnp.einsum("...d,dv->...v", hidden.astype(dt), w, preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", hidden.astype(dt), w, preferred_element_type=F32)
 
 
 def forward(
@@ -440,7 +278,7 @@ def forward(
     lora_scale: float | jax.Array = 1.0,
     lora_dropout: float = 0.0,
     dropout_rng: jax.Array | None = None,
-    cache: dict | None = None,
+    cache: KVCache | None = None,
     return_hidden: bool = False,
 ):
     """Run the decoder.
@@ -448,7 +286,7 @@ def forward(
     input_ids, positions, segment_ids: [B, T] int32 (segment 0 = padding; packed rows use 1, 2, ...).
     lora: the trainable tree for the `layers` (see module doc); `lora_scale` is a scalar or a per-layer
     [L] array (0 for layers not transformed). cache: from `jaxlora.models.generate.init_cache`, with
-    `index`, `positions`, `segments` already holding this step's entries.
+    `positions` and `segment_ids` already holding this step's entries at `index`.
     Returns float32 logits [B, T, V] (or the final-normed hidden [B, T, D] with `return_hidden`), and
     the updated cache when one was given.
     """
@@ -456,45 +294,40 @@ def forward(
         positions = default_positions(input_ids)
     if segment_ids is None:
         segment_ids = jnp.ones_like(input_ids)
-    ctx = {
-        "positions": positions,
-        "segment_ids": segment_ids,
-        "inv_freq": rope_inv_freq(cfg),
-        "lora_dropout": lora_dropout,
-    }
-    if cache is not None:
-        ctx.update(
-            cache_index=cache["index"], cache_positions=cache["positions"], cache_segments=cache["segments"]
-        )
-    h = embed(params, cfg, input_ids, positions)
+    layers = cfg.num_layers
+    h = embed(params, cfg, input_ids, positions)  # [B, T, D]
+    inv_freq = rope_inv_freq(cfg)  # [H/2]
+    shared = LayerInputs(positions, segment_ids, inv_freq, window=None, lora_scale=None, cache=cache)
+    per_layer = (  # scanned over the leading [L] axis
+        params["layers"],
+        lora,
+        jnp.asarray(cfg.sliding_windows, jnp.int32),  # [L]
+        jnp.broadcast_to(jnp.asarray(lora_scale, F32), (layers,)),  # [L]
+        None if dropout_rng is None else jax.random.split(dropout_rng, layers),
+        None if cache is None else (cache.k, cache.v),  # [L, B, S, K, H] each
+    )
+    layer = partial(block, cfg, lora_dropout=lora_dropout)
+    if cache is None and REMAT[cfg.remat] is not None:
+        # Under scan XLA cannot merge the recomputation into the forward pass anyway; the barriers that
+        # prevent it would only slow the step (about 6% on the CPU benchmark).
+        layer = jax.checkpoint(layer, policy=REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
 
-    scale = jnp.broadcast_to(jnp.asarray(lora_scale, jnp.float32), (cfg.num_layers,))
-    rngs = jax.random.split(dropout_rng, cfg.num_layers) if dropout_rng is not None else None
-    xs = {
-        "p": params["layers"],
-        "lora": lora,
-        "scale": scale,
-        "window": jnp.asarray(cfg.sliding_windows, jnp.int32),
-        "rng": rngs,
-        "cache": None if cache is None else {"k": cache["k"], "v": cache["v"]},
-    }
+    def one_layer(h, xs):
+        p, lo, window, scale, rng, kv = xs
+        layer_cache = None if kv is None else cache._replace(k=kv[0], v=kv[1])
+        x = shared._replace(window=window, lora_scale=scale, dropout_rng=rng, cache=layer_cache)
+        return layer(p, lo, h, x)
 
-    def body(h, x):
-        layer_ctx = dict(ctx, window=x["window"])
-        h, new_cache = block(cfg, x["p"], h, layer_ctx, x["lora"], x["scale"], x["rng"], x["cache"])
-        return h, new_cache
-
-    layer = _remat(body, cfg.remat)
     if cfg.scan_layers:
-        h, new_kv = jax.lax.scan(layer, h, xs)
+        h, new_kv = jax.lax.scan(one_layer, h, per_layer)
     else:  # one copy of the layer per layer in the program: static slices, no stacked residuals
         kvs = []
-        for i in range(cfg.num_layers):
-            h, kv = layer(h, jax.tree.map(lambda a, i=i: a[i], xs))
+        for i in range(layers):
+            h, kv = one_layer(h, jax.tree.map(lambda a, i=i: a[i], per_layer))
             kvs.append(kv)
         new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *kvs)
     h = norm(params["final_norm"], h, cfg)
     out = h if return_hidden else logits_from_hidden(params, cfg, h)
     if cache is None:
         return out
-    return out, dict(cache, k=new_kv["k"], v=new_kv["v"])
+    return out, cache._replace(k=new_kv[0], v=new_kv[1])

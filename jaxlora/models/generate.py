@@ -10,36 +10,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora.models.attention import KVCache
 from jaxlora.models.config import DecoderConfig
 from jaxlora.models.decoder import forward
 
 
-def init_cache(cfg: DecoderConfig, batch: int, max_len: int) -> dict:
-    """An empty cache: k/v [L, B, S, K, H] in the compute dtype, positions/segments [B, S], index 0."""
+def init_cache(cfg: DecoderConfig, batch: int, max_len: int) -> KVCache:
+    """An empty cache: k/v [L, B, S, K, H] in the compute dtype, positions/segment_ids [B, S], index 0."""
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     dt = jnp.dtype(cfg.compute_dtype)
-    return {
-        "k": jnp.zeros(shape, dt),
-        "v": jnp.zeros(shape, dt),
-        "positions": jnp.zeros((batch, max_len), jnp.int32),
-        "segments": jnp.zeros((batch, max_len), jnp.int32),
-        "index": jnp.zeros((), jnp.int32),
-    }
+    return KVCache(
+        k=jnp.zeros(shape, dt),
+        v=jnp.zeros(shape, dt),
+        positions=jnp.zeros((batch, max_len), jnp.int32),
+        segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
 
 
-def _extend(params, cfg, cache, ids, positions, segments, lora, lora_scale):
+def _extend(params, cfg, cache: KVCache, ids, positions, segments, lora, lora_scale):
     """Write a [B, T] chunk into the cache and return the last position's logits [B, V]."""
-    idx = cache["index"]
-    cache = dict(
-        cache,
-        positions=jax.lax.dynamic_update_slice(cache["positions"], positions, (0, idx)),
-        segments=jax.lax.dynamic_update_slice(cache["segments"], segments, (0, idx)),
+    idx = cache.index
+    cache = cache._replace(
+        positions=jax.lax.dynamic_update_slice(cache.positions, positions, (0, idx)),
+        segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segments, (0, idx)),
     )
     logits, cache = forward(
         params, cfg, ids, positions, segments, lora=lora, lora_scale=lora_scale, cache=cache
     )
-    cache["index"] = idx + ids.shape[1]
-    return logits[:, -1], cache
+    return logits[:, -1], cache._replace(index=idx + ids.shape[1])
 
 
 def sample(logits: jax.Array, rng, temperature: float, top_k: int, top_p: float) -> jax.Array:

@@ -19,14 +19,16 @@ import numpy as np
 
 from jaxlora.errors import UserError
 from jaxlora.models.config import DecoderConfig, config_from_hf, read_hf_config
-from jaxlora.models.names import CONV1D, LINEAR, Entry, hf_shape, name_table
+from jaxlora.models.random_weights import init_params
 from jaxlora.models.safetensors_io import CheckpointReader
+from jaxlora.models.spec import CONV1D, LINEAR, Entry, hf_shape, name_table, unexpected_tensors
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-# Quantizer hook: (entry, one layer [in, out] as float32 host array) -> leaf to store, or None to keep.
-# An optional `wants(entry) -> bool` method lets the loader skip a tensor before reading it as float32.
-Quantizer = Callable[[Entry, np.ndarray], Any]
+# Quantizer hook: (HF tensor name, `{i}` for the layer; one layer [in, out] as a float32 host array) -> leaf
+# to store, or None to keep. An optional `wants(name) -> bool` method lets the loader skip a tensor before
+# reading it as float32.
+Quantizer = Callable[[str, np.ndarray], Any]
 
 
 @dataclasses.dataclass
@@ -82,9 +84,13 @@ class _PickleReader:
         import torch
 
         self.tensors = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        self.folder = folder
 
     def __contains__(self, name):
         return name in self.tensors
+
+    def names(self):
+        return list(self.tensors)
 
     def shape(self, name):
         return tuple(self.tensors[name].shape)
@@ -112,13 +118,18 @@ def _read_entry(reader, entry: Entry, cfg: DecoderConfig, layer: int | None) -> 
 def load_params(
     reader, cfg: DecoderConfig, dtype: str = "float32", quantizer: Quantizer | None = None
 ) -> dict:
-    """Build the parameter pytree from a checkpoint reader, one parameter at a time."""
+    """Build the parameter pytree from a checkpoint reader, one parameter at a time.
+
+    Every tensor of the checkpoint must be a weight of the spec (or a known buffer): a leftover means the
+    config.json does not describe these weights, and is refused before anything is read.
+    """
+    _check_consumed(reader, cfg)
     np_dtype = DTYPES[dtype]
     params: dict = {}
     for entry in name_table(cfg):
         quantize = quantizer is not None and entry.layout in (LINEAR, CONV1D)
         if quantize and hasattr(quantizer, "wants"):  # skip before making a float32 copy
-            quantize = quantizer.wants(entry)
+            quantize = quantizer.wants(entry.hf)
         leaf = None
         if entry.per_layer:
             if quantize:
@@ -128,14 +139,22 @@ def load_params(
         else:
             host = _read_entry(reader, entry, cfg, None)
             if quantize:
-                leaf = quantizer(entry, _host_f32(host))
+                leaf = quantizer(entry.hf, _host_f32(host))
             if leaf is None:
                 leaf = jnp.asarray(host.astype(np_dtype))
-        node = params
-        for key in entry.path[:-1]:
-            node = node.setdefault(key, {})
-        node[entry.path[-1]] = leaf
+        entry.put(params, leaf)
     return params
+
+
+def _check_consumed(reader, cfg: DecoderConfig) -> None:
+    left = unexpected_tensors(cfg, reader.names())
+    if left:
+        shown = ", ".join(left[:4]) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
+        raise UserError(
+            f"{reader.folder}: {len(left)} checkpoint {'tensor is' if len(left) == 1 else 'tensors are'} "
+            f"no weight of this {cfg.model_type} model "
+            f"({cfg.num_layers} layers per config.json): {shown}; does config.json belong to these weights?"
+        )
 
 
 def _load_stack(reader, entry: Entry, cfg: DecoderConfig, np_dtype) -> jax.Array:
@@ -155,7 +174,7 @@ def _load_quantized_stack(reader, entry: Entry, cfg: DecoderConfig, quantizer: Q
     """
     stack = None
     for i in range(cfg.num_layers):
-        q = quantizer(entry, _host_f32(_read_entry(reader, entry, cfg, i)))
+        q = quantizer(entry.hf, _host_f32(_read_entry(reader, entry, cfg, i)))
         if q is None:
             return None
         if stack is None:
@@ -178,7 +197,7 @@ def load_model(
     dtype: str = "float32",
     compute_dtype: str | None = None,
     attention: str = "xla",
-    remat: str = "none",
+    remat: str = "lean",
     revision: str | None = None,
     allow_pickle: bool = False,
     quantizer: Quantizer | None = None,
@@ -188,7 +207,7 @@ def load_model(
 
     dtype: parameter storage (`float32` or `bfloat16`); compute_dtype defaults to it. `quantizer`
     (see `jaxlora.quant`) turns linear kernels into quantized tensors while loading. With
-    `random_init_seed`, only `config.json` is read and the weights are random (see `models.init`).
+    `random_init_seed`, only `config.json` is read and the weights are random (see `models.random_weights`).
     """
     if dtype not in DTYPES:
         raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -196,8 +215,6 @@ def load_model(
     cfg = config_from_hf(read_hf_config(folder))
     cfg = cfg.with_runtime(compute_dtype=compute_dtype or dtype, attention=attention, remat=remat)
     if random_init_seed is not None:
-        from jaxlora.models.init import init_params
-
         params = init_params(cfg, random_init_seed, dtype)
         if quantizer is not None:
             params = quantize_loaded(params, cfg, quantizer)
@@ -212,18 +229,15 @@ def quantize_loaded(params: dict, cfg: DecoderConfig, quantizer: Quantizer) -> d
     for entry in name_table(cfg):
         if entry.layout not in (LINEAR, CONV1D):
             continue
-        node = params
-        for key in entry.path[:-1]:
-            node = node[key]
-        w = node[entry.path[-1]]
+        w = entry.get(params)
         if entry.per_layer:
-            parts = [quantizer(entry, np.asarray(w[i], np.float32)) for i in range(cfg.num_layers)]
+            parts = [quantizer(entry.hf, np.asarray(w[i], np.float32)) for i in range(cfg.num_layers)]
             if parts[0] is not None:
-                node[entry.path[-1]] = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *parts)
+                entry.put(params, jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *parts))
         else:
-            q = quantizer(entry, np.asarray(w, np.float32))
+            q = quantizer(entry.hf, np.asarray(w, np.float32))
             if q is not None:
-                node[entry.path[-1]] = q
+                entry.put(params, q)
     return params
 
 

@@ -1,7 +1,8 @@
 """How `train` spreads the one train step over devices and hosts (see `plan`)."""
 
 from jaxlora.parallel.distributed import init_distributed
-from jaxlora.parallel.plan import MESH_AXES, PMAP_AXIS, Plan, make_plan
+from jaxlora.parallel.mesh import make_plan
+from jaxlora.parallel.plan import MESH_AXES, PMAP_AXIS, Plan
 from jaxlora.parallel.rules import LINEAR_AXES, RULES, param_logical_axes
 
 __all__ = [

@@ -37,16 +37,17 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxlora.errors import UserError
-from jaxlora.parallel.rules import LINEAR_AXES, RULES, param_logical_axes
+from jaxlora.parallel.rules import LINEAR_AXES, param_logical_axes
 from jaxlora.quant import QuantizedTensor
 
 log = logging.getLogger("jaxlora.parallel")
@@ -69,6 +70,11 @@ class Plan:
 
     strategy: "single", "pmap" or "mesh"; mesh: `Mesh(data, fsdp, tensor)` (single: one device, pmap:
     a 1-D `data` mesh over every device, as `jax.pmap` builds it); rules: logical name -> mesh axes.
+
+    The training loop talks to a plan through a few calls that hide the strategy: `place_base` and
+    `place_train_state` put the weights on devices, `compile_steps` compiles the train and eval steps,
+    `loader_slice` and `put_batch` / `put_eval_batch` feed them, and `agree_to_stop`, `to_host` and
+    `barrier` keep the processes of a multi-host run in step.
     """
 
     strategy: str
@@ -197,6 +203,18 @@ class Plan:
         """One array (the same on every process) replicated on every device of the plan."""
         return self.place(x, self.replicated)
 
+    def place_base(self, params: dict) -> dict:
+        """The base weights (host or one device) placed on their `param_shardings`."""
+        return self.place(params, self.param_shardings(params))
+
+    def place_train_state(self, lora: dict, opt_init: Callable) -> tuple[dict, Any]:
+        """The LoRA tree placed on its `lora_shardings`, and `opt_init(lora)` built in place: each optimizer
+        leaf (mu, nu, ...) takes its parameter's sharding (`like_shardings`), step counts are replicated."""
+        lora_s = self.lora_shardings(lora)
+        opt_s = self.like_shardings(jax.eval_shape(opt_init, lora), lora, lora_s)
+        lora = self.place(lora, lora_s)
+        return lora, jax.jit(opt_init, out_shardings=opt_s)(lora)
+
     def host_loading(self):
         """Context for loading the base model: into host memory when it will be sharded over accelerators
         (so a model larger than one device can be loaded), else onto the default device."""
@@ -281,6 +299,15 @@ class Plan:
         rep = self.replicated
         return jax.jit(eval_fn, in_shardings=(lora_s, base_s, batch_s, rep), out_shardings=rep)
 
+    def compile_steps(self, train_step, eval_step, base, lora, opt_state) -> tuple[Callable, Callable]:
+        """Both steps compiled for this plan (`compile_train_step`, `compile_eval_step`), for state that
+        `place_base` and `place_train_state` placed: the shardings are read off those arrays."""
+        base_s, lora_s, opt_s = (jax.tree.map(lambda x: x.sharding, t) for t in (base, lora, opt_state))
+        return (
+            self.compile_train_step(train_step, lora_s, opt_s, base_s),
+            self.compile_eval_step(eval_step, lora_s, base_s),
+        )
+
     # --- host side ------------------------------------------------------------------------------
 
     def to_host(self, tree):
@@ -295,86 +322,17 @@ class Plan:
             return flag
         return int(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
+    def agree_to_stop(self, received: int, hosts_wait: bool) -> bool:
+        """Whether to stop after this step, given the signal this process `received` (0 if none).
+
+        One process stops at once. Several stop together, and only where `hosts_wait` (an interval where
+        they synchronize anyway), so that they all save the same step.
+        """
+        if not self.multi_process:
+            return bool(received)
+        return hosts_wait and bool(self.agree(received))
+
     def barrier(self, name: str) -> None:
         """Wait until every process gets here (no-op on one process)."""
         if self.multi_process:
             multihost_utils.sync_global_devices(name)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Building a plan from the config
-
-
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-
-
-def _mesh_sizes(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
-    fsdp, tensor = mesh_cfg.fsdp, mesh_cfg.tensor
-    if mesh_cfg.data == -1:
-        if n_devices % (fsdp * tensor):
-            raise UserError(
-                f"parallel.mesh fsdp={fsdp} x tensor={tensor} = {fsdp * tensor} does not divide the "
-                f"{n_devices} devices; choose fsdp x tensor among {_divisors(n_devices)}"
-            )
-        return n_devices // (fsdp * tensor), fsdp, tensor
-    data = mesh_cfg.data
-    if data * fsdp * tensor != n_devices:
-        raise UserError(
-            f"parallel.mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} devices, "
-            f"but there are {n_devices}; make the product {n_devices} or set parallel.mesh.data=-1 "
-            "(all devices left over)"
-        )
-    return data, fsdp, tensor
-
-
-def _check_batch(batch_size: int, dp: int, what: str) -> None:
-    if batch_size % dp:
-        lower = batch_size // dp * dp
-        options = f"{lower} or {lower + dp}" if lower else f"{dp}"
-        raise UserError(
-            f"train.batch_size {batch_size} is not divisible by the data-parallel size {dp} ({what}); "
-            f"use a multiple of {dp}, e.g. {options}"
-        )
-
-
-def make_plan(parallel, batch_size: int, num_kv_heads: int | None = None, devices=None) -> Plan:
-    """Build and check the `Plan` for `parallel` (a `ParallelSection`) and a global batch of `batch_size`.
-
-    `num_kv_heads` (the model's) is checked against the tensor-parallel size. `devices` defaults to
-    `jax.devices()` (every process's). Raises UserError for a mesh that does not match the device count,
-    a batch the data-parallel size does not divide, or a tensor size that does not divide the KV heads.
-    """
-    devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
-    m = parallel.mesh
-    strategy = parallel.strategy
-    if strategy == "auto":
-        one = n == 1 and m.fsdp == 1 and m.tensor == 1 and m.data in (-1, 1)
-        strategy = "single" if one else "mesh"
-    if strategy == "single":
-        if jax.process_count() > 1:
-            raise UserError(
-                f"parallel.strategy single runs on one device, but {jax.process_count()} processes were "
-                "started; use parallel.strategy mesh or pmap"
-            )
-        mesh = Mesh(np.array(devices[:1]).reshape(1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-        return Plan("single", mesh, {}, batch_size)
-    if strategy == "pmap":
-        if m.data not in (-1, n):
-            raise UserError(
-                f"parallel.mesh.data={m.data}, but parallel.strategy pmap uses all {n} devices; "
-                "set parallel.mesh.data=-1 or use parallel.strategy mesh"
-            )
-        _check_batch(batch_size, n, f"pmap over {n} devices")
-        ordered = [d for p in range(jax.process_count()) for d in devices if d.process_index == p]
-        return Plan("pmap", Mesh(np.array(ordered), (PMAP_AXIS,)), {}, batch_size)
-    data, fsdp, tensor = _mesh_sizes(m, n)
-    if num_kv_heads is not None and num_kv_heads % tensor:
-        raise UserError(
-            f"parallel.mesh.tensor={tensor} does not divide the model's {num_kv_heads} KV heads "
-            f"(num_key_value_heads); use a tensor size among {_divisors(num_kv_heads)}"
-        )
-    _check_batch(batch_size, data * fsdp, f"parallel.mesh data={data} x fsdp={fsdp}: rows split over both")
-    mesh = jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
-    return Plan("mesh", mesh, RULES, batch_size)

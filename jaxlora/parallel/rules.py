@@ -1,8 +1,11 @@
 """Logical axis names of the parameter trees and the table that maps them to mesh axes.
 
-Every array dimension has a logical name; `RULES` maps logical names to mesh axes (names not listed are
-replicated). See `jaxlora.parallel.plan` for how a `Plan` turns them into `NamedSharding`s.
+Every array dimension has a logical name, given by the model spec (`jaxlora.models.spec`, one entry per
+weight); `RULES` maps logical names to mesh axes (names not listed are replicated). See
+`jaxlora.parallel.plan` for how a `Plan` turns them into `NamedSharding`s.
 """
+
+from jaxlora.models.spec import logical_axes
 
 # Logical dimension name -> mesh axis (or axes); names not listed are replicated.
 RULES: dict[str, str | tuple[str, ...]] = {
@@ -15,31 +18,18 @@ RULES: dict[str, str | tuple[str, ...]] = {
     "vocab": "tensor",
 }
 
-# (group, module) -> logical names of a linear kernel's (in, out).
+# Params path -> logical names of its dims, from every family's spec.
+PARAM_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = logical_axes()
+
+# (group, module) -> logical names of a per-layer linear kernel's (in, out); LoRA A/B follow them.
 LINEAR_AXES: dict[tuple[str, str], tuple[str, str]] = {
-    ("attn", "q_proj"): ("embed", "q_heads"),
-    ("attn", "k_proj"): ("embed", "kv_heads"),
-    ("attn", "v_proj"): ("embed", "kv_heads"),
-    ("attn", "o_proj"): ("q_heads", "embed"),
-    ("attn", "c_attn"): ("embed", "qkv"),
-    ("attn", "c_proj"): ("q_heads", "embed"),
-    ("mlp", "gate_proj"): ("embed", "mlp"),
-    ("mlp", "up_proj"): ("embed", "mlp"),
-    ("mlp", "down_proj"): ("mlp", "embed"),
-    ("mlp", "c_fc"): ("embed", "mlp"),
-    ("mlp", "c_proj"): ("mlp", "embed"),
+    (path[1], path[2]): axes[1:]
+    for path, axes in PARAM_AXES.items()
+    if path[0] == "layers" and path[-1] == "kernel"
 }
 
 
 def param_logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
-    """Logical names of the dims of the (dense) parameter at `path` in the decoder's params tree."""
-    if path[0] == "layers" and len(path) >= 4 and (path[1], path[2]) in LINEAR_AXES:
-        fan_in, fan_out = LINEAR_AXES[(path[1], path[2])]
-        return ("layers", fan_in, fan_out) if path[-1] == "kernel" else ("layers", fan_out)
-    if path == ("embed", "embedding"):
-        return ("vocab", "embed")
-    if path == ("pos_embed", "embedding"):
-        return (None, "embed")
-    if path == ("lm_head", "kernel"):
-        return ("embed", "vocab")
-    return (None,) * ndim  # norms, q/k norms: small, replicated
+    """Logical names of the dims of the (dense) parameter at `path` in the decoder's params tree; a path
+    no spec knows is replicated."""
+    return PARAM_AXES.get(tuple(path), (None,) * ndim)

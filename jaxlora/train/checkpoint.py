@@ -10,11 +10,15 @@ shardings the targets carry, so a run saved on 4 devices with FSDP resumes on 1 
 data x tensor mesh.
 """
 
+import contextlib
+import logging
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxlora.errors import UserError
 
 
 class Checkpointer:
@@ -54,6 +58,36 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def restore_lora(directory: Path) -> tuple[dict, int]:
+    """The LoRA tree (host numpy arrays) of the latest checkpoint under `directory`, and its step.
+
+    A partial restore: only `state["lora"]` is read, with shapes from the checkpoint's own metadata, so
+    neither the model, the optimizer state nor the mesh is rebuilt (what exporting a run needs).
+    """
+    steps = sorted(int(p.name) for p in Path(directory).iterdir() if p.name.isdigit())
+    if not steps:
+        raise UserError(f"no checkpoint under {directory}")
+    folder = Path(directory).absolute() / str(steps[-1]) / "state"
+    reader = ocp.PyTreeCheckpointer()
+    with _quiet_absl():  # orbax warns that the step's metadata file is not in the item's folder
+        tree = reader.metadata(folder).item_metadata.tree
+    item = {"lora": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree["lora"])}
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    out = reader.restore(folder, args=ocp.args.PyTreeRestore(item, as_numpy, partial_restore=True))
+    return out["lora"], steps[-1]
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
 
 
 def _abstract(x) -> jax.ShapeDtypeStruct:

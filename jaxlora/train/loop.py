@@ -1,35 +1,50 @@
-"""`train(cfg)`: the whole run from a `Config`: load, data, LoRA, jitted steps, eval, checkpoints, export.
+"""`train(cfg)`: LoRA fine-tuning from a `Config`, as a recipe of named steps:
 
-Devices and hosts follow `cfg.parallel` (see `jaxlora.parallel` and docs/multi-gpu.md): the plan places the
-base, LoRA and optimizer state, and compiles the one train step. With several processes every process runs
-this same function on its own slice of each batch; only process 0 writes config.yaml, metrics.jsonl,
+    plan = choose_plan(cfg)                   devices and hosts, checked against the model's config.json
+    run = open_run(cfg, resume, plan)         output_dir: resume or start clean (`run_dir`)
+    base = load_base(cfg, plan)               the frozen base weights, on the devices
+    data = build_data(cfg, tokenizer, plan)   training batches, validation examples, the number of steps
+    state = build_state(...)                  LoRA and optimizer state, fresh or from a checkpoint (`state`)
+    steps = compile_steps(...)                the train and eval steps, compiled for the plan
+    state, stopped_by = run_loop(...)         steps, logging, evaluation, checkpoints, stop signals
+    finish(...)                               the last checkpoint and evaluation, the PEFT adapter
+
+None of them knows which parallel strategy runs: the `Plan` (`jaxlora.parallel`, docs/multi-gpu.md) places
+the arrays, compiles the steps and assembles each batch. With several processes every process runs this
+same function on its own slice of each batch; only process 0 writes config.yaml, metrics.jsonl,
 TensorBoard events, run_state.json and the adapter, while checkpoints are written by all of them together.
 """
 
 import dataclasses
-import json
 import logging
 import math
-import shutil
 import signal
-import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+import optax
 
-from jaxlora.config import Config, save_config
+from jaxlora.config import Config
 from jaxlora.data import BatchLoader, build_datasets
 from jaxlora.errors import UserError
-from jaxlora.models import load_model, load_tokenizer
+from jaxlora.lora import lora_scale
+from jaxlora.models import DecoderConfig, load_model, load_tokenizer
+from jaxlora.models.config import config_from_hf, read_hf_config
+from jaxlora.models.loading import resolve_model_path
 from jaxlora.parallel import Plan, init_distributed, make_plan
-from jaxlora.train.checkpoint import Checkpointer, rng_from_array, rng_to_array
-from jaxlora.train.metrics import MetricsLogger
+from jaxlora.peft import save_peft_adapter
+from jaxlora.quant import make_quantizer
+from jaxlora.train.checkpoint import Checkpointer, rng_from_array
 from jaxlora.train.optim import make_optimizer
+from jaxlora.train.progress import Progress
+from jaxlora.train.run_dir import RunDir, open_run, write_run_state
+from jaxlora.train.state import TrainState, build_state, save_state
 from jaxlora.train.step import BATCH_KEYS, StepSpec, make_eval_step, make_train_step
 
 log = logging.getLogger("jaxlora.train")
-RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "adapter", "config.yaml")
 
 
 class TrainingDiverged(RuntimeError):
@@ -46,36 +61,206 @@ class TrainResult:
     eval_history: list = dataclasses.field(default_factory=list)
 
 
-def prepare_output_dir(cfg: Config, resume_flag: bool = False, *, clean: bool = True) -> bool:
-    """Create `output_dir`, decide whether to resume; never overwrite a run unless asked. Returns resume.
+def train(cfg: Config, *, resume: bool = False, on_step=None) -> TrainResult:
+    """Run LoRA fine-tuning as configured; see `docs/configuration.md` and `docs/multi-gpu.md`.
 
-    With `clean=False` it only decides (and raises), touching nothing: what processes other than 0 do.
+    Returns a `TrainResult`. `on_step(step, metrics)` (optional) is called after each logging interval with
+    host metrics. Multi-host: every process calls `train` with the same config.
     """
-    out = Path(cfg.output_dir)
-    mode = "always" if resume_flag else cfg.checkpoint.resume
-    ckpt = out / "checkpoints"
-    has_ckpt = ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
-    if mode == "always" and not has_ckpt:
-        raise UserError(f"nothing to resume: {ckpt} has no checkpoint (checkpoint.resume is 'always')")
-    if has_ckpt and mode != "never":
-        return True
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
+    plan = choose_plan(cfg)
+    run = open_run(cfg, resume, plan)
+    base = load_base(cfg, plan)
+    data = build_data(cfg, load_tokenizer(cfg.model.tokenizer or base.path), plan)
+    optimizer, schedule = make_optimizer(cfg.train, data.total_steps)
+    ckpt = Checkpointer(run.path / "checkpoints", cfg.checkpoint.keep)
+    state = build_state(cfg, base.config, optimizer, plan, ckpt, data.loader, run.resuming)
+    steps = compile_steps(cfg, base, optimizer, state, plan)
+    progress = Progress(cfg, run, schedule, data.total_steps, state.step, on_step)
+    state, stopped_by = run_loop(cfg, plan, state, steps, data, ckpt, progress)
+    return finish(cfg, run, plan, state, steps, data, ckpt, progress, stopped_by)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Devices, model, data
+
+
+def choose_plan(cfg: Config) -> Plan:
+    """Join the run's other processes and build the `Plan`, checked against the model's config.json
+    before any weights are loaded."""
+    init_distributed(cfg.parallel.distributed)
+    arch = config_from_hf(read_hf_config(resolve_model_path(cfg.model.path, cfg.model.revision)))
+    if cfg.data.seq_len > arch.max_position_embeddings:
+        raise UserError(
+            f"data.seq_len {cfg.data.seq_len} is above the model's maximum of {arch.max_position_embeddings} "
+            "positions (max_position_embeddings); lower data.seq_len"
+        )
+    plan = make_plan(cfg.parallel, cfg.train.batch_size, arch.num_kv_heads)
+    log.info("parallel: %s", plan.describe())
+    return plan
+
+
+class Base(NamedTuple):
+    """The frozen base model, its weights on the devices."""
+
+    params: dict  # placed by the plan (QuantizedTensor kernels with quant.weights)
+    config: DecoderConfig
+    path: Path  # the local folder (the tokenizer's default)
+    name: str  # as configured (hub id or path): recorded in the adapter
+
+
+def load_base(cfg: Config, plan: Plan) -> Base:
+    """Load (and quantize, with `quant.weights`) the base model, then place it as the plan says; the host
+    copy of the weights is dropped."""
+    q = cfg.quant
+    quantizer = None if q.weights == "none" else make_quantizer(q.weights, q.block_size, tuple(q.skip))
+    with plan.host_loading():
+        model = load_model(
+            cfg.model.path,
+            dtype=cfg.model.dtype,
+            compute_dtype=cfg.model.compute_dtype,
+            attention=cfg.model.attention,
+            remat=cfg.train.remat,
+            revision=cfg.model.revision,
+            allow_pickle=cfg.model.allow_pickle,
+            quantizer=quantizer,
+            random_init_seed=cfg.seed if cfg.model.random_init else None,
+        )
+    return Base(plan.place_base(model.params), model.config, model.path, model.name_or_path)
+
+
+@dataclasses.dataclass
+class Data:
+    """The run's data, as this process reads it."""
+
+    loader: BatchLoader  # this process's rows of every training batch, epoch after epoch
+    val: Any  # validation examples, or None
+    rows: tuple[int, int]  # `(index, count)`: the slice of each global batch this process reads
+    total_steps: int
+
+    def eval_batches(self, cfg: Config) -> Iterator[dict]:
+        """This process's rows of the validation batches, in order: `train.eval_batches` of them, or all."""
+        index, count = self.rows
+        loader = BatchLoader(
+            self.val,
+            cfg.train.batch_size,
+            cfg.data.seq_len,
+            packing=cfg.data.packing,
+            shuffle=False,
+            num_epochs=1,
+            prefetch=0,
+            drop_last=False,
+            seed=cfg.seed,
+            process_index=index,
+            process_count=count,
+        )
+        try:
+            for i, batch in enumerate(loader):
+                if cfg.train.eval_batches is not None and i >= cfg.train.eval_batches:
+                    break
+                yield batch
+        finally:
+            loader.close()
+
+
+def build_data(cfg: Config, tokenizer, plan: Plan) -> Data:
+    """Tokenize the data sources and open the training batches (the rows of each batch this process's
+    devices hold); the number of steps follows `train.max_steps` and `train.num_epochs`."""
+    train_ex, val_ex = build_datasets(cfg.data, tokenizer, cfg.seed)
+    index, count = plan.loader_slice()
+    loader = BatchLoader(
+        train_ex,
+        cfg.train.batch_size,
+        cfg.data.seq_len,
+        packing=cfg.data.packing,
+        shuffle=cfg.data.shuffle,
+        seed=cfg.seed,
+        num_epochs=None,
+        process_index=index,
+        process_count=count,
+    )
+    return Data(loader, val_ex, (index, count), _total_steps(cfg, loader))
+
+
+def _total_steps(cfg: Config, loader: BatchLoader) -> int:
+    t = cfg.train
+    steps = []
+    if t.max_steps is not None:
+        steps.append(t.max_steps)
+    if t.num_epochs is not None:
+        per_epoch = loader.num_batches_per_epoch
+        if per_epoch is None:
             raise UserError(
-                f"output_dir {out} is not empty and holds no run to resume; choose a new output_dir "
-                "or set overwrite=true"
+                "train.num_epochs needs a dataset of known length; use train.max_steps with streaming"
             )
-        if not clean:
-            return False
-        for name in RUN_FILES:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    if clean:
-        out.mkdir(parents=True, exist_ok=True)
-    return False
+        steps.append(max(1, math.ceil(t.num_epochs * per_epoch / t.grad_accum_steps)))
+    return min(steps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The compiled steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The train and eval steps compiled for the plan, bound to what they take that never changes."""
+
+    plan: Plan
+    base: Base
+    train_fn: Callable  # (lora, opt_state, base, batch, rng, scale) -> (lora, opt_state, metrics)
+    eval_fn: Callable  # (lora, base, batch, scale) -> (loss_sum, count)
+    scale: jax.Array  # [L] alpha / r on adapted layers, else 0; replicated
+    key: jax.Array  # the run's key, replicated
+    fold_in: Callable  # (key, step) -> the step's key, replicated
+
+    def train(self, state: TrainState, micro: list[dict]) -> tuple[TrainState, dict]:
+        """One optimizer step over `micro`, this process's rows of `grad_accum_steps` micro-batches."""
+        batch = self.plan.put_batch({k: np.stack([m[k] for m in micro]) for k in BATCH_KEYS})
+        rng = self.fold_in(self.key, state.step)
+        lora, opt_state, metrics = self.train_fn(
+            state.lora, state.opt_state, self.base.params, batch, rng, self.scale
+        )
+        return dataclasses.replace(state, lora=lora, opt_state=opt_state, step=state.step + 1), metrics
+
+    def eval(self, lora: dict, batch: dict):
+        """(loss sum, token count) over one validation batch (this process's rows of it)."""
+        batch = self.plan.put_eval_batch({k: batch[k] for k in BATCH_KEYS})
+        return self.eval_fn(lora, self.base.params, batch, self.scale)
+
+
+def compile_steps(
+    cfg: Config, base: Base, optimizer: optax.GradientTransformation, state: TrainState, plan: Plan
+) -> Steps:
+    """The one train step and the eval step (`jaxlora.train.step`) compiled for the plan and the shardings
+    of `base` and `state`."""
+    spec = StepSpec(base.config, cfg.lora.dropout, cfg.train.loss_chunk_size)
+    train_fn, eval_fn = plan.compile_steps(
+        make_train_step(spec, optimizer, plan.axis_name),
+        make_eval_step(spec, plan.axis_name),
+        base.params,
+        state.lora,
+        state.opt_state,
+    )
+    scale = plan.replicate(np.asarray(lora_scale(base.config, cfg.lora), np.float32))
+    key = rng_from_array(plan.replicate(state.rng))
+    fold_in = jax.jit(jax.random.fold_in, out_shardings=plan.replicated)
+    return Steps(plan, base, train_fn, eval_fn, scale, key, fold_in)
+
+
+def evaluate(cfg: Config, steps: Steps, lora: dict, data: Data) -> dict | None:
+    """Mean token loss and perplexity over the validation batches; None without validation data."""
+    if data.val is None:
+        return None
+    sums = jax.device_get([steps.eval(lora, batch) for batch in data.eval_batches(cfg)])
+    total = sum(float(s) for s, _ in sums)
+    count = sum(float(n) for _, n in sums)
+    if count == 0:
+        return None
+    loss = total / count
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 80.0))}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop and the end of a run
 
 
 class _StopSignals:
@@ -98,242 +283,80 @@ class _StopSignals:
             signal.signal(sig, old)
 
 
-def _total_steps(cfg: Config, loader: BatchLoader) -> int:
-    t = cfg.train
-    steps = []
-    if t.max_steps is not None:
-        steps.append(t.max_steps)
-    if t.num_epochs is not None:
-        per_epoch = loader.num_batches_per_epoch
-        if per_epoch is None:
-            raise UserError(
-                "train.num_epochs needs a dataset of known length; use train.max_steps with streaming"
-            )
-        steps.append(max(1, math.ceil(t.num_epochs * per_epoch / t.grad_accum_steps)))
-    return min(steps)
-
-
-def _quantizer(cfg: Config):
-    if cfg.quant.weights == "none":
-        return None
-    from jaxlora.quant import make_quantizer
-
-    return make_quantizer(cfg.quant.weights, cfg.quant.block_size, tuple(cfg.quant.skip))
-
-
-def _evaluate(eval_fn, lora, base, scale, examples, cfg: Config, plan: Plan) -> dict | None:
-    if examples is None:
-        return None
-    index, count = plan.loader_slice()
-    loader = BatchLoader(
-        examples,
-        cfg.train.batch_size,
-        cfg.data.seq_len,
-        packing=cfg.data.packing,
-        shuffle=False,
-        num_epochs=1,
-        prefetch=0,
-        drop_last=False,
-        seed=cfg.seed,
-        process_index=index,
-        process_count=count,
-    )
-    sums = []
-    for i, batch in enumerate(loader):
-        if cfg.train.eval_batches is not None and i >= cfg.train.eval_batches:
-            break
-        sums.append(eval_fn(lora, base, plan.put_eval_batch({k: batch[k] for k in BATCH_KEYS}), scale))
-    loader.close()
-    total = sum(float(s) for s, _ in jax.device_get(sums))
-    count = sum(float(n) for _, n in jax.device_get(sums))
-    if count == 0:
-        return None
-    loss = total / count
-    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 80.0))}
-
-
-def _model_config(cfg: Config):
-    """The model's `DecoderConfig` from config.json alone (to check the mesh before loading weights)."""
-    from jaxlora.models.config import config_from_hf, read_hf_config
-    from jaxlora.models.loading import resolve_model_path
-
-    return config_from_hf(read_hf_config(resolve_model_path(cfg.model.path, cfg.model.revision)))
-
-
-def train(cfg: Config, *, resume: bool = False, on_step=None) -> TrainResult:
-    """Run LoRA fine-tuning as configured; see `docs/configuration.md` and `docs/multi-gpu.md`.
-
-    Returns a `TrainResult`. `on_step(step, metrics)` (optional) is called after each logging interval with
-    host metrics. Multi-host: every process calls `train` with the same config.
-    """
-    from jaxlora.export import save_peft_adapter
-    from jaxlora.lora import init_lora, lora_scale
-
-    init_distributed(cfg.parallel.distributed)
-    t = cfg.train
-    arch = _model_config(cfg)  # config.json only: check before loading any weights
-    if cfg.data.seq_len > arch.max_position_embeddings:
-        raise UserError(
-            f"data.seq_len {cfg.data.seq_len} is above the model's maximum of {arch.max_position_embeddings} "
-            "positions (max_position_embeddings); lower data.seq_len"
-        )
-    plan = make_plan(cfg.parallel, t.batch_size, arch.num_kv_heads)
-    log.info("parallel: %s", plan.describe())
-    main = plan.is_main
-    resuming = prepare_output_dir(cfg, resume, clean=False)  # every process decides before anyone cleans
-    plan.barrier("jaxlora-output-dir-read")
-    if main:
-        prepare_output_dir(cfg, resume)
-        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    plan.barrier("jaxlora-output-dir-ready")
-    out = Path(cfg.output_dir)
-
-    with plan.host_loading():
-        model = load_model(
-            cfg.model.path,
-            dtype=cfg.model.dtype,
-            compute_dtype=cfg.model.compute_dtype,
-            attention=cfg.model.attention,
-            remat=cfg.train.remat,
-            revision=cfg.model.revision,
-            allow_pickle=cfg.model.allow_pickle,
-            quantizer=_quantizer(cfg),
-            random_init_seed=cfg.seed if cfg.model.random_init else None,
-        )
-    mcfg, model_path, model_name = model.config, model.path, model.name_or_path
-    base_s = plan.param_shardings(model.params)
-    base = plan.place(model.params, base_s)
-    del model  # the host (or first-device) copy of the weights
-    tokenizer = load_tokenizer(cfg.model.tokenizer or model_path)
-    train_ex, val_ex = build_datasets(cfg.data, tokenizer, cfg.seed)
-
-    index, count = plan.loader_slice()
-    loader = BatchLoader(
-        train_ex,
-        t.batch_size,
-        cfg.data.seq_len,
-        packing=cfg.data.packing,
-        shuffle=cfg.data.shuffle,
-        seed=cfg.seed,
-        num_epochs=None,
-        process_index=index,
-        process_count=count,
-    )
-    total_steps = _total_steps(cfg, loader)
-    optimizer, schedule = make_optimizer(t, total_steps)
-    key = jax.random.key(cfg.seed)
-    lora = init_lora(mcfg, cfg.lora, jax.random.fold_in(key, 1))
-    lora_s = plan.lora_shardings(lora)
-    opt_s = plan.like_shardings(jax.eval_shape(optimizer.init, lora), lora, lora_s)
-    lora = plan.place(lora, lora_s)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_s)(lora)
-    scale = plan.replicate(np.asarray(lora_scale(mcfg, cfg.lora), np.float32))
-    key_data = rng_to_array(key)  # checkpoints hold the key as a host array
-
-    ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint.keep)
-    step = 0
-    if resuming:
-        step = ckpt.latest_step()
-        like = {"lora": lora, "opt_state": opt_state, "rng": key_data}  # target shardings: this plan's
-        state, meta = ckpt.restore(step, like)
-        lora, opt_state, key_data = state["lora"], state["opt_state"], np.asarray(state["rng"])
-        loader.restore(meta["data"])
-    key = rng_from_array(plan.replicate(key_data))
-    step_rng = jax.jit(jax.random.fold_in, out_shardings=plan.replicated)
-
-    spec = StepSpec(mcfg, cfg.lora.dropout, t.loss_chunk_size)
-    step_fn = plan.compile_train_step(make_train_step(spec, optimizer, plan.axis_name), lora_s, opt_s, base_s)
-    eval_fn = plan.compile_eval_step(make_eval_step(spec, plan.axis_name), lora_s, base_s)
-    logger = MetricsLogger(out, tensorboard=cfg.logging.tensorboard, enabled=main)
-    result = TrainResult(out, step)
-
-    def save(at: int):
-        meta = {"step": at, "data": loader.state()}
-        ckpt.save(at, {"lora": lora, "opt_state": opt_state, "rng": key_data}, meta)
-
-    def run_eval(at: int):
-        metrics = _evaluate(eval_fn, lora, base, scale, val_ex, cfg, plan)
-        if metrics is not None:
-            logger.log(at, metrics)
-            result.eval_history.append((at, metrics["eval/loss"]))
-        return metrics
-
-    bar = None
-    if cfg.logging.progress_bar and main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
-
-    eval_every = t.eval_every_steps
-    if eval_every is not None and step == 0:
-        run_eval(0)
-    pending: list[dict] = []
-    last_time, last_logged = time.perf_counter(), step
+def run_loop(
+    cfg: Config,
+    plan: Plan,
+    state: TrainState,
+    steps: Steps,
+    data: Data,
+    ckpt: Checkpointer,
+    progress: Progress,
+) -> tuple[TrainState, int]:
+    """Train to `data.total_steps` or until SIGTERM/SIGINT; report every `logging.every_steps` (raising
+    `TrainingDiverged` at a NaN/Inf step), evaluate every `train.eval_every_steps` and checkpoint every
+    `checkpoint.every_steps`. Returns the state and the signal that stopped the run (0: none did)."""
+    eval_every, ckpt_every = cfg.train.eval_every_steps, cfg.checkpoint.every_steps
+    if eval_every is not None and state.step == 0:
+        progress.eval(0, evaluate(cfg, steps, state.lora, data))
+    progress.start(state.step)
+    pending: list[dict] = []  # the metrics (on the devices) of the steps since the last report
     stopping = False
     with _StopSignals() as stop:
-        while step < total_steps and not stopping:
-            micro = [next(loader) for _ in range(t.grad_accum_steps)]
-            batch = plan.put_batch({k: np.stack([m[k] for m in micro]) for k in BATCH_KEYS})
-            lora, opt_state, m = step_fn(lora, opt_state, base, batch, step_rng(key, step), scale)
-            pending.append(m)
-            step += 1
-            at_log = step % cfg.logging.every_steps == 0 or step == total_steps
-            at_ckpt = cfg.checkpoint.every_steps is not None and step % cfg.checkpoint.every_steps == 0
-            if not plan.multi_process:
-                stopping = bool(stop.received)
-            elif at_log or at_ckpt:  # hosts agree to stop together, at an interval where they wait anyway
-                stopping = bool(plan.agree(stop.received))
+        while state.step < data.total_steps and not stopping:
+            micro = [next(data.loader) for _ in range(cfg.train.grad_accum_steps)]
+            state, metrics = steps.train(state, micro)
+            pending.append(metrics)
+            step = state.step
+            at_log = step % cfg.logging.every_steps == 0 or step == data.total_steps
+            at_ckpt = ckpt_every is not None and step % ckpt_every == 0
+            stopping = plan.agree_to_stop(stop.received, at_log or at_ckpt)
             if at_log or at_ckpt or stopping:
                 host = jax.device_get(pending)
-                bad = [last_logged + i + 1 for i, h in enumerate(host) if h["nonfinite"]]
-                if bad:
-                    good = ckpt.latest_step()
-                    good = "none" if good is None else f"step {good} in {out / 'checkpoints'}"
-                    raise TrainingDiverged(
-                        f"loss or gradient became NaN/Inf at step {bad[0]}; stopped; "
-                        f"last good checkpoint: {good}"
-                    )
-                now = time.perf_counter()
-                tokens = sum(float(h["tokens"]) for h in host)
-                scalars = {
-                    "train/loss": float(host[-1]["loss"]),
-                    "lr": float(schedule(step - 1)),
-                    "grad_norm": float(host[-1]["grad_norm"]),
-                    "tokens_per_sec": tokens / max(now - last_time, 1e-9),
-                    "step_time": (now - last_time) / len(host),
-                }
-                scalars["train/loss_avg"] = float(np.mean([float(h["loss"]) for h in host]))
-                logger.log(step, scalars)
-                if on_step is not None:
-                    on_step(step, scalars)
-                if bar is not None:
-                    bar.update(step - bar.n)
-                    bar.set_postfix(
-                        loss=f"{scalars['train/loss']:.4f}",
-                        lr=f"{scalars['lr']:.2e}",
-                        tok_s=f"{scalars['tokens_per_sec']:.0f}",
-                    )
-                pending, last_time, last_logged = [], now, step
-            if eval_every is not None and step % eval_every == 0 and step < total_steps:
-                run_eval(step)
+                _check_finite(host, progress.last_step + 1, ckpt, Path(cfg.output_dir))
+                progress.train(step, host)
+                pending = []
+            if eval_every is not None and step % eval_every == 0 and step < data.total_steps:
+                progress.eval(step, evaluate(cfg, steps, state.lora, data))
             if at_ckpt:
-                save(step)
-        result.interrupted = plan.agree(stop.received)
-    save(step)
-    if not result.interrupted:
-        if eval_every is not None:
-            run_eval(step)
-        lora_host = plan.to_host(lora)  # a collective when LoRA is sharded over hosts
-        if main:
-            save_peft_adapter(out / "adapter", lora_host, cfg.lora, mcfg, model_name, overwrite=True)
-    if bar is not None:
-        bar.close()
-    loader.close()
-    logger.close()
+                save_state(ckpt, state, data.loader)
+        return state, plan.agree(stop.received)
+
+
+def _check_finite(host: list[dict], first: int, ckpt: Checkpointer, out: Path) -> None:
+    """Raise `TrainingDiverged` if any of the steps `first, first + 1, ...` (host metrics) was not finite."""
+    bad = [first + i for i, h in enumerate(host) if h["nonfinite"]]
+    if bad:
+        good = ckpt.latest_step()
+        good = "none" if good is None else f"step {good} in {out / 'checkpoints'}"
+        raise TrainingDiverged(
+            f"loss or gradient became NaN/Inf at step {bad[0]}; stopped; last good checkpoint: {good}"
+        )
+
+
+def finish(
+    cfg: Config,
+    run: RunDir,
+    plan: Plan,
+    state: TrainState,
+    steps: Steps,
+    data: Data,
+    ckpt: Checkpointer,
+    progress: Progress,
+    stopped_by: int,
+) -> TrainResult:
+    """Save the last checkpoint; unless a signal stopped the run, evaluate and export the PEFT adapter;
+    close the run's files and write run_state.json."""
+    save_state(ckpt, state, data.loader)
+    if not stopped_by:
+        if cfg.train.eval_every_steps is not None:
+            progress.eval(state.step, evaluate(cfg, steps, state.lora, data))
+        lora = plan.to_host(state.lora)  # a collective when LoRA is sharded over hosts
+        if run.main:
+            base = steps.base
+            save_peft_adapter(run.path / "adapter", lora, cfg.lora, base.config, base.name, overwrite=True)
+    progress.close()
+    data.loader.close()
     ckpt.close()
-    result.step = step
-    if main:
-        state = {"step": step, "finished": not result.interrupted}
-        (out / "run_state.json").write_text(json.dumps(state))
+    write_run_state(run, state.step, finished=not stopped_by)
     plan.barrier("jaxlora-run-done")
-    return result
+    return TrainResult(run.path, state.step, stopped_by, progress.eval_history)

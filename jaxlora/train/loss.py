@@ -4,10 +4,9 @@ exist at once (the backward pass recomputes each chunk's logits instead of stori
 import jax
 import jax.numpy as jnp
 
+from jaxlora.data import IGNORE
 from jaxlora.models.config import DecoderConfig
 from jaxlora.models.decoder import lm_head_kernel
-
-IGNORE = -100
 
 
 def chunked_cross_entropy(
@@ -15,7 +14,7 @@ def chunked_cross_entropy(
 ) -> tuple[jax.Array, jax.Array]:
     """Sum of next-token NLL and the number of counted tokens.
 
-    hidden: final-normed [B, T, D]; targets: [B, T] int32, already shifted, `-100` where no loss.
+    hidden: final-normed [B, T, D]; targets: [B, T] int32, already shifted, `IGNORE` (-100) where no loss.
     Returns (loss_sum, n_tokens), both float32 scalars; the mean is their ratio.
     """
     d = hidden.shape[-1]

@@ -1,12 +1,8 @@
-"""Metrics sinks: TensorBoard event files, `metrics.jsonl`, and a tqdm progress bar."""
+"""Metrics sinks: TensorBoard event files (tensorboardX) and `metrics.jsonl`."""
 
 import json
 import time
 from pathlib import Path
-
-from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.compat.proto.summary_pb2 import Summary
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 
 class MetricsLogger:
@@ -22,7 +18,11 @@ class MetricsLogger:
         if not enabled:
             return
         if tensorboard:
-            self._tb = EventFileWriter(str(Path(output_dir) / "tensorboard"))
+            # Imported here: tensorboardX imports PyTorch whenever it is installed (about 200 MB of host
+            # memory), which only the process writing the event file should pay.
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
         self._jsonl = open(Path(output_dir) / "metrics.jsonl", "a")
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
@@ -33,8 +33,9 @@ class MetricsLogger:
         self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
-            values = [Summary.Value(tag=k, simple_value=v) for k, v in clean.items()]
-            self._tb.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
+            now = time.time()
+            for tag, value in clean.items():
+                self._tb.add_scalar(tag, value, int(step), walltime=now)
             self._tb.flush()
 
     def close(self) -> None:

@@ -17,7 +17,8 @@ What the backward pass recomputes is counted apart (`recompute`), never as usefu
     always          the LM head logits of each loss chunk (chunked cross-entropy)          2*D*V
                     the attention scores QK^T (flash-style backward keeps only the output
                     and log-sum-exp)                                                       2*N*H*k
-    remat "none"    the rank-r products x @ A of every adapter                              2*in*r
+    remat "none"    nothing more (every activation the backward pass reads is kept)
+    remat "lean"    the rank-r products x @ A of every adapter                              2*in*r
     remat "dots"    the attention forward (QK^T and PV) again (matmul outputs are kept)    4*N*H*k
     remat "full"    the layer forward again: frozen weights, adapters and attention, except the MLP
                     output projection's own product (nothing in the backward pass reads it)
@@ -31,9 +32,9 @@ Embedding lookups and the elementwise work cost no FLOPs here. Example (stories2
 import numpy as np
 
 from jaxlora.models.config import DecoderConfig
-from jaxlora.models.names import linear_dims
+from jaxlora.models.spec import linear_dims
 
-REMATS = ("none", "dots", "full")
+REMATS = ("none", "lean", "dots", "full")  # the train.remat policies
 
 
 def attended_keys(seq_len: int, window: int = 0) -> int:
@@ -50,7 +51,7 @@ def train_step_flops(
     targets: list[tuple[str, str]] | None,
     batch: int,
     seq_len: int,
-    remat: str = "none",
+    remat: str = "lean",
     adapted_layers: int | None = None,
 ) -> dict[str, int]:
     """Matmul FLOPs of one optimizer step over `batch` full rows of `seq_len` tokens.
@@ -82,11 +83,11 @@ def train_step_flops(
         "lm_head": 4 * dv * tokens,
     }
     recompute = 2 * dv * tokens + 2 * nh * keys
-    if remat == "none":
+    if remat == "lean":
         recompute += 2 * xa * adapted * tokens
     elif remat == "dots":
         recompute += 4 * nh * keys
-    else:
+    elif remat == "full":
         last = list(dims)[-1]  # the MLP output projection
         w_last, a_last = dims[last][0] * dims[last][1], r * dims[last][1] if last in targets else 0
         recompute += 2 * (w_frozen - w_last) * layers * tokens + 4 * nh * keys

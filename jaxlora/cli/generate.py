@@ -1,8 +1,13 @@
-"""`run_generation`: what `scripts/generate.py` does, as a library function."""
+"""`run_generation`: what `scripts/generate.py` does, as a library function.
+
+(`jaxlora.models.generate` is the decoding itself; this module adds loading, adapters and argument checks.)
+"""
 
 from jaxlora.errors import UserError
+from jaxlora.lora import lora_scale
 from jaxlora.models import load_model, load_tokenizer
 from jaxlora.models.generate import generate_text
+from jaxlora.peft import load_peft_adapter
 from jaxlora.quant import make_quantizer
 
 
@@ -35,9 +40,6 @@ def run_generation(
     tokenizer = load_tokenizer(m.path)
     lora, scale = None, 1.0
     if adapter is not None:
-        from jaxlora.export import load_peft_adapter
-        from jaxlora.lora import lora_scale
-
         lora, lora_cfg = load_peft_adapter(adapter, m.config)
         scale = lora_scale(m.config, lora_cfg)
     return generate_text(

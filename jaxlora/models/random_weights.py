@@ -2,10 +2,9 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxlora.models.config import DecoderConfig
-from jaxlora.models.names import LINEAR, VECTOR, hf_shape, name_table
+from jaxlora.models.spec import VECTOR, name_table
 
 
 def init_params(cfg: DecoderConfig, seed: int = 0, dtype: str = "float32", std: float = 0.02) -> dict:
@@ -14,21 +13,10 @@ def init_params(cfg: DecoderConfig, seed: int = 0, dtype: str = "float32", std: 
     key = jax.random.key(seed)
     params: dict = {}
     for n, e in enumerate(name_table(cfg)):
-        shape = hf_shape(e, cfg)
-        shape = shape[::-1] if e.layout == LINEAR else shape
-        if e.per_layer:
-            shape = (cfg.num_layers, *shape)
+        shape = ((cfg.num_layers,) if e.per_layer else ()) + e.shape(cfg)
         if e.layout == VECTOR:
             value = jnp.zeros(shape, dtype) if e.path[-1] == "bias" else jnp.ones(shape, dtype)
         else:
             value = (jax.random.normal(jax.random.fold_in(key, n), shape, jnp.float32) * std).astype(dtype)
-        node = params
-        for k in e.path[:-1]:
-            node = node.setdefault(k, {})
-        node[e.path[-1]] = value
+        e.put(params, value)
     return params
-
-
-def count_params(params) -> int:
-    """Number of scalar parameters in a (possibly quantized) tree."""
-    return int(sum(np.prod(getattr(x, "shape", ())) for x in jax.tree.leaves(params)))

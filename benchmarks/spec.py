@@ -1,0 +1,112 @@
+"""What a benchmark measures: `BenchSpec`, the named presets and suites, and the model each one trains.
+
+Architectures are Hugging Face `config.json` files under `presets/<arch>/` (random weights), except
+`stories260k`, the real model folder of the test assets. This module imports no framework: the PEFT
+worker process must not load JAX (host memory is part of what it reports), nor jaxlora's data stack.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from jaxlora.errors import UserError
+
+RESULT_TAG = "JAXLORA_BENCH_RESULT "
+FRAMEWORKS = ("jaxlora", "peft")
+# jaxlora's train.remat policies; PEFT turns on gradient checkpointing for the ones in PEFT_CHECKPOINTING.
+REMATS = ("none", "lean", "dots", "full")
+PEFT_CHECKPOINTING = ("dots", "full")
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+REAL_MODEL = "stories260k"  # the arch trained from its real weights, found under --assets
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSpec:
+    """One measured configuration (what both frameworks run)."""
+
+    name: str
+    arch: str  # a folder of presets/, or "stories260k" (the real model in the test assets)
+    batch: int
+    seq: int
+    dtype: str = "bfloat16"  # parameter and compute dtype
+    quant: str = "none"  # none | int8 | nf4 (frozen base weights)
+    r: int = 16
+    alpha: float = 32.0
+    remat: str = "lean"  # jaxlora train.remat; PEFT: gradient checkpointing for dots and full
+    attention: str = "xla"  # jaxlora model.attention; PEFT always uses sdpa
+    loss_chunk: int = 1024
+    scan_layers: bool = True
+    donate: bool = True
+    prefetch: bool = True
+    sync_every_step: bool = False
+    steps: int = 10  # timed steps
+    warmup: int = 3
+    window: int = 5  # steps per timed window (one host sync per window)
+    lr: float = 1e-4
+    seed: int = 0
+    threads: int = 0  # CPU only: cores (affinity) and intra-op threads of both frameworks; 0 = defaults
+    model_path: str = ""  # the real model's folder when arch == "stories260k"
+    profile_dir: str = ""  # jaxlora only: a jax.profiler trace of the timed steps
+
+    def replace(self, **kw) -> "BenchSpec":
+        return dataclasses.replace(self, **kw)
+
+
+PRESETS = {
+    "tiny": BenchSpec(
+        "tiny", "tiny", batch=2, seq=64, dtype="float32", r=4, alpha=8.0, steps=4, warmup=2, window=2
+    ),
+    "stories260k": BenchSpec(
+        "stories260k", REAL_MODEL, batch=8, seq=256, dtype="float32", r=8, alpha=16.0, steps=20
+    ),
+    "llama-3.2-1b": BenchSpec("llama-3.2-1b", "llama-3.2-1b", batch=8, seq=2048),
+    "llama-3.2-1b-8k": BenchSpec("llama-3.2-1b-8k", "llama-3.2-1b", batch=2, seq=8192),
+    "llama-3.1-8b": BenchSpec("llama-3.1-8b", "llama-3.1-8b", batch=4, seq=2048),
+    "llama-3.1-8b-int8": BenchSpec("llama-3.1-8b-int8", "llama-3.1-8b", batch=4, seq=2048, quant="int8"),
+    "llama-3.1-8b-nf4": BenchSpec("llama-3.1-8b-nf4", "llama-3.1-8b", batch=4, seq=2048, quant="nf4"),
+    "llama-3.1-8b-8k": BenchSpec("llama-3.1-8b-8k", "llama-3.1-8b", batch=1, seq=8192),
+    "qwen2.5-0.5b": BenchSpec("qwen2.5-0.5b", "qwen2.5-0.5b", batch=8, seq=2048),
+    "qwen2.5-0.5b-8k": BenchSpec("qwen2.5-0.5b-8k", "qwen2.5-0.5b", batch=2, seq=8192),
+}
+SUITES = {
+    "cpu": ["tiny", "stories260k"],
+    "gpu": [
+        "llama-3.2-1b",
+        "llama-3.2-1b-8k",
+        "qwen2.5-0.5b",
+        "qwen2.5-0.5b-8k",
+        "llama-3.1-8b",
+        "llama-3.1-8b-int8",
+        "llama-3.1-8b-nf4",
+        "llama-3.1-8b-8k",
+    ],
+}
+
+
+def model_folder(spec: BenchSpec) -> tuple[Path, bool]:
+    """(folder holding the architecture's config.json, random weights?)."""
+    if spec.arch == REAL_MODEL:
+        folder = Path(spec.model_path)
+        if not (folder / "model.safetensors").is_file():
+            raise UserError(
+                f"stories260K not found at {spec.model_path!r}; pass --assets or set JAXLORA_ASSETS"
+            )
+        return folder, False
+    folder = PRESETS_DIR / spec.arch
+    if not (folder / "config.json").is_file():
+        known = sorted(p.name for p in PRESETS_DIR.iterdir() if (p / "config.json").is_file())
+        raise UserError(f"unknown architecture {spec.arch!r}; known: {REAL_MODEL}, {', '.join(known)}")
+    return folder, True
+
+
+def hf_config(spec: BenchSpec) -> dict:
+    """The Hugging Face config.json of the spec's architecture."""
+    return json.loads((model_folder(spec)[0] / "config.json").read_text())
+
+
+def random_ids(spec: BenchSpec, vocab: int, n: int = 4) -> list[np.ndarray]:
+    """`n` random token batches, int32 [1, B, T] (one micro-step each), the same for both frameworks."""
+    rng = np.random.default_rng(spec.seed)
+    return [rng.integers(0, vocab, (1, spec.batch, spec.seq)).astype(np.int32) for _ in range(n)]

@@ -1,0 +1,99 @@
+"""`scripts/export.py`: an adapter folder or a training run, exported as PEFT or as a merged checkpoint."""
+
+import os
+from pathlib import Path
+
+from huggingface_hub import hf_hub_download
+
+from jaxlora.config import load_config
+from jaxlora.errors import UserError
+from jaxlora.lora import save_merged
+from jaxlora.models.config import config_from_hf, read_hf_config
+from jaxlora.models.loading import DTYPES, load_model, resolve_model_path
+from jaxlora.peft import load_peft_adapter, read_adapter_config, save_peft_adapter
+from jaxlora.quant import make_quantizer
+from jaxlora.train.checkpoint import restore_lora
+
+FORMATS = ("peft", "merged")
+
+
+def _model_hf_config(model: str) -> dict:
+    """config.json of a local model folder, or of a hub model (downloading that file only)."""
+    folder = Path(os.path.expanduser(model))
+    if folder.is_dir():
+        return read_hf_config(folder)
+    try:
+        return read_hf_config(Path(hf_hub_download(model, "config.json")).parent)
+    except UserError:
+        raise
+    except Exception:  # not a hub id, offline, unknown or gated repo
+        return read_hf_config(resolve_model_path(model))  # raises the loader's one-line error
+
+
+def lora_from_run(run_dir) -> tuple:
+    """The LoRA tree of a training run's latest checkpoint: `(run Config, lora tree, step)`.
+
+    Reads `run_dir/config.yaml` (the resolved config the trainer saved) and only the LoRA part of
+    `run_dir/checkpoints/<latest step>`.
+    """
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run}: no config.yaml; is this a jaxlora run folder (train output_dir)?")
+    ckpt_dir = run / "checkpoints"
+    if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+        raise UserError(f"{run}: no checkpoint under {ckpt_dir}")
+    cfg = load_config(run / "config.yaml")
+    lora, step = restore_lora(ckpt_dir)
+    return cfg, lora, step
+
+
+def run_export(
+    adapter: str | None,
+    model: str | None,
+    fmt: str,
+    out: str,
+    *,
+    overwrite: bool = False,
+    dtype: str | None = None,
+    quant: str | None = None,
+    quant_block_size: int | None = None,
+    run: str | None = None,
+) -> Path:
+    """Export an adapter folder, or a training run's latest checkpoint, for base `model` as `fmt` into `out`.
+
+    "peft": re-save the adapter in normalized PEFT form (explicit target list, float32 tensors, only the
+    adapted layers), checked against the model's dimensions; only config.json is read. "merged": load the
+    model, merge the adapter and write a full HF checkpoint (`dtype` as in `save_merged`). For an adapter
+    trained on a quantized base (QLoRA), pass the training's `quant` ("int8"/"nf4") and `quant_block_size`:
+    the base is quantized the same way and the update is added to those dequantized weights.
+    With `run` (a training output_dir), the model and the quant settings default to the run's config.
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    lora = lora_cfg = None
+    if run is not None:
+        run_cfg, lora, _ = lora_from_run(run)
+        lora_cfg = run_cfg.lora
+        model = model or run_cfg.model.path
+        if quant is None:
+            quant, quant_block_size = run_cfg.quant.weights, run_cfg.quant.block_size
+    elif adapter is None:
+        raise UserError("pass --adapter DIR (a PEFT LoRA adapter folder) or --run OUTPUT_DIR")
+    else:
+        read_adapter_config(adapter)  # fail on a bad adapter before loading any weights
+    if model is None:
+        raise UserError("pass --model PATH_OR_ID (the base model the adapter was trained on)")
+    quant = quant or "none"
+    if fmt == "peft":
+        if quant != "none" and run is None:
+            raise UserError("--quant applies to --format merged only")
+        cfg = config_from_hf(_model_hf_config(model))
+        if lora is None:
+            lora, lora_cfg = load_peft_adapter(adapter, cfg)
+        return save_peft_adapter(out, lora, lora_cfg, cfg, model, overwrite=overwrite)
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    m = load_model(model, quantizer=make_quantizer(quant, quant_block_size))
+    if lora is None:
+        lora, lora_cfg = load_peft_adapter(adapter, m.config)
+    return save_merged(out, m, lora, lora_cfg, dtype=dtype, overwrite=overwrite)

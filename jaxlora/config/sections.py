@@ -1,0 +1,266 @@
+"""The sections of a run config and the top-level `Config` (the `lora` and `data` sections live in their
+layers: `jaxlora.lora.config`, `jaxlora.data.config`)."""
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from jaxlora.config.suggest import suggest_key
+from jaxlora.data.config import DataConfig
+from jaxlora.lora.config import LoraConfig
+from jaxlora.schema import Bool, Float, Int, Invalid, NonBlank, Section, Str, listing
+
+__all__ = [
+    "CheckpointSection",
+    "Config",
+    "DistributedSection",
+    "LoggingSection",
+    "MeshSection",
+    "ModelSection",
+    "ParallelSection",
+    "QuantSection",
+    "TrainSection",
+]
+
+DType = Literal["float32", "bfloat16"]
+
+
+class ModelSection(Section):
+    """The base model to fine-tune."""
+
+    _prefix = "model"
+
+    path: NonBlank = Field(
+        description="HF hub id (org/name) or local folder with config.json and safetensors"
+    )
+    revision: NonBlank | None = Field(
+        None, description="hub branch, tag or commit; null = the default branch"
+    )
+    tokenizer: NonBlank | None = Field(
+        None, description="hub id or folder of the tokenizer; null = model.path"
+    )
+    dtype: DType = Field("float32", description="storage dtype of the base parameters")
+    compute_dtype: DType | None = Field(
+        None, description="dtype of activations and matmuls; null = model.dtype"
+    )
+    attention: Literal["xla", "cudnn"] = Field(
+        "xla", description="attention kernel: plain XLA or cuDNN flash attention (GPU only)"
+    )
+    allow_pickle: Bool = Field(
+        False, description="permit loading pytorch_model.bin (pickle; runs code) if no safetensors"
+    )
+    random_init: Bool = Field(
+        False,
+        description="ignore any weights: random base from config.json, seeded by `seed` "
+        "(smoke tests, benchmarks)",
+    )
+
+
+class QuantSection(Section):
+    """Quantization of the frozen base weights."""
+
+    _prefix = "quant"
+
+    weights: Literal["none", "int8", "nf4"] = Field(
+        "none", description="quantize frozen base weights: none, int8 or 4-bit NormalFloat"
+    )
+    block_size: Int | None = Field(
+        None, ge=1, description="values per quantization scale; null = per output channel (int8) or 64 (nf4)"
+    )
+    skip: listing(Str) = Field(("lm_head", "embed_tokens"), description="module names kept unquantized")
+
+    @field_validator("skip")
+    @classmethod
+    def _no_empty_names(cls, skip: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not s.strip() for s in skip):
+            raise Invalid("{key} must not contain empty names, got {names}", names=list(skip))
+        return skip
+
+
+class TrainSection(Section):
+    """Optimization: steps, batch, AdamW, schedule, memory."""
+
+    _prefix = "train"
+
+    batch_size: Int = Field(8, ge=1, description="sequences per optimizer micro-step, across all devices")
+    grad_accum_steps: Int = Field(1, ge=1, description="micro-steps accumulated per optimizer update")
+    max_steps: Int | None = Field(
+        200,
+        ge=1,
+        description="optimizer updates; null if num_epochs is given without it; "
+        "with both, the first limit ends",
+    )
+    num_epochs: Float | None = Field(
+        None, gt=0, description="passes over data.train; null = limited by max_steps only"
+    )
+    learning_rate: Float = Field(2.0e-4, gt=0, description="peak learning rate")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="decay after warmup, down to min_lr_ratio * learning_rate"
+    )
+    warmup_steps: Int = Field(10, ge=0, description="linear warmup steps (ignored when warmup_ratio is set)")
+    warmup_ratio: Float | None = Field(
+        None, ge=0, lt=1, description="warmup as a fraction of total steps, in [0, 1)"
+    )
+    min_lr_ratio: Float = Field(
+        0.0, ge=0, le=1, description="final learning rate as a fraction of learning_rate, in [0, 1]"
+    )
+    weight_decay: Float = Field(0.0, ge=0, description="AdamW decoupled weight decay on LoRA parameters")
+    adam_beta1: Float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    adam_beta2: Float = Field(0.999, ge=0, lt=1, description="AdamW beta2")
+    adam_eps: Float = Field(1e-8, gt=0, description="AdamW epsilon")
+    max_grad_norm: Float | None = Field(
+        1.0, gt=0, description="clip gradients to this global norm; null = no clipping"
+    )
+    remat: Literal["none", "lean", "dots", "full"] = Field(
+        "lean",
+        description="what the backward pass keeps: none = every intermediate (most memory); lean = matmul "
+        "outputs, recomputing norms, RoPE, activations and the rank-r LoRA products; dots = only matmul "
+        "outputs without batch dims; full = nothing, the whole layer is recomputed",
+    )
+    loss_chunk_size: Int = Field(
+        1024, ge=1, description="tokens per cross-entropy chunk (bounds the logits memory)"
+    )
+    eval_every_steps: Int | None = Field(
+        50, ge=1, description="evaluate every N optimizer steps; null = never"
+    )
+    eval_batches: Int | None = Field(
+        None, ge=1, description="batches per evaluation; null = all validation data"
+    )
+
+    @model_validator(mode="after")
+    def _has_a_length(self) -> "TrainSection":
+        if self.max_steps is None and self.num_epochs is None:
+            raise Invalid("{max_steps} and {num_epochs} are both null; set one (e.g. {max_steps}=1000)")
+        return self
+
+
+class CheckpointSection(Section):
+    """Saving and resuming training state."""
+
+    _prefix = "checkpoint"
+
+    every_steps: Int | None = Field(
+        100, ge=1, description="save every N optimizer steps (and at the end); null = only at the end"
+    )
+    keep: Int = Field(2, ge=1, description="most recent checkpoints kept")
+    resume: Literal["auto", "never", "always"] = Field(
+        "auto",
+        description="auto = resume from output_dir if it has a checkpoint; always = fail if none; never",
+    )
+
+
+class LoggingSection(Section):
+    """Metrics output."""
+
+    _prefix = "logging"
+
+    every_steps: Int = Field(10, ge=1, description="log training metrics every N optimizer steps")
+    tensorboard: Bool = Field(True, description="write TensorBoard event files to output_dir")
+    progress_bar: Bool = Field(True, description="show a progress bar on the terminal")
+
+
+class MeshSection(Section):
+    """Device mesh axis sizes for parallel.strategy mesh."""
+
+    _prefix = "parallel.mesh"
+
+    data: Int = Field(-1, description="data-parallel axis size; -1 = all devices left over")
+    fsdp: Int = Field(1, ge=1, description="axis that shards parameters and optimizer state")
+    tensor: Int = Field(1, ge=1, description="tensor-parallel axis size")
+
+    @field_validator("data")
+    @classmethod
+    def _all_or_some(cls, data: int) -> int:
+        if data != -1 and data < 1:
+            raise Invalid("{key} must be -1 (all remaining devices) or >= 1, got {data}", data=data)
+        return data
+
+
+class DistributedSection(Section):
+    """Multi-host setup (jax.distributed.initialize)."""
+
+    _prefix = "parallel.distributed"
+
+    enabled: Bool | None = Field(
+        None, description="initialize multi-host JAX; null = auto-detect from the environment"
+    )
+    coordinator_address: Str | None = Field(None, description="host:port of process 0; null = auto-detect")
+    num_processes: Int | None = Field(None, ge=1, description="number of processes; null = auto-detect")
+    process_id: Int | None = Field(None, ge=0, description="this process's index; null = auto-detect")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DistributedSection":
+        if None not in (self.num_processes, self.process_id) and self.process_id >= self.num_processes:
+            raise Invalid(
+                "{process_id} must be < num_processes ({n}), got {got}",
+                n=self.num_processes,
+                got=self.process_id,
+            )
+        if self.enabled is False and self.coordinator_address is not None:
+            raise Invalid("{coordinator_address} is set but {enabled} is false")
+        return self
+
+
+class ParallelSection(Section):
+    """How devices are used."""
+
+    _prefix = "parallel"
+
+    strategy: Literal["auto", "single", "pmap", "mesh"] = Field(
+        "auto",
+        description="auto (single device or data-parallel mesh), single, pmap, or mesh (uses parallel.mesh)",
+    )
+    mesh: MeshSection = Field(default_factory=MeshSection, description="mesh axis sizes")
+    distributed: DistributedSection = Field(
+        default_factory=DistributedSection, description="multi-host setup"
+    )
+
+    @model_validator(mode="after")
+    def _mesh_fits_the_strategy(self) -> "ParallelSection":
+        if self.strategy in ("single", "pmap"):
+            for name in ("fsdp", "tensor"):
+                if getattr(self.mesh, name) != 1:
+                    raise Invalid(
+                        "{key}={size} needs {strategy} mesh or auto, not {chosen}",
+                        at=f"mesh.{name}", size=getattr(self.mesh, name), chosen=self.strategy,
+                    )  # fmt: skip
+        return self
+
+
+class Config(Section):
+    """A whole run. Build with `load_config` or `config_from_dict`; save with `save_config`."""
+
+    output_dir: NonBlank = Field(
+        description="run folder: checkpoints, adapters, logs and the resolved config.yaml"
+    )
+    seed: Int = Field(
+        0, ge=0, lt=2**32, description="seed for parameter init, dropout, shuffling and the validation split"
+    )
+    overwrite: Bool = Field(
+        False, description="allow writing into a non-empty output_dir that is not being resumed"
+    )
+    model: ModelSection = Field(description="base model")
+    quant: QuantSection = Field(default_factory=QuantSection, description="base weight quantization")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="adapters")
+    data: DataConfig = Field(description="datasets")
+    train: TrainSection = Field(default_factory=TrainSection, description="optimization")
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection, description="checkpoints")
+    logging: LoggingSection = Field(default_factory=LoggingSection, description="metrics")
+    parallel: ParallelSection = Field(default_factory=ParallelSection, description="devices")
+
+    @model_validator(mode="after")
+    def _has_validation_data(self) -> "Config":
+        if (
+            self.train.eval_every_steps is not None
+            and not self.data.validation
+            and not self.data.validation_split
+        ):
+            raise Invalid(
+                "train.eval_every_steps is set but there is no validation data (data.validation is empty and "
+                "data.validation_split is 0); set train.eval_every_steps=null or give validation data"
+            )
+        return self
+
+    @classmethod
+    def suggest(cls, where: str, name: str, section: type[Section]) -> str | None:
+        return suggest_key(cls, where, name, section)

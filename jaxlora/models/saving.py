@@ -1,0 +1,144 @@
+"""Write a parameter tree as a Hugging Face checkpoint folder: the mirror of `loading.py`.
+
+Every tensor of the family's spec (`models.spec.name_table`) goes out under its HF name and layout (torch
+`Linear` weights transposed back to [out, in], GPT-2 Conv1D kept [in, out]); quantized kernels are
+dequantized, so the result is a plain float model transformers loads. Tensors are produced one layer at a
+time on the host and written shard by shard (shards planned by `huggingface_hub`), so host memory peaks at
+one shard. config.json, generation_config.json and the tokenizer files are copied from the source folder.
+"""
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+from huggingface_hub import split_state_dict_into_shards_factory
+
+from jaxlora.errors import UserError
+from jaxlora.models.config import DecoderConfig, read_hf_config
+from jaxlora.models.loading import DTYPES, resolve_model_path
+from jaxlora.models.safetensors_io import write_safetensors
+from jaxlora.models.spec import LINEAR, Entry, hf_shape, name_table
+from jaxlora.quant import QuantizedTensor, dequantize
+
+MAX_SHARD_BYTES = 5 * 10**9  # transformers' default shard size
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# (entry, layer, kernel [in, out] float32 on the host) -> the kernel to write, for per-layer LoRA targets.
+KernelHook = Callable[[Entry, int, np.ndarray], np.ndarray]
+
+
+def prepare_out_dir(out_dir, overwrite: bool) -> Path:
+    """Create `out_dir`; refuse a non-empty folder (or a file) unless `overwrite`."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(
+            f"output folder {out} already exists and is not empty; "
+            "pass overwrite=True (--overwrite) to write into it"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _host_f32(leaf) -> np.ndarray:
+    """A float32 host copy of a dense or quantized (dequantized) leaf."""
+    if isinstance(leaf, QuantizedTensor):
+        leaf = dequantize(leaf, np.float32)
+    return np.asarray(jax.device_get(leaf), np.float32)
+
+
+def _tensors(params: dict, cfg: DecoderConfig, np_dtype, hook: KernelHook | None) -> dict:
+    """{HF name: (bytes, producer)} for every tensor, in spec order; a producer returns the HF array."""
+    itemsize = np.dtype(np_dtype).itemsize
+    out = {}
+    for entry in name_table(cfg):
+        leaf, shape = entry.get(params), hf_shape(entry, cfg)
+        hooked = hook is not None and entry.lora
+
+        def produce(layer, leaf=leaf, entry=entry, shape=shape, hooked=hooked):
+            arr = _host_f32(leaf if layer is None else jax.tree.map(lambda x: x[layer], leaf))
+            if hooked:
+                arr = hook(entry, layer, arr)
+            arr = arr.T if entry.layout == LINEAR else arr
+            assert arr.shape == shape, (entry.hf_name(layer), arr.shape, shape)
+            return np.ascontiguousarray(arr.astype(np_dtype))
+
+        for i in range(cfg.num_layers) if entry.per_layer else [None]:
+            out[entry.hf_name(i)] = (int(np.prod(shape)) * itemsize, lambda p=produce, i=i: p(i))
+    return out
+
+
+def source_dtype(folder: Path) -> str:
+    """The dtype a checkpoint folder's config.json declares (float32 when absent or unknown)."""
+    conf = read_hf_config(folder)
+    name = conf.get("dtype") or conf.get("torch_dtype") or "float32"
+    return name if name in DTYPES else "float32"
+
+
+def save_pretrained(
+    out_dir,
+    params: dict,
+    cfg: DecoderConfig,
+    source,
+    *,
+    dtype: str | None = None,
+    tokenizer_src=None,
+    overwrite: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    kernel_hook: KernelHook | None = None,
+) -> Path:
+    """Write `params` (model `cfg`, loaded from folder `source`) as a HF checkpoint folder; return it.
+
+    `dtype`: float32, bfloat16 or float16; default the source config.json's. `kernel_hook` may rewrite each
+    LoRA-targetable kernel layer before it is written (a LoRA merge does). An existing non-empty `out_dir`
+    is refused unless `overwrite`. Shards above `max_shard_bytes` get a `model.safetensors.index.json`.
+    """
+    source = Path(source)
+    dtype = dtype or source_dtype(source)
+    if dtype not in DTYPES:
+        raise UserError(f"merged dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    tok_src = Path(tokenizer_src) if tokenizer_src is not None else source
+    if not tok_src.is_dir():
+        tok_src = resolve_model_path(str(tokenizer_src))
+    out = prepare_out_dir(out_dir, overwrite)
+
+    tensors = _tensors(params, cfg, DTYPES[dtype], kernel_hook)
+    split = split_state_dict_into_shards_factory(
+        tensors,
+        get_storage_size=lambda item: item[0],
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_bytes,
+    )
+    for stale in out.glob("model*.safetensors*"):
+        stale.unlink()
+    for fname, names in split.filename_to_tensors.items():
+        write_safetensors(out / fname, {n: tensors[n][1]() for n in names}, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    conf = read_hf_config(source)
+    for key in ("dtype", "torch_dtype"):
+        if key in conf:
+            conf[key] = dtype
+    conf.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    if (source / "generation_config.json").is_file():
+        shutil.copyfile(source / "generation_config.json", out / "generation_config.json")
+    for name in TOKENIZER_FILES:
+        if (tok_src / name).is_file():
+            shutil.copyfile(tok_src / name, out / name)
+    return out

@@ -1,0 +1,265 @@
+"""The model spec: one table per family, one `Entry` per weight of the Hugging Face checkpoint.
+
+An entry holds every fact about one weight: its HF name (`{i}` = layer index), its path in the params
+tree, its layout, its shape as a function of the `DecoderConfig` with the logical sharding axis of each
+dim, whether it exists for this config (biases, untied head), and whether LoRA can target it. The rest is
+derived here, so nothing else spells out a family:
+
+    name_table(cfg)       the tensors the loader reads, the merged saver writes and random init fills
+    hf_shape(entry, cfg)  the shape HF stores (a torch `Linear` is [out, in]; jaxlora keeps [in, out])
+    linear_modules(cfg)   the per-layer linear layers LoRA can target, with (in, out) and HF module name
+    linear_dims(cfg)      (group, name) -> (in, out), the LoRA and FLOP dims
+    target_names(...)     the short `target_modules` names (the `c_proj` rule), for PEFT and error text
+    logical_axes()        params path -> logical axes, the input of `jaxlora.parallel.rules`
+    unexpected_tensors()  checkpoint tensors no entry reads and no known buffer explains
+
+Layouts: LINEAR (torch `nn.Linear` [out, in], transposed on load), CONV1D (GPT-2's Conv1D, already
+[in, out]), VECTOR (norms, biases), EMBEDDING ([rows, D] on both sides). A fused HF tensor that jaxlora
+keeps split (Phi-3's `qkv_proj` -> q/k/v) would be one more layout whose entry names its parts; no
+supported family needs it (GPT-2's `c_attn` stays fused in jaxlora too).
+
+A new family is a `Family` in `FAMILIES` plus the switches `models.config` reads from its config.json.
+"""
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable
+from operator import attrgetter
+
+from jaxlora.errors import UserError
+from jaxlora.models.config import DecoderConfig
+
+LINEAR, CONV1D, VECTOR, EMBEDDING = "linear", "conv1d", "vector", "embedding"
+
+Size = Callable[[DecoderConfig], int]
+Cond = Callable[[DecoderConfig], bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One weight: HF name, params path, layout, dims and when it exists (see the module docstring)."""
+
+    hf: str  # "model.layers.{i}.self_attn.q_proj.weight"
+    path: tuple[str, ...]  # ("layers", "attn", "q_proj", "kernel")
+    layout: str
+    dims: tuple[tuple[Size, str | None], ...]  # one layer, jaxlora layout: (size, logical axis) per dim
+    lora: bool = False  # a per-layer linear layer LoRA can target
+    when: Cond | None = None  # None: always present
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.hf
+
+    def hf_name(self, layer: int | None = None) -> str:
+        return self.hf.format(i=layer) if self.per_layer else self.hf
+
+    def shape(self, cfg: DecoderConfig) -> tuple[int, ...]:
+        """jaxlora's shape of one layer (a kernel is [in, out]); stacked weights add [L] in front."""
+        return tuple(size(cfg) for size, _ in self.dims)
+
+    @property
+    def axes(self) -> tuple[str | None, ...]:
+        """Logical names of the dims of the params leaf ("layers" first for a stacked weight)."""
+        own = tuple(axis for _, axis in self.dims)
+        return ("layers", *own) if self.per_layer else own
+
+    def present(self, cfg: DecoderConfig) -> bool:
+        return self.when is None or self.when(cfg)
+
+    def get(self, params: dict):
+        for key in self.path:
+            params = params[key]
+        return params
+
+    def put(self, params: dict, value) -> None:
+        for key in self.path[:-1]:
+            params = params.setdefault(key, {})
+        params[self.path[-1]] = value
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A family's weights in checkpoint order, and the regexes of non-weight tensors its checkpoints
+    may carry (buffers such as rotary caches) that the loader skips."""
+
+    weights: tuple[Entry, ...]
+    buffers: tuple[str, ...] = ()
+
+
+def _entry(hf: str, path: str, layout: str, *dims, lora: bool = False, when: Cond | None = None) -> Entry:
+    """An entry; `path` is dotted, under "layers" for a per-layer weight (`{i}` in its HF name)."""
+    keys = tuple(path.split("."))
+    return Entry(hf, ("layers", *keys) if "{i}" in hf else keys, layout, dims, lora, when)
+
+
+# Sizes, as functions of the config.
+V, D, I = attrgetter("vocab_size"), attrgetter("hidden_size"), attrgetter("intermediate_size")
+Q, KV, H = attrgetter("q_dim"), attrgetter("kv_dim"), attrgetter("head_dim")
+P = attrgetter("max_position_embeddings")
+
+
+def QKV(cfg: DecoderConfig) -> int:
+    return cfg.q_dim + 2 * cfg.kv_dim
+
+
+def _untied(cfg: DecoderConfig) -> bool:
+    return not cfg.tie_word_embeddings
+
+
+_qkv_bias, _o_bias = attrgetter("qkv_bias"), attrgetter("o_bias")
+_mlp_bias, _qk_norm = attrgetter("mlp_bias"), attrgetter("qk_norm")
+
+# Each row: HF name, params path (under "layers" when per layer), layout, then (size, logical axis) for
+# each dim in jaxlora's layout (a kernel is [in, out]); `lora` marks LoRA targets, `when` optional weights.
+_L = "model.layers.{i}."
+_A, _M = _L + "self_attn.", _L + "mlp."
+LLAMA = Family(
+    weights=(
+        _entry("model.embed_tokens.weight", "embed.embedding", EMBEDDING, (V, "vocab"), (D, "embed")),
+        _entry("model.norm.weight", "final_norm.scale", VECTOR, (D, None)),
+        _entry(_L + "input_layernorm.weight", "attn_norm.scale", VECTOR, (D, None)),
+        _entry(_L + "post_attention_layernorm.weight", "mlp_norm.scale", VECTOR, (D, None)),
+        _entry(_A + "q_proj.weight", "attn.q_proj.kernel", LINEAR, (D, "embed"), (Q, "q_heads"), lora=True),
+        _entry(_A + "q_proj.bias", "attn.q_proj.bias", VECTOR, (Q, "q_heads"), when=_qkv_bias),
+        _entry(_A + "k_proj.weight", "attn.k_proj.kernel", LINEAR, (D, "embed"), (KV, "kv_heads"), lora=True),
+        _entry(_A + "k_proj.bias", "attn.k_proj.bias", VECTOR, (KV, "kv_heads"), when=_qkv_bias),
+        _entry(_A + "v_proj.weight", "attn.v_proj.kernel", LINEAR, (D, "embed"), (KV, "kv_heads"), lora=True),
+        _entry(_A + "v_proj.bias", "attn.v_proj.bias", VECTOR, (KV, "kv_heads"), when=_qkv_bias),
+        _entry(_A + "o_proj.weight", "attn.o_proj.kernel", LINEAR, (Q, "q_heads"), (D, "embed"), lora=True),
+        _entry(_A + "o_proj.bias", "attn.o_proj.bias", VECTOR, (D, "embed"), when=_o_bias),
+        _entry(_A + "q_norm.weight", "attn.q_norm.scale", VECTOR, (H, None), when=_qk_norm),
+        _entry(_A + "k_norm.weight", "attn.k_norm.scale", VECTOR, (H, None), when=_qk_norm),
+        _entry(_M + "gate_proj.weight", "mlp.gate_proj.kernel", LINEAR, (D, "embed"), (I, "mlp"), lora=True),
+        _entry(_M + "gate_proj.bias", "mlp.gate_proj.bias", VECTOR, (I, "mlp"), when=_mlp_bias),
+        _entry(_M + "up_proj.weight", "mlp.up_proj.kernel", LINEAR, (D, "embed"), (I, "mlp"), lora=True),
+        _entry(_M + "up_proj.bias", "mlp.up_proj.bias", VECTOR, (I, "mlp"), when=_mlp_bias),
+        _entry(_M + "down_proj.weight", "mlp.down_proj.kernel", LINEAR, (I, "mlp"), (D, "embed"), lora=True),
+        _entry(_M + "down_proj.bias", "mlp.down_proj.bias", VECTOR, (D, "embed"), when=_mlp_bias),
+        _entry("lm_head.weight", "lm_head.kernel", LINEAR, (D, "embed"), (V, "vocab"), when=_untied),
+    ),
+    buffers=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
+)
+
+_H = "transformer.h.{i}."
+_HA, _HM = _H + "attn.", _H + "mlp."
+GPT2 = Family(
+    weights=(
+        _entry("transformer.wte.weight", "embed.embedding", EMBEDDING, (V, "vocab"), (D, "embed")),
+        _entry("transformer.wpe.weight", "pos_embed.embedding", EMBEDDING, (P, None), (D, "embed")),
+        _entry("transformer.ln_f.weight", "final_norm.scale", VECTOR, (D, None)),
+        _entry("transformer.ln_f.bias", "final_norm.bias", VECTOR, (D, None)),
+        _entry(_H + "ln_1.weight", "attn_norm.scale", VECTOR, (D, None)),
+        _entry(_H + "ln_1.bias", "attn_norm.bias", VECTOR, (D, None)),
+        _entry(_H + "ln_2.weight", "mlp_norm.scale", VECTOR, (D, None)),
+        _entry(_H + "ln_2.bias", "mlp_norm.bias", VECTOR, (D, None)),
+        _entry(_HA + "c_attn.weight", "attn.c_attn.kernel", CONV1D, (D, "embed"), (QKV, "qkv"), lora=True),
+        _entry(_HA + "c_attn.bias", "attn.c_attn.bias", VECTOR, (QKV, "qkv")),
+        _entry(_HA + "c_proj.weight", "attn.c_proj.kernel", CONV1D, (Q, "q_heads"), (D, "embed"), lora=True),
+        _entry(_HA + "c_proj.bias", "attn.c_proj.bias", VECTOR, (D, "embed")),
+        _entry(_HM + "c_fc.weight", "mlp.c_fc.kernel", CONV1D, (D, "embed"), (I, "mlp"), lora=True),
+        _entry(_HM + "c_fc.bias", "mlp.c_fc.bias", VECTOR, (I, "mlp")),
+        _entry(_HM + "c_proj.weight", "mlp.c_proj.kernel", CONV1D, (I, "mlp"), (D, "embed"), lora=True),
+        _entry(_HM + "c_proj.bias", "mlp.c_proj.bias", VECTOR, (D, "embed")),
+        _entry("lm_head.weight", "lm_head.kernel", LINEAR, (D, "embed"), (V, "vocab"), when=_untied),
+    ),
+    # The causal-mask buffers older GPT-2 checkpoints saved.
+    buffers=(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)",),
+)
+
+# model_type -> family. Llama, Mistral and the Qwens differ only in switches (models.config).
+FAMILIES: dict[str, Family] = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "gpt2": GPT2}
+
+
+def family(cfg: DecoderConfig) -> Family:
+    if cfg.model_type not in FAMILIES:
+        raise UserError(f"no model spec for model_type {cfg.model_type!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[cfg.model_type]
+
+
+def name_table(cfg: DecoderConfig) -> list[Entry]:
+    """Every tensor of the HF checkpoint for this config, in checkpoint order."""
+    return [e for e in family(cfg).weights if e.present(cfg)]
+
+
+def hf_shape(entry: Entry, cfg: DecoderConfig) -> tuple[int, ...]:
+    """The shape HF stores for one tensor of one layer."""
+    shape = entry.shape(cfg)
+    return shape[::-1] if entry.layout == LINEAR else shape
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearModule:
+    """A per-layer linear layer LoRA can target."""
+
+    name: str  # HF module name, "q_proj"
+    path: tuple[str, ...]  # ("layers", "attn", "q_proj"): its kernel is path + ("kernel",)
+    hf_prefix: str  # "model.layers.{i}.self_attn.q_proj"
+    fan_in_fan_out: bool  # HF stores the base weight [in, out] (GPT-2 Conv1D)
+    in_features: int
+    out_features: int
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(group, name), e.g. ("attn", "q_proj"): its place under params["layers"] and in a LoRA tree."""
+        return self.path[1], self.path[2]
+
+    @property
+    def suffix(self) -> str:
+        """The last two parts of the HF module name, "self_attn.q_proj" or "attn.c_proj"."""
+        return ".".join(self.hf_prefix.split(".")[-2:])
+
+
+def linear_modules(cfg: DecoderConfig) -> list[LinearModule]:
+    """The per-layer linear layers (LoRA candidates; the LM head is never one), in checkpoint order."""
+    out = []
+    for e in name_table(cfg):
+        if e.lora:
+            fan_in, fan_out = e.shape(cfg)
+            prefix = e.hf.removesuffix(".weight")
+            out.append(LinearModule(e.path[-2], e.path[:-1], prefix, e.layout == CONV1D, fan_in, fan_out))
+    return out
+
+
+def linear_dims(cfg: DecoderConfig) -> dict[tuple[str, str], tuple[int, int]]:
+    """(group, module) -> (in_features, out_features) for every per-layer linear layer."""
+    return {m.key: (m.in_features, m.out_features) for m in linear_modules(cfg)}
+
+
+def target_names(cfg: DecoderConfig, keys: Iterable[tuple[str, str]]) -> list[str]:
+    """Names for `target_modules` that match exactly the modules `keys` ((group, name) pairs), as PEFT
+    matches suffixes: the module name (`q_proj`), unless a module outside `keys` shares it (GPT-2's
+    attn.c_proj and mlp.c_proj), then the last two parts (`attn.c_proj`). In the order of `keys`, without
+    repeats. Used for PEFT's `target_modules` and for the module list of error messages."""
+    keys = list(keys)
+    mods = {m.key: m for m in linear_modules(cfg)}
+    out: list[str] = []
+    for key in keys:
+        m = mods[key]
+        clash = any(o.name == m.name and o.key not in keys for o in mods.values())
+        name = m.suffix if clash else m.name
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def unexpected_tensors(cfg: DecoderConfig, names: Iterable[str]) -> list[str]:
+    """The checkpoint tensors in `names` that no entry reads, less the family's known buffers and the LM
+    head a tied model does not use (some tied checkpoints still carry it)."""
+    fam = family(cfg)
+    layers = range(cfg.num_layers)
+    expected = {e.hf_name(i) for e in name_table(cfg) for i in (layers if e.per_layer else [None])}
+    skip = [re.compile(p) for p in fam.buffers]
+    if cfg.tie_word_embeddings:
+        skip += [re.compile(re.escape(e.hf)) for e in fam.weights if e.path == ("lm_head", "kernel")]
+    return [n for n in names if n not in expected and not any(p.fullmatch(n) for p in skip)]
+
+
+def logical_axes() -> dict[tuple[str, ...], tuple[str | None, ...]]:
+    """Params path -> logical axes of its dims, over every family. One path is one kind of weight for the
+    one decoder, so families must agree on its axes (checked)."""
+    table: dict[tuple[str, ...], tuple[str | None, ...]] = {}
+    for fam in FAMILIES.values():
+        for e in fam.weights:
+            if table.setdefault(e.path, e.axes) != e.axes:
+                raise AssertionError(f"families disagree on the logical axes of {'.'.join(e.path)}")
+    return table

@@ -36,7 +36,6 @@ of bfloat16.
 import dataclasses
 import math
 import statistics
-from functools import partial
 from typing import Any
 
 import jax
@@ -114,7 +113,7 @@ class QuantizedTensor:
     def __repr__(self) -> str:
         return (
             f"QuantizedTensor({self.method}, shape={list(self.shape)}, block={self.block_size}, "
-            f"{f'pad={self.pad}, ' if self.pad else ''}from {self.orig_dtype}, {_human(nbytes(self))})"
+            f"{f'pad={self.pad}, ' if self.pad else ''}from {self.orig_dtype}, {human_bytes(nbytes(self))})"
         )
 
 
@@ -297,152 +296,8 @@ def unpack_nf4(packed: jax.Array) -> jax.Array:
     return c.reshape(p.shape[:-2] + (2 * p.shape[-2], p.shape[-1]))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Loading: the quantizer the loader calls for every linear kernel.
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightQuantizer:
-    """The loader's quantizer hook (`jaxlora.models.loading.Quantizer`); build it with `make_quantizer`.
-
-    Called as `quantizer(name, w)` with the HF tensor name of a linear weight (the layer template with
-    `{i}` for a per-layer one, e.g. `model.layers.{i}.mlp.down_proj.weight`) and its float32 host array
-    (`[in, out]`, one layer at a time; `[D, V]` for an untied LM head). Returns a `QuantizedTensor`, or None
-    to keep the tensor in float (the loader then stores it in the model dtype). The loader asks
-    `wants(name)` first, so a skipped tensor is never copied to float32.
-    """
-
-    method: str
-    block_size: int | None = None
-    skip: tuple[str, ...] = ("lm_head", "embed_tokens")
-
-    def wants(self, name: str) -> bool:
-        """False when the HF tensor name (template, `{i}` for the layer) contains a `skip` string."""
-        return not any(s in name for s in self.skip)
-
-    def __call__(self, name: str, w: np.ndarray) -> "QuantizedTensor | None":
-        if not self.wants(name):
-            return None
-        return quantize(w, self.method, self.block_size, name=name.replace("{i}", "*"))
-
-
-def make_quantizer(
-    weights: str, block_size: int | None = None, skip: tuple[str, ...] = ("lm_head", "embed_tokens")
-) -> "WeightQuantizer | None":
-    """The quantizer for `load_model(..., quantizer=...)`, from the `quant:` config section.
-
-    weights: "none" (returns None: load in float), "int8" or "nf4". block_size: values per scale (None =
-    one scale per output column for int8, 64 with zero padding of `in` for nf4); an explicit size must
-    divide the input dim of every quantized kernel (UserError naming the tensor otherwise). skip: HF
-    module names (`lm_head`, `down_proj`) or substrings of HF tensor names (`layers.{i}.mlp`) left in float;
-    per-layer tensors are matched by their template with `{i}`, so a skip applies to all layers.
-    Every per-layer linear kernel and an untied LM head is quantized unless skipped; embeddings, norms and
-    biases never are (they are not linear kernels). Example:
-
-        model = load_model(path, quantizer=make_quantizer("nf4"))
-
-    The config validates all three; `weights` and `block_size` are checked here too because the export
-    and generation entry points also take them from command-line arguments.
-    """
-    if weights not in METHODS:
-        raise UserError(
-            f"unknown quantization {weights!r} (quant.weights): choose one of {', '.join(METHODS)}"
-        )
-    if block_size is not None and (isinstance(block_size, bool) or int(block_size) < 1):
-        raise UserError(f"quant.block_size must be a positive integer or null, got {block_size!r}")
-    if weights == "none":
-        return None
-    skip = (skip,) if isinstance(skip, str) else tuple(skip)
-    return WeightQuantizer(weights, None if block_size is None else int(block_size), skip)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Device side: pure jnp, jit-friendly.
-
-
-def dequantize(q: QuantizedTensor, dtype=None) -> jax.Array:
-    """Dense kernel [..., in, out] in `dtype` (default: the original dtype), with gradients stopped.
-
-    Arithmetic is float32 and rounds once to `dtype`; inside jit XLA fuses it into one elementwise kernel.
-    """
-    dtype = q.dtype if dtype is None else jnp.dtype(dtype)
-    lead = q.lead_shape
-    n_in, n_out = q.kernel_shape
-    n_pad = n_in + q.pad  # rows actually stored (zero padding at the end of `in`)
-    nb, bs = n_pad // q.block_size, q.block_size
-    if q.method == "int8":
-        w = jnp.asarray(q.data).astype(jnp.float32).reshape(lead + (nb, bs, n_out))
-        w = w * jnp.asarray(q.scale)[..., :, None, :]  # [..., nb, bs, out] * [..., nb, 1, out]
-    elif q.method == "nf4":
-        # block scales: int8 [..., S, 256] * absmax/127 [..., S, 1] + mean -> [..., nb, 1, out]
-        s = jnp.asarray(q.scale_codes).astype(jnp.float32) * (jnp.asarray(q.scale_absmax)[..., None] / 127)
-        s = s.reshape(lead + (-1,))[..., : nb * n_out] + jnp.asarray(q.scale_mean)
-        s = s.reshape(lead + (nb, 1, n_out))
-        vals = jnp.asarray(NF4_CODE)[unpack_nf4(q.data)]  # [..., in, out] in [-1, 1]
-        w = vals.reshape(lead + (nb, bs, n_out)) * s
-    else:
-        raise UserError(f"unknown quantization method {q.method!r}: choose one of {', '.join(METHODS)}")
-    w = w.reshape(lead + (n_pad, n_out))[..., :n_in, :]
-    return jax.lax.stop_gradient(w.astype(dtype))
-
-
-def as_kernel(w, dtype) -> jax.Array:
-    """Dense kernel [..., in, out] in `dtype` from a plain array or a `QuantizedTensor`.
-
-    For `x @ as_kernel(w, dtype)` under `jax.grad`, JAX saves the *dense* kernel as a backward residual
-    (per layer, under scan) unless the layer is rematerialized; `qmatmul` saves only the quantized one.
-    """
-    if isinstance(w, QuantizedTensor):
-        return dequantize(w, dtype)
-    return jnp.asarray(w).astype(dtype)
-
-
-def qmatmul(x: jax.Array, w, compute_dtype=None) -> jax.Array:
-    """`x [..., in] @ w [in, out] -> [..., out]` in `compute_dtype` (default x.dtype).
-
-    `w` is a plain array (ordinary autodiff) or a per-layer `QuantizedTensor` (no leading dims; slice a
-    stacked one with scan or indexing first). For a quantized `w` the gradient reaches `x` only, and the
-    backward pass recomputes the dense kernel from the quantized one, so the saved residual is the quantized
-    weight rather than a dense copy (as bitsandbytes' 4-bit matmul does). Reverse mode only (custom_vjp).
-    """
-    dtype = jnp.dtype(compute_dtype or jnp.result_type(x))
-    x = jnp.asarray(x).astype(dtype)
-    if not isinstance(w, QuantizedTensor):
-        return jnp.einsum("...i,io->...o", x, jnp.asarray(w).astype(dtype))
-    if w.lead_shape:
-        raise ValueError(f"qmatmul takes a per-layer kernel, got {w!r}; slice the leading dims first")
-    return _qmatmul(x, w, dtype)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _qmatmul(x, w, dtype):
-    return jnp.einsum("...i,io->...o", x, dequantize(w, dtype))
-
-
-def _qmatmul_fwd(x, w, dtype):
-    return _qmatmul(x, w, dtype), w
-
-
-def _qmatmul_bwd(dtype, w, g):
-    dx = jnp.einsum("...o,io->...i", g, dequantize(w, dtype))
-    return dx, None  # no cotangent for the frozen weight
-
-
-_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
-
-
-def dequantize_params(tree, dtype=None):
-    """`tree` with every `QuantizedTensor` replaced by its dense kernel (in `dtype`, default its own).
-
-    This is the base a merged export must add LoRA deltas to: the adapters were trained against these
-    values, not against the original float checkpoint.
-    """
-    is_q = lambda a: isinstance(a, QuantizedTensor)  # noqa: E731
-    return jax.tree.map(lambda a: dequantize(a, dtype) if is_q(a) else a, tree, is_leaf=is_q)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Memory accounting.
+def _np_dtype(name: str) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 def nbytes(tree) -> int:
@@ -457,66 +312,8 @@ def nbytes(tree) -> int:
     return total
 
 
-def count_params(tree) -> int:
-    """Number of weights `tree` stands for: a `QuantizedTensor` counts as its dense shape.
-
-    The package's one parameter counter (also `jaxlora.lora.count_params`)."""
-    leaves = jax.tree.leaves(tree, is_leaf=lambda a: isinstance(a, QuantizedTensor))
-    return sum(math.prod(a.shape) for a in leaves if hasattr(a, "shape"))
-
-
-def memory_report(base, lora=None, opt_state=None) -> dict:
-    """Bytes and weight counts of the frozen base, the LoRA params and the optimizer state.
-
-    Keys: base_params, base_bytes, base_bf16_bytes (the base dense in bfloat16, for comparison),
-    quantized_params, quantized_bytes (the part of the base held in `QuantizedTensor`s), lora_params,
-    lora_bytes, opt_state_bytes, total_bytes (base + lora + opt_state).
-    """
-    is_q = lambda a: isinstance(a, QuantizedTensor)  # noqa: E731
-    quantized = [a for a in jax.tree.leaves(base, is_leaf=is_q) if is_q(a)]
-    report = {
-        "base_params": count_params(base),
-        "base_bytes": nbytes(base),
-        "quantized_params": count_params(quantized),
-        "quantized_bytes": nbytes(quantized),
-        "lora_params": count_params(lora),
-        "lora_bytes": nbytes(lora),
-        "opt_state_bytes": nbytes(opt_state),
-    }
-    report["base_bf16_bytes"] = 2 * report["base_params"]
-    report["total_bytes"] = report["base_bytes"] + report["lora_bytes"] + report["opt_state_bytes"]
-    return report
-
-
-def format_memory_report(report: dict) -> str:
-    """A small text table of `memory_report`'s figures."""
-    rows = [
-        ("base", report["base_params"], report["base_bytes"]),
-        ("  quantized", report["quantized_params"], report["quantized_bytes"]),
-        ("  (base as bf16)", report["base_params"], report["base_bf16_bytes"]),
-        ("lora", report["lora_params"], report["lora_bytes"]),
-        ("optimizer state", None, report["opt_state_bytes"]),
-        ("total", None, report["total_bytes"]),
-    ]
-    lines = [f"{'part':<16} {'weights':>10} {'bytes':>11}"]
-    for part, n, b in rows:
-        lines.append(f"{part:<16} {'' if n is None else _count(n):>10} {_human(b):>11}")
-    return "\n".join(lines)
-
-
-def _count(n: int) -> str:
-    for unit, k in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= k:
-            return f"{n / k:.2f}{unit}"
-    return str(n)
-
-
-def _human(b: int) -> str:
+def human_bytes(b: int) -> str:
     for unit, k in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if b >= k:
             return f"{b / k:.2f} {unit}"
     return f"{b} B"
-
-
-def _np_dtype(name: str) -> np.dtype:
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)

@@ -18,6 +18,8 @@ FRAMEWORKS = ("jaxlora", "peft")
 # jaxlora's train.remat policies; PEFT turns on gradient checkpointing for the ones in PEFT_CHECKPOINTING.
 REMATS = ("none", "lean", "dots", "full")
 PEFT_CHECKPOINTING = ("dots", "full")
+# jaxlora.models.config.ATTENTION_IMPLS (not imported: that loads JAX); tests/test_benchmark.py compares.
+ATTENTIONS = ("auto", "reference", "xla", "cudnn", "pallas")
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 REAL_MODEL = "stories260k"  # the arch trained from its real weights, found under --assets
 
@@ -35,7 +37,7 @@ class BenchSpec:
     r: int = 16
     alpha: float = 32.0
     remat: str = "lean"  # jaxlora train.remat; PEFT: gradient checkpointing for dots and full
-    attention: str = "xla"  # jaxlora model.attention; PEFT always uses sdpa
+    attention: str = "auto"  # jaxlora model.attention (ATTENTIONS); PEFT always uses sdpa
     loss_chunk: int = 1024
     scan_layers: bool = True
     donate: bool = True
@@ -54,10 +56,13 @@ class BenchSpec:
         return dataclasses.replace(self, **kw)
 
 
+TINY = BenchSpec(
+    "tiny", "tiny", batch=2, seq=64, dtype="float32", r=4, alpha=8.0, steps=4, warmup=2, window=2
+)
 PRESETS = {
-    "tiny": BenchSpec(
-        "tiny", "tiny", batch=2, seq=64, dtype="float32", r=4, alpha=8.0, steps=4, warmup=2, window=2
-    ),
+    "tiny": TINY,
+    "tiny-int8": TINY.replace(name="tiny-int8", quant="int8"),  # the 8B stand-ins of gpu_suite.sh --smoke
+    "tiny-nf4": TINY.replace(name="tiny-nf4", quant="nf4"),
     "stories260k": BenchSpec(
         "stories260k", REAL_MODEL, batch=8, seq=256, dtype="float32", r=8, alpha=16.0, steps=20
     ),

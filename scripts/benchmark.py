@@ -24,7 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `benchmarks` lives at the repository root, outside the package
 
 from benchmarks.harness import feature_specs, format_table, run_benchmark, run_worker  # noqa: E402
-from benchmarks.spec import FRAMEWORKS, PRESETS, REMATS, RESULT_TAG, SUITES, BenchSpec  # noqa: E402
+from benchmarks.spec import (  # noqa: E402
+    ATTENTIONS,
+    FRAMEWORKS,
+    PRESETS,
+    REMATS,
+    RESULT_TAG,
+    SUITES,
+    BenchSpec,
+)
 from jaxlora.errors import cli_main  # noqa: E402
 
 
@@ -43,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--remat", choices=REMATS, help="jaxlora train.remat; PEFT: gradient checkpointing for dots and full"
     )
-    p.add_argument("--attention", choices=["xla", "cudnn"], help="jaxlora attention (PEFT: always sdpa)")
+    p.add_argument("--attention", choices=ATTENTIONS, help="jaxlora model.attention (PEFT: always sdpa)")
     p.add_argument("--loss-chunk", type=int, help="jaxlora train.loss_chunk_size")
     p.add_argument("--no-scan", action="store_true", help="jaxlora: unroll the layers instead of lax.scan")
     p.add_argument("--no-donate", action="store_true", help="jaxlora: do not donate the state buffers")

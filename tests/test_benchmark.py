@@ -17,7 +17,7 @@ from jaxlora.errors import UserError
 from jaxlora.lora import LoraConfig, init_lora, lora_scale
 from jaxlora.models import load_model
 from jaxlora.models.attention import attention_mask, causal_attention, dot_attention
-from jaxlora.models.config import config_from_hf
+from jaxlora.models.config import ATTENTION_IMPLS, DecoderConfig, config_from_hf
 from jaxlora.models.random_weights import init_params
 from jaxlora.train.flops import attended_keys, train_step_flops
 from jaxlora.train.step import StepSpec, loss_and_count
@@ -96,6 +96,13 @@ def test_flops_match_the_matmuls_the_train_step_traces(remat):
     pad_logits = 3 * 2 * 8 * 10 * 2  # 2 padded rows of the last loss chunk: forward, recompute, backward
     expected = f["frozen"] + f["adapters"] + f["lm_head"] + f["recompute"] - attention_recompute
     assert traced == expected + pad_logits
+
+
+def test_benchmark_attention_choices_are_the_configs():
+    sys.path.insert(0, str(ROOT))  # benchmarks/ sits at the repository root, outside the package
+    from benchmarks.spec import ATTENTIONS, BenchSpec
+
+    assert ATTENTIONS == ATTENTION_IMPLS and BenchSpec("x", "tiny", 1, 8).attention == DecoderConfig.attention
 
 
 def test_benchmark_smoke_jaxlora_and_peft(tmp_path):
@@ -235,10 +242,18 @@ def test_cudnn_attention_refuses_what_it_cannot_run(stories_setup):
 
 
 @pytest.mark.gpu
-def test_cudnn_attention_matches_xla_on_gpu(stories_setup):
+@pytest.mark.parametrize("attention", ["cudnn", "pallas"])
+def test_gpu_attention_matches_xla_on_gpu(stories_setup, attention):
     model, lora, scale, batch, _ = stories_setup
-    ref_loss, ref_grad = _loss_and_grad(model, lora, scale, batch, compute_dtype="bfloat16")
-    loss, grad = _loss_and_grad(model, lora, scale, batch, compute_dtype="bfloat16", attention="cudnn")
+    packed = attention == "pallas"  # cuDNN's public API keeps no packed examples apart: unpacked rows
+    if not packed:
+        seg = jnp.where(batch["segment_ids"] > 0, 1, 0)
+        pos = jnp.broadcast_to(jnp.arange(seg.shape[1], dtype=jnp.int32), seg.shape)
+        targets = jnp.where(seg > 0, jnp.roll(batch["input_ids"], -1, axis=1), -100)
+        batch = dict(batch, segment_ids=seg, positions=pos, targets=targets)
+    kw = {"compute_dtype": "bfloat16", "packed": packed}
+    ref_loss, ref_grad = _loss_and_grad(model, lora, scale, batch, attention="xla", **kw)
+    loss, grad = _loss_and_grad(model, lora, scale, batch, attention=attention, **kw)
     assert abs(float(loss) - float(ref_loss)) < 2e-2
     for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
         np.testing.assert_allclose(a, b, atol=5e-2 * float(jnp.max(jnp.abs(b))) + 1e-6)

@@ -43,8 +43,10 @@ class ModelSection(Section):
     compute_dtype: DType | None = Field(
         None, description="dtype of activations and matmuls; null = model.dtype"
     )
-    attention: Literal["xla", "cudnn"] = Field(
-        "xla", description="attention kernel: plain XLA or cuDNN flash attention (GPU only)"
+    attention: Literal["auto", "reference", "xla", "cudnn", "pallas"] = Field(
+        "auto",
+        description="attention kernel: auto = xla on CPU; on GPU cudnn (unpacked rows), else pallas "
+        "(packed rows), else the dense reference; or name one: reference, xla, cudnn, pallas",
     )
     allow_pickle: Bool = Field(
         False, description="permit loading pytorch_model.bin (pickle; runs code) if no safetensors"

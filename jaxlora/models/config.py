@@ -12,7 +12,7 @@ from jaxlora.errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 ROPE_TYPES = ("default", "linear", "llama3")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")  # see jaxlora.models.attention
 REMAT_POLICIES = ("none", "lean", "dots", "full")  # what each keeps: `jaxlora.models.decoder.REMAT`
 LORA_PRODUCTS = ("plain", "cpu", "auto")  # see DecoderConfig.lora_product
 
@@ -54,12 +54,18 @@ class DecoderConfig:
     rope_original_max_positions: int = 8192
     # Per layer: 0 = full attention, w > 0 = attend to the last w positions only.
     sliding_windows: tuple[int, ...] = ()
+    # Gemma 2's attention-logit soft-capping: scores -> c * tanh(scores / c); 0 = none.
+    attn_logit_softcap: float = 0.0
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     # Run-time choices, not part of the checkpoint.
     compute_dtype: str = "float32"
-    attention: str = "xla"
+    # One of ATTENTION_IMPLS; "auto" is resolved per case at trace time (jaxlora.models.attention.choose).
+    attention: str = "auto"
+    # True when training rows may hold several packed examples (data.packing): cuDNN then cannot run.
+    # False: one example per row, right-padded (segment ids 1 then 0).
+    packed: bool = True
     # What the backward pass keeps and what it recomputes; one of REMAT_POLICIES.
     remat: str = "lean"
     # The LoRA product (x @ A) @ B: "plain" under autodiff, "cpu" with the backward pass written for
@@ -77,7 +83,7 @@ class DecoderConfig:
         return self.num_kv_heads * self.head_dim
 
     def with_runtime(self, **kw) -> "DecoderConfig":
-        """A validated copy with run-time fields changed (compute_dtype, attention, remat, scan_layers...)."""
+        """A validated copy with run-time fields changed (compute_dtype, attention, packed, remat...)."""
         cfg = dataclasses.replace(self, **kw)
         if cfg.attention not in ATTENTION_IMPLS:
             raise UserError(f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {cfg.attention!r}")

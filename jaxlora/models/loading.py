@@ -196,7 +196,7 @@ def load_model(
     *,
     dtype: str = "float32",
     compute_dtype: str | None = None,
-    attention: str = "xla",
+    attention: str = "auto",
     remat: str = "lean",
     revision: str | None = None,
     allow_pickle: bool = False,

@@ -232,7 +232,8 @@ def compile_steps(
 ) -> Steps:
     """The one train step and the eval step (`jaxlora.train.step`) compiled for the plan and the shardings
     of `base` and `state`."""
-    spec = StepSpec(base.config, cfg.lora.dropout, cfg.train.loss_chunk_size)
+    model = base.config.with_runtime(packed=cfg.data.packing)  # static: may attention kernels see packing?
+    spec = StepSpec(model, cfg.lora.dropout, cfg.train.loss_chunk_size)
     train_fn, eval_fn = plan.compile_steps(
         make_train_step(spec, optimizer, plan.axis_name),
         make_eval_step(spec, plan.axis_name),

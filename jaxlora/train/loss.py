@@ -1,5 +1,11 @@
 """Cross-entropy over the vocabulary, computed in chunks so the float32 logits of the whole batch never
-exist at once (the backward pass recomputes each chunk's logits instead of storing them)."""
+exist at once (the backward pass recomputes each chunk's logits instead of storing them).
+
+Only positions that carry a target cost an LM-head matmul. With response-only labels (instruction data)
+often half the positions are `IGNORE`; they are moved behind the targeted ones, and the chunks left with
+no target skip the matmul (`lax.cond`, forward and backward alike). Shapes stay static under `jit`: the
+chunk count is that of all positions, only the work of the empty ones is skipped.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +13,22 @@ import jax.numpy as jnp
 from jaxlora.data import IGNORE
 from jaxlora.models.config import DecoderConfig
 from jaxlora.models.decoder import lm_head_kernel
+
+
+def compact_targets(h: jax.Array, t: jax.Array, size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Move the positions that carry a target, in order, to the front; pad to `size` positions.
+
+    h: [N, D], t: [N] -> (h [size, D], t [size], number of targets). The order is a permutation built
+    with a cumsum (linear, no sort); the scatter has unique in-range indices, so its gradient is a gather.
+    """
+    n = t.shape[0]
+    valid = t != IGNORE
+    n_valid = jnp.sum(valid, dtype=jnp.int32)
+    ahead = jnp.cumsum(valid, dtype=jnp.int32)  # targets up to and including each position
+    dest = jnp.where(valid, ahead - 1, n_valid + jnp.arange(n, dtype=jnp.int32) - ahead)  # [N]
+    hs = jnp.zeros((size, h.shape[1]), h.dtype).at[dest].set(h, unique_indices=True)
+    ts = jnp.full((size,), IGNORE, t.dtype).at[dest].set(t, unique_indices=True)
+    return hs, ts, n_valid
 
 
 def chunked_cross_entropy(
@@ -18,29 +40,33 @@ def chunked_cross_entropy(
     Returns (loss_sum, n_tokens), both float32 scalars; the mean is their ratio.
     """
     d = hidden.shape[-1]
-    h = hidden.reshape(-1, d)
     t = targets.reshape(-1)
-    n = h.shape[0]
+    n = t.shape[0]
     chunk = min(chunk, n)
-    pad = -n % chunk
-    h = jnp.pad(h, ((0, pad), (0, 0)))
-    t = jnp.pad(t, (0, pad), constant_values=IGNORE)
+    n_chunks = -(-n // chunk)
+    h, t, n_valid = compact_targets(hidden.reshape(-1, d), t, n_chunks * chunk)
+    live = jnp.arange(n_chunks, dtype=jnp.int32) * chunk < n_valid  # [n_chunks] chunk holds a target
     w = lm_head_kernel(params, cfg)  # [D, V]
     dt = jnp.dtype(cfg.compute_dtype)
 
-    @jax.checkpoint
-    def one(hc, tc):
-        logits = jnp.einsum("nd,dv->nv", hc.astype(dt), w, preferred_element_type=jnp.float32)
+    def one(hc, tc):  # [C, D], [C] -> NLL summed over the chunk
+        logits = jnp.einsum("nd,dv->nv", hc.astype(dt), w, preferred_element_type=jnp.float32)  # [C, V]
         lse = jax.nn.logsumexp(logits, axis=-1)
         valid = tc != IGNORE
         picked = jnp.take_along_axis(logits, jnp.where(valid, tc, 0)[:, None], axis=-1)[:, 0]
-        return jnp.sum(jnp.where(valid, lse - picked, 0.0)), jnp.sum(valid).astype(jnp.float32)
+        return jnp.sum(jnp.where(valid, lse - picked, 0.0))
 
-    def body(carry, xs):
-        s, c = one(*xs)
-        return (carry[0] + s, carry[1] + c), None
+    def skip(hc, tc):
+        return jnp.float32(0)
 
-    hs = h.reshape(-1, chunk, d)
-    ts = t.reshape(-1, chunk)
-    (loss_sum, count), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), (hs, ts))
-    return loss_sum, count
+    # Checkpointed around the cond: inside it, the gradient held two more [C, V] buffers (measured).
+    @jax.checkpoint
+    def chunk_nll(hc, tc, on):
+        return jax.lax.cond(on, one, skip, hc, tc)
+
+    def body(total, xs):
+        return total + chunk_nll(*xs), None
+
+    xs = (h.reshape(n_chunks, chunk, d), t.reshape(n_chunks, chunk), live)
+    loss_sum, _ = jax.lax.scan(body, jnp.float32(0), xs)
+    return loss_sum, n_valid.astype(jnp.float32)

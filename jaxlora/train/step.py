@@ -27,7 +27,11 @@ BATCH_KEYS = ("input_ids", "targets", "positions", "segment_ids")
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-    """Static parts of the step: the model config, LoRA dropout and the loss chunk size."""
+    """Static parts of the step: the model config, LoRA dropout and the loss chunk size.
+
+    `model.packed` (from `data.packing`) tells `model.attention: auto` whether rows may hold several
+    examples, which rules cuDNN attention out.
+    """
 
     model: DecoderConfig
     lora_dropout: float = 0.0

@@ -1,0 +1,291 @@
+"""Every attention implementation against the float32 reference, and the rules `model.attention` follows.
+
+On the CPU: the reference (against a NumPy loop), the blocked `xla` kernel, Pallas in interpret mode and
+cuDNN's exact arguments run through `jax.nn.dot_product_attention(implementation="xla")`. On a GPU
+(`-m gpu`): cuDNN and compiled Pallas in bfloat16 against the float32 reference.
+"""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlora.errors import UserError
+from jaxlora.models.attention import (
+    KVCache,
+    attend,
+    attention_block_size,
+    causal_attention,
+    choose_attention,
+    cudnn_attention,
+    pallas_attention,
+    reference_attention,
+)
+from jaxlora.models.config import DecoderConfig
+
+B, N, K, H = 2, 4, 2, 8  # GQA: two query heads per key/value head
+
+
+def _config(t=24, head_dim=H, **runtime) -> DecoderConfig:
+    windows = runtime.pop("sliding_windows", (0, 0))
+    softcap = runtime.pop("attn_logit_softcap", 0.0)
+    cfg = DecoderConfig(
+        model_type="llama",
+        vocab_size=32,
+        hidden_size=N * head_dim,
+        intermediate_size=64,
+        num_layers=len(windows),
+        num_heads=N,
+        num_kv_heads=K,
+        head_dim=head_dim,
+        max_position_embeddings=t,
+        norm_eps=1e-6,
+        sliding_windows=windows,
+        attn_logit_softcap=softcap,
+    )
+    return cfg.with_runtime(**runtime)
+
+
+def _rows(kind: str, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, segment_ids) [B, T]: "causal" one example per row, "padded" right-padded rows,
+    "packed" several examples per row with restarting positions and padding at the end."""
+    seg = np.ones((B, t), np.int32)
+    if kind == "padded":
+        seg[1, t - 7 :] = 0
+    elif kind == "packed":
+        seg[0, t // 3 :] = 2
+        seg[0, t - 4 :] = 0
+        seg[1, 5:] = 2
+        seg[1, t // 2 :] = 3
+    pos = np.zeros((B, t), np.int32)
+    for r in range(B):
+        for i in range(1, t):
+            pos[r, i] = 0 if seg[r, i] != seg[r, i - 1] else pos[r, i - 1] + 1
+    return pos, seg
+
+
+def _inputs(kind: str, t: int = 24, dtype=jnp.float32, head_dim: int = H, spread: float = 1.0, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.normal(size=(B, t, m, head_dim)) for m in (N, K, K))
+    q = q * spread  # larger scores, so that soft-capping bites
+    pos, seg = _rows(kind, t)
+    valid = (seg != 0)[:, :, None, None]
+    cot = rng.normal(size=(B, t, N, head_dim)) * valid  # padding queries' outputs are never read
+    arrays = [jnp.asarray(x, dtype) for x in (q, k, v)]
+    return (*arrays, jnp.asarray(pos), jnp.asarray(seg), jnp.asarray(cot, jnp.float32), valid)
+
+
+def _out_and_grads(fn, q, k, v, cot):
+    def loss(q, k, v):
+        return jnp.sum(fn(q, k, v).astype(jnp.float32) * cot)
+
+    return jax.jit(lambda q, k, v: (fn(q, k, v), jax.grad(loss, (0, 1, 2))(q, k, v)))(q, k, v)
+
+
+def _rel(a, b) -> float:
+    """Largest difference relative to the largest reference value."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _compare(name, fn, kind, window=0, softcap=0.0, tol=1e-5, spread=1.0, t=24, dtype=jnp.float32, **kw):
+    """fn's output (real queries) and q/k/v gradients against the float32 reference; returns the errors."""
+    q, k, v, pos, seg, cot, valid = _inputs(kind, t, dtype, spread=spread, **kw)
+    w = jnp.int32(window)
+    ref = _out_and_grads(
+        lambda *x: reference_attention(*x, pos, seg, w, softcap),
+        *(x.astype(jnp.float32) for x in (q, k, v)),
+        cot,
+    )
+    got = _out_and_grads(lambda *x: fn(*x, pos, seg, window, softcap), q, k, v, cot)
+    errors = [_rel(got[0] * valid, ref[0] * valid)] + [
+        _rel(a, b) for a, b in zip(got[1], ref[1], strict=True)
+    ]
+    print(
+        f"{name} {kind} window={window} softcap={softcap}: out/dq/dk/dv rel err "
+        + " ".join(f"{e:.1e}" for e in errors)
+    )
+    assert max(errors) < tol, errors
+    return got
+
+
+CASES = [  # (rows, window, softcap, spread)
+    ("causal", 0, 0.0, 1.0),
+    ("packed", 0, 0.0, 1.0),
+    ("padded", 0, 0.0, 1.0),
+    ("packed", 5, 0.0, 1.0),
+    ("packed", 0, 1.5, 3.0),
+    ("packed", 5, 1.5, 3.0),
+]
+IDS = ["causal", "packed", "padded", "window", "softcap", "window+softcap"]
+
+
+def test_reference_equals_a_numpy_loop():
+    """The ground truth itself, forward, against the definition written out query by query."""
+    t, window, softcap = 12, 4, 1.5
+    q, k, v, pos, seg, _, _ = _inputs("packed", t, spread=3.0)
+    got = np.asarray(reference_attention(q, k, v, pos, seg, jnp.int32(window), softcap))
+    q, k, v, pos, seg = (np.asarray(x, np.float64) for x in (q, k, v, pos, seg))
+    for b in range(B):
+        for i in range(t):
+            if seg[b, i] == 0:
+                continue
+            keys = [j for j in range(t) if seg[b, j] == seg[b, i] and 0 <= pos[b, i] - pos[b, j] < window]
+            for n in range(N):
+                s = np.array([q[b, i, n] @ k[b, j, n // (N // K)] for j in keys]) / np.sqrt(H)
+                s = softcap * np.tanh(s / softcap)
+                p = np.exp(s - s.max())
+                want = (p / p.sum()) @ np.stack([v[b, j, n // (N // K)] for j in keys])
+                np.testing.assert_allclose(got[b, i, n], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("block", [8, 64], ids=["blocks=8", "one-block"])
+def test_xla_matches_reference(case, block):
+    kind, window, softcap, spread = case
+    (out, _) = _compare(
+        "xla",
+        lambda q, k, v, p, s, w, c: causal_attention(q, k, v, p, s, w, block, c),
+        kind,
+        window,
+        softcap,
+        spread=spread,
+    )
+    _, seg = _rows(kind, 24)
+    assert float(jnp.max(jnp.abs(out * (seg == 0)[:, :, None, None]))) == 0.0  # padding queries get zeros
+
+
+@pytest.mark.parametrize("kind", ["causal", "packed", "padded"])
+def test_pallas_interpret_matches_reference(kind):
+    """Tiles of 16 over 24 tokens: two tiles after padding to 32. The kernel works in base 2 (exp2 of
+    log2(e)-scaled scores); in float32 that stays within the same 1e-5 as the others."""
+    fn = lambda q, k, v, p, s, w, c: pallas_attention(q, k, v, p, s, block=16, block_bwd=16, interpret=True)  # noqa: E731
+    _compare("pallas(interpret)", fn, kind)
+
+
+@pytest.mark.parametrize("kind,window", [("causal", 0), ("padded", 0), ("padded", 5), ("causal", 5)])
+def test_cudnn_arguments_match_reference_via_xla(kind, window):
+    """cuDNN's exact arguments (sequence lengths, `local_window_size`), run by JAX's XLA implementation."""
+    fn = lambda q, k, v, p, s, w, c: cudnn_attention(q, k, v, p, s, w, c, implementation="xla")  # noqa: E731
+    _compare("cudnn-args(xla)", fn, kind, window)
+
+
+def test_kv_cache_path_applies_softcap():
+    """Generation (the dense path over the cache) soft-caps as training does."""
+    t = 10
+    cfg = _config(t, attn_logit_softcap=1.5)
+    q, k, v, pos, seg, _, _ = _inputs("padded", t, spread=3.0)
+    cache = KVCache(jnp.zeros_like(k), jnp.zeros_like(v), pos, seg, jnp.int32(0))  # one layer's slice
+    out, _ = attend(q, k, v, cfg, pos, seg, jnp.int32(0), cache)
+    want = reference_attention(q, k, v, pos, seg, jnp.int32(0), 1.5)
+    valid = (seg != 0)[:, :, None, None]
+    assert _rel(out * valid, want * valid) < 1e-6
+    assert _rel(want, reference_attention(q, k, v, pos, seg, jnp.int32(0))) > 1e-2  # the cap did bite
+
+
+def test_auto_is_xla_on_cpu_and_follows_the_rules_on_gpu(caplog):
+    bf16, t = jnp.bfloat16, 2048
+    assert choose_attention(_config(t), jnp.float32, t, backend="cpu") == "xla"
+    assert choose_attention(_config(t, packed=False), bf16, t, backend="cpu") == "xla"
+    gpu = {
+        "cudnn": [_config(t, packed=False), _config(t, packed=False, sliding_windows=(512, 512))],
+        "pallas": [_config(t), _config(t, sliding_windows=(0, 4096))],  # a window >= T drops nothing
+        "reference": [
+            _config(t, packed=False, attn_logit_softcap=50.0),
+            _config(t, sliding_windows=(512, 512)),  # packed and windowed: neither kernel
+        ],
+    }
+    for want, cfgs in gpu.items():
+        for cfg in cfgs:
+            assert choose_attention(cfg, bf16, t, backend="gpu") == want, cfg
+    assert choose_attention(_config(t, packed=False), jnp.float32, t, backend="gpu") == "reference"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):  # the notice comes once
+            choose_attention(_config(t, sliding_windows=(0, 384)), bf16, t, backend="gpu")
+    notice = [r.getMessage() for r in caplog.records if "model.attention=auto" in r.getMessage()]
+    assert len(notice) == 1 and "packed" in notice[0] and "sliding windows" in notice[0], notice
+
+
+@pytest.mark.parametrize(
+    "impl,runtime,backend,says",
+    [
+        ("cudnn", {}, "cpu", "needs an NVIDIA GPU"),
+        ("pallas", {}, "cpu", "needs an NVIDIA GPU"),
+        ("cudnn", {}, "gpu", "cannot keep packed examples apart"),
+        (
+            "cudnn",
+            {"packed": False, "sliding_windows": (0, 512)},
+            "gpu",
+            "cannot apply sliding windows that differ",
+        ),
+        ("pallas", {"sliding_windows": (512, 512)}, "gpu", "cannot apply sliding windows"),
+        ("pallas", {"attn_logit_softcap": 30.0}, "gpu", "cannot soft-cap"),
+    ],
+)
+def test_impossible_explicit_request_is_one_line_user_error(impl, runtime, backend, says):
+    cfg = _config(2048, attention=impl, **runtime)
+    with pytest.raises(UserError, match=f"model.attention={impl} {says}") as err:
+        choose_attention(cfg, jnp.bfloat16, 2048, backend=backend)
+    assert "\n" not in str(err.value) and "model.attention=auto" in str(err.value)
+    # through the layer as well, on this machine's backend
+    if backend == jax.default_backend():
+        q, k, v, pos, seg, _, _ = _inputs("causal", 32, jnp.bfloat16)
+        with pytest.raises(UserError, match=f"model.attention={impl}"):
+            attend(q, k, v, _config(32, attention=impl, **runtime), pos, seg, jnp.int32(0))
+
+
+def test_attend_runs_the_chosen_kernel_on_cpu():
+    """`auto` through `attend` on this (CPU) machine equals the blocked kernel; `reference` the reference."""
+    if jax.default_backend() == "gpu":
+        return  # the GPU choices are checked in test_gpu_attention_*
+    q, k, v, pos, seg, _, valid = _inputs("packed", 24)
+    w = jnp.int32(5)
+    auto, _ = attend(q, k, v, _config(24), pos, seg, w)
+    blocked = causal_attention(q, k, v, pos, seg, w, attention_block_size(24))
+    np.testing.assert_array_equal(auto, blocked)
+    ref, _ = attend(q, k, v, _config(24, attention="reference"), pos, seg, w)
+    assert _rel(ref * valid, blocked * valid) < 1e-5
+
+
+# --- on a GPU ----------------------------------------------------------------------------------------------
+
+
+GPU_T, GPU_H = 200, 64  # not a whole number of Pallas tiles: padded to 256
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,window", [("causal", 0), ("padded", 0), ("padded", 64)])
+def test_gpu_cudnn_bfloat16_matches_float32_reference(kind, window):
+    _compare(
+        "cudnn bf16", cudnn_attention, kind, window, tol=1e-2, t=GPU_T, dtype=jnp.bfloat16, head_dim=GPU_H
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["causal", "packed", "padded"])
+def test_gpu_pallas_bfloat16_matches_float32_reference(kind):
+    fn = lambda q, k, v, p, s, w, c: pallas_attention(q, k, v, p, s)  # noqa: E731
+    _compare("pallas bf16", fn, kind, tol=1e-2, t=GPU_T, dtype=jnp.bfloat16, head_dim=GPU_H)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_by_the_rules():
+    t = GPU_T
+    picks = {
+        "cudnn": _config(t, GPU_H, packed=False),
+        "pallas": _config(t, GPU_H),
+        "reference": _config(t, GPU_H, attn_logit_softcap=30.0),
+    }
+    q, k, v, pos, seg, _, valid = _inputs("padded", t, jnp.bfloat16, head_dim=GPU_H)
+    for want, cfg in picks.items():
+        assert choose_attention(cfg, jnp.bfloat16, t) == want
+        out, _ = jax.jit(lambda q, k, v, cfg=cfg: attend(q, k, v, cfg, pos, seg, jnp.int32(0)))(q, k, v)
+        ref = reference_attention(
+            *(x.astype(jnp.float32) for x in (q, k, v)), pos, seg, jnp.int32(0), cfg.attn_logit_softcap
+        )
+        err = _rel(out * valid, ref * valid)
+        print(f"auto -> {want}: rel err {err:.1e}")
+        assert err < 1e-2

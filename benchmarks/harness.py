@@ -65,8 +65,11 @@ def feature_specs(base: BenchSpec, gpu: bool) -> list[BenchSpec]:
         ("no prefetch", {"prefetch": False}),
         ("host sync every step", {"sync_every_step": True}),
     ]
-    if gpu:
-        variants.append(("attention=cudnn", {"attention": "cudnn"}))
+    if gpu:  # does the CPU's custom-VJP LoRA product pay on the GPU too? Which attention is fastest?
+        variants.append(("lora_product=cpu", {"lora_product": "cpu"}))
+        variants += [(f"attention={a}", {"attention": a}) for a in ("cudnn", "pallas", "xla")]
+    else:
+        variants.append(("lora_product=plain", {"lora_product": "plain"}))
     return [base.replace(name=f"{base.name} {label}", **kw) for label, kw in variants]
 
 

@@ -78,7 +78,10 @@ def run(spec: BenchSpec) -> dict:
     """Train `spec` with jaxlora in this process; returns the worker's measurements."""
     t0 = time.perf_counter()
     model = _load(spec)
-    cfg = model.config if spec.scan_layers else model.config.with_runtime(scan_layers=False)
+    # Each row is one example (no packing), so the GPU's `auto` attention may pick cuDNN.
+    cfg = model.config.with_runtime(
+        packed=False, scan_layers=spec.scan_layers, lora_product=spec.lora_product
+    )
     base = jax.block_until_ready(model.params)
     load_s = time.perf_counter() - t0
     lora_cfg = LoraConfig(r=spec.r, alpha=spec.alpha, dropout=0.0, target_modules="all-linear")

@@ -39,6 +39,7 @@ class BenchSpec:
     remat: str = "lean"  # jaxlora train.remat; PEFT: gradient checkpointing for dots and full
     attention: str = "auto"  # jaxlora model.attention (ATTENTIONS); PEFT always uses sdpa
     loss_chunk: int = 1024
+    lora_product: str = "auto"  # jaxlora DecoderConfig.lora_product: auto | plain | cpu (custom VJP)
     scan_layers: bool = True
     donate: bool = True
     prefetch: bool = True

@@ -39,11 +39,8 @@ def lora_from_run(run_dir) -> tuple:
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run}: no config.yaml; is this a jaxlora run folder (train output_dir)?")
-    ckpt_dir = run / "checkpoints"
-    if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
-        raise UserError(f"{run}: no checkpoint under {ckpt_dir}")
     cfg = load_config(run / "config.yaml")
-    lora, step = restore_lora(ckpt_dir)
+    lora, step = restore_lora(run / "checkpoints")  # UserError when the run saved no checkpoint
     return cfg, lora, step
 
 

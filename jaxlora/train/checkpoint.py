@@ -66,10 +66,11 @@ def restore_lora(directory: Path) -> tuple[dict, int]:
     A partial restore: only `state["lora"]` is read, with shapes from the checkpoint's own metadata, so
     neither the model, the optimizer state nor the mesh is rebuilt (what exporting a run needs).
     """
-    steps = sorted(int(p.name) for p in Path(directory).iterdir() if p.name.isdigit())
+    root = Path(directory).absolute()
+    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
     if not steps:
         raise UserError(f"no checkpoint under {directory}")
-    folder = Path(directory).absolute() / str(steps[-1]) / "state"
+    folder = root / str(steps[-1]) / "state"
     reader = ocp.PyTreeCheckpointer()
     with _quiet_absl():  # orbax warns that the step's metadata file is not in the item's folder
         tree = reader.metadata(folder).item_metadata.tree

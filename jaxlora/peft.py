@@ -22,6 +22,18 @@ import numpy as np
 
 from jaxlora.errors import UserError
 from jaxlora.lora import LoraConfig, layer_mask, matching_paths
+from jaxlora.lora.adapters import module_ranks, module_scale_factors, pattern_value
+from jaxlora.lora.pissa import convert_to_lora, is_base_changing
+from jaxlora.lora.tokens import (
+    EXTRA_KEYS,
+    MODULES,
+    TOKENS,
+    check_indices,
+    embed_module,
+    peft_module_key,
+    peft_tokens_key,
+    saved_modules,
+)
 from jaxlora.models.config import DecoderConfig
 from jaxlora.models.safetensors_io import SafetensorsFile, write_safetensors
 from jaxlora.models.saving import prepare_out_dir
@@ -35,7 +47,12 @@ _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq")
 
 
 def peft_key(module: LinearModule, layer: int, which: str) -> str:
-    """PEFT's tensor name for one layer's `lora_A` / `lora_B` weight (`which` is "A" or "B")."""
+    """PEFT's tensor name for one layer's `lora_A` / `lora_B` weight (`which` is "A" or "B"), or with
+    `which` "m" its DoRA `lora_magnitude_vector`."""
+    if which == "m":
+        return f"{PEFT_PREFIX}{module.hf_prefix.format(i=layer)}.lora_magnitude_vector"
+    if which == "b":  # lora_bias
+        return f"{PEFT_PREFIX}{module.hf_prefix.format(i=layer)}.lora_B.bias"
     return f"{PEFT_PREFIX}{module.hf_prefix.format(i=layer)}.lora_{which}.weight"
 
 
@@ -51,7 +68,7 @@ def peft_target_names(cfg: DecoderConfig, paths) -> list[str]:
 def _ordered_paths(cfg: DecoderConfig, lora: dict) -> list[tuple[str, str]]:
     """The (group, name) pairs present in `lora`, in name-table order; unknown ones are an error."""
     mods = _modules_by_path(cfg)
-    present = [(g, n) for g, sub in lora.items() for n in sub]
+    present = [(g, n) for g, sub in lora.items() if g not in EXTRA_KEYS for n in sub]
     unknown = [f"{g}.{n}" for g, n in present if (g, n) not in mods]
     if unknown:
         raise UserError(f"LoRA tree has modules {unknown} that this {cfg.model_type} model does not have")
@@ -69,7 +86,7 @@ def peft_adapter_config(
     layers = None if mask.all() else np.flatnonzero(mask).tolist()
     init = getattr(lora_cfg, "init", "default")
     return {
-        "alpha_pattern": {},
+        "alpha_pattern": dict(getattr(lora_cfg, "alpha_pattern", None) or {}),
         "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path or None,
         "bias": "none",
@@ -84,19 +101,19 @@ def peft_adapter_config(
         "layers_to_transform": layers,
         "loftq_config": {},
         "lora_alpha": lora_cfg.alpha,
-        "lora_bias": False,
+        "lora_bias": bool(getattr(lora_cfg, "lora_bias", False)),
         "lora_dropout": float(lora_cfg.dropout),
         "megatron_config": None,
         "megatron_core": "megatron.core",
         "modules_to_save": None,
         "peft_type": "LORA",
         "r": int(lora_cfg.r),
-        "rank_pattern": {},
+        "rank_pattern": dict(getattr(lora_cfg, "rank_pattern", None) or {}),
         "revision": None,
         "target_modules": peft_target_names(cfg, paths),
         "task_type": "CAUSAL_LM",
         "trainable_token_indices": None,
-        "use_dora": False,
+        "use_dora": bool(getattr(lora_cfg, "use_dora", False)),
         "use_rslora": bool(getattr(lora_cfg, "use_rslora", False)),
     }
 
@@ -108,34 +125,79 @@ def save_peft_adapter(
     cfg: DecoderConfig,
     base_model_name_or_path: str | None,
     overwrite: bool = False,
+    initial_lora: dict | None = None,
 ) -> Path:
     """Write `lora` as a PyTorch PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
 
+    With a PiSSA/OLoRA `lora_cfg.init`, pass `initial_lora` (the adapter at step 0, `init_lora`'s) to
+    write it converted as PEFT's `path_initial_model_for_weight_conversion` does: a plain LoRA of twice
+    the rank that applies to the original base (see `jaxlora.lora.pissa`). Without it the adapter is
+    written as is, for the residual base (`init_lora_weights: pissa`, as PEFT saves it).
+
     lora: {group: {name: {"a": [L, in, r], "b": [L, r, out]}}}; only the layers `lora_cfg` adapts are
-    written, as float32 `lora_A.weight [r, in]` and `lora_B.weight [out, r]`. `base_model_name_or_path` is
-    recorded for `PeftModel.from_pretrained` users. An existing non-empty `out_dir` is refused unless
-    `overwrite` (then the two files are replaced; other files are left alone). Returns the folder.
+    written, as float32 `lora_A.weight [r, in]` and `lora_B.weight [out, r]` (with `rank_pattern`, each
+    layer's own r, the padding dropped), and with DoRA `lora_magnitude_vector [out]`.
+    `base_model_name_or_path` is recorded for `PeftModel.from_pretrained` users. An existing non-empty
+    `out_dir` is refused unless `overwrite` (then the two files are replaced; other files are left
+    alone). Returns the folder.
     """
     paths = _ordered_paths(cfg, lora)
     if not paths:
         raise UserError("the LoRA tree is empty: nothing to export")
+    tokens, copies = jax.device_get(lora.get(TOKENS)), jax.device_get(lora.get(MODULES))
+    if initial_lora is not None:
+        if not is_base_changing(getattr(lora_cfg, "init", "default")):
+            raise UserError("initial_lora is only for a PiSSA/OLoRA adapter (lora.init pissa*, olora)")
+        layers_only = {g: v for g, v in jax.device_get(lora).items() if g not in EXTRA_KEYS}
+        lora, lora_cfg = convert_to_lora(
+            layers_only, jax.device_get(initial_lora), module_ranks(cfg, lora_cfg), lora_cfg
+        )
     mask = layer_mask(cfg, lora_cfg)
-    r, dims, mods = int(lora_cfg.r), linear_dims(cfg), _modules_by_path(cfg)
+    dims, mods, ranks = linear_dims(cfg), _modules_by_path(cfg), module_ranks(cfg, lora_cfg)
+    dora = bool(getattr(lora_cfg, "use_dora", False))
     tensors: dict[str, np.ndarray] = {}
     for group, name in paths:
         fan_in, fan_out = dims[(group, name)]
-        a = np.asarray(jax.device_get(lora[group][name]["a"]), np.float32)
-        b = np.asarray(jax.device_get(lora[group][name]["b"]), np.float32)
+        leaf = lora[group][name]
+        a = np.asarray(jax.device_get(leaf["a"]), np.float32)
+        b = np.asarray(jax.device_get(leaf["b"]), np.float32)
+        r = int(ranks[(group, name)].max()) if (group, name) in ranks else int(lora_cfg.r)
         want_a, want_b = (cfg.num_layers, fan_in, r), (cfg.num_layers, r, fan_out)
         if a.shape != want_a or b.shape != want_b:
             raise UserError(
                 f"LoRA {group}.{name} has A {list(a.shape)} and B {list(b.shape)}, expected {list(want_a)} "
                 f"and {list(want_b)} for this model with r={r}"
             )
+        if dora != ("m" in leaf):
+            raise UserError(
+                f"LoRA {group}.{name} {'lacks' if dora else 'has'} a DoRA magnitude ('m') but "
+                f"lora.use_dora is {dora}"
+            )
+        if ("bias" in leaf) != bool(getattr(lora_cfg, "lora_bias", False)):
+            raise UserError(
+                f"LoRA {group}.{name} {'has' if 'bias' in leaf else 'lacks'} a lora_bias leaf ('bias') but "
+                f"lora.lora_bias is {getattr(lora_cfg, 'lora_bias', False)}"
+            )
         for i in np.flatnonzero(mask):
-            tensors[peft_key(mods[(group, name)], i, "A")] = np.ascontiguousarray(a[i].T)  # [r, in]
-            tensors[peft_key(mods[(group, name)], i, "B")] = np.ascontiguousarray(b[i].T)  # [out, r]
+            r_i = int(ranks[(group, name)][i]) if (group, name) in ranks else r
+            tensors[peft_key(mods[(group, name)], i, "A")] = np.ascontiguousarray(a[i, :, :r_i].T)  # [r, in]
+            tensors[peft_key(mods[(group, name)], i, "B")] = np.ascontiguousarray(b[i, :r_i].T)  # [out, r]
+            if dora:
+                tensors[peft_key(mods[(group, name)], i, "m")] = np.asarray(leaf["m"][i], np.float32)  # [out]
+            if "bias" in leaf:  # PEFT's lora_bias: lora_B.bias [out]
+                tensors[peft_key(mods[(group, name)], i, "b")] = np.asarray(leaf["bias"][i], np.float32)
     config = peft_adapter_config(cfg, lora_cfg, paths, mask, base_model_name_or_path)
+    if tokens is not None:  # the rows themselves, as PEFT's trainable_tokens_delta [k, D]
+        tensors[peft_tokens_key(cfg)] = np.asarray(tokens["rows"], np.float32)
+        config["trainable_token_indices"] = [int(i) for i in np.asarray(tokens["token_ids"])]
+    if copies:  # full copies, torch layout [V, D]; tied: the one copy under both names, as PEFT saves it
+        names = {"embed": embed_module(cfg).rsplit(".", 1)[-1], "lm_head": "lm_head"}
+        for key, value in copies.items():
+            tensors[peft_module_key(cfg, key)] = np.asarray(value if key == "embed" else value.T, np.float32)
+        if cfg.tie_word_embeddings:
+            tensors[peft_module_key(cfg, "lm_head")] = tensors[peft_module_key(cfg, "embed")]
+            config["ensure_weight_tying"] = True
+        config["modules_to_save"] = [names[k] for k in copies]
     out = prepare_out_dir(out_dir, overwrite)
     tmp = out / (ADAPTER_WEIGHTS + ".tmp")
     write_safetensors(tmp, tensors, metadata={"format": "pt"})
@@ -167,8 +229,8 @@ def read_adapter_config(adapter_dir) -> dict:
     """The adapter's `adapter_config.json`, checked to be a plain LoRA adapter jaxlora can run.
 
     Raises UserError for a missing or broken file, a `peft_type` other than LORA, and LoRA variants that
-    change the computation or the base: DoRA, `bias` other than "none", `lora_bias`, `modules_to_save`,
-    per-module `rank_pattern`/`alpha_pattern`, `layer_replication`, trainable tokens, PiSSA/OLoRA/CorDA/LoftQ.
+    change the computation or the base: `bias` other than "none", `lora_bias`, `modules_to_save`,
+    `layer_replication`, trainable tokens, PiSSA/OLoRA/CorDA/LoftQ. DoRA and rank/alpha patterns are read.
     """
     folder = _adapter_folder(adapter_dir)
     path = folder / ADAPTER_CONFIG
@@ -184,20 +246,17 @@ def read_adapter_config(adapter_dir) -> dict:
     if peft_type != "LORA":
         raise UserError(f"{path}: peft_type is {peft_type!r}; only LORA adapters are supported")
     problems = []
-    if conf.get("use_dora"):
-        problems.append("DoRA (use_dora: true)")
     if conf.get("bias", "none") != "none":
         problems.append(f"bias {conf['bias']!r} (only 'none')")
-    if conf.get("lora_bias"):
-        problems.append("lora_bias: true")
-    if conf.get("modules_to_save"):
-        problems.append(f"modules_to_save {conf['modules_to_save']}")
-    if conf.get("rank_pattern") or conf.get("alpha_pattern"):
-        problems.append("per-module rank_pattern/alpha_pattern")
+    if conf.get("lora_bias") and conf.get("use_dora"):
+        problems.append("lora_bias with use_dora")
     if conf.get("layer_replication"):
         problems.append("layer_replication")
-    if conf.get("trainable_token_indices"):
-        problems.append("trainable_token_indices")
+    tokens = conf.get("trainable_token_indices")
+    if isinstance(tokens, dict) and len(tokens) == 1 and next(iter(tokens)) in ("embed_tokens", "wte"):
+        conf["trainable_token_indices"] = tokens = next(iter(tokens.values()))
+    if tokens and not (isinstance(tokens, list) and all(isinstance(i, int) for i in tokens)):
+        problems.append(f"trainable_token_indices {tokens} (only a list of ids for the input embedding)")
     if conf.get("target_parameters"):
         problems.append("target_parameters")
     init = conf.get("init_lora_weights")
@@ -209,6 +268,40 @@ def read_adapter_config(adapter_dir) -> dict:
         raise UserError(f"{path}: r must be a positive integer, got {conf.get('r')!r}")
     conf["_folder"] = str(folder)
     return conf
+
+
+def _read_copies(conf: dict, cfg: DecoderConfig, st: SafetensorsFile, weights: Path) -> dict | None:
+    """The modules_to_save copies of the adapter file, as {"embed": [V, D], "lm_head": [D, V]}, or None."""
+    names = conf.get("modules_to_save")
+    if not names:
+        return None
+    try:
+        keys = saved_modules(cfg, names)
+    except UserError as err:
+        raise UserError(f"{weights.parent / ADAPTER_CONFIG}: {str(err).removeprefix('lora.')}") from None
+    out: dict = {}
+    for key in keys:
+        name = peft_module_key(cfg, key)
+        if name not in st.names():
+            raise UserError(f"{weights}: tensor {name} is missing (modules_to_save {names})")
+        want = (cfg.vocab_size, cfg.hidden_size)
+        if tuple(st.shape(name)) != want:
+            raise UserError(
+                f"{weights}: tensor {name} has shape {list(st.shape(name))}, this model needs {list(want)}"
+            )
+        value = np.asarray(st.get(name), np.float32)
+        out[key] = jax.numpy.asarray(value if key == "embed" else value.T)
+    head = peft_module_key(cfg, "lm_head")
+    if (
+        cfg.tie_word_embeddings
+        and head in st.names()
+        and not np.array_equal(st.get(head), np.asarray(out["embed"]))
+    ):
+        raise UserError(
+            f"{weights}: separate embed_tokens and lm_head copies on a model with tied embeddings; jaxlora "
+            "keeps them tied (PEFT's ensure_weight_tying=True)"
+        )
+    return out
 
 
 def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig]:
@@ -239,14 +332,38 @@ def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig
             raise UserError(f"{folder / ADAPTER_CONFIG}: {str(err).removeprefix('lora.')}") from None
     st = SafetensorsFile(weights)
     r, n_layers, dims = int(conf["r"]), cfg.num_layers, linear_dims(cfg)
+    dora, rank_pattern = bool(conf.get("use_dora")), conf.get("rank_pattern") or {}
+    lora_bias = bool(conf.get("lora_bias"))
     where: dict[str, tuple[tuple[str, str], int, str]] = {}
+    rank_of: dict[tuple[tuple[str, str], int], int] = {}  # this layer's r (rank_pattern, else r)
     for path, m in _modules_by_path(cfg).items():
         for i in range(n_layers):
-            for which in "AB":
+            rank_of[(path, i)] = int(pattern_value(rank_pattern, m.hf_prefix.format(i=i), r))
+            for which in "AB" + ("m" if dora else "") + ("b" if lora_bias else ""):
                 where[peft_key(m, i, which)] = (path, i, which)
 
     found: dict[tuple[str, str], dict[int, dict[str, np.ndarray]]] = {}
+    token_ids, tokens = conf.get("trainable_token_indices") or [], None
+    copies = _read_copies(conf, cfg, st, weights)
     for key in st.names():
+        if copies is not None and key in (peft_module_key(cfg, "embed"), peft_module_key(cfg, "lm_head")):
+            continue
+        if token_ids and key == peft_tokens_key(cfg):
+            try:
+                token_ids = check_indices(cfg, token_ids)
+            except UserError as err:
+                raise UserError(f"{folder / ADAPTER_CONFIG}: {str(err).removeprefix('lora.')}") from None
+            want = (len(token_ids), cfg.hidden_size)
+            if tuple(st.shape(key)) != want:
+                raise UserError(
+                    f"{weights}: tensor {key} has shape {list(st.shape(key))} but this model needs "
+                    f"{list(want)}"
+                )
+            tokens = {
+                "rows": jax.numpy.asarray(np.asarray(st.get(key), np.float32)),
+                "token_ids": jax.numpy.asarray(np.asarray(token_ids, np.float32)),
+            }
+            continue
         if key not in where:
             raise UserError(
                 f"{weights}: tensor {key} is not the LoRA A/B weight of a linear layer of this "
@@ -254,12 +371,13 @@ def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig
             )
         path, i, which = where[key]
         fan_in, fan_out = dims[path]
-        want = (r, fan_in) if which == "A" else (fan_out, r)
+        r_i = rank_of[(path, i)]
+        want = {"A": (r_i, fan_in), "B": (fan_out, r_i), "m": (fan_out,), "b": (fan_out,)}[which]
         got = st.shape(key)
         if tuple(got) != want:
             raise UserError(
                 f"{weights}: tensor {key} has shape {list(got)} but this model needs {list(want)} "
-                f"(r={r}, {path[1]} is {fan_in} -> {fan_out}): the adapter is for a different base model"
+                f"(r={r_i}, {path[1]} is {fan_in} -> {fan_out}): the adapter is for a different base model"
             )
         found.setdefault(path, {}).setdefault(i, {})[which] = st.get(key)
     if not found:
@@ -269,17 +387,39 @@ def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig
     layers_seen = np.zeros(n_layers, bool)
     for path in [p for p in _modules_by_path(cfg) if p in found]:
         fan_in, fan_out = dims[path]
-        a = np.zeros((n_layers, fan_in, r), np.float32)
-        b = np.zeros((n_layers, r, fan_out), np.float32)
+        r_mod = max(rank_of[(path, i)] for i in found[path])  # smaller layer ranks are zero-padded
+        a = np.zeros((n_layers, fan_in, r_mod), np.float32)
+        b = np.zeros((n_layers, r_mod, fan_out), np.float32)
+        m = np.zeros((n_layers, fan_out), np.float32)
+        bias = np.zeros((n_layers, fan_out), np.float32)
         for i, pair in found[path].items():
-            if set(pair) != {"A", "B"}:
-                missing = peft_key(_modules_by_path(cfg)[path], i, "B" if "A" in pair else "A")
-                raise UserError(f"{weights}: tensor {missing} is missing")
-            a[i] = np.asarray(pair["A"], np.float32).T
-            b[i] = np.asarray(pair["B"], np.float32).T
+            for which in "AB" + ("m" if dora else "") + ("b" if lora_bias else ""):
+                if which not in pair:
+                    missing = peft_key(_modules_by_path(cfg)[path], i, which)
+                    raise UserError(f"{weights}: tensor {missing} is missing")
+            r_i = rank_of[(path, i)]
+            a[i, :, :r_i] = np.asarray(pair["A"], np.float32).T
+            b[i, :r_i] = np.asarray(pair["B"], np.float32).T
+            if dora:
+                m[i] = np.asarray(pair["m"], np.float32)
+            if lora_bias:
+                bias[i] = np.asarray(pair["b"], np.float32)
             layers_seen[i] = True
-        lora.setdefault(path[0], {})[path[1]] = {"a": jax.numpy.asarray(a), "b": jax.numpy.asarray(b)}
+        leaf = {"a": jax.numpy.asarray(a), "b": jax.numpy.asarray(b)}
+        if dora:
+            leaf["m"] = jax.numpy.asarray(m)
+        if lora_bias:
+            leaf["bias"] = jax.numpy.asarray(bias)
+        lora.setdefault(path[0], {})[path[1]] = leaf
 
+    if token_ids and tokens is None:
+        raise UserError(
+            f"{weights}: tensor {peft_tokens_key(cfg)} is missing (trainable_token_indices is set)"
+        )
+    if tokens is not None:
+        lora[TOKENS] = tokens
+    if copies is not None:
+        lora[MODULES] = copies
     paths = [p for p in _modules_by_path(cfg) if p in found]
     try:
         lora_cfg = LoraConfig(
@@ -290,7 +430,24 @@ def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig
             use_rslora=bool(conf.get("use_rslora", False)),
             init="gaussian" if conf.get("init_lora_weights") == "gaussian" else "default",
             layers_to_transform=None if layers_seen.all() else tuple(np.flatnonzero(layers_seen).tolist()),
+            use_dora=dora,
+            lora_bias=lora_bias,
+            trainable_token_indices=tuple(token_ids) or None,
+            modules_to_save=None if copies is None else tuple(conf["modules_to_save"]),
+            rank_pattern=rank_pattern,
+            alpha_pattern=conf.get("alpha_pattern") or {},
         )
     except UserError as err:
         raise UserError(f"{folder / ADAPTER_CONFIG}: {err}") from None
+    partial = [p for p in found if len(found[p]) != int(layers_seen.sum())]
+    if dora and partial:
+        raise UserError(
+            f"{weights}: DoRA modules {['.'.join(p) for p in partial]} are adapted in only some of the "
+            "adapted layers; jaxlora adapts one set of layers for every DoRA module"
+        )
+    if rank_pattern or lora_cfg.alpha_pattern:  # per-module scale; 0 where a module is absent
+        factors = module_scale_factors(cfg, lora_cfg)
+        for (g, n), s in factors.items():
+            present = np.isin(np.arange(n_layers), list(found[(g, n)]))
+            lora[g][n]["s"] = jax.numpy.asarray(s * present)
     return lora, lora_cfg

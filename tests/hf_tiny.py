@@ -5,6 +5,8 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("llama", "llama_tied_mqa", "mistral", "qwen2", "qwen3", "gpt2")
+# The families of tests/test_families.py (one module-scoped model each, not run through every test above).
+NEW_FAMILIES = ("gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3")
 
 
 def hf_config(family: str):
@@ -49,9 +51,76 @@ def hf_config(family: str):
         return Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True)
     if family == "qwen3":  # q/k RMSNorm, explicit head_dim
         return Qwen3Config(**common, num_key_value_heads=2, head_dim=16)
+    if family in NEW_FAMILIES:
+        return _new_family_config(family, common)
     if family == "gpt2":
         return GPT2Config(
             vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2
+        )
+    raise ValueError(family)
+
+
+def _new_family_config(family: str, common: dict):
+    """Tiny configs of the families past Llama, each exercising what it adds (docs/families.md). Vocab 512
+    (stories260K's tokenizer), so the same checkpoints also train in tests/test_families.py."""
+    from transformers import AutoConfig
+
+    common = {**common, "vocab_size": 512, "max_position_embeddings": 128}
+    if family == "gemma":  # (1 + w) norms, sqrt(D) embeddings, GeGLU, head_dim != D / N, MQA, tied
+        return AutoConfig.for_model("gemma", **common, num_key_value_heads=1, head_dim=16)
+    if family == "gemma2":  # soft-caps, sliding/global layers (window 4 < sequence), post-norms, scalar
+        return AutoConfig.for_model(
+            "gemma2",
+            **common,
+            num_key_value_heads=2,
+            head_dim=8,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=2.0,
+            sliding_window=4,
+        )
+    if family == "gemma3_text":  # q/k norms, both layer types, local and global RoPE (global scaled)
+        return AutoConfig.for_model(
+            "gemma3_text",
+            **{**common, "num_hidden_layers": 3},
+            num_key_value_heads=2,
+            head_dim=8,
+            query_pre_attn_scalar=12,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+            },
+        )
+    if family == "phi3":  # fused qkv/gate_up, partial rotary (4 of 8 dims), longrope (original 32)
+        return AutoConfig.for_model(
+            "phi3",
+            **common,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            original_max_position_embeddings=32,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+                "short_factor": [1.0, 1.7],
+                "long_factor": [2.5, 4.0],
+                "factor": 2.0,
+                "original_max_position_embeddings": 32,
+            },
+        )
+    if family == "olmo2":  # post-norms only, q/k norms over the whole projection
+        return AutoConfig.for_model("olmo2", **common, num_key_value_heads=2)
+    if family == "smollm3":  # layer 1 has no RoPE and a sliding window of 4
+        return AutoConfig.for_model(
+            "smollm3",
+            **common,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            no_rope_layers=[1, 0],
+            use_sliding_window=True,
+            sliding_window=4,
         )
     raise ValueError(family)
 
@@ -66,12 +135,18 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(1.0 + noise if is_norm and p.ndim == 1 and "bias" not in name else noise)
 
 
-def make_hf_model(family: str, folder: Path, seed: int = 0):
-    """Build, randomize and `save_pretrained` a tiny model; return the torch model (eval, float32)."""
+def make_hf_model(family: str, folder: Path, seed: int = 0, **overrides):
+    """Build, randomize and `save_pretrained` a tiny model; return the torch model (eval, float32).
+
+    `overrides` set config attributes (e.g. num_key_value_heads) after the family's tiny config is made.
+    """
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(family), attn_implementation="eager")
+    config = hf_config(family)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     randomize_(model, seed)
     model.eval()
     model.save_pretrained(folder)

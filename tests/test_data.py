@@ -485,3 +485,120 @@ def test_real_config_dataclasses(assets, tok, cache):
     )
     train, val = build_datasets(cfg, tok, seed=0)
     assert len(train) + len(val) == 500 and len(val) == 25
+
+
+# --- [runs] problems 1, 7 and 8: fields once dropped, load errors, jinja2 -------------------------
+
+
+def test_glaive_tools_reach_the_template_and_labels_cover_calls_and_answers(assets, tok, tmp_path):
+    """Problem 8: ShareGPT `tools` (once dropped) reach the chat template; function_call turns are the
+    assistant's (trained), observations the tool's (not trained), as LLaMA-Factory maps them."""
+    rows = json.loads((assets / "data" / "llamafactory_glaive_toolcall_zh_demo.json").read_text())[:12]
+    rows = [r for r in rows if any(m["from"] == "function_call" for m in r["conversations"])][:4]
+    path = _write(tmp_path, rows)
+    cfg = data_cfg(source(path, "chat"), seq_len=16384, chat_template="chatml", cache_dir=str(tmp_path))
+    train, _ = build_datasets(cfg, tok)
+    assert len(train) == len(rows) >= 2
+    for k, row in enumerate(rows):
+        ids, labels = train[k]["input_ids"], train[k]["labels"]
+        text = pieces(tok, ids).decode()
+        for tool in json.loads(row["tools"]):
+            assert json.dumps(tool["name"]) in text and tool["description"] in text
+        trained = [pieces(tok, ids[a:b]).decode(errors="replace") for a, b, t in runs(labels) if t]
+        want = [m["value"] for m in row["conversations"] if m["from"] in ("function_call", "gpt")]
+        assert len(trained) == len(want)
+        for got, value in zip(trained, want, strict=True):
+            assert value.strip() in got and "<|im_start|>" not in got
+        for m in row["conversations"]:
+            if m["from"] == "observation":
+                assert f"<|im_start|>tool\n{m['value']}" in text and not any(m["value"] in t for t in trained)
+
+
+def test_alpaca_history_and_system_become_turns(tok, tmp_path):
+    """Problem 8: Alpaca `history` (earlier turns) and `system` were dropped silently."""
+    row = {
+        "system": "You answer in one word.",
+        "history": [["Name a color.", "Blue."], ["Name a fruit.", "Apple."]],
+        "instruction": "Name an animal.",
+        "input": "",
+        "output": "Cat.",
+    }
+    path = _write(tmp_path, [row, GOOD])
+    train, _ = build_datasets(data_cfg(source(path, "alpaca"), cache_dir=str(tmp_path)), tok)
+    ids, labels = train[0]["input_ids"], train[0]["labels"]
+    text = tok.decode(ids, skip_special_tokens=True)
+    assert text.startswith("You answer in one word.\n\n### Instruction:\nName a color.")
+    assert "Below is an instruction" not in text
+    for q in ("Name a color.", "Name a fruit.", "Name an animal."):
+        assert f"### Instruction:\n{q}\n\n### Response:\n" in text
+    trained = [tok.decode(ids[a:b], skip_special_tokens=True) for a, b, t in runs(labels) if t]
+    assert trained == ["Blue.", "Apple.", "Cat."]
+    plain = tok.decode(train[1]["input_ids"], skip_special_tokens=True)  # no history/system: as before
+    assert plain.startswith(ALPACA_NO.format(instruction=GOOD["instruction"])[:60])
+    bad = _write(tmp_path, [{**row, "history": [["only a question"]]}])
+    with pytest.raises(UserError, match=re.escape(f"{bad}: row 0: field 'history[0]' must be an")):
+        build_datasets(data_cfg(source(bad, "alpaca"), cache_dir=str(tmp_path)), tok)
+
+
+def test_truncation_drop_hint_is_correct(tok, tmp_path, caplog):
+    """Problem 8: rows cut away by truncation were reported with a hint to set skip_invalid: false,
+    which was already false."""
+    long_prompt = {"instruction": "word " * 400, "output": "Hi"}
+    path = _write(tmp_path, [GOOD, long_prompt])
+    with caplog.at_level(logging.WARNING, logger="jaxlora.data"):
+        train, _ = build_datasets(
+            data_cfg(source(path, "alpaca"), seq_len=128, truncation=True, cache_dir=str(tmp_path)), tok
+        )
+    assert len(train) == 1
+    assert "dropped 1 of 2 rows" in caplog.text and "raise data.seq_len" in caplog.text
+    assert "skip_invalid" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "needle"),
+    [
+        ("bad.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": oops}\n', ", line 3: invalid JSON"),
+        ("bad.json", b'[{"text": "a"},\n {"text": "b"\n]', ", line 3: invalid JSON"),
+        ("latin1.jsonl", '{"text": "a"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"), ", line 2: not UTF-8"),
+        ("bad.csv", b'text\nfine\n"never closed\n', "bad CSV"),
+        ("cols.csv", b"prompt,completion\na,b\nc,d,e\n", ", line 3: 3 fields but the header has 2"),
+    ],
+)
+def test_load_errors_name_file_line_and_cause(tok, tmp_path, name, content, needle):
+    """Problem 7: CSV, JSONL and non-UTF-8 load errors named neither the line nor the encoding."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    fmt = "prompt_completion" if name == "cols.csv" else "text"
+    with pytest.raises(UserError) as err:
+        build_datasets(data_cfg(source(path, fmt), cache_dir=str(tmp_path)), tok)
+    assert str(err.value).startswith(f"{path}") and needle in str(err.value), err.value
+    assert "\n" not in str(err.value)
+
+
+def test_data_folder_with_mixed_types_is_an_error(tok, tmp_path):
+    """Problem 7: a folder with .json and .txt silently used only the .json."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.json").write_text(json.dumps([GOOD]))
+    (folder / "b.txt").write_text("some text")
+    with pytest.raises(UserError, match=r"mixes file types \(\.json: 1, \.txt: 1 files\)"):
+        build_datasets(data_cfg(source(folder, "alpaca"), cache_dir=str(tmp_path)), tok)
+
+
+def test_chat_without_jinja2_says_so(chat_tok, tmp_path, monkeypatch):
+    """Problem 1: jinja2 was no dependency, and its absence read as a data problem."""
+    import tomllib
+    from pathlib import Path
+
+    from transformers.utils import chat_template_utils
+
+    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert any(d.startswith("jinja2") for d in deps["dependencies"])
+    monkeypatch.setattr(chat_template_utils, "is_jinja_available", lambda: False)
+    chat_template_utils._compile_jinja_template.cache_clear()
+    conv = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
+    path = _write(tmp_path, [{"conversations": conv}])
+    with pytest.raises(UserError, match="^chat templates need jinja2") as err:
+        build_datasets(data_cfg(source(path, "chat"), cache_dir=str(tmp_path)), chat_tok)
+    assert "row 0" not in str(err.value)
+    chat_template_utils._compile_jinja_template.cache_clear()

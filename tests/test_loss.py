@@ -129,3 +129,25 @@ def test_full_logits_never_exist():
     stats = grad.lower(hidden).compile().memory_analysis()
     full_logits = n * vocab * 4
     assert stats.temp_size_in_bytes < full_logits / 4, (stats.temp_size_in_bytes, full_logits)
+
+
+def test_final_logit_softcap_is_in_the_loss():
+    """Gemma 2 caps the logits before the softmax: the loss must see the capped logits, as `forward` does."""
+    import dataclasses
+
+    from jaxlora.models.decoder import cap_logits
+
+    rng = np.random.default_rng(7)
+    cfg = dataclasses.replace(tiny_config(), final_logit_softcap=2.0)
+    params = {"lm_head": {"kernel": jnp.asarray(rng.normal(0, 2.0, (D, V)), jnp.float32)}}
+    hidden = jnp.asarray(rng.normal(0, 1, (B, T, D)), jnp.float32)
+    targets = jnp.asarray(make_targets("prompt", rng))
+    logits = cap_logits(jnp.einsum("btd,dv->btv", hidden, params["lm_head"]["kernel"]), cfg)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    valid = targets != IGNORE
+    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    expected = jnp.sum(jnp.where(valid, lse - picked, 0.0))
+    s, _ = chunked_cross_entropy(params, cfg, hidden, targets, 16)
+    np.testing.assert_allclose(s, expected, rtol=1e-6)
+    uncapped, _ = chunked_cross_entropy(params, tiny_config(), hidden, targets, 16)
+    assert abs(float(uncapped) - float(expected)) > 1.0  # the cap matters at this logit scale

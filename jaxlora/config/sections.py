@@ -113,6 +113,12 @@ class TrainSection(Section):
     max_grad_norm: Float | None = Field(
         1.0, gt=0, description="clip gradients to this global norm; null = no clipping"
     )
+    loraplus_lr_ratio: Float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+: learning rate of B (and DoRA magnitudes) = this ratio x that of A, as PEFT's "
+        "create_loraplus_optimizer; null = one learning rate",
+    )
     remat: Literal["none", "lean", "dots", "full"] = Field(
         "lean",
         description="what the backward pass keeps: none = every intermediate (most memory); lean = matmul "
@@ -239,7 +245,9 @@ class Config(Section):
         0, ge=0, lt=2**32, description="seed for parameter init, dropout, shuffling and the validation split"
     )
     overwrite: Bool = Field(
-        False, description="allow writing into a non-empty output_dir that is not being resumed"
+        False,
+        description="start afresh in an output_dir that holds another run or other files (its run files "
+        "are removed once setup succeeds); false = resume a compatible run, else refuse",
     )
     model: ModelSection = Field(description="base model")
     quant: QuantSection = Field(default_factory=QuantSection, description="base weight quantization")

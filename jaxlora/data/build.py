@@ -228,7 +228,7 @@ def load_source(source, data_cfg, tokenizer, info: TokenizerInfo | None = None):
     final = root / key
     if (final / "meta.json").exists():
         meta = json.loads((final / "meta.json").read_text())
-        _report(resolved.name, meta, cached=True)
+        _report(resolved.name, meta, cached=True, skip_invalid=data_cfg.skip_invalid)
         return Examples.from_dataset(datasets.load_from_disk(str(final / "data")))
 
     t0 = time.perf_counter()
@@ -246,7 +246,7 @@ def load_source(source, data_cfg, tokenizer, info: TokenizerInfo | None = None):
         seconds = time.perf_counter() - t0
         meta = {"rows": len(rows), "kept_rows": kept, "examples": len(out), "seconds": seconds}
         if len(out) == 0:
-            _report(resolved.name, meta, cached=False)
+            _report(resolved.name, meta, cached=False, skip_invalid=data_cfg.skip_invalid)
             if len(rows) == 0:
                 raise UserError(f"{resolved.name}: the dataset has no rows")
             raise UserError(
@@ -263,18 +263,26 @@ def load_source(source, data_cfg, tokenizer, info: TokenizerInfo | None = None):
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    _report(resolved.name, meta, cached=False)
+    _report(resolved.name, meta, cached=False, skip_invalid=data_cfg.skip_invalid)
     return Examples.from_dataset(datasets.load_from_disk(str(final / "data")))
 
 
-def _report(name: str, meta: dict, cached: bool) -> None:
+def _report(name: str, meta: dict, cached: bool, skip_invalid: bool) -> None:
     skipped = meta["rows"] - meta["kept_rows"]
     how = "from cache" if cached else f"in {meta['seconds']:.1f}s"
     log.info("%s: %d examples from %d rows (%s)", name, meta["examples"], meta["rows"], how)
-    if skipped:
+    if skipped and skip_invalid:
         log.warning(
             "%s: skipped %d of %d rows (invalid, or nothing left to train on after truncation); "
             "set data.skip_invalid: false to see the first error",
+            name,
+            skipped,
+            meta["rows"],
+        )
+    elif skipped:  # rows are only dropped silently when truncation cut away every trained token
+        log.warning(
+            "%s: dropped %d of %d rows: truncation to data.seq_len cut away every token to train on; "
+            "raise data.seq_len to keep them",
             name,
             skipped,
             meta["rows"],

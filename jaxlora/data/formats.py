@@ -6,31 +6,40 @@ Each format checks its fields and raises `RowError` naming the field; the caller
 The format names and a source's `fields` keys are validated by the config (`jaxlora.data.config`).
 """
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
 from jaxlora.data.templates import alpaca_prompt
+from jaxlora.errors import UserError
 
 # The field names each format reads; a source's `fields` mapping may rename any of them.
 # chat: the messages column, the role and content keys of each message, and `roles` (a mapping of the
 # dataset's role names); its defaults follow the data (see `resolve_fields`).
+# alpaca: `system` (a system prompt, replacing the standard preamble) and `history` (earlier
+# [instruction, response] pairs) are optional. chat: `tools` (optional) holds the function schemas, a list
+# or a JSON string of one, passed to the chat template as `tools`.
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
-    "alpaca": ("instruction", "input", "output"),
-    "chat": ("messages", "role", "content", "roles"),
+    "alpaca": ("instruction", "input", "output", "system", "history"),
+    "chat": ("messages", "role", "content", "roles", "tools"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
 FORMATS = tuple(FORMAT_FIELDS)
 
-# ShareGPT and OpenAI role names -> the roles chat templates expect.
+# ShareGPT and OpenAI role names -> the roles chat templates expect. As in LLaMA-Factory's ShareGPT
+# reader, a `function_call` turn is the assistant's (trained: the model learns to call) and an
+# `observation` (the function's result) is the tool's.
 DEFAULT_ROLES = {
     "system": "system",
     "user": "user",
     "human": "user",
     "assistant": "assistant",
     "gpt": "assistant",
+    "function_call": "assistant",
     "tool": "tool",
+    "observation": "tool",
 }
 
 
@@ -79,6 +88,7 @@ def resolve_fields(fmt: str, fields: Mapping | None, columns: list[str]) -> dict
             "messages": messages,
             "role": "from" if sharegpt else "role",
             "content": "value" if sharegpt else "content",
+            "tools": "tools",
         }
         names["roles"] = {**DEFAULT_ROLES, **(fields.get("roles") or {})}
     names.update({k: v for k, v in fields.items() if k != "roles"})
@@ -88,7 +98,7 @@ def resolve_fields(fmt: str, fields: Mapping | None, columns: list[str]) -> dict
 def row_columns(fmt: str, names: Mapping) -> list[str]:
     """The top-level columns a row of `fmt` is read from, under their resolved `names` (chat: only the
     messages column; role and content are keys inside each message)."""
-    keys = FORMAT_FIELDS[fmt][:1] if fmt == "chat" else FORMAT_FIELDS[fmt]
+    keys = ("messages", "tools") if fmt == "chat" else FORMAT_FIELDS[fmt]
     return [names[k] for k in keys]
 
 
@@ -104,8 +114,37 @@ def _render_alpaca(row: Mapping, names: dict) -> Rendered:
     instruction = _text(row, names["instruction"])
     input_text = _text(row, names["input"], optional=True)
     output = _text(row, names["output"])
-    prompt = alpaca_prompt(instruction, input_text)
-    return Rendered(prompt + output, ((len(prompt), len(prompt) + len(output)),))
+    system = _text(row, names["system"], optional=True)
+    turns = _history(row, names["history"])
+    if not turns and not (system and system.strip()):
+        prompt = alpaca_prompt(instruction, input_text)
+        return Rendered(prompt + output, ((len(prompt), len(prompt) + len(output)),))
+    text, spans = "", []
+    for k, (question, answer) in enumerate([*turns, (instruction, output)]):
+        last = k == len(turns)
+        prompt = alpaca_prompt(question, input_text if last else None, system=system, first=k == 0)
+        text += ("" if k == 0 else "\n\n") + prompt
+        spans.append((len(text), len(text) + len(answer)))  # every response is trained, as the last
+        text += answer
+    return Rendered(text, tuple(spans))
+
+
+def _history(row: Mapping, field: str) -> list[tuple[str, str]]:
+    """Alpaca `history`: earlier turns as [instruction, response] pairs (absent or null: none)."""
+    value = row.get(field)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RowError(f"field '{field}' must be a list of [instruction, response] pairs")
+    turns = []
+    for k, pair in enumerate(value):
+        ok = isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
+        if not ok or not pair[1].strip():
+            raise RowError(
+                f"field '{field}[{k}]' must be an [instruction, response] pair of non-empty strings"
+            )
+        turns.append((pair[0], pair[1]))
+    return turns
 
 
 def _render_prompt_completion(row: Mapping, names: dict) -> Rendered:
@@ -132,6 +171,28 @@ class _ChatRenderer:
         self.names = names
         self.tokenizer = tokenizer
         self.template = template
+        self.tools = None  # the current row's function schemas
+
+    def _tools(self, row: Mapping) -> list | None:
+        """The row's `tools`: a list of function schemas, or a JSON string of one (ShareGPT)."""
+        field = self.names["tools"]
+        value = row.get(field)
+        if isinstance(value, str):
+            if not value.strip():
+                return None
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise RowError(
+                    f"field '{field}' is not valid JSON ({err.msg} at column {err.colno})"
+                ) from None
+        if value is None or value == []:
+            return None
+        if isinstance(value, Mapping):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(t, Mapping) for t in value):
+            raise RowError(f"field '{field}' must be a list of function schemas (objects)")
+        return [dict(t) for t in value]
 
     def _messages(self, row: Mapping) -> list[dict]:
         field, role_key, content_key = self.names["messages"], self.names["role"], self.names["content"]
@@ -165,13 +226,20 @@ class _ChatRenderer:
     def _apply(self, messages: list[dict], generation_prompt: bool = False) -> str:
         try:
             return self.tokenizer.apply_chat_template(
-                messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
+                messages,
+                tools=self.tools,
+                chat_template=self.template,
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
             )
+        except ImportError as err:  # jinja2 missing: an install problem, not a data problem
+            raise UserError(f"chat templates need jinja2 ({err}); pip install jinja2") from None
         except Exception as err:  # the template's own raise_exception, or a Jinja error
             raise RowError(f"field '{self.names['messages']}': chat template failed: {err}") from None
 
     def __call__(self, row: Mapping) -> Rendered:
         messages = self._messages(row)
+        self.tools = self._tools(row)
         full = self._apply(messages)
         spans: list[tuple[int, int]] = []
         cursor = 0

@@ -5,9 +5,11 @@ anything else (`owner/name`) is a hub dataset id, loaded with `subset` and `spli
 document (for many documents use jsonl with a `text` field).
 """
 
+import codecs
 import csv
 import glob
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from datasets.exceptions import DatasetGenerationError
 from jaxlora.errors import UserError
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")  # checked to be UTF-8 before `datasets` reads them
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,13 @@ def resolve_source(source) -> ResolvedSource:
         )
         if not files:
             raise UserError(f"data folder is empty: {path}")
+        kinds = sorted({Path(f).suffix for f in files} & set(LOCAL_BUILDERS))
+        if len(kinds) > 1:  # `datasets` would silently read only one of the types
+            counts = ", ".join(f"{k}: {sum(Path(f).suffix == k for f in files)}" for k in kinds)
+            raise UserError(
+                f"data folder {path} mixes file types ({counts} files); only one type is read, so put each "
+                "type in its own folder (or list each file as its own data source)"
+            )
         # A folder loads like a hub dataset (datasets infers the layout); its files give the content hash.
         return ResolvedSource(path, tuple(files), None, split, source.subset)
     elif os.path.isfile(expanded):
@@ -101,17 +111,84 @@ def read_json_rows(resolved: ResolvedSource) -> list:
     """Rows of local .json (a list) / .jsonl files parsed by Python, with their original types."""
     rows: list = []
     for f in resolved.files:
+        problem = diagnose_file(f)
+        if problem:
+            raise UserError(problem)
         with open(f, encoding="utf-8") as fh:
             if f.endswith(".jsonl"):
                 rows.extend(json.loads(line) for line in fh if line.strip())
             else:
                 data = json.load(fh)
                 if not isinstance(data, list):
-                    raise UserError(
-                        f"{resolved.name}: expected a JSON list of records, got {type(data).__name__}"
-                    )
+                    raise UserError(f"{f}: expected a JSON list of records, got {type(data).__name__}")
                 rows.extend(data)
     return rows
+
+
+def diagnose_file(path: str) -> str | None:
+    """Why a local json/jsonl/csv/txt file cannot be read, naming the file, the line and the cause
+    (encoding included); None when nothing is found. Called when `datasets` fails, whose messages name
+    neither."""
+    problem = encoding_problem(path)
+    if problem:
+        return problem
+    text = Path(path).read_text(encoding="utf-8")
+    suffix = Path(path).suffix
+    if suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as err:
+                    return f"{path}, line {n}: invalid JSON ({err.msg} at column {err.colno})"
+    elif suffix == ".json":
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            if err.msg == "Extra data" and _is_json_lines(text):
+                return f"{path}: holds one JSON object per line; name it .jsonl"
+            return f"{path}, line {err.lineno}: invalid JSON ({err.msg} at column {err.colno})"
+    elif suffix == ".csv":
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+        try:
+            header = next(reader, [])
+            for row in reader:
+                if row and len(row) != len(header):
+                    return (
+                        f"{path}, line {reader.line_num}: {len(row)} fields but the header has "
+                        f"{len(header)}; quote fields that hold commas"
+                    )
+        except csv.Error as err:
+            return f"{path}, line {reader.line_num}: bad CSV ({err})"
+    return None
+
+
+def encoding_problem(path: str, chunk: int = 1 << 24) -> str | None:
+    """The first line of `path` that is not UTF-8 (read in chunks), or None."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            try:
+                decoder.decode(block, final=len(block) < chunk)
+            except UnicodeDecodeError as err:
+                head = block[: max(err.start, 0)]
+                line += head.count(b"\n")
+                column = len(head) - (head.rfind(b"\n") + 1) + 1
+                bad = block[err.start] if 0 <= err.start < len(block) else 0
+                return (
+                    f"{path}, line {line}: not UTF-8 text (byte 0x{bad:02x} at column {column}); "
+                    "save the file as UTF-8"
+                )
+            line += block.count(b"\n")
+    return None
+
+
+def _is_json_lines(text: str) -> bool:
+    try:
+        return all(isinstance(json.loads(x), dict) for x in text.splitlines() if x.strip())
+    except json.JSONDecodeError:
+        return False
 
 
 def _csv_string_features(files) -> datasets.Features:
@@ -125,6 +202,10 @@ def _csv_string_features(files) -> datasets.Features:
 def load_rows(resolved: ResolvedSource, *, streaming: bool, cache_dir: str | None):
     """Load the raw rows as a `datasets.Dataset` (or `IterableDataset` when streaming)."""
     kwargs = {"split": resolved.split, "streaming": streaming, "cache_dir": cache_dir}
+    for f in resolved.files:  # datasets reads other encodings as if they were UTF-8, or fails later
+        problem = encoding_problem(f) if Path(f).suffix in TEXT_SUFFIXES else None
+        if problem:
+            raise UserError(problem)
     try:
         if resolved.builder is not None:
             extra = {}
@@ -136,6 +217,10 @@ def load_rows(resolved: ResolvedSource, *, streaming: bool, cache_dir: str | Non
         target = os.path.expanduser(resolved.name) if resolved.is_local else resolved.name
         return datasets.load_dataset(target, resolved.subset, **kwargs)
     except (FileNotFoundError, ConnectionError, ValueError, DatasetGenerationError) as err:
+        for f in resolved.files:  # name the file, the line and the cause
+            problem = diagnose_file(f) if Path(f).suffix in TEXT_SUFFIXES else None
+            if problem:
+                raise UserError(problem) from None
         what = "data files" if resolved.is_local else "hub dataset"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"could not load {what} {resolved.name} (split {resolved.split}): {first}") from err

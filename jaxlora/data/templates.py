@@ -19,7 +19,10 @@ ALPACA_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
+# With `tools` (function schemas), both named templates open with a system turn listing them as JSON.
 CHATML = (
+    "{%- if tools -%}{{ '<|im_start|>system\\nYou can call these functions:\\n' + (tools | tojson) + "
+    "'<|im_end|>\\n' }}{%- endif -%}"
     "{%- for message in messages -%}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{%- endfor -%}"
@@ -29,6 +32,8 @@ CHATML = (
 # Llama 3 instruct layout; `bos_token` rather than a literal so it follows the tokenizer in use.
 LLAMA3 = (
     "{{- bos_token -}}"
+    "{%- if tools -%}{{ '<|start_header_id|>system<|end_header_id|>\\n\\nYou can call these functions:\\n' + "
+    "(tools | tojson) + '<|eot_id|>' }}{%- endif -%}"
     "{%- for message in messages -%}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
     " + '<|eot_id|>' }}"
@@ -39,11 +44,26 @@ LLAMA3 = (
 CHAT_TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3}
 
 
-def alpaca_prompt(instruction: str, input_text: str | None) -> str:
-    """The standard Alpaca prompt, with the `### Input:` block only when `input_text` is non-blank."""
+ALPACA_PREAMBLE_END = "### Instruction:"
+
+
+def alpaca_prompt(
+    instruction: str, input_text: str | None, *, system: str | None = None, first: bool = True
+) -> str:
+    """The standard Alpaca prompt, with the `### Input:` block only when `input_text` is non-blank.
+
+    `system` (non-blank) replaces the standard preamble; `first=False` (a later turn of a row with
+    `history`) leaves the preamble out."""
     if input_text and input_text.strip():
-        return ALPACA_WITH_INPUT.format(instruction=instruction, input=input_text)
-    return ALPACA_NO_INPUT.format(instruction=instruction)
+        prompt = ALPACA_WITH_INPUT.format(instruction=instruction, input=input_text)
+    else:
+        prompt = ALPACA_NO_INPUT.format(instruction=instruction)
+    body = prompt[prompt.index(ALPACA_PREAMBLE_END) :]
+    if not first:
+        return body
+    if system and system.strip():
+        return system.strip() + "\n\n" + body
+    return prompt
 
 
 def resolve_chat_template(tokenizer, name: str | None) -> str:

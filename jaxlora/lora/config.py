@@ -1,13 +1,40 @@
 """`LoraConfig`: the adapter options, with PEFT's names and meanings (the `lora:` section of a run)."""
 
 import re
-from typing import Literal
+from collections.abc import Mapping
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from jaxlora.schema import Bool, Float, Int, Invalid, Section, Str, listing
 
 __all__ = ["LoraConfig"]
+
+
+class _Patterns(dict):
+    """A read-only, hashable {module-name pattern: value} (the config is frozen and hashable)."""
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("LoraConfig patterns are read-only")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _read_only
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+    def __reduce__(self) -> tuple:
+        return (_Patterns, (dict(self),))
+
+
+def _patterns(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        for key in value:
+            try:
+                re.compile(key)
+            except re.error as err:
+                raise Invalid("{key} has an invalid regex {k!r} ({err})", k=key, err=err) from None
+        return _Patterns(value)
+    return value
 
 
 class LoraConfig(Section):
@@ -28,11 +55,35 @@ class LoraConfig(Section):
         "or all-linear",
     )
     use_rslora: Bool = Field(False, description="rank-stabilized LoRA: scale by alpha / sqrt(r)")
-    init: Literal["default", "gaussian"] = Field(
-        "default", description="A init: default (Kaiming uniform, as PEFT) or gaussian (std 1/r); B = 0"
+    init: Str = Field(
+        "default",
+        description="default (A Kaiming uniform, as PEFT) or gaussian (A std 1/r), B = 0; or pissa, "
+        "pissa_niter_N, olora: A and B from the base weights' SVD/QR, the base keeps the residual (PEFT)",
     )
     layers_to_transform: listing(Int) | None = Field(
         None, description="decoder layer indices to adapt; null = all"
+    )
+    use_dora: Bool = Field(
+        False, description="DoRA: a trained magnitude per output times the direction of W + scale * B A"
+    )
+    lora_bias: Bool = Field(
+        False, description="a trained bias on lora_B, as PEFT's lora_bias (only layers with a bias)"
+    )
+    trainable_token_indices: listing(Int) | None = Field(
+        None,
+        description="token ids whose input-embedding rows train (PEFT trainable tokens; tied: the head too)",
+    )
+    modules_to_save: listing(Str) | None = Field(
+        None,
+        description="[embed_tokens, lm_head] (GPT-2: wte): train full copies of them, as PEFT (tied: one)",
+    )
+    rank_pattern: Annotated[dict[Str, Int], AfterValidator(_patterns)] = Field(
+        _Patterns(),
+        description="per-module r: {regex matched against the end of HF module names: r}, as in PEFT",
+    )
+    alpha_pattern: Annotated[dict[Str, Float], AfterValidator(_patterns)] = Field(
+        _Patterns(),
+        description="per-module alpha: {regex matched against the end of HF module names: alpha}, as in PEFT",
     )
 
     @field_validator("target_modules")
@@ -51,6 +102,35 @@ class LoraConfig(Section):
         elif not targets or any(not t.strip() for t in targets):
             raise Invalid("{key} must be a non-empty list of module names, got {names}", names=list(targets))
         return targets
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, init: str) -> str:
+        if init not in ("default", "gaussian", "pissa", "olora") and not re.fullmatch(
+            r"pissa_niter_\d+", init
+        ):
+            raise Invalid(
+                "{key} must be default, gaussian, pissa, pissa_niter_N (N subspace iterations) or olora, "
+                "got {init!r}",
+                init=init,
+            )
+        return init
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _ranks(cls, ranks: dict) -> dict:
+        bad = {k: v for k, v in ranks.items() if v < 1}
+        if bad:
+            raise Invalid("{key} ranks must be >= 1, got {bad}", bad=bad)
+        return ranks
+
+    @field_validator("alpha_pattern")
+    @classmethod
+    def _alphas(cls, alphas: dict) -> dict:
+        bad = {k: v for k, v in alphas.items() if v <= 0}
+        if bad:
+            raise Invalid("{key} alphas must be > 0, got {bad}", bad=bad)
+        return alphas
 
     @field_validator("layers_to_transform")
     @classmethod

@@ -14,26 +14,39 @@ import numpy as np
 from jaxlora.errors import UserError
 from jaxlora.lora.adapters import lora_scale
 from jaxlora.lora.config import LoraConfig
+from jaxlora.lora.tokens import EXTRA_KEYS, with_embeddings
 from jaxlora.models.loading import Model
+from jaxlora.models.lora_product import dora_factor
 from jaxlora.models.saving import MAX_SHARD_BYTES, save_pretrained
 from jaxlora.models.spec import Entry
 from jaxlora.quant import QuantizedTensor, dequantize
 
 
-def merge_kernel(kernel, a, b, scale, sign=1.0) -> jax.Array:
+def merge_kernel(kernel, a, b, scale, sign=1.0, magnitude=None) -> jax.Array:
     """`kernel + sign * scale * A @ B`, summed in float32 and cast back to the kernel's dtype.
 
     kernel: [..., in, out] (dense, or a `QuantizedTensor`, dequantized: the result is then a dense float
     kernel, since re-quantizing would throw most of the small update away), a: [..., in, r],
     b: [..., r, out], scale: a scalar or one per leading index ([L] for a stacked kernel).
+    DoRA (`magnitude` m [..., out]): `(m / ||W + scale A @ B||) * (W + scale A @ B)` per output column,
+    as PEFT merges it (only with sign 1: the column norm is not recoverable from the merged kernel).
     """
     if isinstance(kernel, QuantizedTensor):
         dense, dtype = dequantize(kernel, jnp.float32), kernel.dtype
     else:
         dense, dtype = jnp.asarray(kernel, jnp.float32), kernel.dtype
     delta = jnp.matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), precision="highest")
-    scale = jnp.asarray(scale, jnp.float32)[..., None, None]  # [..., 1, 1]
-    return (dense + sign * scale * delta).astype(dtype)
+    scale = jnp.asarray(scale, jnp.float32)
+    merged = dense + sign * scale[..., None, None] * delta  # [..., in, out]
+    if magnitude is not None:
+        norm = jnp.sqrt(jnp.sum(merged * merged, axis=-2))  # [..., out]
+        merged = merged * dora_factor(jnp.asarray(magnitude), norm, scale)[..., None, :]
+    return merged.astype(dtype)
+
+
+def module_scale(leaf: dict, scale) -> jax.Array:
+    """This module's scale: the per-layer `scale` times its "s" leaf (rank/alpha patterns) if it has one."""
+    return jnp.asarray(scale, jnp.float32) * jnp.asarray(leaf.get("s", 1.0), jnp.float32)
 
 
 def _check_shapes(kernel, ab: dict, key: tuple[str, str]) -> None:
@@ -47,13 +60,16 @@ def _check_shapes(kernel, ab: dict, key: tuple[str, str]) -> None:
 
 @jax.jit
 def _merged_kernels(kernels: dict, lora: dict, scale, sign) -> dict:
-    return {
-        g: {n: merge_kernel(kernels[g][n], lora[g][n]["a"], lora[g][n]["b"], scale, sign) for n in mods}
-        for g, mods in lora.items()
-    }
+    def one(kernel, leaf):
+        return merge_kernel(kernel, leaf["a"], leaf["b"], module_scale(leaf, scale), sign, leaf.get("m"))
+
+    return {g: {n: one(kernels[g][n], lora[g][n]) for n in mods} for g, mods in lora.items()}
 
 
 def _apply(params: dict, lora: dict, scale, sign: float) -> dict:
+    params, lora = with_embeddings(params, lora)
+    if not lora:
+        return params
     kernels: dict = {}
     for group, mods in lora.items():
         for name, ab in mods.items():
@@ -68,6 +84,25 @@ def _apply(params: dict, lora: dict, scale, sign: float) -> dict:
         layers[group] = dict(layers[group])
         for name, kernel in mods.items():
             layers[group][name] = dict(layers[group][name], kernel=kernel)
+    return merged_biases(dict(params, layers=layers), lora, scale, sign)
+
+
+def merged_biases(params: dict, lora: dict, scale, sign: float = 1.0) -> dict:
+    """`params` with `bias + sign * scale * lora_bias` [L, out] on modules with PEFT's lora_bias ("bias")."""
+    layers = dict(params["layers"])
+    for group, mods in lora.items():
+        for name, leaf in mods.items():
+            if "bias" not in leaf:
+                continue
+            base = layers[group][name]
+            if "bias" not in base:
+                raise UserError(f"cannot merge lora_bias into {group}.{name}: the base layer has no bias")
+            s = module_scale(leaf, scale)[:, None]  # [L, 1]
+            bias = (jnp.asarray(base["bias"], jnp.float32) + sign * s * leaf["bias"]).astype(
+                base["bias"].dtype
+            )
+            layers[group] = dict(layers[group])
+            layers[group][name] = dict(base, bias=bias)
     return dict(params, layers=layers)
 
 
@@ -81,7 +116,11 @@ def merge(params: dict, lora: dict, scale) -> dict:
 
 
 def unmerge(params: dict, lora: dict, scale) -> dict:
-    """The inverse of `merge`: `W - scale[l] * A[l] @ B[l]` (exact up to float rounding)."""
+    """The inverse of `merge`: `W - scale[l] * A[l] @ B[l]` (exact up to float rounding). Not for DoRA."""
+    if any(k in lora for k in EXTRA_KEYS):
+        raise UserError("unmerge cannot restore an embedding or LM head replaced by trained copies or rows")
+    if any("m" in leaf for mods in lora.values() for leaf in mods.values()):
+        raise UserError("a DoRA merge cannot be undone (the column norms are lost); keep the unmerged base")
     return _apply(params, lora, scale, -1.0)
 
 
@@ -103,24 +142,29 @@ def save_merged(
     """
     lora = lora or {}
     cfg = model.config
-    layers = model.params["layers"]
+    params, lora = with_embeddings(model.params, lora)  # trainable token rows written into the embedding
+    layers = params["layers"]
     for group, mods in lora.items():
         for name, ab in mods.items():
             if name not in layers.get(group, {}):
                 raise UserError(f"LoRA tree has module {group}.{name} that this {cfg.model_type} model lacks")
             _check_shapes(layers[group][name]["kernel"], ab, (group, name))
     scale = lora_scale(cfg, lora_cfg) if lora else None
+    if lora:
+        params = merged_biases(params, lora, jnp.broadcast_to(jnp.asarray(scale), (cfg.num_layers,)))
 
     def add_update(entry: Entry, layer: int, kernel: np.ndarray) -> np.ndarray:  # kernel: [in, out]
         ab = lora.get(entry.path[1], {}).get(entry.path[2])
         if ab is None:
             return kernel
         a, b = np.asarray(ab["a"][layer]), np.asarray(ab["b"][layer])
-        return np.asarray(merge_kernel(kernel, a, b, scale[layer]))
+        m = None if "m" not in ab else np.asarray(ab["m"][layer])
+        s = scale[layer] * (np.asarray(ab["s"][layer]) if "s" in ab else 1.0)
+        return np.asarray(merge_kernel(kernel, a, b, s, magnitude=m))
 
     return save_pretrained(
         out_dir,
-        model.params,
+        params,
         cfg,
         model.path,
         dtype=dtype,

@@ -6,12 +6,26 @@ Built from a Hugging Face `config.json` (transformers 4.x `rope_theta`/`rope_sca
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from jaxlora.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
-ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gpt2",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "olmo2",
+    "smollm3",
+)
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+GEMMAS = ("gemma", "gemma2", "gemma3_text")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")  # see jaxlora.models.attention
 REMAT_POLICIES = ("none", "lean", "dots", "full")  # what each keeps: `jaxlora.models.decoder.REMAT`
 LORA_PRODUCTS = ("plain", "cpu", "auto")  # see DecoderConfig.lora_product
@@ -36,13 +50,22 @@ class DecoderConfig:
     norm_eps: float
     # "rms" (Llama family) or "layer" (GPT-2).
     norm: str = "rms"
-    # "silu" gated MLP (gate/up/down) or "gelu_new" plain MLP (GPT-2).
+    # "silu" gated MLP (gate/up/down), "gelu_tanh" gated (Gemma's GeGLU) or "gelu_new" plain MLP (GPT-2).
     activation: str = "silu"
+    # Gemma: RMSNorm scales by (1 + w) (norm_offset 1.0) and embeddings are times sqrt(hidden).
+    norm_offset: float = 0.0
+    embed_scale: bool = False
+    # Where the layer norms sit: before attention and MLP (pre_norm, most families) and/or on their
+    # outputs before the residual add (post_norm: Gemma 2/3 have both, OLMo 2 only post).
+    pre_norm: bool = True
+    post_norm: bool = False
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: bool = False  # per-head q/k RMSNorm [H] (Qwen3, Gemma 3)
+    qk_norm_full: bool = False  # OLMo 2: q/k RMSNorm over the whole projection [N*H], [K*H]
+    fused_gate_up: bool = False  # Phi-3: one gate_up_proj, gate first (fused_qkv: its qkv_proj)
     # GPT-2 switches: learned absolute positions, fused c_attn, Conv1D layout.
     learned_positions: bool = False
     fused_qkv: bool = False
@@ -52,10 +75,25 @@ class DecoderConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_positions: int = 8192
+    # Phi-3 longrope: per-frequency divisors below/above rope_original_max_positions, cos/sin factor.
+    rope_short_factor: tuple[float, ...] = ()
+    rope_long_factor: tuple[float, ...] = ()
+    rope_attention_factor: float = 1.0
+    # RoPE turns the first rotary_dim dims of a head only (Phi-3 partial_rotary_factor); 0 = head_dim.
+    rotary_dim: int = 0
+    # Gemma 3: the RoPE base of local (sliding) layers, default scaling; 0 = no local RoPE.
+    rope_local_theta: float = 0.0
+    # Per layer: "global" RoPE, "local" RoPE (rope_local_theta) or "none" (SmolLM3's NoPE layers);
+    # empty = all global.
+    layer_rope: tuple[str, ...] = ()
     # Per layer: 0 = full attention, w > 0 = attend to the last w positions only.
     sliding_windows: tuple[int, ...] = ()
     # Gemma 2's attention-logit soft-capping: scores -> c * tanh(scores / c); 0 = none.
     attn_logit_softcap: float = 0.0
+    # Gemma 2: final-logit soft-capping, logits -> c * tanh(logits / c); 0 = none.
+    final_logit_softcap: float = 0.0
+    # Attention score scale; 0 = 1 / sqrt(head_dim). Gemma 2/3: query_pre_attn_scalar ** -0.5.
+    attn_scale: float = 0.0
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -82,6 +120,11 @@ class DecoderConfig:
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def rope_dim(self) -> int:
+        """How many dims of each head RoPE turns (even)."""
+        return self.rotary_dim or self.head_dim
+
     def with_runtime(self, **kw) -> "DecoderConfig":
         """A validated copy with run-time fields changed (compute_dtype, attention, packed, remat...)."""
         cfg = dataclasses.replace(self, **kw)
@@ -98,24 +141,60 @@ class DecoderConfig:
         return cfg
 
 
-def _rope_settings(hf: dict) -> dict:
-    """Read RoPE theta and scaling from either the 4.x or the 5.x config layout."""
+def _rope_settings(hf: dict, head_dim: int) -> dict:
+    """Read RoPE theta and scaling from either the 4.x or the 5.x config layout.
+
+    5.x may hold one dict per layer type (Gemma 3: `full_attention` and `sliding_attention`); 4.x Gemma 3
+    keeps the local base in `rope_local_base_freq`. Local layers must use default (unscaled) RoPE.
+    """
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    local = None
+    if "full_attention" in params or "sliding_attention" in params:
+        local = params.get("sliding_attention") or {}
+        params = params.get("full_attention") or {}
+    default_theta = 1_000_000.0 if hf["model_type"] == "gemma3_text" else 10000.0
+    theta = params.get("rope_theta", hf.get("rope_theta", default_theta))
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     if rope_type not in ROPE_TYPES:
         raise UserError(
             f"config.json: rope scaling type {rope_type!r} is not supported; "
             f"supported: {', '.join(ROPE_TYPES)}"
         )
-    out = {"rope_theta": float(theta), "rope_type": rope_type}
+    factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    rotary = int(head_dim * factor)
+    out = {"rope_theta": float(theta), "rope_type": rope_type, "rotary_dim": rotary}
     if rope_type in ("linear", "llama3"):
         out["rope_factor"] = float(params["factor"])
     if rope_type == "llama3":
         out["rope_low_freq_factor"] = float(params.get("low_freq_factor", 1.0))
         out["rope_high_freq_factor"] = float(params.get("high_freq_factor", 4.0))
         out["rope_original_max_positions"] = int(params.get("original_max_position_embeddings", 8192))
+    if rope_type == "longrope":
+        out.update(_longrope(hf, params, rotary))
+    if hf["model_type"] == "gemma3_text":
+        if local is not None and (local.get("rope_type") or "default") != "default":
+            raise UserError("config.json: only default RoPE is supported for Gemma 3's sliding layers")
+        local_theta = (local or {}).get("rope_theta", hf.get("rope_local_base_freq", 10000.0))
+        out["rope_local_theta"] = float(local_theta)
     return out
+
+
+def _longrope(hf: dict, params: dict, rotary: int) -> dict:
+    """Phi-3's longrope: short/long factors, the original length, the cos/sin factor (as transformers)."""
+    orig = int(params.get("original_max_position_embeddings") or hf["original_max_position_embeddings"])
+    short, long = params["short_factor"], params["long_factor"]
+    if len(short) != rotary // 2 or len(long) != rotary // 2:
+        raise UserError(f"config.json: longrope short_factor/long_factor need {rotary // 2} values each")
+    factor = params.get("factor") or hf["max_position_embeddings"] / orig
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    return {
+        "rope_original_max_positions": orig,
+        "rope_short_factor": tuple(float(x) for x in short),
+        "rope_long_factor": tuple(float(x) for x in long),
+        "rope_attention_factor": float(attention),
+    }
 
 
 def _eos_ids(value) -> tuple[int, ...]:
@@ -124,18 +203,76 @@ def _eos_ids(value) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, list | tuple) else (int(value),)
 
 
+def _layer_types(hf: dict, num_layers: int) -> list[str] | None:
+    """`layer_types`, or the pattern a 4.x Gemma 2/3 config implies (Gemma 2: every other layer sliding
+    from the first; Gemma 3: all but every `sliding_window_pattern`-th)."""
+    if hf.get("layer_types"):
+        return list(hf["layer_types"])
+    period = {"gemma2": 2, "gemma3_text": hf.get("sliding_window_pattern", 6)}.get(hf["model_type"])
+    if period is None:
+        return None
+    return ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(num_layers)]
+
+
 def _sliding_windows(hf: dict, num_layers: int) -> tuple[int, ...]:
     window = hf.get("sliding_window")
     mt = hf["model_type"]
-    if not window or (mt in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False)):
+    gated = mt in ("qwen2", "qwen3", "smollm3")  # a window only with use_sliding_window
+    if not window or (gated and not hf.get("use_sliding_window", False)):
         return (0,) * num_layers
-    layer_types = hf.get("layer_types")
+    layer_types = _layer_types(hf, num_layers)
     if layer_types:
         return tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
     if mt in ("qwen2", "qwen3"):
         first_full = hf.get("max_window_layers", num_layers)
         return tuple(int(window) if i >= first_full else 0 for i in range(num_layers))
     return (int(window),) * num_layers
+
+
+def _layer_rope(hf: dict, num_layers: int) -> tuple[str, ...]:
+    """Per layer "global", "local" (Gemma 3's sliding layers) or "none" (SmolLM3's no_rope_layers 0)."""
+    mt = hf["model_type"]
+    if mt == "gemma3_text":
+        kinds = _layer_types(hf, num_layers)
+        return tuple("local" if t == "sliding_attention" else "global" for t in kinds)
+    if mt == "smollm3":
+        every = hf.get("no_rope_layer_interval", 4)  # transformers' default when the list is absent
+        flags = hf.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(num_layers)]
+        if len(flags) != num_layers:
+            raise UserError(f"config.json: no_rope_layers has {len(flags)} entries for {num_layers} layers")
+        return tuple("global" if f else "none" for f in flags)
+    return ("global",) * num_layers
+
+
+def _family_switches(hf: dict) -> dict:
+    """The switches of the families past Llama: norms, activation, fused modules, soft-caps, scale."""
+    mt = hf["model_type"]
+    act = hf.get("hidden_act", "silu")
+    if mt in ("gemma2", "gemma3_text"):
+        act = hf.get("hidden_activation") or act
+    if mt in GEMMAS and act == "gelu":  # legacy Gemma value meaning the tanh approximation (as HF reads it)
+        act = "gelu_pytorch_tanh"
+    acts = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+    if act not in acts:
+        raise UserError(
+            f"config.json: hidden_act {act!r} is not supported for {mt}; supported: {', '.join(acts)}"
+        )
+    out: dict = {"activation": acts[act]}
+    if mt in GEMMAS:
+        out.update(norm_offset=1.0, embed_scale=True)
+        out["tie_word_embeddings"] = hf.get("tie_word_embeddings", True)
+    if mt in ("gemma2", "gemma3_text"):
+        if hf.get("use_bidirectional_attention"):
+            raise UserError("config.json: use_bidirectional_attention is not supported (causal LM only)")
+        out.update(post_norm=True, qk_norm=mt == "gemma3_text")
+        out["attn_logit_softcap"] = float(hf.get("attn_logit_softcapping") or 0.0)
+        out["final_logit_softcap"] = float(hf.get("final_logit_softcapping") or 0.0)
+        out["attn_scale"] = float(hf.get("query_pre_attn_scalar") or 256) ** -0.5
+    if mt == "olmo2":
+        out.update(pre_norm=False, post_norm=True, qk_norm_full=True)
+    if mt == "phi3":
+        out.update(fused_qkv=True, fused_gate_up=True)
+    return out
 
 
 def config_from_hf(hf: dict) -> DecoderConfig:
@@ -182,11 +319,10 @@ def config_from_hf(hf: dict) -> DecoderConfig:
             fused_qkv=True,
             sliding_windows=(0,) * layers,
         )
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise UserError(f"config.json: hidden_act {act!r} is not supported for {mt}; supported: silu")
     heads = hf["num_attention_heads"]
     layers = hf["num_hidden_layers"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    switches = _family_switches(hf)
     return DecoderConfig(
         **common,
         hidden_size=hf["hidden_size"],
@@ -194,16 +330,18 @@ def config_from_hf(hf: dict) -> DecoderConfig:
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        head_dim=head_dim,
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        tie_word_embeddings=switches.pop("tie_word_embeddings", hf.get("tie_word_embeddings", False)),
         qkv_bias=mt == "qwen2" or hf.get("attention_bias", False),
         o_bias=mt != "qwen2" and hf.get("attention_bias", False),
         mlp_bias=hf.get("mlp_bias", False),
-        qk_norm=mt == "qwen3",
+        qk_norm=switches.pop("qk_norm", mt == "qwen3"),
         sliding_windows=_sliding_windows(hf, layers),
-        **_rope_settings(hf),
+        layer_rope=_layer_rope(hf, layers),
+        **switches,
+        **_rope_settings(hf, head_dim),
     )
 
 

@@ -1,4 +1,4 @@
-"""One decoder-only transformer for Llama, Mistral, Qwen2, Qwen3 and GPT-2, as pure functions.
+"""One decoder-only transformer for every supported family (`models.spec.FAMILIES`), as pure functions.
 
 Parameters are a nested dict (a pytree) with HF's module names for every linear layer, so LoRA targets,
 loading and PEFT export all use one vocabulary. Layer parameters are stacked on a leading axis `L` and
@@ -7,11 +7,13 @@ run with `jax.lax.scan`, so compile time does not grow with depth (`cfg.scan_lay
     params = {
       "embed": {"embedding": [V, D]},          "pos_embed": {"embedding": [P, D]}   (GPT-2)
       "layers": {
-        "attn_norm": {"scale": [L, D], "bias"?},  "mlp_norm": {...},
-        "attn": {"q_proj" | "k_proj" | "v_proj" | "o_proj" | "c_attn" | "c_proj":
+        "attn_norm"?, "mlp_norm"?: {"scale": [L, D], "bias"?},   (pre-norms; absent in OLMo 2)
+        "attn_post_norm"?, "mlp_post_norm"?: {"scale": [L, D]},  (Gemma 2/3, OLMo 2)
+        "attn": {"q_proj" | "k_proj" | "v_proj" | "o_proj" | "c_attn" | "c_proj" | "qkv_proj":
                      {"kernel": [L, in, out], "bias"?},
-                 "q_norm"?, "k_norm"?: {"scale": [L, H]}},
-        "mlp": {"gate_proj" | "up_proj" | "down_proj" | "c_fc" | "c_proj": {"kernel": [L, in, out], "bias"?}},
+                 "q_norm"?, "k_norm"?: {"scale": [L, H]} ([L, N*H], [L, K*H] in OLMo 2)},
+        "mlp": {"gate_proj" | "up_proj" | "down_proj" | "c_fc" | "c_proj" | "gate_up_proj":
+                     {"kernel": [L, in, out], "bias"?}},
       },
       "final_norm": {"scale": [D], "bias"?},  "lm_head": {"kernel": [D, V]}  (absent when tied)
     }
@@ -33,7 +35,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxlora.models.attention import RESIDUALS, KVCache, attend
 from jaxlora.models.config import DecoderConfig
-from jaxlora.models.lora_product import lora_product_cpu
+from jaxlora.models.lora_product import dora_factor, dora_weight_norm, lora_product_cpu
+from jaxlora.models.rope import apply_rope, layer_inv_freq
 from jaxlora.quant import as_kernel, qmatmul
 
 Params = dict[str, Any]
@@ -65,12 +68,14 @@ REMAT = {
 DROPOUT_STREAMS = {
     ("attn", "q_proj"): 0,
     ("attn", "c_attn"): 0,
+    ("attn", "qkv_proj"): 0,
     ("attn", "k_proj"): 1,
     ("attn", "v_proj"): 2,
     ("attn", "o_proj"): 3,
     ("attn", "c_proj"): 3,
     ("mlp", "gate_proj"): 4,
     ("mlp", "c_fc"): 4,
+    ("mlp", "gate_up_proj"): 4,
     ("mlp", "up_proj"): 5,
     ("mlp", "down_proj"): 6,
     ("mlp", "c_proj"): 6,
@@ -82,7 +87,7 @@ class LayerInputs(NamedTuple):
 
     positions: jax.Array  # [B, T] int32
     segment_ids: jax.Array  # [B, T] int32, 0 = padding, packed rows 1, 2, ...
-    inv_freq: jax.Array  # [H/2] float32, RoPE inverse frequencies
+    inv_freq: jax.Array  # [R/2] float32: this layer's RoPE inverse frequencies (zeros: no RoPE)
     window: jax.Array  # int32 scalar: this layer's sliding window, 0 = full attention
     lora_scale: jax.Array  # float32 scalar: alpha/r for this layer, 0 where it is not adapted
     dropout_rng: jax.Array | None = None  # this layer's LoRA dropout key; None = no dropout
@@ -117,62 +122,48 @@ def linear(
     """`x @ kernel + bias`, plus `lora_scale * B(A(dropout(x)))` when `lora` holds {"a", "b"}.
 
     x: [..., in] -> [..., out] in `dtype`. `lora_scale` is alpha/r (times a 0/1 per-layer mask);
-    `product` computes `(x @ A) @ B` (`lora_product` or `lora_product_cpu`).
+    `product` computes `(x @ A) @ B` (`lora_product` or `lora_product_cpu`). Optional adapter leaves:
+    "s" (scalar, not trained) multiplies `lora_scale` for this module (PEFT's rank/alpha patterns);
+    "bias" [out] is PEFT's lora_B bias (inside the scale); "m" [out] makes it DoRA, as PEFT:
+    `y + (f - 1) * (W dropout(x)) + f * scale * B A dropout(x)` with `f = m / ||W + scale B A||` (the norm
+    per output column, detached).
     """
     y = qmatmul(x, p["kernel"], dtype)  # [..., out]
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
     if lora is None:
         return y
+    if "s" in lora:
+        lora_scale = lora_scale * jax.lax.stop_gradient(lora["s"])
     if dropout_key is not None:
         x = dropout(x, dropout_key, dropout_rate)
     a = lora["a"]
-    delta = product(x.astype(a.dtype), a, lora["b"]) * lora_scale  # [..., out] float32
-    return (y.astype(F32) + delta).astype(dtype)
+    xab = product(x.astype(a.dtype), a, lora["b"])  # [..., out] float32
+    if "bias" in lora:  # PEFT's lora_bias: lora_B's own bias
+        xab = xab + lora["bias"]
+    delta = xab * lora_scale
+    if "m" not in lora:
+        return (y.astype(F32) + delta).astype(dtype)
+    w = as_kernel(p["kernel"], F32)  # [in, out]
+    f = dora_factor(lora["m"], dora_weight_norm(w, a, lora["b"], lora_scale), lora_scale)  # [out]
+    if dropout_key is None:
+        base = y.astype(F32) - (p["bias"].astype(F32) if "bias" in p else 0.0)
+    else:
+        base = qmatmul(x, p["kernel"], dtype).astype(F32)  # W dropout(x), as PEFT in training
+    return (y.astype(F32) + (f - 1.0) * base + f * delta).astype(dtype)
 
 
 def norm(p: Params, x: jax.Array, cfg: DecoderConfig) -> jax.Array:
-    """RMSNorm or LayerNorm (per `cfg.norm`) over the last axis, computed and returned in float32."""
+    """RMSNorm (scale `w + cfg.norm_offset`: Gemma's 1 + w) or LayerNorm (per `cfg.norm`) over the last
+    axis, computed and returned in float32."""
     x = x.astype(F32)
     if cfg.norm == "rms":
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps)
-        return x * p["scale"].astype(F32)
+        return x * (p["scale"].astype(F32) + cfg.norm_offset)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
     x = (x - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
     return x * p["scale"].astype(F32) + p["bias"].astype(F32)
-
-
-def rope_inv_freq(cfg: DecoderConfig) -> jax.Array:
-    """Inverse frequencies [H/2] with `linear` or `llama3` scaling applied."""
-    h = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=F32) / h))
-    if cfg.rope_type == "linear":
-        return inv / cfg.rope_factor
-    if cfg.rope_type == "llama3":
-        old = cfg.rope_original_max_positions
-        low_wavelen = old / cfg.rope_low_freq_factor
-        high_wavelen = old / cfg.rope_high_freq_factor
-        wavelen = 2 * math.pi / inv
-        scaled = jnp.where(wavelen > low_wavelen, inv / cfg.rope_factor, inv)
-        smooth = (old / wavelen - cfg.rope_low_freq_factor) / (
-            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
-        )
-        smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return jnp.where(medium, smoothed, scaled)
-    return inv
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """HF's half-split RoPE. x: [B, T, N, H], positions: [B, T], inv_freq: [H/2] -> [B, T, N, H]."""
-    angles = positions[..., None].astype(F32) * inv_freq  # [B, T, H/2]
-    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]  # [B, T, 1, H]
-    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
-    xf = x.astype(F32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos + rotated * sin).astype(x.dtype)
 
 
 def lora_product_for(cfg: DecoderConfig):
@@ -204,13 +195,16 @@ def block(cfg: DecoderConfig, p: Params, lora: Params | None, h: jax.Array, x: L
     b, t, _ = h.shape
     proj = partial(_project, cfg, p, lora or {}, x, lora_dropout)
 
-    # Attention: norm -> q, k, v -> RoPE -> attention -> output projection -> residual.
-    a = norm(p["attn_norm"], h, cfg)  # [B, T, D]
-    if cfg.fused_qkv:
-        qkv = proj("attn", "c_attn", a)  # [B, T, (N + 2K) * H]
+    # Attention: (pre-)norm -> q, k, v -> (q/k norm) -> RoPE -> attention -> out -> (post-norm) -> residual.
+    a = norm(p["attn_norm"], h, cfg) if cfg.pre_norm else h  # [B, T, D]
+    if cfg.fused_qkv:  # GPT-2's c_attn, Phi-3's qkv_proj: [q; k; v]
+        qkv = proj("attn", "c_attn" if "c_attn" in p["attn"] else "qkv_proj", a)  # [B, T, (N + 2K) * H]
         q, k, v = jnp.split(qkv, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
     else:
         q, k, v = proj("attn", "q_proj", a), proj("attn", "k_proj", a), proj("attn", "v_proj", a)
+    if cfg.qk_norm_full:  # OLMo 2: over the whole projection, before the split into heads
+        q = norm(p["attn"]["q_norm"], q, cfg).astype(dt)
+        k = norm(p["attn"]["k_norm"], k, cfg).astype(dt)
     q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)  # [B, T, N, H]
     k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, K, H]
     v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, K, H]
@@ -218,22 +212,34 @@ def block(cfg: DecoderConfig, p: Params, lora: Params | None, h: jax.Array, x: L
         q = norm(p["attn"]["q_norm"], q, cfg).astype(dt)
         k = norm(p["attn"]["k_norm"], k, cfg).astype(dt)
     if not cfg.learned_positions:
-        q = apply_rope(q, x.positions, x.inv_freq)
-        k = apply_rope(k, x.positions, x.inv_freq)
+        q = apply_rope(q, x.positions, x.inv_freq, cfg.rope_attention_factor)
+        k = apply_rope(k, x.positions, x.inv_freq, cfg.rope_attention_factor)
+    if cfg.attn_scale:  # every kernel divides the scores by sqrt(H): fold the wanted scale into q
+        q = (q.astype(F32) * (cfg.attn_scale * math.sqrt(cfg.head_dim))).astype(q.dtype)
     q, k, v = checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
     out, new_kv = attend(q, k, v, cfg, x.positions, x.segment_ids, x.window, x.cache)  # [B, T, N, H]
-    out = proj("attn", "c_proj" if cfg.fused_qkv else "o_proj", out.reshape(b, t, cfg.q_dim))  # [B, T, D]
+    o_name = "c_proj" if "c_proj" in p["attn"] else "o_proj"
+    out = proj("attn", o_name, out.reshape(b, t, cfg.q_dim))  # [B, T, D]
+    if cfg.post_norm:
+        out = norm(p["attn_post_norm"], out, cfg)
     h = checkpoint_name(h + out.astype(F32), "mlp_input")
 
-    # MLP: norm -> gate and up (or GPT-2's c_fc) -> activation -> down projection -> residual.
-    m = norm(p["mlp_norm"], h, cfg)  # [B, T, D]
-    if cfg.activation == "silu":
-        gate = checkpoint_name(proj("mlp", "gate_proj", m), "mlp_gate")  # [B, T, F]
-        up = checkpoint_name(proj("mlp", "up_proj", m), "mlp_up")  # [B, T, F]
-        out = proj("mlp", "down_proj", (jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(dt))
+    # MLP: (pre-)norm -> gate and up (or GPT-2's c_fc) -> activation -> down -> (post-norm) -> residual.
+    m = norm(p["mlp_norm"], h, cfg) if cfg.pre_norm else h  # [B, T, D]
+    if cfg.activation in ("silu", "gelu_tanh"):  # gated: act(gate) * up
+        if cfg.fused_gate_up:  # Phi-3's gate_up_proj: [gate; up]
+            gate, up = jnp.split(checkpoint_name(proj("mlp", "gate_up_proj", m), "mlp_up"), 2, axis=-1)
+        else:
+            gate = checkpoint_name(proj("mlp", "gate_proj", m), "mlp_gate")  # [B, T, F]
+            up = checkpoint_name(proj("mlp", "up_proj", m), "mlp_up")  # [B, T, F]
+        gate = gate.astype(F32)
+        act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        out = proj("mlp", "down_proj", (act * up.astype(F32)).astype(dt))
     else:
         up = checkpoint_name(proj("mlp", "c_fc", m), "mlp_up")  # [B, T, F]
         out = proj("mlp", "c_proj", jax.nn.gelu(up.astype(F32), approximate=True).astype(dt))
+    if cfg.post_norm:
+        out = norm(p["mlp_post_norm"], out, cfg)
     h = h + out.astype(F32)  # [B, T, D]
     return checkpoint_name(h, "residual"), new_kv
 
@@ -245,8 +251,15 @@ def default_positions(input_ids: jax.Array) -> jax.Array:
 
 
 def embed(params: Params, cfg: DecoderConfig, input_ids, positions) -> jax.Array:
-    """Token (and GPT-2 position) embeddings as the float32 residual stream [B, T, D]."""
-    h = jnp.take(params["embed"]["embedding"], input_ids, axis=0).astype(F32)
+    """Token (and GPT-2 position) embeddings as the float32 residual stream [B, T, D].
+
+    Gemma multiplies by sqrt(hidden) in the compute dtype, the constant rounded to it, as transformers.
+    """
+    h = jnp.take(params["embed"]["embedding"], input_ids, axis=0)
+    if cfg.embed_scale:
+        dt = jnp.dtype(cfg.compute_dtype)
+        h = h.astype(dt) * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
+    h = h.astype(F32)
     if cfg.learned_positions:
         h = h + jnp.take(params["pos_embed"]["embedding"], positions, axis=0).astype(F32)
     return h
@@ -261,10 +274,16 @@ def lm_head_kernel(params: Params, cfg: DecoderConfig) -> jax.Array:
 
 
 def logits_from_hidden(params: Params, cfg: DecoderConfig, hidden: jax.Array) -> jax.Array:
-    """Final-normed hidden [..., D] -> float32 logits [..., V]."""
+    """Final-normed hidden [..., D] -> float32 logits [..., V] (soft-capped when the model asks)."""
     dt = jnp.dtype(cfg.compute_dtype)
     w = lm_head_kernel(params, cfg)
-    return jnp.einsum("...d,dv->...v", hidden.astype(dt), w, preferred_element_type=F32)
+    return cap_logits(jnp.einsum("...d,dv->...v", hidden.astype(dt), w, preferred_element_type=F32), cfg)
+
+
+def cap_logits(logits: jax.Array, cfg: DecoderConfig) -> jax.Array:
+    """Gemma 2's final-logit soft-capping, c * tanh(logits / c); the identity when the model has none."""
+    c = cfg.final_logit_softcap
+    return c * jnp.tanh(logits / c) if c else logits
 
 
 def forward(
@@ -296,11 +315,11 @@ def forward(
         segment_ids = jnp.ones_like(input_ids)
     layers = cfg.num_layers
     h = embed(params, cfg, input_ids, positions)  # [B, T, D]
-    inv_freq = rope_inv_freq(cfg)  # [H/2]
-    shared = LayerInputs(positions, segment_ids, inv_freq, window=None, lora_scale=None, cache=cache)
+    shared = LayerInputs(positions, segment_ids, None, window=None, lora_scale=None, cache=cache)
     per_layer = (  # scanned over the leading [L] axis
         params["layers"],
         lora,
+        layer_inv_freq(cfg, positions),  # [L, R/2]
         jnp.asarray(cfg.sliding_windows, jnp.int32),  # [L]
         jnp.broadcast_to(jnp.asarray(lora_scale, F32), (layers,)),  # [L]
         None if dropout_rng is None else jax.random.split(dropout_rng, layers),
@@ -313,9 +332,11 @@ def forward(
         layer = jax.checkpoint(layer, policy=REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
 
     def one_layer(h, xs):
-        p, lo, window, scale, rng, kv = xs
+        p, lo, inv_freq, window, scale, rng, kv = xs
         layer_cache = None if kv is None else cache._replace(k=kv[0], v=kv[1])
-        x = shared._replace(window=window, lora_scale=scale, dropout_rng=rng, cache=layer_cache)
+        x = shared._replace(
+            inv_freq=inv_freq, window=window, lora_scale=scale, dropout_rng=rng, cache=layer_cache
+        )
         return layer(p, lo, h, x)
 
     if cfg.scan_layers:

@@ -34,3 +34,23 @@ def _bwd(res, g):
 
 
 lora_product_cpu.defvjp(_fwd, _bwd)
+
+
+def dora_weight_norm(kernel: jax.Array, a: jax.Array, b: jax.Array, scale) -> jax.Array:
+    """DoRA's column norm `||W + scale * A @ B||` per output, in float32, as PEFT's `get_weight_norm`.
+
+    kernel: [..., in, out] dense float, a: [..., in, r], b: [..., r, out], scale: scalar or [...]
+    -> [..., out]. The norm runs over the input axis (PEFT's weight is [out, in], norm over dim 1).
+    """
+    delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision="highest")  # [..., in, out]
+    scale = jnp.asarray(scale, jnp.float32)[..., None, None]
+    w = kernel.astype(jnp.float32) + scale * delta
+    return jnp.sqrt(jnp.sum(w * w, axis=-2))
+
+
+def dora_factor(magnitude: jax.Array, norm: jax.Array, scale) -> jax.Array:
+    """`m / ||W + scale B A||` [..., out], with the norm detached (DoRA paper 4.3, as PEFT); 1 where the
+    layer is not adapted (scale 0), so a magnitude there neither acts nor receives a gradient."""
+    scale = jnp.asarray(scale, jnp.float32)[..., None]
+    ratio = magnitude.astype(jnp.float32) / jax.lax.stop_gradient(norm)
+    return jnp.where(scale != 0, ratio, 1.0)

@@ -9,13 +9,14 @@ from jaxlora.models.spec import VECTOR, name_table
 
 def init_params(cfg: DecoderConfig, seed: int = 0, dtype: str = "float32", std: float = 0.02) -> dict:
     """Parameters with the layout `load_model` produces: kernels and embeddings ~ N(0, std), norm
-    scales 1, biases 0. Generated one tensor at a time on the device."""
+    scales 1 (0 where the norm adds 1), biases 0. Generated one tensor at a time on the device."""
     key = jax.random.key(seed)
     params: dict = {}
     for n, e in enumerate(name_table(cfg)):
         shape = ((cfg.num_layers,) if e.per_layer else ()) + e.shape(cfg)
         if e.layout == VECTOR:
-            value = jnp.zeros(shape, dtype) if e.path[-1] == "bias" else jnp.ones(shape, dtype)
+            zero = e.path[-1] == "bias" or cfg.norm_offset == 1.0  # Gemma's norms scale by 1 + w
+            value = jnp.zeros(shape, dtype) if zero else jnp.ones(shape, dtype)
         else:
             value = (jax.random.normal(jax.random.fold_in(key, n), shape, jnp.float32) * std).astype(dtype)
         e.put(params, value)

@@ -2,7 +2,9 @@
 
 The format is an 8-byte little-endian header length, a JSON header mapping names to
 `{dtype, shape, data_offsets}`, then the raw bytes. Mapping the file means only the tensor being
-converted is ever paged in; bfloat16 comes through `ml_dtypes`.
+converted is ever paged in; bfloat16 comes through `ml_dtypes`. The header is checked before anything
+is mapped or allocated (its length against the file's size, then each tensor's dtype, shape and offsets),
+so a truncated or corrupt file gives one line naming the file and the tensor.
 """
 
 import json
@@ -33,16 +35,49 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        size = self.path.stat().st_size
         with open(self.path, "rb") as f:
+            if size < 8:
+                self._bad(f"{size} bytes, too short for a header")
             (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:  # checked before reading: a garbage length would allocate terabytes
+                self._bad(f"its header claims {n} bytes but the file has {size}")
             try:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError):
-                raise UserError(f"{self.path}: not a valid safetensors file (bad header)") from None
+                self._bad("bad header")
+        if not isinstance(header, dict):
+            self._bad("bad header")
         header.pop("__metadata__", None)
         self.header = header
         self.data_start = 8 + n
+        for name, info in header.items():
+            self._check(name, info, size - self.data_start)
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    def _bad(self, why: str):
+        raise UserError(f"{self.path}: not a valid safetensors file ({why}); download or save it again")
+
+    def _check(self, name: str, info, data_size: int) -> None:
+        """Dtype, shape and offsets of one header entry, against the bytes the file holds."""
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            self._bad(f"tensor {name}: header entry lacks dtype, shape or data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in _DTYPES:
+            raise UserError(f"{self.path}: tensor {name} has unsupported dtype {dtype}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            self._bad(f"tensor {name}: bad shape {shape!r}")
+        ok = isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+        if not ok or not 0 <= offsets[0] <= offsets[1]:
+            self._bad(f"tensor {name}: bad data_offsets {offsets!r}")
+        need = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+        if offsets[1] - offsets[0] != need:
+            self._bad(f"tensor {name}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype} ({need})")
+        if offsets[1] > data_size:
+            raise UserError(
+                f"{self.path}: tensor {name} ends at byte {offsets[1]} of the data but the file holds "
+                f"{data_size}; the file is truncated, download or save it again"
+            )
 
     def names(self) -> list[str]:
         return list(self.header)
@@ -52,8 +87,6 @@ class SafetensorsFile:
 
     def get(self, name: str) -> np.ndarray:
         info = self.header[name]
-        if info["dtype"] not in _DTYPES:
-            raise UserError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
         raw = self._map[self.data_start + start : self.data_start + end]
         return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
@@ -67,7 +100,17 @@ class CheckpointReader:
         index = folder / "model.safetensors.index.json"
         single = folder / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                raise UserError(
+                    f"{index}: not a valid index (no JSON weight_map); download it again"
+                ) from None
+            missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+            if missing:
+                raise UserError(
+                    f"{folder}: weight files listed in {index.name} are missing: {', '.join(missing)}"
+                )
             files = {f: SafetensorsFile(folder / f) for f in sorted(set(weight_map.values()))}
             self._where = {name: files[f] for name, f in weight_map.items()}
         elif single.is_file():

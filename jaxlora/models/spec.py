@@ -14,9 +14,9 @@ derived here, so nothing else spells out a family:
     unexpected_tensors()  checkpoint tensors no entry reads and no known buffer explains
 
 Layouts: LINEAR (torch `nn.Linear` [out, in], transposed on load), CONV1D (GPT-2's Conv1D, already
-[in, out]), VECTOR (norms, biases), EMBEDDING ([rows, D] on both sides). A fused HF tensor that jaxlora
-keeps split (Phi-3's `qkv_proj` -> q/k/v) would be one more layout whose entry names its parts; no
-supported family needs it (GPT-2's `c_attn` stays fused in jaxlora too).
+[in, out]), VECTOR (norms, biases), EMBEDDING ([rows, D] on both sides). Fused HF tensors stay fused
+(GPT-2's `c_attn`, Phi-3's `qkv_proj` and `gate_up_proj`): the decoder splits their outputs, and LoRA
+targets them under their own names, as PEFT does.
 
 A new family is a `Family` in `FAMILIES` plus the switches `models.config` reads from its config.json.
 """
@@ -102,6 +102,10 @@ def QKV(cfg: DecoderConfig) -> int:
     return cfg.q_dim + 2 * cfg.kv_dim
 
 
+def I2(cfg: DecoderConfig) -> int:
+    return 2 * cfg.intermediate_size
+
+
 def _untied(cfg: DecoderConfig) -> bool:
     return not cfg.tie_word_embeddings
 
@@ -113,31 +117,87 @@ _mlp_bias, _qk_norm = attrgetter("mlp_bias"), attrgetter("qk_norm")
 # each dim in jaxlora's layout (a kernel is [in, out]); `lora` marks LoRA targets, `when` optional weights.
 _L = "model.layers.{i}."
 _A, _M = _L + "self_attn.", _L + "mlp."
+_EMBED = _entry("model.embed_tokens.weight", "embed.embedding", EMBEDDING, (V, "vocab"), (D, "embed"))
+_FINAL = _entry("model.norm.weight", "final_norm.scale", VECTOR, (D, None))
+_HEAD = _entry("lm_head.weight", "lm_head.kernel", LINEAR, (D, "embed"), (V, "vocab"), when=_untied)
+# Norm placements: Llama's two pre-norms; Gemma 2/3's pre- and post-norms; OLMo 2's post-norms only.
+_PRE_NORMS = (
+    _entry(_L + "input_layernorm.weight", "attn_norm.scale", VECTOR, (D, None)),
+    _entry(_L + "post_attention_layernorm.weight", "mlp_norm.scale", VECTOR, (D, None)),
+)
+_ATTN_POST = _entry(_L + "post_attention_layernorm.weight", "attn_post_norm.scale", VECTOR, (D, None))
+_MLP_POST = _entry(_L + "post_feedforward_layernorm.weight", "mlp_post_norm.scale", VECTOR, (D, None))
+_SANDWICH_NORMS = (
+    _entry(_L + "input_layernorm.weight", "attn_norm.scale", VECTOR, (D, None)),
+    _ATTN_POST,
+    _entry(_L + "pre_feedforward_layernorm.weight", "mlp_norm.scale", VECTOR, (D, None)),
+    _MLP_POST,
+)
+_QKVO = (
+    _entry(_A + "q_proj.weight", "attn.q_proj.kernel", LINEAR, (D, "embed"), (Q, "q_heads"), lora=True),
+    _entry(_A + "q_proj.bias", "attn.q_proj.bias", VECTOR, (Q, "q_heads"), when=_qkv_bias),
+    _entry(_A + "k_proj.weight", "attn.k_proj.kernel", LINEAR, (D, "embed"), (KV, "kv_heads"), lora=True),
+    _entry(_A + "k_proj.bias", "attn.k_proj.bias", VECTOR, (KV, "kv_heads"), when=_qkv_bias),
+    _entry(_A + "v_proj.weight", "attn.v_proj.kernel", LINEAR, (D, "embed"), (KV, "kv_heads"), lora=True),
+    _entry(_A + "v_proj.bias", "attn.v_proj.bias", VECTOR, (KV, "kv_heads"), when=_qkv_bias),
+    _entry(_A + "o_proj.weight", "attn.o_proj.kernel", LINEAR, (Q, "q_heads"), (D, "embed"), lora=True),
+    _entry(_A + "o_proj.bias", "attn.o_proj.bias", VECTOR, (D, "embed"), when=_o_bias),
+)
+_HEAD_QK_NORM = (  # per head [H] (Qwen3, Gemma 3)
+    _entry(_A + "q_norm.weight", "attn.q_norm.scale", VECTOR, (H, None), when=_qk_norm),
+    _entry(_A + "k_norm.weight", "attn.k_norm.scale", VECTOR, (H, None), when=_qk_norm),
+)
+_GATE_UP_DOWN = (
+    _entry(_M + "gate_proj.weight", "mlp.gate_proj.kernel", LINEAR, (D, "embed"), (I, "mlp"), lora=True),
+    _entry(_M + "gate_proj.bias", "mlp.gate_proj.bias", VECTOR, (I, "mlp"), when=_mlp_bias),
+    _entry(_M + "up_proj.weight", "mlp.up_proj.kernel", LINEAR, (D, "embed"), (I, "mlp"), lora=True),
+    _entry(_M + "up_proj.bias", "mlp.up_proj.bias", VECTOR, (I, "mlp"), when=_mlp_bias),
+    _entry(_M + "down_proj.weight", "mlp.down_proj.kernel", LINEAR, (I, "mlp"), (D, "embed"), lora=True),
+    _entry(_M + "down_proj.bias", "mlp.down_proj.bias", VECTOR, (D, "embed"), when=_mlp_bias),
+)
+_ROTARY = r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"
+# Llama, Mistral, Qwen2/3, Gemma, SmolLM3: the same weights, different switches (models.config).
 LLAMA = Family(
+    weights=(_EMBED, _FINAL, *_PRE_NORMS, *_QKVO, *_HEAD_QK_NORM, *_GATE_UP_DOWN, _HEAD),
+    buffers=(_ROTARY,),
+)
+# Gemma 2 and Gemma 3: norms before and after attention and the MLP (q/k norms: Gemma 3).
+GEMMA2 = Family(weights=(_EMBED, _FINAL, *_SANDWICH_NORMS, *_QKVO, *_HEAD_QK_NORM, *_GATE_UP_DOWN, _HEAD))
+# OLMo 2: post-norms only; q/k norms over the whole projection.
+OLMO2 = Family(
     weights=(
-        _entry("model.embed_tokens.weight", "embed.embedding", EMBEDDING, (V, "vocab"), (D, "embed")),
-        _entry("model.norm.weight", "final_norm.scale", VECTOR, (D, None)),
-        _entry(_L + "input_layernorm.weight", "attn_norm.scale", VECTOR, (D, None)),
-        _entry(_L + "post_attention_layernorm.weight", "mlp_norm.scale", VECTOR, (D, None)),
-        _entry(_A + "q_proj.weight", "attn.q_proj.kernel", LINEAR, (D, "embed"), (Q, "q_heads"), lora=True),
-        _entry(_A + "q_proj.bias", "attn.q_proj.bias", VECTOR, (Q, "q_heads"), when=_qkv_bias),
-        _entry(_A + "k_proj.weight", "attn.k_proj.kernel", LINEAR, (D, "embed"), (KV, "kv_heads"), lora=True),
-        _entry(_A + "k_proj.bias", "attn.k_proj.bias", VECTOR, (KV, "kv_heads"), when=_qkv_bias),
-        _entry(_A + "v_proj.weight", "attn.v_proj.kernel", LINEAR, (D, "embed"), (KV, "kv_heads"), lora=True),
-        _entry(_A + "v_proj.bias", "attn.v_proj.bias", VECTOR, (KV, "kv_heads"), when=_qkv_bias),
-        _entry(_A + "o_proj.weight", "attn.o_proj.kernel", LINEAR, (Q, "q_heads"), (D, "embed"), lora=True),
-        _entry(_A + "o_proj.bias", "attn.o_proj.bias", VECTOR, (D, "embed"), when=_o_bias),
-        _entry(_A + "q_norm.weight", "attn.q_norm.scale", VECTOR, (H, None), when=_qk_norm),
-        _entry(_A + "k_norm.weight", "attn.k_norm.scale", VECTOR, (H, None), when=_qk_norm),
-        _entry(_M + "gate_proj.weight", "mlp.gate_proj.kernel", LINEAR, (D, "embed"), (I, "mlp"), lora=True),
-        _entry(_M + "gate_proj.bias", "mlp.gate_proj.bias", VECTOR, (I, "mlp"), when=_mlp_bias),
-        _entry(_M + "up_proj.weight", "mlp.up_proj.kernel", LINEAR, (D, "embed"), (I, "mlp"), lora=True),
-        _entry(_M + "up_proj.bias", "mlp.up_proj.bias", VECTOR, (I, "mlp"), when=_mlp_bias),
-        _entry(_M + "down_proj.weight", "mlp.down_proj.kernel", LINEAR, (I, "mlp"), (D, "embed"), lora=True),
-        _entry(_M + "down_proj.bias", "mlp.down_proj.bias", VECTOR, (D, "embed"), when=_mlp_bias),
-        _entry("lm_head.weight", "lm_head.kernel", LINEAR, (D, "embed"), (V, "vocab"), when=_untied),
+        _EMBED,
+        _FINAL,
+        _ATTN_POST,
+        _MLP_POST,
+        *_QKVO,
+        _entry(_A + "q_norm.weight", "attn.q_norm.scale", VECTOR, (Q, None)),
+        _entry(_A + "k_norm.weight", "attn.k_norm.scale", VECTOR, (KV, None)),
+        *_GATE_UP_DOWN,
+        _HEAD,
     ),
-    buffers=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
+    buffers=(_ROTARY,),
+)
+# Phi-3 / Phi-3.5 / Phi-4-mini: fused qkv_proj ([q; k; v] rows) and gate_up_proj ([gate; up] rows).
+PHI3 = Family(
+    weights=(
+        _EMBED,
+        _FINAL,
+        *_PRE_NORMS,
+        _entry(_A + "qkv_proj.weight", "attn.qkv_proj.kernel", LINEAR, (D, "embed"), (QKV, "qkv"), lora=True),
+        _QKVO[6],
+        _entry(
+            _M + "gate_up_proj.weight",
+            "mlp.gate_up_proj.kernel",
+            LINEAR,
+            (D, "embed"),
+            (I2, "mlp"),
+            lora=True,
+        ),
+        _GATE_UP_DOWN[4],
+        _HEAD,
+    ),
+    buffers=(_ROTARY,),
 )
 
 _H = "transformer.h.{i}."
@@ -166,8 +226,20 @@ GPT2 = Family(
     buffers=(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)",),
 )
 
-# model_type -> family. Llama, Mistral and the Qwens differ only in switches (models.config).
-FAMILIES: dict[str, Family] = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "gpt2": GPT2}
+# model_type -> family. Families sharing a table differ only in switches (models.config).
+FAMILIES: dict[str, Family] = {
+    "llama": LLAMA,
+    "mistral": LLAMA,
+    "qwen2": LLAMA,
+    "qwen3": LLAMA,
+    "gpt2": GPT2,
+    "gemma": LLAMA,
+    "gemma2": GEMMA2,
+    "gemma3_text": GEMMA2,
+    "phi3": PHI3,
+    "olmo2": OLMO2,
+    "smollm3": LLAMA,
+}
 
 
 def family(cfg: DecoderConfig) -> Family:

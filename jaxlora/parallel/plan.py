@@ -47,6 +47,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxlora.errors import UserError
+from jaxlora.lora.tokens import EXTRA_KEYS
 from jaxlora.parallel.rules import LINEAR_AXES, param_logical_axes
 from jaxlora.quant import QuantizedTensor
 
@@ -156,11 +157,16 @@ class Plan:
         """A [L, in, r] follows its kernel's `in`, B [L, r, out] its `out`."""
         out = {}
         for group, mods in lora.items():
+            if group in EXTRA_KEYS:  # trainable token rows, embedding / LM head copies: replicated
+                out[group] = jax.tree.map(lambda _: self.replicated, mods)
+                continue
             for name, ab in mods.items():
                 fan_in, fan_out = LINEAR_AXES[(group, name)]
                 out.setdefault(group, {})[name] = {
                     "a": self.sharding(("layers", fan_in, "rank"), ab["a"].shape),
                     "b": self.sharding(("layers", "rank", fan_out), ab["b"].shape),
+                    **{k: self.sharding(("layers", fan_out), ab[k].shape) for k in ("m", "bias") if k in ab},
+                    **({"s": self.replicated} if "s" in ab else {}),
                 }
         return out
 

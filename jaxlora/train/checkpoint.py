@@ -1,7 +1,10 @@
 """Orbax checkpoints of the training state: LoRA params, optimizer state, step, data position, RNG.
 
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed while
-saving leaves no half-written checkpoint that could be taken for a good one.
+saving leaves no half-written checkpoint that could be taken for a good one. On top of that each step
+gets a list of its files with their sizes and SHA-256 (`jaxlora_files.json`, written once orbax is
+done), checked before a restore: a latest checkpoint with a missing, truncated or altered file is set
+aside as `<step>.corrupt` with one warning line, and the newest intact one is used instead.
 
 Arrays may be sharded over many devices and hosts: every process calls `save` and `restore` (they are
 collective; each writes or reads the shards it holds, process 0 the metadata), so `output_dir` must be
@@ -11,7 +14,11 @@ data x tensor mesh.
 """
 
 import contextlib
+import hashlib
+import json
 import logging
+import os
+import sys
 from pathlib import Path
 
 import jax
@@ -26,10 +33,12 @@ class Checkpointer:
 
     def __init__(self, directory: Path, keep: int):
         self.directory = Path(directory).absolute()
+        newest_intact(self.directory, set_aside=jax.process_index() == 0)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        with _quiet_absl():
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -38,11 +47,14 @@ class Checkpointer:
         """Write one checkpoint synchronously (overwrites nothing: steps are unique)."""
         if step in self.manager.all_steps():
             return
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        )
-        self.manager.wait_until_finished()
+        with _quiet_absl():
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            )
+            self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            _write_manifest(self.directory / str(step))
 
     def restore(self, step: int, like: dict) -> tuple[dict, dict]:
         """Restore the state into the structure, dtypes and shardings of `like`, and the metadata.
@@ -50,10 +62,20 @@ class Checkpointer:
         `like` holds arrays or `jax.ShapeDtypeStruct`s; each restored array gets that leaf's sharding.
         """
         abstract = jax.tree.map(_abstract, like)
-        out = self.manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
-        )
+        try:
+            with _quiet_absl():
+                out = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                    ),
+                )
+        except (ValueError, KeyError, OSError, RuntimeError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise UserError(
+                f"checkpoint step {step} in {self.directory} does not fit this run ({first}); resume with "
+                "the run's own config, or set overwrite=true to start afresh"
+            ) from None
         return out["state"], out["meta"]
 
     def close(self) -> None:
@@ -67,17 +89,102 @@ def restore_lora(directory: Path) -> tuple[dict, int]:
     neither the model, the optimizer state nor the mesh is rebuilt (what exporting a run needs).
     """
     root = Path(directory).absolute()
-    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
-    if not steps:
+    step = newest_intact(root, set_aside=False)
+    if step is None:
         raise UserError(f"no checkpoint under {directory}")
-    folder = root / str(steps[-1]) / "state"
+    folder = root / str(step) / "state"
     reader = ocp.PyTreeCheckpointer()
     with _quiet_absl():  # orbax warns that the step's metadata file is not in the item's folder
         tree = reader.metadata(folder).item_metadata.tree
     item = {"lora": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree["lora"])}
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     out = reader.restore(folder, args=ocp.args.PyTreeRestore(item, as_numpy, partial_restore=True))
-    return out["lora"], steps[-1]
+    return out["lora"], step
+
+
+MANIFEST = "jaxlora_files.json"
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    """List a finished step's files with their sizes and hashes (written atomically)."""
+    files = {str(p.relative_to(folder)): [p.stat().st_size, _digest(p)] for p in _files(folder)}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(files, indent=0))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def verify_step(folder: Path) -> str | None:
+    """What is wrong with one step's folder (a missing, truncated or altered file), or None if intact.
+
+    A step without a file list (saved by an older version, or killed just before writing it) is taken
+    as intact when orbax marked it committed."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return None if (folder / "commit_success.txt").is_file() else "not committed"
+    try:
+        files = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{MANIFEST} is unreadable"
+    for name, (size, digest) in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} of its {size} bytes"
+        if _digest(path) != digest:
+            return f"{name} was altered"
+    return None
+
+
+def _set_aside(folder: Path) -> None:
+    target, n = folder.with_name(f"{folder.name}.corrupt"), 1
+    while target.exists():
+        target, n = folder.with_name(f"{folder.name}.corrupt{n}"), n + 1
+    os.replace(folder, target)
+
+
+def newest_intact(directory: Path, *, set_aside: bool, quiet: bool = False) -> int | None:
+    """The newest step under `directory` whose files are intact (None if there is no step).
+
+    Newer broken steps get one warning line each; with `set_aside` (process 0 of a run) they are renamed
+    `<step>.corrupt` so that the run can save those steps again. UserError when no step is intact.
+    """
+    root = Path(directory)
+    steps = (
+        sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
+        if root.is_dir()
+        else []
+    )
+    problems = []
+    for step in steps:
+        problem = verify_step(root / str(step))
+        if problem is None:
+            for bad, why in [] if quiet else problems:
+                aside = f"; moved to {bad}.corrupt" if set_aside else ""
+                print(
+                    f"warning: checkpoint step {bad} in {root} is incomplete or corrupt ({why}); "
+                    f"using step {step}{aside}",
+                    file=sys.stderr,
+                )
+                if set_aside:
+                    _set_aside(root / str(bad))
+            return step
+        problems.append((step, problem))
+    if problems:
+        listed = "; ".join(f"step {s}: {why}" for s, why in problems)
+        raise UserError(
+            f"no intact checkpoint in {root} ({listed}); set overwrite=true to start the run afresh"
+        )
+    return None
 
 
 @contextlib.contextmanager

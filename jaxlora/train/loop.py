@@ -1,9 +1,11 @@
 """`train(cfg)`: LoRA fine-tuning from a `Config`, as a recipe of named steps:
 
     plan = choose_plan(cfg)                   devices and hosts, checked against the model's config.json
-    run = open_run(cfg, resume, plan)         output_dir: resume or start clean (`run_dir`)
+    run = open_run(cfg, resume, plan)         output_dir: claim it, resume or start clean (`run_dir`)
+    tokenizer = load_checked_tokenizer(cfg)   the tokenizer, checked against the model (`checks`)
     base = load_base(cfg, plan)               the frozen base weights, on the devices
     data = build_data(cfg, tokenizer, plan)   training batches, validation examples, the number of steps
+    run.commit(cfg, plan)                     setup succeeded: config.yaml written, an old run cleaned
     state = build_state(...)                  LoRA and optimizer state, fresh or from a checkpoint (`state`)
     steps = compile_steps(...)                the train and eval steps, compiled for the plan
     state, stopped_by = run_loop(...)         steps, logging, evaluation, checkpoints, stop signals
@@ -29,15 +31,16 @@ import optax
 
 from jaxlora.config import Config
 from jaxlora.data import BatchLoader, build_datasets
-from jaxlora.errors import UserError
+from jaxlora.errors import UserError, note_signal, pending_signal
 from jaxlora.lora import lora_scale
-from jaxlora.models import DecoderConfig, load_model, load_tokenizer
+from jaxlora.models import DecoderConfig, load_model
 from jaxlora.models.config import config_from_hf, read_hf_config
 from jaxlora.models.loading import resolve_model_path
 from jaxlora.parallel import Plan, init_distributed, make_plan
 from jaxlora.peft import save_peft_adapter
 from jaxlora.quant import make_quantizer
 from jaxlora.train.checkpoint import Checkpointer, rng_from_array
+from jaxlora.train.checks import check_schedule, load_checked_tokenizer
 from jaxlora.train.optim import make_optimizer
 from jaxlora.train.progress import Progress
 from jaxlora.train.run_dir import RunDir, open_run, write_run_state
@@ -68,16 +71,26 @@ def train(cfg: Config, *, resume: bool = False, on_step=None) -> TrainResult:
     host metrics. Multi-host: every process calls `train` with the same config.
     """
     plan = choose_plan(cfg)
-    run = open_run(cfg, resume, plan)
-    base = load_base(cfg, plan)
-    data = build_data(cfg, load_tokenizer(cfg.model.tokenizer or base.path), plan)
-    optimizer, schedule = make_optimizer(cfg.train, data.total_steps)
-    ckpt = Checkpointer(run.path / "checkpoints", cfg.checkpoint.keep)
-    state = build_state(cfg, base.config, optimizer, plan, ckpt, data.loader, run.resuming)
-    steps = compile_steps(cfg, base, optimizer, state, plan)
-    progress = Progress(cfg, run, schedule, data.total_steps, state.step, on_step)
-    state, stopped_by = run_loop(cfg, plan, state, steps, data, ckpt, progress)
-    return finish(cfg, run, plan, state, steps, data, ckpt, progress, stopped_by)
+    run = open_run(cfg, resume, plan)  # decides and checks; writes nothing yet
+    try:
+        tokenizer = load_checked_tokenizer(cfg)
+        base = load_base(cfg, plan)
+        data = build_data(cfg, tokenizer, plan)
+        check_schedule(cfg.train, data.total_steps)
+    except BaseException:
+        run.abandon()  # a failed setup leaves the folder as it found it
+        raise
+    run.commit(cfg, plan)
+    try:
+        optimizer, schedule = make_optimizer(cfg.train, data.total_steps)
+        ckpt = Checkpointer(run.path / "checkpoints", cfg.checkpoint.keep)
+        state = build_state(cfg, base.config, optimizer, plan, ckpt, data.loader, run.resuming)
+        steps = compile_steps(cfg, base, optimizer, state, plan)
+        progress = Progress(cfg, run, schedule, data.total_steps, state.step, on_step)
+        state, stopped_by = run_loop(cfg, plan, state, steps, data, ckpt, progress)
+        return finish(cfg, run, plan, state, steps, data, ckpt, progress, stopped_by)
+    finally:
+        run.release()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -268,20 +281,23 @@ class _StopSignals:
     """Turn SIGTERM/SIGINT into a flag checked between steps (then save and exit)."""
 
     def __init__(self):
-        self.received = 0
+        self.received = pending_signal()  # one that arrived earlier and whose exception was swallowed
         self._old = {}
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._old[sig] = signal.signal(sig, self._handle)
+        self.received = self.received or pending_signal()
         return self
 
     def _handle(self, signum, frame):
         self.received = signum
+        note_signal(signum)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        note_signal(0)  # handled: the run returns it as `stopped_by`
 
 
 def run_loop(
@@ -297,12 +313,12 @@ def run_loop(
     `TrainingDiverged` at a NaN/Inf step), evaluate every `train.eval_every_steps` and checkpoint every
     `checkpoint.every_steps`. Returns the state and the signal that stopped the run (0: none did)."""
     eval_every, ckpt_every = cfg.train.eval_every_steps, cfg.checkpoint.every_steps
-    if eval_every is not None and state.step == 0:
-        progress.eval(0, evaluate(cfg, steps, state.lora, data))
-    progress.start(state.step)
     pending: list[dict] = []  # the metrics (on the devices) of the steps since the last report
-    stopping = False
     with _StopSignals() as stop:
+        if eval_every is not None and state.step == 0:
+            progress.eval(0, evaluate(cfg, steps, state.lora, data))
+        progress.start(state.step)
+        stopping = plan.agree_to_stop(stop.received, True)
         while state.step < data.total_steps and not stopping:
             micro = [next(data.loader) for _ in range(cfg.train.grad_accum_steps)]
             state, metrics = steps.train(state, micro)

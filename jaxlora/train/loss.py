@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from jaxlora.data import IGNORE
 from jaxlora.models.config import DecoderConfig
-from jaxlora.models.decoder import lm_head_kernel
+from jaxlora.models.decoder import cap_logits, lm_head_kernel
 
 
 def compact_targets(h: jax.Array, t: jax.Array, size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -51,6 +51,7 @@ def chunked_cross_entropy(
 
     def one(hc, tc):  # [C, D], [C] -> NLL summed over the chunk
         logits = jnp.einsum("nd,dv->nv", hc.astype(dt), w, preferred_element_type=jnp.float32)  # [C, V]
+        logits = cap_logits(logits, cfg)  # Gemma 2's final soft-cap; the identity elsewhere
         lse = jax.nn.logsumexp(logits, axis=-1)
         valid = tc != IGNORE
         picked = jnp.take_along_axis(logits, jnp.where(valid, tc, 0)[:, None], axis=-1)[:, 0]

@@ -1,5 +1,6 @@
-"""AdamW with warmup and a decay schedule, and global-norm clipping, from `TrainSection`."""
+"""AdamW with warmup and a decay schedule, and global-norm clipping, from `TrainSection` (LoRA+ too)."""
 
+import jax
 import optax
 
 from jaxlora.config import TrainSection
@@ -23,18 +24,36 @@ def learning_rate_schedule(train: TrainSection, total_steps: int) -> optax.Sched
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
+def loraplus_labels(lora: dict) -> dict:
+    """Leaf labels: "b" for B, its bias and DoRA magnitudes (PEFT LoRA+'s groupB), else "a"."""
+
+    def label(path, _leaf) -> str:
+        return "b" if getattr(path[-1], "key", None) in ("b", "m", "bias") else "a"
+
+    return jax.tree_util.tree_map_with_path(label, lora)
+
+
 def make_optimizer(
     train: TrainSection, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """optax AdamW (decoupled weight decay) behind optional global-norm clipping."""
+    """optax AdamW (decoupled weight decay) behind optional global-norm clipping.
+
+    With `train.loraplus_lr_ratio` (LoRA+), B and DoRA magnitudes get their own AdamW at ratio x the
+    schedule, the rest (A) the schedule itself, as PEFT's `create_loraplus_optimizer` (same weight decay).
+    """
     schedule = learning_rate_schedule(train, total_steps)
-    adamw = optax.adamw(
-        schedule,
-        b1=train.adam_beta1,
-        b2=train.adam_beta2,
-        eps=train.adam_eps,
-        weight_decay=train.weight_decay,
-    )
+
+    def adamw_at(lr) -> optax.GradientTransformation:
+        return optax.adamw(
+            lr, b1=train.adam_beta1, b2=train.adam_beta2, eps=train.adam_eps, weight_decay=train.weight_decay
+        )
+
+    ratio = getattr(train, "loraplus_lr_ratio", None)
+    if ratio is None:
+        adamw = adamw_at(schedule)
+    else:
+        b_lr = lambda step: ratio * schedule(step)  # noqa: E731
+        adamw = optax.multi_transform({"a": adamw_at(schedule), "b": adamw_at(b_lr)}, loraplus_labels)
     if train.max_grad_norm is None:
         return adamw, schedule
     return optax.chain(optax.clip_by_global_norm(train.max_grad_norm), adamw), schedule

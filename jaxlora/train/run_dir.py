@@ -1,74 +1,254 @@
-"""The run folder (`output_dir`): resume a run or start clean, and never overwrite a run unless asked.
+"""The run folder (`output_dir`): claim it, resume a run or start clean, never overwrite unless asked.
 
 What a run leaves there: config.yaml (the resolved config), checkpoints/, metrics.jsonl, tensorboard/,
-adapter/ and run_state.json. With several processes, every process decides whether to resume before
-process 0 cleans anything; then only process 0 writes here, except checkpoints/, which all processes
-write together (see `jaxlora.train.checkpoint`).
+adapter/ and run_state.json. Opening a run only decides and checks (nothing is written): the folder is a
+writable directory, and a run being resumed was made with a compatible config (`config_changes`). The
+run's files are written by `RunDir.commit`, once setup (model, tokenizer, data) has succeeded, so a setup
+that fails leaves nothing behind that blocks the corrected rerun. A folder that holds only the files of a
+run stopped before its first checkpoint is such a leftover and is reused. With several processes, every
+process decides whether to resume before process 0 cleans anything; then only process 0 writes here,
+except checkpoints/, which all processes write together (see `jaxlora.train.checkpoint`).
 """
 
 import dataclasses
 import json
+import os
 import shutil
+import socket
+import sys
 from pathlib import Path
 
-from jaxlora.config import Config, save_config
+import yaml
+
+from jaxlora.config import Config, config_from_dict, save_config
 from jaxlora.errors import UserError
 from jaxlora.parallel import Plan
+from jaxlora.train.checkpoint import newest_intact
 
-RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "adapter", "config.yaml")
+RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "adapter", "config.yaml", "run_state.json")
+LOCK = ".jaxlora.lock"  # the pid and host of the run that holds the folder
+
+# Keys a resumed run may change (one line printed each); any other change is refused. A prefix ending
+# in "." covers a whole section.
+COMPATIBLE = (
+    "train.max_steps",
+    "train.num_epochs",
+    "train.eval_every_steps",
+    "train.eval_batches",
+    "train.remat",
+    "train.loss_chunk_size",
+    "checkpoint.",
+    "logging.",
+    "parallel.",
+    "model.attention",
+    "data.num_proc",
+    "data.cache_dir",
+    "output_dir",
+    "overwrite",
+)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class RunDir:
-    """An opened run folder."""
+    """An opened run folder; its files are written from `commit` on."""
 
     path: Path
     resuming: bool  # its latest checkpoint is picked up
     main: bool  # this process writes the run's files (process 0)
+    clean: bool = False  # commit removes an earlier run's files first (overwrite, or a failed setup's)
+    created: bool = False  # this run created the folder (removed again if setup fails)
+    locked: bool = False
+
+    def commit(self, cfg: Config, plan: Plan) -> None:
+        """Setup succeeded: take the folder (clean an overwritten run, save config.yaml)."""
+        plan.barrier("jaxlora-output-dir-read")
+        if self.main:
+            if self.clean:
+                _remove_run_files(self.path)
+            save_config(cfg, self.path / "config.yaml")
+        plan.barrier("jaxlora-output-dir-ready")
+
+    def abandon(self) -> None:
+        """Setup failed before `commit`: leave the folder as it was found."""
+        self.release()
+        if self.created and self.main:
+            try:
+                self.path.rmdir()  # only if still empty
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        if self.locked:
+            (self.path / LOCK).unlink(missing_ok=True)
+            self.locked = False
 
 
 def open_run(cfg: Config, resume: bool, plan: Plan) -> RunDir:
-    """Claim `cfg.output_dir` for this run: decide whether to resume, clean a run being overwritten and
-    save config.yaml. Raises UserError for a folder that holds something else (unless `overwrite`)."""
-    resuming = prepare_output_dir(cfg, resume, clean=False)  # every process decides before anyone cleans
-    plan.barrier("jaxlora-output-dir-read")
-    if plan.is_main:
-        prepare_output_dir(cfg, resume)
-        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    plan.barrier("jaxlora-output-dir-ready")
-    return RunDir(Path(cfg.output_dir), resuming, plan.is_main)
+    """Claim `cfg.output_dir` for this run and decide whether to resume; writes nothing but the folder
+    (when missing) and its lock. Raises UserError for a folder that holds something else (unless
+    `overwrite`), a run made with an incompatible config, or a path that is not a writable folder."""
+    out = Path(cfg.output_dir).expanduser()
+    created = _make_dir(out) if plan.is_main else False
+    plan.barrier("jaxlora-output-dir-made")
+    run = RunDir(out, False, plan.is_main, created=created)
+    try:
+        if plan.is_main:
+            run.locked = _lock(out)
+        run.resuming, run.clean = _decide(cfg, out, resume)
+    except BaseException:
+        run.abandon()
+        raise
+    return run
 
 
-def prepare_output_dir(cfg: Config, resume_flag: bool = False, *, clean: bool = True) -> bool:
-    """Create `output_dir`, decide whether to resume; never overwrite a run unless asked. Returns resume.
-
-    With `clean=False` it only decides (and raises), touching nothing: what processes other than 0 do.
-    """
-    out = Path(cfg.output_dir)
-    mode = "always" if resume_flag else cfg.checkpoint.resume
-    ckpt = out / "checkpoints"
-    has_ckpt = ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
-    if mode == "always" and not has_ckpt:
-        raise UserError(f"nothing to resume: {ckpt} has no checkpoint (checkpoint.resume is 'always')")
-    if has_ckpt and mode != "never":
-        return True
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise UserError(
-                f"output_dir {out} is not empty and holds no run to resume; choose a new output_dir "
-                "or set overwrite=true"
-            )
-        if not clean:
-            return False
-        for name in RUN_FILES:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    if clean:
+def _make_dir(out: Path) -> bool:
+    """Create `out` if missing (True if created); UserError unless it is a writable directory."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file, not a folder; choose a folder path")
+    created = not out.exists()
+    try:
         out.mkdir(parents=True, exist_ok=True)
-    return False
+    except OSError as err:
+        raise UserError(
+            f"output_dir {out} cannot be created ({err.strerror}); choose a writable folder"
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir {out} is not writable; choose a writable folder")
+    return created
+
+
+def _lock(out: Path) -> bool:
+    """Take the folder's lock file atomically; refuse a folder that a live run holds."""
+    lock = out / LOCK
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            host, _, pid = lock.read_text().partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                lock.unlink(missing_ok=True)  # left by a killed run
+                continue
+            raise UserError(
+                f"output_dir {out} is in use by another run (process {pid} on {host}); wait for it to end, "
+                f"or remove {lock} if that run is gone"
+            ) from None
+        except OSError as err:
+            raise UserError(
+                f"output_dir {out} is not writable ({err.strerror}); choose a writable folder"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return True
+    raise UserError(f"output_dir {out}: could not take {lock}; remove it and retry")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _has_checkpoint(out: Path) -> bool:
+    ckpt = out / "checkpoints"
+    return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+
+
+def _decide(cfg: Config, out: Path, resume_flag: bool) -> tuple[bool, bool]:
+    """(resume, clean): whether to resume the folder's run and whether commit removes old run files."""
+    mode = "always" if resume_flag else cfg.checkpoint.resume
+    has_ckpt = _has_checkpoint(out)
+    if cfg.overwrite and resume_flag:
+        raise UserError("--resume and overwrite=true contradict each other; drop one")
+    if mode == "always" and not has_ckpt:
+        stopped = " (its run stopped before the first checkpoint)" if (out / "config.yaml").exists() else ""
+        raise UserError(
+            f"nothing to resume: {out / 'checkpoints'} has no checkpoint{stopped}; run without --resume"
+        )
+    if has_ckpt and mode != "never" and not cfg.overwrite:
+        newest_intact(out / "checkpoints", set_aside=False, quiet=True)  # UserError if none is intact
+        check_config_changes(cfg, out)
+        return True, False
+    others = sorted(p.name for p in out.iterdir() if p.name != LOCK)
+    if not others:
+        return False, False
+    leftover = not has_ckpt and set(others) <= set(RUN_FILES)  # a run stopped before its first checkpoint
+    if not leftover and not cfg.overwrite:
+        what = "a run (set checkpoint.resume to auto to resume it)" if has_ckpt else "no run to resume"
+        raise UserError(
+            f"output_dir {out} is not empty and holds {what}; choose a new output_dir or set overwrite=true"
+        )
+    return False, True
+
+
+def _remove_run_files(out: Path) -> None:
+    for name in RUN_FILES:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config changes against the run being resumed
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _saved_config(path: Path) -> dict:
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        return config_from_dict(raw).model_dump(mode="json")  # defaults of fields added since
+    except Exception:  # noqa: BLE001 - a config from another version: compare what it says
+        return raw
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(compatible, incompatible) changes between two configs (as dicts), as `key old -> new` texts."""
+    a, b = _flat(old), _flat(new)
+    compatible, incompatible = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) == b.get(key):
+            continue
+        text = f"{key} {a.get(key)!r} -> {b.get(key)!r}"
+        ok = any(key == c or (c.endswith(".") and key.startswith(c)) for c in COMPATIBLE)
+        (compatible if ok else incompatible).append(text)
+    return compatible, incompatible
+
+
+def check_config_changes(cfg: Config, out: Path) -> None:
+    """Refuse to resume a run made with an incompatible config; print one line per compatible change."""
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return
+    old = _saved_config(saved)
+    compatible, incompatible = config_changes(old, cfg.model_dump(mode="json"))
+    if incompatible:
+        raise UserError(
+            f"output_dir {out} holds a run made with another config ({'; '.join(incompatible)}); "
+            "choose a new output_dir, or set overwrite=true to start that run afresh"
+        )
+    for change in compatible:
+        if change.split(" ", 1)[0] in ("output_dir", "overwrite", "checkpoint.resume"):
+            continue  # where the run is and how it was found: nothing about the run itself
+        note = ""
+        if change.startswith(("train.max_steps", "train.num_epochs")):
+            note = " (the learning-rate decay is stretched over the new length)"
+        print(f"resuming {out} with {change}{note}", file=sys.stderr)
 
 
 def write_run_state(run: RunDir, step: int, finished: bool) -> None:

@@ -14,7 +14,9 @@ import optax
 
 from jaxlora.config import Config
 from jaxlora.data import BatchLoader
-from jaxlora.lora import init_lora
+from jaxlora.lora import init_lora, lora_scale, unmerge
+from jaxlora.lora.pissa import is_base_changing
+from jaxlora.lora.tokens import EXTRA_KEYS
 from jaxlora.models.config import DecoderConfig
 from jaxlora.parallel import Plan
 from jaxlora.train.checkpoint import Checkpointer, rng_to_array
@@ -42,12 +44,13 @@ def build_state(
     ckpt: Checkpointer,
     loader: BatchLoader,
     resuming: bool,
+    base_params: dict | None = None,
 ) -> TrainState:
     """A fresh LoRA (B = 0) and optimizer state placed by `plan`, or with `resuming` the latest checkpoint
     read into those shardings (whatever the mesh of the run that saved it), `loader` moved to its data
-    position."""
+    position. `base_params` (the frozen weights) are needed by `lora.use_dora` (magnitudes = ||W||)."""
     key = jax.random.key(cfg.seed)
-    lora = init_lora(model, cfg.lora, jax.random.fold_in(key, 1))
+    lora = init_lora(model, cfg.lora, jax.random.fold_in(key, 1), params=base_params)
     lora, opt_state = plan.place_train_state(lora, optimizer.init)
     state = TrainState(lora, opt_state, rng_to_array(key))
     if not resuming:
@@ -56,6 +59,22 @@ def build_state(
     saved, meta = ckpt.restore(step, state.arrays())  # target shardings: this plan's
     loader.restore(meta["data"])
     return TrainState(saved["lora"], saved["opt_state"], np.asarray(saved["rng"]), step)
+
+
+def initial_adapter(cfg: Config, model: DecoderConfig, base_params: dict) -> dict | None:
+    """The step-0 adapter of a PiSSA/OLoRA run (`lora.init` pissa*, olora), the one `build_state` starts
+    from (same key), computed from the ORIGINAL base weights; None for other inits. Keep it: the base to
+    train on is `residual_base(...)` and the export needs it (`save_peft_adapter(initial_lora=...)`)."""
+    if not is_base_changing(cfg.lora.init):
+        return None
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+    return init_lora(model, cfg.lora, key, params=base_params)
+
+
+def residual_base(base_params: dict, initial: dict, cfg: Config, model: DecoderConfig) -> dict:
+    """The base with the initial PiSSA/OLoRA update taken out (`W - scale * A0 @ B0`, as PEFT does)."""
+    layers_only = {k: v for k, v in initial.items() if k not in EXTRA_KEYS}
+    return unmerge(base_params, layers_only, lora_scale(model, cfg.lora))
 
 
 def save_state(ckpt: Checkpointer, state: TrainState, loader: BatchLoader) -> None:

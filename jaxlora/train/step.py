@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxlora.lora.tokens import with_embeddings
 from jaxlora.models.config import DecoderConfig
 from jaxlora.models.decoder import forward
 from jaxlora.train.loss import chunked_cross_entropy
@@ -40,6 +41,7 @@ class StepSpec:
 
 def loss_and_count(lora, base, batch, lora_scale, rng, spec: StepSpec, train: bool = True):
     """(sum of token NLL, token count) for one batch of [B, T] arrays."""
+    base, lora = with_embeddings(base, lora)  # trainable token rows, if any, into the embedding
     hidden = forward(
         base,
         spec.model,
@@ -53,6 +55,14 @@ def loss_and_count(lora, base, batch, lora_scale, rng, spec: StepSpec, train: bo
         return_hidden=True,
     )
     return chunked_cross_entropy(base, spec.model, hidden, batch["targets"], spec.loss_chunk)
+
+
+def keep_frozen(new: dict, old: dict) -> dict:
+    """`new` with the adapter's fixed leaves ("s" per-module scales, trainable-token ids) from `old`:
+    their gradient is 0, but AdamW's weight decay would still shrink them."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, n, o: o if getattr(path[-1], "key", None) in ("s", "token_ids") else n, new, old
+    )
 
 
 def make_train_step(
@@ -90,7 +100,7 @@ def make_train_step(
         loss = loss_sum / denom
         grad_norm = optax.tree.norm(grads)
         updates, new_opt = optimizer.update(grads, opt_state, lora)
-        new_lora = optax.apply_updates(lora, updates)
+        new_lora = keep_frozen(optax.apply_updates(lora, updates), lora)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "nonfinite": ~ok}

@@ -1,0 +1,331 @@
+"""[families] Gemma 1/2/3, Phi-3, OLMo 2, SmolLM3 against transformers and PEFT, trained, sharded.
+
+One tiny random checkpoint per family (tests/hf_tiny.py, saved with `save_pretrained`, stories260K's
+tokenizer beside it) is built once per module and serves every check: padded-batch logits, KV cache,
+PEFT export and import, merged export; one 4-device subprocess (tests/parallel_driver.py) trains every
+family 20 steps on one device and on an fsdp=2 x tensor=2 mesh.
+"""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hf_tiny import NEW_FAMILIES, make_hf_model
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from test_models import padded_batch
+from test_parallel import _config, _drive
+from test_peft import (
+    hf_model,
+    jax_logits,
+    peft_warnings_are_errors,
+    randomize_peft_,
+    randomized,
+    token_ids,
+    torch_logits,
+)
+from transformers import AutoModelForCausalLM
+
+from jaxlora.errors import UserError
+from jaxlora.lora import LoraConfig, init_lora, save_merged
+from jaxlora.models import config_from_hf, forward, load_model
+from jaxlora.models.attention import choose_attention
+from jaxlora.models.generate import generate, left_pad
+from jaxlora.peft import load_peft_adapter, save_peft_adapter
+from jaxlora.quant import QuantizedTensor, dequantize, make_quantizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+STEPS = 20
+MESH_STEPS = 5  # the mesh run repeats the first steps (a constant learning rate after warm-up)
+LORA = LoraConfig(r=8, alpha=16, dropout=0.0, use_rslora=True, target_modules="all-linear")
+
+
+def _peft_config() -> PeftLoraConfig:
+    return PeftLoraConfig(
+        r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, stories_dir):
+    """family -> (folder, torch model, jaxlora Model), each built once."""
+    cache: dict = {}
+
+    def get(family, **overrides):
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(family)
+            hf = make_hf_model(family, folder, **overrides)
+            for name in TOKENIZER_FILES:
+                shutil.copyfile(stories_dir / name, folder / name)
+            cache[key] = (folder, hf, load_model(folder))
+        return cache[key]
+
+    return get
+
+
+def _hf_logits(hf, ids, mask, pos) -> np.ndarray:
+    with torch.no_grad():
+        return hf(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(pos, dtype=torch.long),
+        ).logits.numpy()
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_logits_match_transformers_on_a_padded_batch(family, built):
+    _, hf, model = built(family)
+    # 12 tokens (beyond every sliding window of 4); Phi-3 also 40 (beyond longrope's original 32)
+    worst = 0.0
+    for seq in (12, 40) if family == "phi3" else (12,):
+        ids, mask, pos = padded_batch(model.config.vocab_size, seq)
+        ours = np.asarray(
+            forward(model.params, model.config, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask))
+        )
+        worst = max(worst, float(np.abs(ours - _hf_logits(hf, ids, mask, pos))[mask == 1].max()))
+    print(f"{family}: max |jaxlora - transformers| logits = {worst:.2e}")
+    assert worst < 1e-4
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_kv_cache_generation_equals_recompute(family, built):
+    _, _, model = built(family)
+    prompts = [[1, 5, 9, 33, 40, 7, 11], [1, 60], [1, 22, 17, 4]]
+    new, step_logits = generate(
+        model.params, model.config, prompts, 10, temperature=1.0, seed=3, eos_ids=(), return_logits=True
+    )
+    # One full forward over prompt + new tokens: with left padding every row ends at the same index, so
+    # the logits after prompt + new[:n] sit at T - 10 + n - 1 in every row.
+    ids, mask = left_pad([p + row for p, row in zip(prompts, new, strict=True)])
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    full = np.asarray(
+        forward(model.params, model.config, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask))
+    )
+    t = ids.shape[1]
+    worst = max(float(np.abs(full[:, t - 10 + n - 1] - step_logits[:, n]).max()) for n in range(10))
+    print(f"{family}: KV cache vs recompute, max logits diff {worst:.2e}")
+    assert worst < 1e-4
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_exported_adapter_loads_in_peft(family, built, tmp_path):
+    folder, _, model = built(family)
+    lora = randomized(init_lora(model.config, LORA, jax.random.key(0)), 1)
+    ids = token_ids(model.config.vocab_size)
+    ours = jax_logits(model, ids, lora, LORA)
+    out = save_peft_adapter(tmp_path / "adapter", lora, LORA, model.config, str(folder))
+    with peft_warnings_are_errors():
+        pm = PeftModel.from_pretrained(hf_model(folder), str(out))
+    check = pm.load_adapter(str(out), adapter_name="check")
+    assert not check.unexpected_keys
+    assert not [k for k in check.missing_keys if "lora_" in k and ".check." in k]
+    diff = np.abs(torch_logits(pm, ids) - ours).max()
+    print(f"{family}: jaxlora adapter in PEFT, max |logits diff| = {diff:.2e}")
+    assert diff < 1e-4
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_peft_made_adapter_imports(family, built, tmp_path):
+    folder, _, model = built(family)
+    torch.manual_seed(0)
+    pm = get_peft_model(hf_model(folder), _peft_config())
+    randomize_peft_(pm, 2)
+    ref = torch_logits(pm.eval(), token_ids(model.config.vocab_size))
+    pm.save_pretrained(tmp_path / "peft")
+    if family == "phi3":  # PEFT targets the fused modules under their own names
+        targets = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["target_modules"]
+        names = {t.split(".")[-1] for t in targets}
+        assert {"qkv_proj", "gate_up_proj"} <= names, names
+    lora, lc = load_peft_adapter(tmp_path / "peft", model.config)
+    diff = np.abs(jax_logits(model, token_ids(model.config.vocab_size), lora, lc) - ref).max()
+    print(f"{family}: PEFT adapter in jaxlora, max |logits diff| = {diff:.2e}")
+    assert diff < 1e-4
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_merged_export_loads_in_transformers(family, built, tmp_path):
+    _, _, model = built(family)
+    lora = randomized(init_lora(model.config, LORA, jax.random.key(0)), 3)
+    ids = token_ids(model.config.vocab_size)
+    ours = jax_logits(model, ids, lora, LORA)
+    out = save_merged(tmp_path / "merged", model, lora, LORA)
+    merged, info = AutoModelForCausalLM.from_pretrained(
+        out, attn_implementation="eager", output_loading_info=True
+    )
+    assert not any(info.values()), info
+    diff = np.abs(torch_logits(merged.eval(), ids) - ours).max()
+    print(f"{family}: merged checkpoint in transformers, max |logits diff| = {diff:.2e}")
+    assert diff < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_quantized_phi3_loads_through_the_spec(kind, built):
+    folder, _, model = built("phi3")
+    q = load_model(folder, quantizer=make_quantizer(kind))
+    layers = q.params["layers"]
+    assert isinstance(layers["attn"]["qkv_proj"]["kernel"], QuantizedTensor)
+    assert isinstance(layers["mlp"]["gate_up_proj"]["kernel"], QuantizedTensor)
+    ids = jnp.asarray(token_ids(model.config.vocab_size))
+    quant = forward(q.params, q.config, ids)
+    # Exactly the model of the dequantized weights, and close to the float32 one
+    deq = jax.tree.map(
+        lambda x: jnp.asarray(dequantize(x, np.float32)) if isinstance(x, QuantizedTensor) else x,
+        q.params,
+        is_leaf=lambda x: isinstance(x, QuantizedTensor),
+    )
+    exact = float(jnp.abs(forward(deq, q.config, ids) - quant).max())
+    full = forward(model.params, model.config, ids)
+    rel = float(jnp.linalg.norm(full - quant) / jnp.linalg.norm(full))
+    print(f"phi3 {kind}: vs dequantized weights {exact:.2e}, relative logits error vs float32 {rel:.2e}")
+    assert exact < 1e-4 and rel < (0.05 if kind == "int8" else 0.5)  # 4 bits on a 32-wide model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: 20 steps on one device and on fsdp=2 x tensor=2, every family, one 4-device process
+
+
+@pytest.fixture(scope="module")
+def trained(built, assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("families_train")
+    runs = []
+    for family in NEW_FAMILIES:
+        # Gemma's tiny config is MQA (1 KV head); tensor=2 needs 2, so it trains a 2-KV-head variant.
+        folder = built(family, **({"num_key_value_heads": 2} if family == "gemma" else {}))[0]
+        mesh = {"parallel.strategy": "mesh", "parallel.mesh.fsdp": 2, "parallel.mesh.tensor": 2}
+        for name, over in (
+            ("single", {"parallel.strategy": "single", "train.max_steps": STEPS}),
+            ("f2t2", {**mesh, "train.max_steps": MESH_STEPS}),
+        ):
+            settings = {
+                "data.seq_len": 128,
+                "train.batch_size": 4,
+                "train.learning_rate": 1e-2,
+                "train.lr_schedule": "constant",
+                "train.warmup_steps": 2,
+                # the single run evaluates at 0 and at the end, on the same held-out rows
+                "train.eval_every_steps": STEPS if name == "single" else None,
+                "train.eval_batches": 2,
+                "checkpoint.every_steps": None,
+                "lora.dropout": 0.0,
+                **over,
+            }
+            cfg = _config(assets, root / f"{family}-{name}", **settings)
+            cfg["model"]["path"] = str(folder)
+            runs.append({"name": f"{family} {name}", "config": cfg})
+    return _drive(runs, 4, root / "runs.json")
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_fine_tune_loss_falls(family, trained):
+    losses = trained[f"{family} single"]["losses"]
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    evals = trained[f"{family} single"]["eval"]  # [[0, loss], [STEPS, loss]] on the same held-out rows
+    print(
+        f"{family}: eval loss {evals[0][1]:.4f} -> {evals[-1][1]:.4f}; train losses",
+        [round(losses[s], 3) for s in range(1, STEPS + 1)],
+    )
+    assert [e[0] for e in evals] == [0, STEPS]
+    assert evals[-1][1] < 0.97 * evals[0][1]
+    assert np.mean([losses[s] for s in range(STEPS - 4, STEPS + 1)]) < np.mean(
+        [losses[s] for s in range(1, 6)]
+    )
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_fsdp2_tensor2_equals_one_device(family, trained):
+    a, b = trained[f"{family} single"]["losses"], trained[f"{family} f2t2"]["losses"]
+    assert sorted(b) == list(range(1, MESH_STEPS + 1))
+    diff = max(abs(a[s] - b[s]) for s in range(1, MESH_STEPS + 1))
+    print(f"{family}: fsdp=2 x tensor=2 vs one device, max train-loss diff {diff:.2e}")
+    assert diff < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config.json layouts and the attention choice
+
+
+def _gemma3(**kw) -> dict:
+    base = dict(
+        model_type="gemma3_text",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        query_pre_attn_scalar=8,
+    )
+    return {**base, **kw}
+
+
+def test_gemma3_transformers4_and_5_rope_layouts_agree():
+    old = config_from_hf(
+        _gemma3(rope_theta=1e6, rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0})
+    )
+    new = config_from_hf(
+        _gemma3(
+            layer_types=["sliding_attention"] * 5 + ["full_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        )
+    )
+    assert old == new
+    assert new.layer_rope == ("local",) * 5 + ("global",) and new.sliding_windows == (4,) * 5 + (0,)
+    assert (new.rope_theta, new.rope_local_theta, new.rope_factor) == (1e6, 1e4, 8.0)
+    with pytest.raises(UserError, match="sliding layers"):
+        config_from_hf(
+            _gemma3(rope_parameters={"full_attention": {}, "sliding_attention": {"rope_type": "linear"}})
+        )
+
+
+def test_phi3_transformers4_longrope_layout():
+    hf = dict(
+        model_type="phi3",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        original_max_position_embeddings=32,
+        partial_rotary_factor=0.5,
+        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.5], "long_factor": [2.0, 3.0]},
+    )
+    cfg = config_from_hf(hf)
+    assert (cfg.rotary_dim, cfg.rope_original_max_positions) == (4, 32)
+    assert cfg.rope_attention_factor == pytest.approx((1 + np.log(4) / np.log(32)) ** 0.5)
+    with pytest.raises(UserError, match="2 values each"):
+        config_from_hf({**hf, "rope_scaling": {**hf["rope_scaling"], "short_factor": [1.0]}})
+
+
+def test_unsupported_model_type_lists_the_families():
+    with pytest.raises(UserError) as err:
+        config_from_hf({"model_type": "bert"})
+    msg = str(err.value)
+    assert "\n" not in msg and all(f in msg for f in NEW_FAMILIES)
+
+
+def test_gpu_attention_falls_back_for_softcap_and_mixed_windows(built, caplog):
+    cfg2 = built("gemma2")[2].config.with_runtime(compute_dtype="bfloat16")
+    cfg3 = built("gemma3_text")[2].config.with_runtime(compute_dtype="bfloat16")
+    bf16 = jnp.bfloat16
+    with caplog.at_level("WARNING"):
+        assert choose_attention(cfg2, bf16, 16, backend="gpu") == "reference"  # soft-cap: no kernel has it
+        assert choose_attention(cfg3, bf16, 16, backend="gpu") == "reference"  # windows differ per layer
+    notices = [r.getMessage() for r in caplog.records]
+    assert any("soft-cap" in m for m in notices) and any("sliding windows" in m for m in notices), notices
+    assert all("\n" not in m for m in notices)
+    # A sequence no longer than the window drops nothing, so unpacked rows may use cuDNN
+    assert choose_attention(cfg3.with_runtime(packed=False), bf16, 4, backend="gpu") == "cudnn"
+    for impl in ("cudnn", "pallas"):
+        with pytest.raises(UserError, match="soft-cap"):
+            choose_attention(cfg2.with_runtime(attention=impl, packed=False), bf16, 16, backend="gpu")

@@ -242,11 +242,16 @@ def test_start_up_checks(assets, stories_dir, tmp_path, capsys):
     from jaxlora.config import TrainSection
     from jaxlora.train.checks import check_schedule
 
+    # A warmup set longer than the run was cut to its length without a word: now one line, exit 2.
+    over = {"train.warmup_ratio": None, "train.warmup_steps": 10}
+    code, lines = cli(tmp_path, tiny_config(assets, tmp_path / "warm", **over), capsys=capsys)
+    assert_one_error(code, lines, "train.warmup_steps 10 is more than the run's 2 steps")
+    assert "train.warmup_ratio" in lines[0]
+    assert not (tmp_path / "warm").exists()
     capsys.readouterr()
-    check_schedule(TrainSection(max_steps=5, warmup_steps=10), 5)  # was cut to 4 without a word
+    check_schedule(TrainSection(max_steps=5), 5)  # the default 10, not set: cut, with a warning
     warned = capsys.readouterr().err.splitlines()
-    assert len(warned) == 1 and "train.warmup_steps 10 is more than the run's 5 steps" in warned[0]
-    assert "train.warmup_ratio" in warned[0]
+    assert len(warned) == 1 and "default train.warmup_steps 10 is more than the run's 5 steps" in warned[0]
     check_schedule(TrainSection(max_steps=5, warmup_ratio=0.5), 5)
     check_schedule(TrainSection(max_steps=50, warmup_steps=10), 50)
     assert capsys.readouterr().err == ""

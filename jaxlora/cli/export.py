@@ -8,11 +8,13 @@ from huggingface_hub import hf_hub_download
 from jaxlora.config import load_config
 from jaxlora.errors import UserError
 from jaxlora.lora import save_merged
+from jaxlora.lora.pissa import is_base_changing
 from jaxlora.models.config import config_from_hf, read_hf_config
 from jaxlora.models.loading import DTYPES, load_model, resolve_model_path
 from jaxlora.peft import load_peft_adapter, read_adapter_config, save_peft_adapter
 from jaxlora.quant import make_quantizer
 from jaxlora.train.checkpoint import restore_lora
+from jaxlora.train.state import initial_adapter, residual_base
 
 FORMATS = ("peft", "merged")
 
@@ -81,6 +83,8 @@ def run_export(
     if model is None:
         raise UserError("pass --model PATH_OR_ID (the base model the adapter was trained on)")
     quant = quant or "none"
+    if run is not None and is_base_changing(lora_cfg.init):
+        return _export_base_changing_run(run_cfg, lora, model, fmt, out, overwrite, dtype)
     if fmt == "peft":
         if quant != "none" and run is None:
             raise UserError("--quant applies to --format merged only")
@@ -94,3 +98,18 @@ def run_export(
     if lora is None:
         lora, lora_cfg = load_peft_adapter(adapter, m.config)
     return save_merged(out, m, lora, lora_cfg, dtype=dtype, overwrite=overwrite)
+
+
+def _export_base_changing_run(run_cfg, lora, model: str, fmt: str, out: str, overwrite: bool, dtype) -> Path:
+    """A PiSSA/OLoRA run trained on the residual base `W - s A0 B0`: the PEFT export is converted against the
+    step-0 adapter so it applies to the original base; the merged export adds the adapter to the residual."""
+    m = load_model(model)  # PiSSA/OLoRA runs refuse quantized bases, so never quantized here
+    initial = initial_adapter(run_cfg, m.config, m.params)
+    if fmt == "peft":
+        return save_peft_adapter(
+            out, lora, run_cfg.lora, m.config, model, overwrite=overwrite, initial_lora=initial
+        )
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    m.params = residual_base(m.params, initial, run_cfg, m.config)
+    return save_merged(out, m, lora, run_cfg.lora, dtype=dtype, overwrite=overwrite)

@@ -3,8 +3,11 @@
 (`jaxlora.models.generate` is the decoding itself; this module adds loading, adapters and argument checks.)
 """
 
+import dataclasses
+
 from jaxlora.errors import UserError
 from jaxlora.lora import lora_scale
+from jaxlora.lora.tokens import with_embeddings
 from jaxlora.models import load_model, load_tokenizer
 from jaxlora.models.generate import generate_text
 from jaxlora.peft import load_peft_adapter
@@ -42,6 +45,8 @@ def run_generation(
     if adapter is not None:
         lora, lora_cfg = load_peft_adapter(adapter, m.config)
         scale = lora_scale(m.config, lora_cfg)
+        params, lora = with_embeddings(m.params, lora)  # trainable tokens / modules_to_save, if any
+        m = dataclasses.replace(m, params=params)
     return generate_text(
         m,
         tokenizer,

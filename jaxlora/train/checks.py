@@ -45,14 +45,18 @@ def load_checked_tokenizer(cfg: Config):
 
 
 def check_schedule(train: TrainSection, total_steps: int) -> None:
-    """Say so when the warmup is longer than the run (the schedule cuts it to the run's length).
-
-    A warning, not an error: the recipes' smoke runs (`train.max_steps=2`) rely on the cut.
-    """
-    if train.warmup_ratio is None and train.warmup_steps > total_steps:
-        print(
-            f"warning: train.warmup_steps {train.warmup_steps} is more than the run's {total_steps} steps; "
-            f"the warmup is cut to {max(total_steps - 1, 0)} (set train.warmup_ratio, e.g. 0.1, to warm up "
-            "for a fraction of the run)",
-            file=sys.stderr,
+    """A `train.warmup_steps` set longer than the run is an error; the default one (not set) is cut to the
+    run's length with a warning. `train.warmup_ratio` follows the run's length."""
+    if train.warmup_ratio is not None or train.warmup_steps <= total_steps:
+        return
+    hint = "set train.warmup_ratio (e.g. 0.1) to warm up for a fraction of the run"
+    if "warmup_steps" in train.model_fields_set:
+        raise UserError(
+            f"train.warmup_steps {train.warmup_steps} is more than the run's {total_steps} steps; lower it, "
+            f"or {hint}"
         )
+    print(
+        f"warning: the default train.warmup_steps {train.warmup_steps} is more than the run's {total_steps} "
+        f"steps; the warmup is cut to {max(total_steps - 1, 0)} ({hint})",
+        file=sys.stderr,
+    )

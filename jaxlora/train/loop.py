@@ -44,7 +44,7 @@ from jaxlora.train.checks import check_schedule, load_checked_tokenizer
 from jaxlora.train.optim import make_optimizer
 from jaxlora.train.progress import Progress
 from jaxlora.train.run_dir import RunDir, open_run, write_run_state
-from jaxlora.train.state import TrainState, build_state, save_state
+from jaxlora.train.state import TrainState, build_state, initial_adapter, residual_base, save_state
 from jaxlora.train.step import BATCH_KEYS, StepSpec, make_eval_step, make_train_step
 
 log = logging.getLogger("jaxlora.train")
@@ -84,11 +84,16 @@ def train(cfg: Config, *, resume: bool = False, on_step=None) -> TrainResult:
     try:
         optimizer, schedule = make_optimizer(cfg.train, data.total_steps)
         ckpt = Checkpointer(run.path / "checkpoints", cfg.checkpoint.keep)
-        state = build_state(cfg, base.config, optimizer, plan, ckpt, data.loader, run.resuming)
+        state = build_state(cfg, base.config, optimizer, plan, ckpt, data.loader, run.resuming, base.params)
+        initial = initial_adapter(cfg, base.config, base.params)  # PiSSA/OLoRA: step 0's adapter, else None
+        if initial is not None:  # train on the residual base, as PEFT does
+            base = base._replace(
+                params=plan.place_base(residual_base(base.params, initial, cfg, base.config))
+            )
         steps = compile_steps(cfg, base, optimizer, state, plan)
         progress = Progress(cfg, run, schedule, data.total_steps, state.step, on_step)
         state, stopped_by = run_loop(cfg, plan, state, steps, data, ckpt, progress)
-        return finish(cfg, run, plan, state, steps, data, ckpt, progress, stopped_by)
+        return finish(cfg, run, plan, state, steps, data, ckpt, progress, stopped_by, initial)
     finally:
         run.release()
 
@@ -360,9 +365,11 @@ def finish(
     ckpt: Checkpointer,
     progress: Progress,
     stopped_by: int,
+    initial: dict | None = None,
 ) -> TrainResult:
-    """Save the last checkpoint; unless a signal stopped the run, evaluate and export the PEFT adapter;
-    close the run's files and write run_state.json."""
+    """Save the last checkpoint; unless a signal stopped the run, evaluate and export the PEFT adapter
+    (a PiSSA/OLoRA one converted against `initial`, so it applies to the original base); close the run's
+    files and write run_state.json."""
     save_state(ckpt, state, data.loader)
     if not stopped_by:
         if cfg.train.eval_every_steps is not None:
@@ -370,7 +377,10 @@ def finish(
         lora = plan.to_host(state.lora)  # a collective when LoRA is sharded over hosts
         if run.main:
             base = steps.base
-            save_peft_adapter(run.path / "adapter", lora, cfg.lora, base.config, base.name, overwrite=True)
+            out = run.path / "adapter"
+            save_peft_adapter(
+                out, lora, cfg.lora, base.config, base.name, overwrite=True, initial_lora=initial
+            )
     progress.close()
     data.loader.close()
     ckpt.close()

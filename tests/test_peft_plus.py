@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -589,3 +590,55 @@ def test_modules_to_save_round_trip(family, base, tmp_path):
     )
     print(f"{family} modules_to_save: PEFT->jaxlora {d_in:.2e}, back {d_back:.2e}, merged {d_merged:.2e}")
     assert max(d_in, d_back, d_merged) < 1e-4
+
+
+def test_pissa_training_run_exports_for_the_original_base(assets, stories_dir, tmp_path):
+    """A PiSSA run end to end: training on the residual base, its `adapter/` and `export --run` (PEFT and
+    merged) all give, on the ORIGINAL base in PyTorch, the logits jaxlora computes with what it trained."""
+    from jaxlora.cli.export import run_export
+    from jaxlora.config import load_config
+    from jaxlora.train import train
+    from jaxlora.train.checkpoint import restore_lora
+    from jaxlora.train.state import initial_adapter, residual_base
+
+    out = tmp_path / "run"
+    cfg = load_config(
+        Path(__file__).parents[1] / "configs" / "stories260k-alpaca.yaml",
+        [
+            f"output_dir={out}",
+            f"model.path={stories_dir}",
+            f"data.train[0].path={assets / 'data' / 'alpaca_cleaned_1000.json'}",
+            "lora.init=pissa",
+            "lora.r=4",
+            "lora.target_modules=[q_proj,v_proj]",
+            "data.seq_len=128",
+            "train.batch_size=2",
+            "train.max_steps=4",
+            "train.learning_rate=1e-2",
+            "train.eval_every_steps=null",
+            "logging.progress_bar=false",
+            "logging.tensorboard=false",
+        ],
+    )
+    train(cfg)
+    model = load_model(stories_dir)
+    lora, step = restore_lora(out / "checkpoints")
+    assert step == 4
+    initial = initial_adapter(cfg, model.config, model.params)
+    assert not np.allclose(np.asarray(lora["attn"]["q_proj"]["b"]), initial["attn"]["q_proj"]["b"])  # trained
+    residual = dataclasses.replace(model, params=residual_base(model.params, initial, cfg, model.config))
+    ids = token_ids(model.config.vocab_size)
+    ours = jax_logits(residual, ids, lora, cfg.lora)  # what training computes
+    assert np.abs(ours - jax_logits(model, ids)).max() > 1e-3  # the adapter changed the model
+
+    exported = run_export(None, None, "peft", str(tmp_path / "export"), run=str(out))
+    merged = run_export(None, None, "merged", str(tmp_path / "merged"), run=str(out))
+    for adapter in (out / "adapter", exported):
+        with peft_warnings_are_errors():
+            pm = PeftModel.from_pretrained(hf_model(stories_dir), str(adapter))
+        diff = np.abs(torch_logits(pm, ids) - ours).max()
+        print(f"PiSSA run, {adapter.name} on the original base in PEFT: max |logits diff| = {diff:.2e}")
+        assert diff < 1e-4
+    diff = np.abs(merged_logits(merged, ids) - ours).max()
+    print(f"PiSSA run, merged export in transformers: max |logits diff| = {diff:.2e}")
+    assert diff < 1e-4

@@ -25,7 +25,18 @@ from jaxlora.errors import UserError
 from jaxlora.parallel import Plan
 from jaxlora.train.checkpoint import newest_intact
 
-RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "adapter", "config.yaml", "run_state.json")
+BEST_DIR = "best_checkpoint"  # checkpoint.keep_best: the step with the lowest eval loss
+RUN_FILES = (
+    "checkpoints",
+    "tensorboard",
+    "metrics.jsonl",
+    "adapter",
+    "config.yaml",
+    "run_state.json",
+    BEST_DIR,
+    "samples.jsonl",
+    "wandb",
+)
 LOCK = ".jaxlora.lock"  # the pid and host of the run that holds the folder
 
 # Keys a resumed run may change (one line printed each); any other change is refused. A prefix ending
@@ -35,6 +46,9 @@ COMPATIBLE = (
     "train.num_epochs",
     "train.eval_every_steps",
     "train.eval_batches",
+    "train.eval_samples",
+    "train.sample_prompts",
+    "train.sample_max_new_tokens",
     "train.remat",
     "train.loss_chunk_size",
     "checkpoint.",
@@ -247,7 +261,8 @@ def check_config_changes(cfg: Config, out: Path) -> None:
             continue  # where the run is and how it was found: nothing about the run itself
         note = ""
         if change.startswith(("train.max_steps", "train.num_epochs")):
-            note = " (the learning-rate decay is stretched over the new length)"
+            note = " (the learning-rate decay is stretched over the new length"
+            note += ", and so is the warmup, set as train.warmup_ratio)" if cfg.train.warmup_ratio else ")"
         print(f"resuming {out} with {change}{note}", file=sys.stderr)
 
 

@@ -49,6 +49,8 @@ def _config(assets: Path, out: Path, **over) -> dict:
     settings = {
         "data.seq_len": 128,
         "train.max_steps": STEPS,
+        "train.warmup_ratio": None,  # the warmup these tolerances were set with: 10 steps, cut to the run
+        "train.warmup_steps": 10,
         "train.eval_every_steps": STEPS,  # evaluates at 0 and at the end
         "train.eval_batches": 1,
         "checkpoint.every_steps": 5,

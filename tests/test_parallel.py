@@ -161,7 +161,12 @@ def four(assets, tmp_path_factory):
             "keep_up_to": 5,
         }
     )
-    quick = {"train.max_steps": 3, "train.eval_every_steps": None, "checkpoint.every_steps": None}
+    quick = {
+        "train.max_steps": 3,
+        "train.warmup_steps": 2,
+        "train.eval_every_steps": None,
+        "checkpoint.every_steps": None,
+    }
     for name, over in (
         ("nf4 single", VARIANTS["single"]),
         ("nf4 f2t2", {"parallel.mesh.fsdp": 2, "parallel.mesh.tensor": 2}),

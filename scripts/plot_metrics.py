@@ -1,10 +1,14 @@
 """Plot a training run's loss curves (and learning rate) from its `metrics.jsonl` to a PNG.
 
-    python scripts/plot_metrics.py RUN_DIR [--out PNG] [--title TEXT]
+    python scripts/plot_metrics.py RUN_DIR [--out PNG] [--title TEXT] [--metric NAME ...]
 
-Top panel: the training loss and `eval/loss` against the optimizer step; bottom panel: the learning rate
-`lr`. The training curve is `train/loss_avg` (the mean over each logging interval) when the run logged it,
-drawn over the fainter `train/loss` (the loss of the last step of each interval).
+Needs matplotlib, which the base install lacks: `pip install 'jaxlora[plot]'` (or `pip install matplotlib`).
+
+Top panel: the training loss and `eval/loss` against the optimizer step; middle panel: other metrics
+(`--metric`, repeatable; default: the reward margins of a preference run, `train/...` and
+`eval/rewards/margins`, else `eval/perplexity`); bottom panel: the learning rate `lr`. The training curve
+is `train/loss_avg` (the mean over each logging interval) when the run logged it, drawn over the fainter
+`train/loss` (the loss of the last step of each interval).
 `--out` defaults to `RUN_DIR/loss.png`. A resumed run may log a step twice; the last value wins.
 """
 
@@ -23,6 +27,12 @@ def parse_args(argv=None):
     p.add_argument("run_dir", help="a training run's output_dir (holding metrics.jsonl)")
     p.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/loss.png)")
     p.add_argument("--title", default=None, help="figure title (default: run folder, model and LoRA rank)")
+    p.add_argument(
+        "--metric",
+        action="append",
+        default=None,
+        help="a metrics.jsonl name for the middle panel; repeatable",
+    )
     return p.parse_args(argv)
 
 
@@ -57,19 +67,46 @@ def default_title(run: Path) -> str:
         return title
 
 
-def plot(series: dict[str, list[tuple[int, float]]], out: Path, title: str) -> None:
-    """Write the two-panel figure (losses on top, learning rate below) to `out`."""
+def middle_metrics(series: dict, wanted: list[str] | None) -> list[str]:
+    """The names drawn in the middle panel: `wanted` (each must exist), else the reward margins of a
+    preference run, else eval/perplexity (empty: no middle panel)."""
+    if wanted:
+        missing = [m for m in wanted if m not in series]
+        if missing:
+            raise UserError(
+                f"--metric {missing[0]} is not in metrics.jsonl; it has {', '.join(sorted(series))}"
+            )
+        return list(wanted)
+    margins = sorted(k for k in series if k.endswith("rewards/margins"))
+    return margins or [k for k in ("eval/perplexity",) if k in series]
+
+
+def plot(series: dict[str, list[tuple[int, float]]], out: Path, title: str, middle: list[str] = ()) -> None:
+    """Write the figure (losses on top, `middle` metrics if any, learning rate below) to `out`."""
     try:
         import matplotlib
     except ImportError:
-        raise UserError("plot_metrics.py needs matplotlib: pip install matplotlib") from None
+        raise UserError(
+            "plot_metrics.py needs matplotlib: pip install 'jaxlora[plot]' (or pip install matplotlib)"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_lr) = plt.subplots(
-        2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, constrained_layout=True
-    )
+    ratios = [3, 2, 1] if middle else [3, 1]
+    fig, axes = plt.subplots(
+        len(ratios), 1, figsize=(8, 6 + 2 * bool(middle)), sharex=True,
+        gridspec_kw={"height_ratios": ratios}, constrained_layout=True,
+    )  # fmt: skip
+    ax_loss, ax_lr = axes[0], axes[-1]
+    if middle:
+        for i, name in enumerate(middle):
+            steps, values = zip(*series[name], strict=True)
+            axes[1].plot(
+                steps, values, color=f"C{3 + i}", marker="o", markersize=3, label=_label(name, values)
+            )
+        axes[1].grid(alpha=0.3)
+        axes[1].legend()
     if "train/loss_avg" in series:  # the mean over each logging interval: the readable training curve
         steps, values = zip(*series["train/loss"], strict=True) if "train/loss" in series else ((), ())
         ax_loss.plot(
@@ -114,7 +151,7 @@ def main() -> int:
     if not {"train/loss", "train/loss_avg", "eval/loss"} & set(series):
         raise UserError(f"{path} has no train/loss or eval/loss values to plot")
     out = Path(args.out) if args.out else run / "loss.png"
-    plot(series, out, args.title or default_title(run))
+    plot(series, out, args.title or default_title(run), middle_metrics(series, args.metric))
     summary = ", ".join(
         f"{k} {v[-1][1]:.4f} at step {v[-1][0]}" for k, v in series.items() if k.endswith("/loss")
     )

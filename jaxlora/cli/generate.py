@@ -1,17 +1,98 @@
-"""`run_generation`: what `scripts/generate.py` does, as a library function.
+"""`run_generation` and `chat`: what `scripts/generate.py` (and `jaxlora generate`) does, as library
+functions; `main` is that command line.
 
-(`jaxlora.models.generate` is the decoding itself; this module adds loading, adapters and argument checks.)
+(`jaxlora.models.generate` is the decoding itself; this module adds loading, adapters, the prompt format
+of training (`jaxlora.train.samples.render_prompt`) and argument checks.)
 """
 
+import argparse
 import dataclasses
+import sys
+from pathlib import Path
+
+import yaml
 
 from jaxlora.errors import UserError
 from jaxlora.lora import lora_scale
 from jaxlora.lora.tokens import with_embeddings
 from jaxlora.models import load_model, load_tokenizer
-from jaxlora.models.generate import generate_text
+from jaxlora.models.generate import generate, generate_text
 from jaxlora.peft import load_peft_adapter
 from jaxlora.quant import make_quantizer
+from jaxlora.train.samples import PROMPT_FORMATS, encode_prompt, render_prompt
+
+USAGE = """Generate text from a Hugging Face checkpoint (optionally with a LoRA adapter).
+
+    generate --model PATH_OR_ID --prompt TEXT [--format alpaca|chat|raw] [--adapter DIR_OR_RUN]
+        [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+    generate --model PATH_OR_ID --chat [--chat-template chatml] [--adapter DIR_OR_RUN] < turns.txt
+
+`--prompt ""` starts from BOS. Repeat `--prompt` for a batch. With --format raw (the default) each prompt
+is printed with its completion; alpaca and chat render the prompt as training did and print the answer.
+`--adapter` takes an adapter folder or a training run's folder (then --format follows the run's data).
+`--chat` reads one user turn per line (from the terminal or a pipe) until end of input or /exit.
+"""
+
+
+def resolve_adapter(path: str) -> tuple[Path, dict | None]:
+    """An adapter folder, or a training run's folder (its `adapter/`): (the adapter folder, the run's
+    config.yaml as a dict when a run folder was given, else None)."""
+    folder = Path(path).expanduser()
+    if (folder / "adapter_config.json").is_file():
+        return folder, None  # an adapter folder: prompts stay raw unless --format says otherwise
+    if (folder / "adapter" / "adapter_config.json").is_file():
+        return folder / "adapter", _run_config(folder)
+    if (folder / "config.yaml").is_file():
+        raise UserError(
+            f"--adapter {folder} is a run folder without adapter/ (the run has not finished); "
+            "export its latest checkpoint with scripts/export.py --run, or resume it"
+        )
+    raise UserError(
+        f"--adapter {folder} holds no adapter_config.json; give an adapter folder or a run folder"
+    )
+
+
+def _run_config(run: Path | None) -> dict | None:
+    return yaml.safe_load((run / "config.yaml").read_text()) if run is not None else None
+
+
+def run_format(run_cfg: dict | None) -> tuple[str, str | None]:
+    """The prompt format (alpaca, chat or raw) and chat template a run was trained with (raw without one)."""
+    if not run_cfg:
+        return "raw", None
+    data = run_cfg.get("data") or {}
+    fmt = ((data.get("train") or [{}])[0]).get("format", "raw")
+    return (fmt if fmt in ("alpaca", "chat") else "raw"), data.get("chat_template")
+
+
+class Generator:
+    """A loaded model (and adapter) that completes prompts given as token ids."""
+
+    def __init__(self, model: str, dtype="float32", adapter=None, quant="none", allow_pickle=False):
+        quantizer = make_quantizer(quant)  # None for "none"; UserError for an unknown method
+        m = load_model(model, dtype=dtype, allow_pickle=allow_pickle, quantizer=quantizer)
+        self.tokenizer = load_tokenizer(m.path)
+        self.lora, self.scale = None, 1.0
+        if adapter is not None:
+            self.lora, lora_cfg = load_peft_adapter(adapter, m.config)
+            self.scale = lora_scale(m.config, lora_cfg)
+            params, self.lora = with_embeddings(m.params, self.lora)
+            m = dataclasses.replace(m, params=params)
+        self.model = m
+
+    def complete(self, texts: list[str], max_new_tokens: int, **kw) -> list[str]:
+        """The new text after each rendered prompt (special tokens dropped)."""
+        ids = [encode_prompt(t, self.tokenizer) for t in texts]
+        new = generate(
+            self.model.params,
+            self.model.config,
+            ids,
+            max_new_tokens,
+            lora=self.lora,
+            lora_scale=self.scale,
+            **kw,
+        )
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
 
 
 def run_generation(
@@ -27,17 +108,23 @@ def run_generation(
     adapter: str | None = None,
     quant: str = "none",
     allow_pickle: bool = False,
+    fmt: str | None = None,
+    chat_template: str | None = None,
 ) -> list[str]:
-    """Load a model (and optionally a PEFT adapter), generate for each prompt, return the new text.
+    """Load a model (and optionally a PEFT adapter), generate for each prompt, return the text.
 
     quant: "none", "int8" or "nf4" quantizes the base's linear weights while loading (`make_quantizer`).
+    fmt: raw returns each prompt followed by its completion; alpaca or chat render each prompt as training
+    did (`render_prompt`) and return the response alone. `adapter` may be a run folder; then fmt (when
+    None) and chat_template (when None) follow the run's config.
     """
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+    fmt, chat_template, adapter = _settings(fmt, chat_template, adapter)
+    _check(max_new_tokens, temperature, top_p)
+    if fmt != "raw":
+        gen = Generator(model, dtype, adapter, quant, allow_pickle)
+        texts = [render_prompt(fmt, p, gen.tokenizer, chat_template) for p in prompts]
+        kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        return gen.complete(texts, max_new_tokens, **kw)
     quantizer = make_quantizer(quant)  # None for "none"; UserError for an unknown method
     m = load_model(model, dtype=dtype, allow_pickle=allow_pickle, quantizer=quantizer)
     tokenizer = load_tokenizer(m.path)
@@ -59,3 +146,114 @@ def run_generation(
         lora=lora,
         lora_scale=scale,
     )
+
+
+def _settings(fmt, chat_template, adapter):
+    """(format, chat template, adapter folder) with a run folder's defaults filled in."""
+    run_cfg = None
+    if adapter is not None:
+        folder, run_cfg = resolve_adapter(adapter)
+        adapter = str(folder)
+    run_fmt, run_template = run_format(run_cfg)
+    fmt = fmt or run_fmt
+    if fmt not in PROMPT_FORMATS:
+        raise UserError(f"--format {fmt!r} is not one of {', '.join(PROMPT_FORMATS)}")
+    return fmt, chat_template or run_template, adapter
+
+
+def _check(max_new_tokens, temperature, top_p) -> None:
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+
+
+def chat(
+    model: str,
+    lines,
+    out=sys.stdout,
+    max_new_tokens: int = 64,
+    *,
+    dtype: str = "float32",
+    adapter: str | None = None,
+    quant: str = "none",
+    allow_pickle: bool = False,
+    chat_template: str | None = None,
+    prompt: str = "> ",
+    **kw,
+) -> list[tuple[str, str]]:
+    """A conversation: each line read from `lines` (stdin) is a user turn, rendered with the earlier turns
+    through the chat template; each answer is written to `out`. Ends at end of input or `/exit`.
+    Returns the turns as (user, assistant) pairs."""
+    _check(max_new_tokens, kw.get("temperature", 0.0), kw.get("top_p", 1.0))
+    _, chat_template, adapter = _settings("chat", chat_template, adapter)
+    gen = Generator(model, dtype, adapter, quant, allow_pickle)
+    history: list[tuple[str, str]] = []
+    while True:
+        out.write(prompt)
+        out.flush()
+        line = lines.readline()
+        if not line or line.strip() == "/exit":
+            out.write("\n")
+            return history
+        user = line.rstrip("\n")
+        if not user.strip():
+            continue
+        text = render_prompt("chat", user, gen.tokenizer, chat_template, history)
+        answer = gen.complete([text], max_new_tokens, **kw)[0].strip()
+        out.write(answer + "\n")
+        out.flush()
+        history.append((user, answer))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="generate", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", required=True, help="HF hub id or local model folder")
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    p.add_argument("--chat", action="store_true", help="talk to the model: one user turn per line of stdin")
+    p.add_argument(
+        "--format",
+        choices=PROMPT_FORMATS,
+        default=None,
+        help="render prompts as training did: alpaca, chat (the chat template) or raw; default: the run's "
+        "format when --adapter is a run folder, else raw",
+    )
+    p.add_argument("--chat-template", default=None, help="chatml, llama3, Jinja text or a .jinja file")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder, or a training run's folder")
+    p.add_argument(
+        "--quant", default="none", choices=["none", "int8", "nf4"], help="quantize the base weights"
+    )
+    p.add_argument("--allow-pickle", action="store_true", help="permit loading pytorch_model.bin")
+    args = p.parse_args(argv)
+    if bool(args.prompt) == args.chat:
+        p.error("give --prompt (one or more) or --chat")
+    return args
+
+
+def main(argv=None) -> int:
+    """`scripts/generate.py` and `jaxlora generate` (wrap with `cli_main`)."""
+    args = parse_args(argv)
+    common = dict(dtype=args.dtype, adapter=args.adapter, quant=args.quant, allow_pickle=args.allow_pickle)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.chat:
+        prompt = "> " if sys.stdin.isatty() else ""
+        chat(args.model, sys.stdin, sys.stdout, args.max_new_tokens, chat_template=args.chat_template,
+             prompt=prompt, **common, **sampling)  # fmt: skip
+        return 0
+    texts = run_generation(
+        args.model, args.prompt, args.max_new_tokens, fmt=args.format, chat_template=args.chat_template,
+        **common, **sampling,
+    )  # fmt: skip
+    for text in texts:
+        print(text)
+    return 0

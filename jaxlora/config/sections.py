@@ -18,6 +18,7 @@ __all__ = [
     "MeshSection",
     "ModelSection",
     "ParallelSection",
+    "PrefsSection",
     "QuantSection",
     "TrainSection",
 ]
@@ -79,10 +80,39 @@ class QuantSection(Section):
         return skip
 
 
+class PrefsSection(Section):
+    """Preference tuning (`train.objective: dpo | orpo`); docs/preference-tuning.md."""
+
+    _prefix = "prefs"
+
+    beta: Float = Field(
+        0.1, gt=0, description="DPO: how far the policy may move from the reference (higher = closer)"
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="DPO loss: sigmoid (DPO), ipo (IPO, length-normalized) or hinge (SLiC)"
+    )
+    label_smoothing: Float = Field(
+        0.0, ge=0, lt=0.5, description="sigmoid loss only: assumed chance that a pair's labels are flipped"
+    )
+    orpo_alpha: Float = Field(
+        0.1, gt=0, description="ORPO: weight of the odds-ratio term next to the NLL of the chosen response"
+    )
+    reference: Literal["base", "initial_adapter"] = Field(
+        "base", description="DPO reference: base = the adapter off; initial_adapter needs lora.init_from"
+    )
+    max_prompt_length: Int | None = Field(
+        None, ge=1, description="keep only the last N tokens of each prompt; null = no limit"
+    )
+
+
 class TrainSection(Section):
     """Optimization: steps, batch, AdamW, schedule, memory."""
 
     _prefix = "train"
+
+    objective: Literal["sft", "dpo", "orpo"] = Field(
+        "sft", description="sft = next-token loss on responses; dpo, orpo = preference pairs (prefs section)"
+    )
 
     batch_size: Int = Field(8, ge=1, description="sequences per optimizer micro-step, across all devices")
     grad_accum_steps: Int = Field(1, ge=1, description="micro-steps accumulated per optimizer update")
@@ -134,6 +164,23 @@ class TrainSection(Section):
     eval_batches: Int | None = Field(
         None, ge=1, description="batches per evaluation; null = all validation data"
     )
+    early_stopping_patience: Int | None = Field(
+        None,
+        ge=1,
+        description="stop after this many evaluations in a row without a better eval loss; null = never",
+    )
+    early_stopping_min_delta: Float = Field(
+        0.0, ge=0, description="an eval loss improves when it falls by more than this below the best"
+    )
+    eval_samples: Int = Field(
+        2, ge=0, description="prompts generated greedily at each evaluation (samples.jsonl, TensorBoard): "
+        "train.sample_prompts, else the first N validation prompts; 0 = none"
+    )
+    sample_prompts: listing(Str) = Field(
+        (), description="prompts for eval_samples, rendered in the first training source's format; "
+        "empty = the first validation prompts"
+    )
+    sample_max_new_tokens: Int = Field(32, ge=1, description="new tokens per sample generation")
 
     @model_validator(mode="after")
     def _has_a_length(self) -> "TrainSection":
@@ -155,6 +202,18 @@ class CheckpointSection(Section):
         "auto",
         description="auto = resume from output_dir if it has a checkpoint; always = fail if none; never",
     )
+    keep_best: Bool = Field(
+        False, description="also keep the checkpoint with the lowest eval loss (output_dir/best_checkpoint)"
+    )
+    export: Literal["best", "last"] = Field(
+        "last", description="adapter/ is written from the last step, or from the best checkpoint (keep_best)"
+    )
+
+    @model_validator(mode="after")
+    def _best_is_kept(self) -> "CheckpointSection":
+        if self.export == "best" and not self.keep_best:
+            raise Invalid("{export} is best but {keep_best} is false; set checkpoint.keep_best=true")
+        return self
 
 
 class LoggingSection(Section):
@@ -165,6 +224,14 @@ class LoggingSection(Section):
     every_steps: Int = Field(10, ge=1, description="log training metrics every N optimizer steps")
     tensorboard: Bool = Field(True, description="write TensorBoard event files to output_dir")
     progress_bar: Bool = Field(True, description="show a progress bar on the terminal")
+    level: Literal["info", "warning"] = Field(
+        "info", description="console: info = start and end summaries and eval lines; warning = only problems"
+    )
+    trackers: listing(Literal["tensorboard", "jsonl", "wandb"]) = Field(
+        ("tensorboard", "jsonl"),
+        description="where metrics go; wandb needs the `wandb` extra (offline with WANDB_MODE=offline); "
+        "logging.tensorboard=false also drops tensorboard",
+    )
 
 
 class MeshSection(Section):
@@ -257,6 +324,7 @@ class Config(Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection, description="checkpoints")
     logging: LoggingSection = Field(default_factory=LoggingSection, description="metrics")
     parallel: ParallelSection = Field(default_factory=ParallelSection, description="devices")
+    prefs: PrefsSection = Field(default_factory=PrefsSection, description="preference tuning (DPO, ORPO)")
 
     @model_validator(mode="after")
     def _has_validation_data(self) -> "Config":
@@ -268,6 +336,15 @@ class Config(Section):
             raise Invalid(
                 "train.eval_every_steps is set but there is no validation data (data.validation is empty and "
                 "data.validation_split is 0); set train.eval_every_steps=null or give validation data"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _reference_exists(self) -> "Config":
+        if self.prefs.reference == "initial_adapter" and getattr(self.lora, "init_from", None) is None:
+            raise Invalid(
+                "prefs.reference is initial_adapter but there is no initial adapter (lora.init_from); "
+                "use prefs.reference=base"
             )
         return self
 

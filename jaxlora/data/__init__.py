@@ -12,6 +12,7 @@ from jaxlora.data.examples import Examples
 from jaxlora.data.formats import FORMATS
 from jaxlora.data.loader import BatchLoader
 from jaxlora.data.packing import make_batch, pack_rows
+from jaxlora.data.preference import PAIR_KEYS, PairLoader, Pairs, build_pairs
 from jaxlora.data.templates import CHAT_TEMPLATES
 from jaxlora.data.tokenize import IGNORE
 
@@ -19,9 +20,13 @@ __all__ = [
     "CHAT_TEMPLATES",
     "FORMATS",
     "IGNORE",
+    "PAIR_KEYS",
     "BatchLoader",
     "Examples",
+    "PairLoader",
+    "Pairs",
     "build_datasets",
+    "build_pairs",
     "default_cache_dir",
     "load_source",
     "make_batch",

@@ -210,6 +210,10 @@ def _tokenize(rows, source, name, data_cfg, tokenizer, info, template, cache_fil
 
 def load_source(source, data_cfg, tokenizer, info: TokenizerInfo | None = None):
     """Tokenize one source (cached); returns `Examples`, or a `datasets.IterableDataset` when streaming."""
+    if source.format == "preference":
+        raise UserError(
+            f"{source.path}: format preference holds pairs for train.objective dpo or orpo, not sft"
+        )
     info = info or tokenizer_info(tokenizer)
     resolved = resolve_source(source)
     template = _chat_template(source, data_cfg, tokenizer)

@@ -48,7 +48,7 @@ class DataSource(Section):
 
     path: NonBlank = Field(description="local .json/.jsonl/.parquet file or folder, or HF hub dataset id")
     format: Literal[FORMATS] = Field(
-        description="record layout: alpaca, chat (messages), prompt_completion or text"
+        description="record layout: alpaca, chat (messages), prompt_completion, text or preference (pairs)"
     )
     split: Str | None = Field(None, description="hub dataset split; null = train")
     subset: Str | None = Field(None, description="hub dataset configuration name; null = the default")

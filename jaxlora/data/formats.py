@@ -25,6 +25,8 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "chat": ("messages", "role", "content", "roles", "tools"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    # DPO/ORPO pairs (jaxlora.data.preference): TRL standard or conversational, or ShareGPT ranking.
+    "preference": ("prompt", "chosen", "rejected", "messages", "role", "content", "roles"),
 }
 FORMATS = tuple(FORMAT_FIELDS)
 

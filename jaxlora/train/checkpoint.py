@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class Checkpointer:
 
     def __init__(self, directory: Path, keep: int):
         self.directory = Path(directory).absolute()
+        self.extra_meta: dict = {}  # merged into every save's metadata (the best-model tracker's state)
         newest_intact(self.directory, set_aside=jax.process_index() == 0)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False
@@ -50,7 +52,9 @@ class Checkpointer:
         with _quiet_absl():
             self.manager.save(
                 step,
-                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, **self.extra_meta})
+                ),
             )
             self.manager.wait_until_finished()
         if jax.process_index() == 0:
@@ -78,8 +82,41 @@ class Checkpointer:
             ) from None
         return out["state"], out["meta"]
 
+    def read_meta(self, step: int) -> dict:
+        """The JSON metadata of one saved step."""
+        with _quiet_absl():
+            out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    def keep_as_best(self, step: int, best_dir: Path) -> None:
+        """Make `best_dir/<step>` the only step under `best_dir`: hard links to the saved step's files
+        (copies where links fail), swapped in by renames so that a kill leaves one intact best step."""
+        if jax.process_index() != 0:
+            return
+        best_dir = Path(best_dir)
+        best_dir.mkdir(parents=True, exist_ok=True)
+        tmp = best_dir / f"{step}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(self.directory / str(step), tmp, copy_function=_link_or_copy)
+        old = [p for p in best_dir.iterdir() if p.name.isdigit() and p.name != str(step)]
+        target = best_dir / str(step)
+        if target.exists():
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+        for p in old:
+            shutil.rmtree(p)
+
     def close(self) -> None:
         self.manager.close()
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def restore_lora(directory: Path) -> tuple[dict, int]:

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from jaxlora.config import Config
-from jaxlora.data import BatchLoader, build_datasets
+from jaxlora.data import PAIR_KEYS, BatchLoader, PairLoader, Pairs, build_datasets, build_pairs
 from jaxlora.errors import UserError, note_signal, pending_signal
 from jaxlora.lora import lora_scale
 from jaxlora.models import DecoderConfig, load_model
@@ -39,13 +39,16 @@ from jaxlora.models.loading import resolve_model_path
 from jaxlora.parallel import Plan, init_distributed, make_plan
 from jaxlora.peft import save_peft_adapter
 from jaxlora.quant import make_quantizer
-from jaxlora.train.checkpoint import Checkpointer, rng_from_array
+from jaxlora.train.checkpoint import Checkpointer, restore_lora, rng_from_array
 from jaxlora.train.checks import check_schedule, load_checked_tokenizer
 from jaxlora.train.optim import make_optimizer
+from jaxlora.train.prefs import PrefSpec, make_pref_eval_step, make_pref_train_step
 from jaxlora.train.progress import Progress
-from jaxlora.train.run_dir import RunDir, open_run, write_run_state
+from jaxlora.train.run_dir import BEST_DIR, RunDir, open_run, write_run_state
 from jaxlora.train.state import TrainState, build_state, initial_adapter, residual_base, save_state
 from jaxlora.train.step import BATCH_KEYS, StepSpec, make_eval_step, make_train_step
+from jaxlora.train.summary import end_summary, start_summary
+from jaxlora.train.watch import Watch, curves, open_watch
 
 log = logging.getLogger("jaxlora.train")
 
@@ -92,8 +95,10 @@ def train(cfg: Config, *, resume: bool = False, on_step=None) -> TrainResult:
             )
         steps = compile_steps(cfg, base, optimizer, state, plan)
         progress = Progress(cfg, run, schedule, data.total_steps, state.step, on_step)
-        state, stopped_by = run_loop(cfg, plan, state, steps, data, ckpt, progress)
-        return finish(cfg, run, plan, state, steps, data, ckpt, progress, stopped_by, initial)
+        progress.say(start_summary(cfg, plan, base, data, state.lora, data.total_steps, state.step))
+        watch = open_watch(cfg, run, ckpt, tokenizer, data.val)
+        state, stopped_by = run_loop(cfg, plan, state, steps, data, ckpt, progress, watch)
+        return finish(cfg, run, plan, state, steps, data, ckpt, progress, stopped_by, initial, watch)
     finally:
         run.release()
 
@@ -150,15 +155,15 @@ def load_base(cfg: Config, plan: Plan) -> Base:
 class Data:
     """The run's data, as this process reads it."""
 
-    loader: BatchLoader  # this process's rows of every training batch, epoch after epoch
-    val: Any  # validation examples, or None
+    loader: BatchLoader | PairLoader  # this process's rows of every training batch, epoch after epoch
+    val: Any  # validation examples (`Pairs` for DPO/ORPO), or None
     rows: tuple[int, int]  # `(index, count)`: the slice of each global batch this process reads
     total_steps: int
 
     def eval_batches(self, cfg: Config) -> Iterator[dict]:
         """This process's rows of the validation batches, in order: `train.eval_batches` of them, or all."""
         index, count = self.rows
-        loader = BatchLoader(
+        loader = (PairLoader if isinstance(self.val, Pairs) else BatchLoader)(
             self.val,
             cfg.train.batch_size,
             cfg.data.seq_len,
@@ -183,9 +188,12 @@ class Data:
 def build_data(cfg: Config, tokenizer, plan: Plan) -> Data:
     """Tokenize the data sources and open the training batches (the rows of each batch this process's
     devices hold); the number of steps follows `train.max_steps` and `train.num_epochs`."""
-    train_ex, val_ex = build_datasets(cfg.data, tokenizer, cfg.seed)
+    if cfg.train.objective == "sft":
+        train_ex, val_ex = build_datasets(cfg.data, tokenizer, cfg.seed)
+    else:  # DPO/ORPO: preference pairs, one pair per row of both sides (no packing)
+        train_ex, val_ex = build_pairs(cfg.data, tokenizer, cfg.seed, cfg.prefs.max_prompt_length)
     index, count = plan.loader_slice()
-    loader = BatchLoader(
+    loader = (BatchLoader if cfg.train.objective == "sft" else PairLoader)(
         train_ex,
         cfg.train.batch_size,
         cfg.data.seq_len,
@@ -229,10 +237,11 @@ class Steps:
     scale: jax.Array  # [L] alpha / r on adapted layers, else 0; replicated
     key: jax.Array  # the run's key, replicated
     fold_in: Callable  # (key, step) -> the step's key, replicated
+    keys: tuple[str, ...] = BATCH_KEYS  # the batch arrays the steps read (`PAIR_KEYS` for DPO/ORPO)
 
     def train(self, state: TrainState, micro: list[dict]) -> tuple[TrainState, dict]:
         """One optimizer step over `micro`, this process's rows of `grad_accum_steps` micro-batches."""
-        batch = self.plan.put_batch({k: np.stack([m[k] for m in micro]) for k in BATCH_KEYS})
+        batch = self.plan.put_batch({k: np.stack([m[k] for m in micro]) for k in self.keys})
         rng = self.fold_in(self.key, state.step)
         lora, opt_state, metrics = self.train_fn(
             state.lora, state.opt_state, self.base.params, batch, rng, self.scale
@@ -240,8 +249,9 @@ class Steps:
         return dataclasses.replace(state, lora=lora, opt_state=opt_state, step=state.step + 1), metrics
 
     def eval(self, lora: dict, batch: dict):
-        """(loss sum, token count) over one validation batch (this process's rows of it)."""
-        batch = self.plan.put_eval_batch({k: batch[k] for k in BATCH_KEYS})
+        """(loss sum, token count), or a dict of sums and "count" (DPO/ORPO), over one validation batch
+        (this process's rows of it)."""
+        batch = self.plan.put_eval_batch({k: batch[k] for k in self.keys})
         return self.eval_fn(lora, self.base.params, batch, self.scale)
 
 
@@ -252,9 +262,17 @@ def compile_steps(
     of `base` and `state`."""
     model = base.config.with_runtime(packed=cfg.data.packing)  # static: may attention kernels see packing?
     spec = StepSpec(model, cfg.lora.dropout, cfg.train.loss_chunk_size)
+    train_step, eval_step, keys = (
+        make_train_step(spec, optimizer, plan.axis_name), make_eval_step(spec, plan.axis_name), BATCH_KEYS
+    )
+    if cfg.train.objective != "sft":  # DPO/ORPO (`jaxlora.train.prefs`): the same plan, pairs for batches
+        p = cfg.prefs
+        prefs = PrefSpec(cfg.train.objective, p.beta, p.loss_type, p.label_smoothing, p.orpo_alpha)
+        train_step = make_pref_train_step(spec, prefs, optimizer, plan.axis_name)
+        eval_step, keys = make_pref_eval_step(spec, prefs, plan.axis_name), PAIR_KEYS
     train_fn, eval_fn = plan.compile_steps(
-        make_train_step(spec, optimizer, plan.axis_name),
-        make_eval_step(spec, plan.axis_name),
+        train_step,
+        eval_step,
         base.params,
         state.lora,
         state.opt_state,
@@ -262,20 +280,27 @@ def compile_steps(
     scale = plan.replicate(np.asarray(lora_scale(base.config, cfg.lora), np.float32))
     key = rng_from_array(plan.replicate(state.rng))
     fold_in = jax.jit(jax.random.fold_in, out_shardings=plan.replicated)
-    return Steps(plan, base, train_fn, eval_fn, scale, key, fold_in)
+    return Steps(plan, base, train_fn, eval_fn, scale, key, fold_in, keys)
 
 
 def evaluate(cfg: Config, steps: Steps, lora: dict, data: Data) -> dict | None:
-    """Mean token loss and perplexity over the validation batches; None without validation data."""
+    """The validation metrics: `eval/<name>` = the sum of `name` over the batches / the sum of their
+    weights; None without validation data.
+
+    An eval step returns `(loss_sum, token_count)` (then also `eval/perplexity` = exp(eval/loss)) or a
+    dict of per-batch sums with their weight under "count" (`{"loss": ..., "rewards/margins": ...,
+    "count": ...}`, a preference eval step)."""
     if data.val is None:
         return None
-    sums = jax.device_get([steps.eval(lora, batch) for batch in data.eval_batches(cfg)])
-    total = sum(float(s) for s, _ in sums)
-    count = sum(float(n) for _, n in sums)
+    outs = jax.device_get([steps.eval(lora, batch) for batch in data.eval_batches(cfg)])
+    sums = [o if isinstance(o, dict) else {"loss": o[0], "count": o[1]} for o in outs]
+    count = sum(float(s["count"]) for s in sums)
     if count == 0:
         return None
-    loss = total / count
-    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 80.0))}
+    metrics = {f"eval/{k}": sum(float(s[k]) for s in sums) / count for k in sums[0] if k != "count"}
+    if not isinstance(outs[0], dict):  # a token loss
+        metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 80.0))
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -313,20 +338,24 @@ def run_loop(
     data: Data,
     ckpt: Checkpointer,
     progress: Progress,
+    watch: Watch | None = None,
 ) -> tuple[TrainState, int]:
-    """Train to `data.total_steps` or until SIGTERM/SIGINT; report every `logging.every_steps` (raising
-    `TrainingDiverged` at a NaN/Inf step), evaluate every `train.eval_every_steps` and checkpoint every
+    """Train to `data.total_steps`, until SIGTERM/SIGINT or until early stopping; report every
+    `logging.every_steps` (raising `TrainingDiverged` at a NaN/Inf step), evaluate every
+    `train.eval_every_steps` (samples, the best checkpoint: `watch`) and checkpoint every
     `checkpoint.every_steps`. Returns the state and the signal that stopped the run (0: none did)."""
     eval_every, ckpt_every = cfg.train.eval_every_steps, cfg.checkpoint.every_steps
     pending: list[dict] = []  # the metrics (on the devices) of the steps since the last report
+    early = False  # early stopping: the eval loss stopped improving
     with _StopSignals() as stop:
         if eval_every is not None and state.step == 0:
-            progress.eval(0, evaluate(cfg, steps, state.lora, data))
+            early = _eval_and_watch(cfg, steps, state, data, ckpt, progress, watch)
         progress.start(state.step)
         stopping = plan.agree_to_stop(stop.received, True)
-        while state.step < data.total_steps and not stopping:
+        while state.step < data.total_steps and not stopping and not early:
             micro = [next(data.loader) for _ in range(cfg.train.grad_accum_steps)]
             state, metrics = steps.train(state, micro)
+            progress.compiled()
             pending.append(metrics)
             step = state.step
             at_log = step % cfg.logging.every_steps == 0 or step == data.total_steps
@@ -338,7 +367,12 @@ def run_loop(
                 progress.train(step, host)
                 pending = []
             if eval_every is not None and step % eval_every == 0 and step < data.total_steps:
-                progress.eval(step, evaluate(cfg, steps, state.lora, data))
+                early = _eval_and_watch(cfg, steps, state, data, ckpt, progress, watch)
+                if early and pending:  # the steps since the last report, before the run ends
+                    host = jax.device_get(pending)
+                    _check_finite(host, progress.last_step + 1, ckpt, Path(cfg.output_dir))
+                    progress.train(step, host)
+                    pending = []
             if at_ckpt:
                 save_state(ckpt, state, data.loader)
         return state, plan.agree(stop.received)
@@ -366,24 +400,49 @@ def finish(
     progress: Progress,
     stopped_by: int,
     initial: dict | None = None,
+    watch: Watch | None = None,
 ) -> TrainResult:
-    """Save the last checkpoint; unless a signal stopped the run, evaluate and export the PEFT adapter
-    (a PiSSA/OLoRA one converted against `initial`, so it applies to the original base); close the run's
-    files and write run_state.json."""
+    """Unless a signal stopped the run, evaluate (once per step); save the last checkpoint; unless a
+    signal stopped the run, export the PEFT adapter from the last step or, with `checkpoint.export`
+    best, from the best checkpoint (a PiSSA/OLoRA one converted against `initial`, so it applies to the
+    original base); close the run's files and write run_state.json."""
+    evaluated = watch is not None and watch.best.last_step == state.step
+    if not stopped_by and cfg.train.eval_every_steps is not None and not evaluated:
+        _eval_and_watch(cfg, steps, state, data, ckpt, progress, watch)
     save_state(ckpt, state, data.loader)
+    adapter_from = None
     if not stopped_by:
-        if cfg.train.eval_every_steps is not None:
-            progress.eval(state.step, evaluate(cfg, steps, state.lora, data))
         lora = plan.to_host(state.lora)  # a collective when LoRA is sharded over hosts
+        adapter_from = f"last step, {state.step}"
+        best_step = watch.best.best_step if watch is not None else None
+        from_best = cfg.checkpoint.export == "best" and best_step is not None and best_step != state.step
+        if from_best:
+            adapter_from = f"best step, {best_step}"
         if run.main:
+            if from_best:
+                lora, _ = restore_lora(run.path / BEST_DIR)
             base = steps.base
             out = run.path / "adapter"
             save_peft_adapter(
                 out, lora, cfg.lora, base.config, base.name, overwrite=True, initial_lora=initial
             )
+    best = watch.best if watch is not None and cfg.checkpoint.keep_best else None
+    progress.say(end_summary(run.path, adapter_from, best, curves(run.path)))
     progress.close()
     data.loader.close()
     ckpt.close()
     write_run_state(run, state.step, finished=not stopped_by)
     plan.barrier("jaxlora-run-done")
     return TrainResult(run.path, state.step, stopped_by, progress.eval_history)
+
+
+
+def _eval_and_watch(
+    cfg: Config, steps: Steps, state: TrainState, data: Data, ckpt: Checkpointer, progress: Progress, watch
+) -> bool:
+    """Evaluate and log, then samples and the best checkpoint (`Watch.after_eval`). True: stop early."""
+    metrics = evaluate(cfg, steps, state.lora, data)
+    progress.eval(state.step, metrics)
+    if watch is None or metrics is None:
+        return False
+    return watch.after_eval(state, metrics, steps, ckpt, data.loader, progress)

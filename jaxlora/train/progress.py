@@ -1,4 +1,5 @@
-"""A run's progress, as it is reported: metrics.jsonl and TensorBoard, `on_step` and the progress bar."""
+"""A run's progress, as it is reported: the trackers (metrics.jsonl, TensorBoard, W&B), `on_step`, the
+progress bar and the console lines (summaries, evaluations; `logging.level` warning silences them)."""
 
 import time
 
@@ -21,14 +22,40 @@ class Progress:
     def __init__(
         self, cfg: Config, run: RunDir, schedule: optax.Schedule, total_steps: int, step: int, on_step=None
     ):
-        self.logger = MetricsLogger(run.path, tensorboard=cfg.logging.tensorboard, enabled=run.main)
+        self.logger = MetricsLogger(
+            run.path,
+            tensorboard=cfg.logging.tensorboard,
+            enabled=run.main,
+            trackers=tuple(cfg.logging.trackers),
+            config=cfg.model_dump(mode="json"),
+        )
+        self.verbose = run.main and cfg.logging.level == "info"
+        self.total_steps = total_steps
+        self.compiled_once = False
         self.bar = None
         if cfg.logging.progress_bar and run.main:
-            self.bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=step, desc="compiling", dynamic_ncols=True)
         self.schedule = schedule
         self.on_step = on_step
         self.eval_history: list[tuple[int, float]] = []  # (step, eval loss)
         self.start(step)
+
+    def say(self, text: str) -> None:
+        """A console line (process 0, `logging.level` info), printed above the progress bar."""
+        if not self.verbose:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def compiled(self) -> None:
+        """The first step was compiled: the bar counts training steps from now on."""
+        if not self.compiled_once:  # tokens/s and step time from here: not the compilation
+            self.compiled_once = True
+            self.last_time = time.perf_counter()
+            if self.bar is not None:
+                self.bar.set_description_str("train")
 
     def start(self, step: int) -> None:
         """Time the steps after `step` from now (tokens per second, step time)."""
@@ -46,6 +73,9 @@ class Progress:
             "step_time": (now - self.last_time) / len(host),
         }
         scalars["train/loss_avg"] = float(np.mean([float(h["loss"]) for h in host]))
+        for key, value in host[-1].items():  # the objective's own metrics (DPO rewards, MoE aux loss, ...)
+            if key not in ("loss", "grad_norm", "tokens", "nonfinite"):
+                scalars[f"train/{key}"] = float(value)
         self.logger.log(step, scalars)
         if self.on_step is not None:
             self.on_step(step, scalars)
@@ -55,6 +85,12 @@ class Progress:
                 loss=f"{scalars['train/loss']:.4f}",
                 lr=f"{scalars['lr']:.2e}",
                 tok_s=f"{scalars['tokens_per_sec']:.0f}",
+                eta=_duration(scalars["step_time"] * (self.total_steps - step)),
+                **{
+                    k.split("/")[-1]: f"{scalars[f'train/rewards/{k}']:.3f}"
+                    for k in ("accuracies", "margins")
+                    if f"train/rewards/{k}" in scalars
+                },
             )
         self.last_time, self.last_step = now, step
 
@@ -62,9 +98,24 @@ class Progress:
         """Log an evaluation's metrics (None: nothing was evaluated)."""
         if metrics is not None:
             self.logger.log(step, metrics)
-            self.eval_history.append((step, metrics["eval/loss"]))
+            if "eval/loss" in metrics:
+                self.eval_history.append((step, metrics["eval/loss"]))
+            shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items())
+            self.say(f"eval step {step}: {shown}")
+
+    def samples(self, step: int, samples: list[dict]) -> None:
+        """Log the sample generations of an evaluation (one console line each, cut to 100 characters)."""
+        self.logger.samples(step, samples)
+        for i, s in enumerate(samples):
+            self.say(f"sample {i} step {step}: {s['completion'][:100]!r}")
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         self.logger.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60:02d}:{rest % 60:02d}"

@@ -1,0 +1,82 @@
+"""The console summaries of a run: what it trains (start) and where its results are (end)."""
+
+import math
+
+import jax
+import numpy as np
+
+from jaxlora.quant.tensor import QuantizedTensor
+
+
+def count_params(tree) -> int:
+    """Number of values in a parameter tree (a quantized kernel counts as the dense kernel it stands for)."""
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, QuantizedTensor))
+    return sum(math.prod(leaf.shape) for leaf in leaves if hasattr(leaf, "shape"))
+
+
+def data_lines(cfg, examples, loader) -> list[str]:
+    """Examples and tokens of the training data, and how many were cut to seq_len or packed."""
+    lengths = getattr(examples, "lengths", None)
+    if lengths is None:
+        return ["data: streamed (examples and tokens unknown until read)"]
+    pairs = "" if hasattr(loader, "examples") else " (preference pairs: the chosen sides)"
+    lengths = np.asarray(lengths)
+    at_limit = int(np.sum(lengths >= cfg.data.seq_len))
+    cut = f", {at_limit} at seq_len {cfg.data.seq_len}" + (" (truncated)" if cfg.data.truncation else "")
+    lines = [f"data: {len(lengths):,} examples, {int(lengths.sum()):,} tokens{cut}{pairs}"]
+    per_epoch = loader.num_batches_per_epoch
+    if cfg.data.packing and per_epoch:
+        rows = per_epoch * cfg.train.batch_size
+        lines.append(
+            f"packing: {len(lengths):,} examples packed into {rows:,} rows of {cfg.data.seq_len} tokens"
+        )
+    return lines
+
+
+def _examples(loader):
+    """The training examples a loader reads (the chosen sides of preference pairs), or None."""
+    if hasattr(loader, "examples"):
+        return loader.examples
+    inner = getattr(loader, "loaders", None)  # a PairLoader: one loader per side
+    return inner[0].examples if inner else None
+
+
+def start_summary(cfg, plan, base, data, lora, total_steps: int, first_step: int) -> str:
+    """The lines printed once by process 0 before the first step."""
+    trainable = count_params(lora)
+    total = count_params(base.params) + trainable
+    t = cfg.train
+    effective = t.batch_size * t.grad_accum_steps
+    per_epoch = data.loader.num_batches_per_epoch
+    epochs = f"{total_steps * t.grad_accum_steps / per_epoch:.2f}" if per_epoch else "?"
+    quant = cfg.quant.weights if cfg.quant.weights != "none" else "none"
+    lines = [
+        f"model: {base.name} ({cfg.model.dtype}, compute {cfg.model.compute_dtype or cfg.model.dtype}, "
+        f"quant {quant})",
+        f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / max(total, 1):.4f}%)",
+        *data_lines(cfg, _examples(data.loader), data.loader),
+        f"validation: {len(data.val):,} examples"
+        if data.val is not None and hasattr(data.val, "__len__")
+        else "validation: none",
+        f"steps: {total_steps:,} ({epochs} epochs), effective batch {effective} "
+        f"({t.batch_size} x {t.grad_accum_steps} accumulation), {jax.device_count()} devices, "
+        f"{plan.describe()}",
+    ]
+    if first_step:
+        lines.append(f"resuming at step {first_step}")
+    return "\n".join(lines)
+
+
+def end_summary(run_path, adapter_from: str | None, best, curves: list[str]) -> str:
+    """Where the run's results are: the adapter, the best checkpoint, the curves."""
+    lines = []
+    if adapter_from is not None:
+        lines.append(f"adapter: {run_path / 'adapter'} (from the {adapter_from})")
+    if best is not None and best.best_step is not None:
+        lines.append(
+            f"best checkpoint: step {best.best_step}, eval loss {best.best_loss:.4f} "
+            f"({run_path / 'best_checkpoint' / str(best.best_step)})"
+        )
+    if curves:
+        lines.append("curves: " + ", ".join(curves))
+    return "\n".join(lines)

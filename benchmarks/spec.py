@@ -75,6 +75,8 @@ PRESETS = {
     "llama-3.1-8b-8k": BenchSpec("llama-3.1-8b-8k", "llama-3.1-8b", batch=1, seq=8192),
     "qwen2.5-0.5b": BenchSpec("qwen2.5-0.5b", "qwen2.5-0.5b", batch=8, seq=2048),
     "qwen2.5-0.5b-8k": BenchSpec("qwen2.5-0.5b-8k", "qwen2.5-0.5b", batch=2, seq=8192),
+    # Mixture of experts (30.5B parameters, about 3B active per token); not in a suite yet, no GPU run.
+    "qwen3-30b-a3b-nf4": BenchSpec("qwen3-30b-a3b-nf4", "qwen3-30b-a3b", batch=1, seq=2048, quant="nf4"),
 }
 SUITES = {
     "cpu": ["tiny", "stories260k"],

@@ -22,7 +22,11 @@ import numpy as np
 
 from jaxlora.errors import UserError
 from jaxlora.lora import LoraConfig, layer_mask, matching_paths
-from jaxlora.lora.adapters import module_ranks, module_scale_factors, pattern_value
+from jaxlora.lora.adapters import (
+    module_ranks,
+    module_scale_factors,
+    pattern_value,
+)
 from jaxlora.lora.pissa import convert_to_lora, is_base_changing
 from jaxlora.lora.tokens import (
     EXTRA_KEYS,
@@ -37,7 +41,20 @@ from jaxlora.lora.tokens import (
 from jaxlora.models.config import DecoderConfig
 from jaxlora.models.safetensors_io import SafetensorsFile, write_safetensors
 from jaxlora.models.saving import prepare_out_dir
-from jaxlora.models.spec import LinearModule, linear_dims, linear_modules, target_names
+from jaxlora.models.spec import (
+    LinearModule,
+    linear_dims,
+    linear_modules,
+    param_targets,
+    target_names,
+)
+from jaxlora.peft_moe import (
+    param_config,
+    param_peft_key,
+    param_target_names,
+    param_to_peft,
+    read_param_targets,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -68,7 +85,8 @@ def peft_target_names(cfg: DecoderConfig, paths) -> list[str]:
 def _ordered_paths(cfg: DecoderConfig, lora: dict) -> list[tuple[str, str]]:
     """The (group, name) pairs present in `lora`, in name-table order; unknown ones are an error."""
     mods = _modules_by_path(cfg)
-    present = [(g, n) for g, sub in lora.items() if g not in EXTRA_KEYS for n in sub]
+    params = {t.key for t in param_targets(cfg)}
+    present = [(g, n) for g, sub in lora.items() if g not in EXTRA_KEYS for n in sub if (g, n) not in params]
     unknown = [f"{g}.{n}" for g, n in present if (g, n) not in mods]
     if unknown:
         raise UserError(f"LoRA tree has modules {unknown} that this {cfg.model_type} model does not have")
@@ -142,7 +160,8 @@ def save_peft_adapter(
     alone). Returns the folder.
     """
     paths = _ordered_paths(cfg, lora)
-    if not paths:
+    chosen = [t for t in param_targets(cfg) if t.key[1] in lora.get(t.key[0], {})]
+    if not paths and not chosen:
         raise UserError("the LoRA tree is empty: nothing to export")
     tokens, copies = jax.device_get(lora.get(TOKENS)), jax.device_get(lora.get(MODULES))
     if initial_lora is not None:
@@ -187,6 +206,16 @@ def save_peft_adapter(
             if "bias" in leaf:  # PEFT's lora_bias: lora_B.bias [out]
                 tensors[peft_key(mods[(group, name)], i, "b")] = np.asarray(leaf["bias"][i], np.float32)
     config = peft_adapter_config(cfg, lora_cfg, paths, mask, base_model_name_or_path)
+    if chosen:  # PEFT's target_parameters: experts and router
+        param_config(config, cfg, lora_cfg, chosen)
+        for t in chosen:
+            leaf = lora[t.key[0]][t.key[1]]
+            for i in range(cfg.num_layers):
+                a, b = param_to_peft(
+                    t, np.asarray(leaf["a"][i], np.float32), np.asarray(leaf["b"][i], np.float32)
+                )
+                tensors[param_peft_key(t, chosen, i, "A")] = np.ascontiguousarray(a)
+                tensors[param_peft_key(t, chosen, i, "B")] = np.ascontiguousarray(b)
     if tokens is not None:  # the rows themselves, as PEFT's trainable_tokens_delta [k, D]
         tensors[peft_tokens_key(cfg)] = np.asarray(tokens["rows"], np.float32)
         config["trainable_token_indices"] = [int(i) for i in np.asarray(tokens["token_ids"])]
@@ -257,8 +286,6 @@ def read_adapter_config(adapter_dir) -> dict:
         conf["trainable_token_indices"] = tokens = next(iter(tokens.values()))
     if tokens and not (isinstance(tokens, list) and all(isinstance(i, int) for i in tokens)):
         problems.append(f"trainable_token_indices {tokens} (only a list of ids for the input embedding)")
-    if conf.get("target_parameters"):
-        problems.append("target_parameters")
     init = conf.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         problems.append(f"init_lora_weights {init!r} (it changes the base weights)")
@@ -342,10 +369,13 @@ def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig
             for which in "AB" + ("m" if dora else "") + ("b" if lora_bias else ""):
                 where[peft_key(m, i, which)] = (path, i, which)
 
+    params_lora, param_keys = read_param_targets(conf, cfg, st, weights)
     found: dict[tuple[str, str], dict[int, dict[str, np.ndarray]]] = {}
     token_ids, tokens = conf.get("trainable_token_indices") or [], None
     copies = _read_copies(conf, cfg, st, weights)
     for key in st.names():
+        if key in param_keys:
+            continue
         if copies is not None and key in (peft_module_key(cfg, "embed"), peft_module_key(cfg, "lm_head")):
             continue
         if token_ids and key == peft_tokens_key(cfg):
@@ -380,7 +410,7 @@ def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig
                 f"(r={r_i}, {path[1]} is {fan_in} -> {fan_out}): the adapter is for a different base model"
             )
         found.setdefault(path, {}).setdefault(i, {})[which] = st.get(key)
-    if not found:
+    if not found and not params_lora:
         raise UserError(f"{weights}: no LoRA tensors found")
 
     lora: dict = {}
@@ -412,6 +442,10 @@ def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig
             leaf["bias"] = jax.numpy.asarray(bias)
         lora.setdefault(path[0], {})[path[1]] = leaf
 
+    for (group, name), leaf in params_lora.items():
+        lora.setdefault(group, {})[name] = leaf
+    if not found:  # only parameter adapters: every layer
+        layers_seen[:] = True
     if token_ids and tokens is None:
         raise UserError(
             f"{weights}: tensor {peft_tokens_key(cfg)} is missing (trainable_token_indices is set)"
@@ -436,6 +470,8 @@ def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig
             modules_to_save=None if copies is None else tuple(conf["modules_to_save"]),
             rank_pattern=rank_pattern,
             alpha_pattern=conf.get("alpha_pattern") or {},
+            target_parameters=param_target_names([t for t in param_targets(cfg) if t.key in params_lora])
+            or None,
         )
     except UserError as err:
         raise UserError(f"{folder / ADAPTER_CONFIG}: {err}") from None

@@ -7,6 +7,8 @@ import torch
 FAMILIES = ("llama", "llama_tied_mqa", "mistral", "qwen2", "qwen3", "gpt2")
 # The families of tests/test_families.py (one module-scoped model each, not run through every test above).
 NEW_FAMILIES = ("gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3")
+# Mixture-of-experts families (tests/test_moe.py): 8 experts, top-2.
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
 
 def hf_config(family: str):
@@ -51,7 +53,7 @@ def hf_config(family: str):
         return Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True)
     if family == "qwen3":  # q/k RMSNorm, explicit head_dim
         return Qwen3Config(**common, num_key_value_heads=2, head_dim=16)
-    if family in NEW_FAMILIES:
+    if family in NEW_FAMILIES or family in MOE_FAMILIES:
         return _new_family_config(family, common)
     if family == "gpt2":
         return GPT2Config(
@@ -121,6 +123,26 @@ def _new_family_config(family: str, common: dict):
             no_rope_layers=[1, 0],
             use_sliding_window=True,
             sliding_window=4,
+        )
+    if family == "mixtral":  # renormalized top-2 of 8, GQA, a sliding window of 4
+        return AutoConfig.for_model(
+            "mixtral",
+            **common,
+            num_key_value_heads=2,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=4,
+        )
+    if family == "qwen3_moe":  # top-2 of 8 without renormalization, expert width != intermediate, q/k norms
+        return AutoConfig.for_model(
+            "qwen3_moe",
+            **common,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            norm_topk_prob=False,
         )
     raise ValueError(family)
 

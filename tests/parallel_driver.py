@@ -9,7 +9,10 @@ step `keep_up_to` or its logs, so the run resumes from that checkpoint. Each run
 An entry `{"name", "plan": <parallel section>, "model": dir, "quant": none|int8|nf4}` trains nothing: it
 prints the PartitionSpec of every base and LoRA array under that plan as lists (a mesh axis or null per
 dim): `RESULT {"name", "specs": {path: spec}}`.
-Used by tests/test_parallel.py (also with several processes joined by jax.distributed).
+An entry `{"name", "moe": dir, "mesh": {"expert": 4, ...}, "steps", "quant"?, "impl"?}` trains a MoE model's
+attention and expert LoRA with the train step on a fixed batch (`moe_losses`; no run folder, as the run
+config has no expert axis yet): `RESULT {"name", "losses": {step: loss}}`.
+Used by tests/test_parallel.py and tests/test_moe.py (also with several processes joined by jax.distributed).
 """
 
 import json
@@ -61,6 +64,65 @@ def _specs(run: dict) -> dict[str, list]:
     }
 
 
+MOE_TARGETS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def moe_losses(folder, steps: int, mesh: dict | None = None, quant: str = "none", impl: str = "auto") -> list:
+    """Losses of `steps` train steps (AdamW 1e-2) of LoRA r=4 on q/v/o and both expert weights of the MoE
+    model in `folder`, on one fixed batch of 8 rows of 16 tokens, under a mesh of the given axis sizes
+    (none: one device)."""
+    import types
+
+    import numpy as np
+    import optax
+
+    from jaxlora.lora import LoraConfig, init_lora, lora_scale
+    from jaxlora.models import load_model
+    from jaxlora.parallel import make_plan
+    from jaxlora.quant import make_quantizer
+    from jaxlora.train.step import StepSpec, make_eval_step, make_train_step
+
+    model = load_model(folder, quantizer=make_quantizer(quant))
+    cfg = model.config.with_runtime(moe_impl=impl)
+    sizes = {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1, **(mesh or {})}
+    strategy = "mesh" if mesh else "single"
+    plan = make_plan(
+        types.SimpleNamespace(strategy=strategy, mesh=types.SimpleNamespace(**sizes)),
+        8,
+        cfg.num_kv_heads,
+        num_experts=cfg.num_experts,
+    )
+    lc = LoraConfig(
+        r=4,
+        alpha=8,
+        dropout=0.0,
+        target_modules=("q_proj", "v_proj", "o_proj"),
+        target_parameters=MOE_TARGETS,
+    )
+    spec = StepSpec(cfg, aux_loss_coef=cfg.router_aux_loss_coef)
+    opt = optax.adamw(1e-2)
+    base = plan.place_base(model.params)
+    lora, opt_state = plan.place_train_state(init_lora(cfg, lc, jax.random.key(0)), opt.init)
+    step, _ = plan.compile_steps(make_train_step(spec, opt), make_eval_step(spec), base, lora, opt_state)
+    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(1, 8, 17)).astype(np.int32)
+    batch = plan.put_batch(
+        {
+            "input_ids": ids[..., :-1],
+            "targets": ids[..., 1:],
+            "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (1, 8, 16)).copy(),
+            "segment_ids": np.ones((1, 8, 16), np.int32),
+        }
+    )
+    scale = plan.replicate(np.asarray(lora_scale(cfg, lc)))
+    losses = []
+    for i in range(steps):
+        lora, opt_state, metrics = step(
+            lora, opt_state, base, batch, plan.replicate(jax.random.key(i)), scale
+        )
+        losses.append(float(metrics["loss"]))
+    return losses
+
+
 def main(spec_path: str) -> None:
     from jaxlora.config import config_from_dict
     from jaxlora.train import train
@@ -68,6 +130,12 @@ def main(spec_path: str) -> None:
     for run in json.loads(Path(spec_path).read_text()):
         if "plan" in run:
             print("RESULT " + json.dumps({"name": run["name"], "specs": _specs(run)}), flush=True)
+            continue
+        if "moe" in run:
+            args = {k: run[k] for k in ("mesh", "quant", "impl") if k in run}
+            losses = moe_losses(run["moe"], run["steps"], **args)
+            line = {"name": run["name"], "losses": dict(enumerate(losses, start=1))}
+            print("RESULT " + json.dumps(line), flush=True)
             continue
         if "copy_from" in run:
             _copy_run(Path(run["copy_from"]), Path(run["config"]["output_dir"]), run["keep_up_to"])

@@ -158,6 +158,11 @@ class TrainSection(Section):
     loss_chunk_size: Int = Field(
         1024, ge=1, description="tokens per cross-entropy chunk (bounds the logits memory)"
     )
+    moe_aux_loss: Bool = Field(
+        False,
+        description="mixture-of-experts: add the router's load-balancing loss times the model's "
+        "router_aux_loss_coef, as HF does with output_router_logits (logged as train/aux_loss)",
+    )
     eval_every_steps: Int | None = Field(
         50, ge=1, description="evaluate every N optimizer steps; null = never"
     )
@@ -173,12 +178,15 @@ class TrainSection(Section):
         0.0, ge=0, description="an eval loss improves when it falls by more than this below the best"
     )
     eval_samples: Int = Field(
-        2, ge=0, description="prompts generated greedily at each evaluation (samples.jsonl, TensorBoard): "
-        "train.sample_prompts, else the first N validation prompts; 0 = none"
+        2,
+        ge=0,
+        description="prompts generated greedily at each evaluation (samples.jsonl, TensorBoard): "
+        "train.sample_prompts, else the first N validation prompts; 0 = none",
     )
     sample_prompts: listing(Str) = Field(
-        (), description="prompts for eval_samples, rendered in the first training source's format; "
-        "empty = the first validation prompts"
+        (),
+        description="prompts for eval_samples, rendered in the first training source's format; "
+        "empty = the first validation prompts",
     )
     sample_max_new_tokens: Int = Field(32, ge=1, description="new tokens per sample generation")
 
@@ -242,6 +250,9 @@ class MeshSection(Section):
     data: Int = Field(-1, description="data-parallel axis size; -1 = all devices left over")
     fsdp: Int = Field(1, ge=1, description="axis that shards parameters and optimizer state")
     tensor: Int = Field(1, ge=1, description="tensor-parallel axis size")
+    expert: Int = Field(
+        1, ge=1, description="expert-parallel axis size: splits a mixture-of-experts model's experts"
+    )
 
     @field_validator("data")
     @classmethod
@@ -293,7 +304,7 @@ class ParallelSection(Section):
     @model_validator(mode="after")
     def _mesh_fits_the_strategy(self) -> "ParallelSection":
         if self.strategy in ("single", "pmap"):
-            for name in ("fsdp", "tensor"):
+            for name in ("fsdp", "tensor", "expert"):
                 if getattr(self.mesh, name) != 1:
                     raise Invalid(
                         "{key}={size} needs {strategy} mesh or auto, not {chosen}",

@@ -30,7 +30,14 @@ from jaxlora.lora.pissa import init_from_base, is_base_changing
 from jaxlora.lora.tokens import MODULES, TOKENS, init_modules, init_tokens
 from jaxlora.models.config import DecoderConfig
 from jaxlora.models.lora_product import dora_weight_norm
-from jaxlora.models.spec import LinearModule, linear_modules, target_names
+from jaxlora.models.spec import (
+    MOE_V4_NAMES,
+    LinearModule,
+    ParamTarget,
+    linear_modules,
+    param_targets,
+    target_names,
+)
 from jaxlora.quant import as_kernel
 
 ALL_LINEAR = "all-linear"
@@ -64,10 +71,90 @@ def _match_matrix(cfg: DecoderConfig, targets) -> dict[LinearModule, np.ndarray]
 def _no_match(cfg: DecoderConfig, targets) -> UserError:
     shown = targets if isinstance(targets, str) else list(targets)
     example = linear_modules(cfg)[0].hf_prefix.format(i=0)
+    experts = ""
+    if cfg.num_experts:
+        experts = "; experts and router are adapted with lora.target_parameters (as in PEFT)"
     return UserError(
         f"lora.target_modules {shown!r} matches no linear layer of this {cfg.model_type} model; "
-        f"its linear modules are: {_module_list(cfg)} (full names like {example})"
+        f"its linear modules are: {_module_list(cfg)} (full names like {example}){experts}"
     )
+
+
+def param_adapters(cfg: DecoderConfig, lora_cfg: LoraConfig) -> list[tuple[ParamTarget, int, float]]:
+    """(MoE weight, rank, alpha) of every weight adapted through PEFT's `target_parameters`, in
+    transformers' order. As PEFT 0.21 on transformers 5: named in `lora.target_parameters` (the full name
+    or a suffix after a dot), or implied by `target_modules` (`all-linear`, or transformers 4 names such as
+    `w1`/`w3`/`w2`, `gate_proj`/`up_proj`/`down_proj`, `gate`: the router); the two halves of gate_up_proj
+    together give it rank 2r and alpha 2 * alpha. `rank_pattern`/`alpha_pattern` apply to the full name
+    (`model.layers.0.mlp.experts.gate_up_proj`). Refuses, in one line, what PEFT cannot express."""
+    every = {t.name: t for t in param_targets(cfg)}
+    named = tuple(getattr(lora_cfg, "target_parameters", None) or ())
+    if named and not every:
+        raise UserError(f"lora.target_parameters is for mixture-of-experts models; {cfg.model_type} has none")
+    chosen: dict[str, int] = {}  # name -> how many transformers 4 modules it fuses (1 = as named)
+    for t in named:
+        hits = [p for p in every.values() if p.peft.format(i=0) == t or p.peft.format(i=0).endswith("." + t)]
+        if not hits:
+            known = ", ".join(p.peft.removeprefix("model.layers.{i}.") for p in every.values())
+            raise UserError(f"lora.target_parameters {t!r} names no weight of this model; it has: {known}")
+        chosen.update({p.name: 1 for p in hits})
+    old = MOE_V4_NAMES.get(cfg.model_type, {})
+    modules = lora_cfg.target_modules
+    if isinstance(modules, str) and modules.lower() == ALL_LINEAR:
+        modules = tuple(old)
+    if old and not isinstance(modules, str):
+        hit = {o for o in old for t in modules if t == o or t.endswith("." + o)}
+        for name in {old[o] for o in hit}:
+            halves = sorted(o for o in old if old[o] == name)
+            if len(halves) > 1 and set(halves) - hit:
+                raise UserError(
+                    f"lora.target_modules names {', '.join(sorted(hit & set(halves)))} without "
+                    f"{', '.join(sorted(set(halves) - hit))}: they are fused into {name} in transformers 5, "
+                    "so PEFT can only adapt them together"
+                )
+            chosen[name] = max(chosen.get(name, 1), len(halves))
+    if not chosen:
+        return []
+    check_param_adapters(lora_cfg)
+    out = []
+    for name, target in every.items():
+        if name in chosen:
+            full = target.peft.format(i=0)
+            r = pattern_value(getattr(lora_cfg, "rank_pattern", None), full, lora_cfg.r * chosen[name])
+            alpha = pattern_value(
+                getattr(lora_cfg, "alpha_pattern", None), full, lora_cfg.alpha * chosen[name]
+            )
+            out.append((target, int(r), float(alpha)))
+    return out
+
+
+def param_target_list(cfg: DecoderConfig, lora_cfg: LoraConfig) -> list[ParamTarget]:
+    """The MoE weights adapted through `target_parameters` (see `param_adapters`)."""
+    return [t for t, _, _ in param_adapters(cfg, lora_cfg)]
+
+
+def param_scale_factor(lora_cfg: LoraConfig, r: int, alpha: float) -> float:
+    """A parameter adapter's scale (alpha / r, or / sqrt(r)) over `scaling(lora_cfg)`: its "s" leaf."""
+    rslora = getattr(lora_cfg, "use_rslora", False)
+    return float(alpha) / (math.sqrt(r) if rslora else r) / scaling(lora_cfg)
+
+
+def check_param_adapters(lora_cfg: LoraConfig) -> None:
+    """One line refusing the options PEFT's parameter adapters (`target_parameters`) cannot express."""
+    blockers = {
+        "lora.dropout > 0": lora_cfg.dropout > 0,
+        "lora.use_dora": getattr(lora_cfg, "use_dora", False),
+        "lora.lora_bias": getattr(lora_cfg, "lora_bias", False),
+        f"lora.init {lora_cfg.init}": lora_cfg.init not in INITS,
+        "lora.layers_to_transform": getattr(lora_cfg, "layers_to_transform", None) is not None,
+    }
+    bad = [k for k, v in blockers.items() if v]
+    if bad:
+        raise UserError(
+            f"adapting MoE weights (lora.target_parameters, or experts/router implied by target_modules) "
+            f"cannot be combined with {', '.join(bad)}: PEFT's parameter adapters (ParamWrapper) cannot "
+            "express it, so the adapter could not be loaded in PyTorch"
+        )
 
 
 def matching_paths(cfg: DecoderConfig, target_modules) -> list[tuple[str, str]]:
@@ -86,6 +173,8 @@ def _selection(cfg: DecoderConfig, lora_cfg: LoraConfig) -> tuple[list[LinearMod
     """(targeted modules in name-table order, layer mask [L] bool shared by all of them)."""
     targets = lora_cfg.target_modules
     chosen = {m: sel for m, sel in _match_matrix(cfg, targets).items() if sel.any()}
+    if not chosen and param_adapters(cfg, lora_cfg):  # only MoE weights (PEFT's target_parameters)
+        return [], np.ones(cfg.num_layers, bool)
     if not chosen:
         raise _no_match(cfg, targets)
     layers = getattr(lora_cfg, "layers_to_transform", None)
@@ -211,6 +300,7 @@ def init_lora(cfg: DecoderConfig, lora_cfg: LoraConfig, rng: jax.Array, params: 
             f"lora.init must be one of {', '.join(INITS)}, pissa, pissa_niter_N or olora, got {init!r}"
         )
     mods, mask = _selection(cfg, lora_cfg)
+    param_adapters(cfg, lora_cfg)  # refuses what PEFT's parameter adapters cannot express
     if base_changing:
         tree = _init_from_base(cfg, lora_cfg, rng, params, mods, mask)
         if getattr(lora_cfg, "lora_bias", False):
@@ -242,6 +332,12 @@ def init_lora(cfg: DecoderConfig, lora_cfg: LoraConfig, rng: jax.Array, params: 
                 "s": jnp.asarray(factors[m.key]),
             }
         tree.setdefault(group, {})[name] = leaf
+    for target, r, alpha in param_adapters(cfg, lora_cfg):
+        leaf = _init_param_target(rng, target, cfg.num_layers, r, init)
+        factor = param_scale_factor(lora_cfg, r, alpha)
+        if factor != 1.0:
+            leaf["s"] = jnp.full((cfg.num_layers,), factor, jnp.float32)
+        tree.setdefault(target.key[0], {})[target.key[1]] = leaf
     if getattr(lora_cfg, "use_dora", False):
         if params is None:
             raise UserError("lora.use_dora needs the base weights to initialize the DoRA magnitudes")
@@ -327,6 +423,24 @@ def with_dora_magnitudes(lora: dict, params: dict, scale) -> dict:
             m = dora_weight_norm(kernel, leaf["a"], leaf["b"], jnp.broadcast_to(s, kernel.shape[:1]))
             out.setdefault(group, {})[name] = dict(leaf, m=m)
     return out
+
+
+_PARAM_STREAMS = {"router": 1001, "gate_up_proj": 1002, "down_proj": 1003}  # fold_in streams of their A
+
+
+def _init_param_target(rng, target: ParamTarget, n_layers: int, r: int, init: str) -> dict:
+    """A [L, (E,) in, r], B zeros [L, (E,) r, out] for a `target_parameters` weight, from its own key (so
+    the linear modules' draws do not change). A as PEFT draws lora_A [E*r, in]: U(+-1/sqrt(in)), or
+    N(0, 1/r^2) with gaussian."""
+    key = jax.random.fold_in(rng, _PARAM_STREAMS[target.name])
+    lead = (n_layers, target.experts) if target.experts else (n_layers,)
+    shape = (*lead, target.in_features, r)
+    if init == "gaussian":
+        a = jax.random.normal(key, shape, jnp.float32) / r
+    else:
+        bound = 1.0 / math.sqrt(target.in_features)
+        a = jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+    return {"a": a, "b": jnp.zeros((*lead, r, target.out_features), jnp.float32)}
 
 
 @partial(jax.jit, static_argnums=(1, 2, 3, 4))

@@ -4,7 +4,7 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from jaxlora.schema import Bool, Float, Int, Invalid, Section, Str, listing
 
@@ -54,6 +54,11 @@ class LoraConfig(Section):
         description="list of module names (q_proj, ...), a regex full-matched against HF module paths, "
         "or all-linear",
     )
+    target_parameters: listing(Str) | None = Field(
+        None,
+        description="MoE weights adapted as PEFT's target_parameters: mlp.experts.gate_up_proj, "
+        "mlp.experts.down_proj, mlp.gate.weight (the router); a rank-r pair per expert",
+    )
     use_rslora: Bool = Field(False, description="rank-stabilized LoRA: scale by alpha / sqrt(r)")
     init: Str = Field(
         "default",
@@ -99,9 +104,18 @@ class LoraConfig(Section):
                     raise Invalid(
                         "{key} is not a valid regex ({err}): {targets!r}", err=err, targets=targets
                     ) from None
-        elif not targets or any(not t.strip() for t in targets):
+        elif any(not t.strip() for t in targets):  # empty: only with target_parameters (checked below)
             raise Invalid("{key} must be a non-empty list of module names, got {names}", names=list(targets))
         return targets
+
+    @model_validator(mode="after")
+    def _something_targeted(self) -> "LoraConfig":
+        if not self.target_modules and not self.target_parameters:
+            raise Invalid(
+                "{key} must be a non-empty list of module names (or set target_parameters), got []",
+                at="target_modules",
+            )
+        return self
 
     @field_validator("init")
     @classmethod

@@ -37,7 +37,8 @@ def merge_kernel(kernel, a, b, scale, sign=1.0, magnitude=None) -> jax.Array:
         dense, dtype = jnp.asarray(kernel, jnp.float32), kernel.dtype
     delta = jnp.matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), precision="highest")
     scale = jnp.asarray(scale, jnp.float32)
-    merged = dense + sign * scale[..., None, None] * delta  # [..., in, out]
+    wide = scale.reshape(scale.shape + (1,) * (delta.ndim - scale.ndim))  # [L] -> [L, 1, 1] ([L, 1, 1, 1])
+    merged = dense + sign * wide * delta  # [..., in, out]
     if magnitude is not None:
         norm = jnp.sqrt(jnp.sum(merged * merged, axis=-2))  # [..., out]
         merged = merged * dora_factor(jnp.asarray(magnitude), norm, scale)[..., None, :]

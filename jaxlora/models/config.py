@@ -23,7 +23,11 @@ SUPPORTED_MODEL_TYPES = (
     "phi3",
     "olmo2",
     "smollm3",
+    "mixtral",
+    "qwen3_moe",
 )
+MOE_TYPES = ("mixtral", "qwen3_moe")  # a mixture-of-experts MLP in every layer (jaxlora.models.moe)
+MOE_IMPLS = ("auto", "ragged", "dense")  # see DecoderConfig.moe_impl
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 GEMMAS = ("gemma", "gemma2", "gemma3_text")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")  # see jaxlora.models.attention
@@ -94,6 +98,14 @@ class DecoderConfig:
     final_logit_softcap: float = 0.0
     # Attention score scale; 0 = 1 / sqrt(head_dim). Gemma 2/3: query_pre_attn_scalar ** -0.5.
     attn_scale: float = 0.0
+    # Mixture of experts (Mixtral, Qwen3-MoE): 0 experts = the dense MLP. Each token goes to its top
+    # `experts_per_token` experts by router softmax, weights renormalized to sum 1 with `norm_topk_prob`;
+    # each expert is a SwiGLU MLP of width `moe_intermediate_size`.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    norm_topk_prob: bool = True
+    moe_intermediate_size: int = 0
+    router_aux_loss_coef: float = 0.0  # HF's load-balancing loss weight (used when training asks for it)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -111,6 +123,10 @@ class DecoderConfig:
     lora_product: str = "auto"
     # False: a Python loop over the layers instead of `lax.scan` (compile time grows with depth).
     scan_layers: bool = True
+    # Experts: "ragged" sorts tokens by expert and runs a grouped matmul (`lax.ragged_dot`), "dense" runs
+    # every expert on every token and keeps the routed ones (cheaper for a handful of tiny experts),
+    # "auto" = dense on the CPU or for at most 8 experts of width <= 256, else ragged (jaxlora.models.moe).
+    moe_impl: str = "auto"
 
     @property
     def q_dim(self) -> int:
@@ -136,6 +152,8 @@ class DecoderConfig:
             raise UserError(
                 f"lora_product must be one of {', '.join(LORA_PRODUCTS)}, got {cfg.lora_product!r}"
             )
+        if cfg.moe_impl not in MOE_IMPLS:
+            raise UserError(f"moe_impl must be one of {', '.join(MOE_IMPLS)}, got {cfg.moe_impl!r}")
         if cfg.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"compute_dtype must be float32 or bfloat16, got {cfg.compute_dtype!r}")
         return cfg
@@ -217,7 +235,7 @@ def _layer_types(hf: dict, num_layers: int) -> list[str] | None:
 def _sliding_windows(hf: dict, num_layers: int) -> tuple[int, ...]:
     window = hf.get("sliding_window")
     mt = hf["model_type"]
-    gated = mt in ("qwen2", "qwen3", "smollm3")  # a window only with use_sliding_window
+    gated = mt in ("qwen2", "qwen3", "qwen3_moe", "smollm3")  # a window only with use_sliding_window
     if not window or (gated and not hf.get("use_sliding_window", False)):
         return (0,) * num_layers
     layer_types = _layer_types(hf, num_layers)
@@ -272,7 +290,35 @@ def _family_switches(hf: dict) -> dict:
         out.update(pre_norm=False, post_norm=True, qk_norm_full=True)
     if mt == "phi3":
         out.update(fused_qkv=True, fused_gate_up=True)
+    if mt in MOE_TYPES:
+        out.update(_moe_switches(hf))
     return out
+
+
+def _moe_switches(hf: dict) -> dict:
+    """Mixtral's and Qwen3-MoE's experts: count, top-k, renormalization, width, aux-loss weight."""
+    mt = hf["model_type"]
+    experts = hf.get("num_local_experts") or hf.get("num_experts")  # transformers 5 / hub Qwen3-MoE
+    if not experts or experts < 2:
+        raise UserError(f"config.json: {mt} needs at least 2 experts, got {experts!r}")
+    top_k = int(hf.get("num_experts_per_tok", 2))
+    if not 1 <= top_k <= experts:
+        raise UserError(f"config.json: num_experts_per_tok {top_k} must be between 1 and {experts}")
+    if mt == "qwen3_moe" and (hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1):
+        raise UserError(
+            "config.json: qwen3_moe with dense layers (mlp_only_layers, decoder_sparse_step != 1) is not "
+            "supported; every layer must be a mixture of experts"
+        )
+    if hf.get("router_jitter_noise"):
+        raise UserError("config.json: router_jitter_noise is not supported; set it to 0")
+    width = hf["intermediate_size"] if mt == "mixtral" else hf["moe_intermediate_size"]
+    return {
+        "num_experts": int(experts),
+        "experts_per_token": top_k,
+        "norm_topk_prob": True if mt == "mixtral" else bool(hf.get("norm_topk_prob", False)),
+        "moe_intermediate_size": int(width),
+        "router_aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.001)),
+    }
 
 
 def config_from_hf(hf: dict) -> DecoderConfig:
@@ -337,7 +383,7 @@ def config_from_hf(hf: dict) -> DecoderConfig:
         qkv_bias=mt == "qwen2" or hf.get("attention_bias", False),
         o_bias=mt != "qwen2" and hf.get("attention_bias", False),
         mlp_bias=hf.get("mlp_bias", False),
-        qk_norm=switches.pop("qk_norm", mt == "qwen3"),
+        qk_norm=switches.pop("qk_norm", mt in ("qwen3", "qwen3_moe")),
         sliding_windows=_sliding_windows(hf, layers),
         layer_rope=_layer_rope(hf, layers),
         **switches,

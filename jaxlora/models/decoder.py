@@ -14,6 +14,8 @@ run with `jax.lax.scan`, so compile time does not grow with depth (`cfg.scan_lay
                  "q_norm"?, "k_norm"?: {"scale": [L, H]} ([L, N*H], [L, K*H] in OLMo 2)},
         "mlp": {"gate_proj" | "up_proj" | "down_proj" | "c_fc" | "c_proj" | "gate_up_proj":
                      {"kernel": [L, in, out], "bias"?}},
+        "moe"?: {"router": {"kernel": [L, D, E]}, "gate_up_proj" | "down_proj": {"kernel": [L, E, in, out]}}
+                 (Mixtral, Qwen3-MoE: instead of "mlp"; see `jaxlora.models.moe`),
       },
       "final_norm": {"scale": [D], "bias"?},  "lm_head": {"kernel": [D, V]}  (absent when tied)
     }
@@ -36,6 +38,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxlora.models.attention import RESIDUALS, KVCache, attend
 from jaxlora.models.config import DecoderConfig
 from jaxlora.models.lora_product import dora_factor, dora_weight_norm, lora_product_cpu
+from jaxlora.models.moe import aux_loss as moe_aux_loss
+from jaxlora.models.moe import moe_mlp
 from jaxlora.models.rope import apply_rope, layer_inv_freq
 from jaxlora.quant import as_kernel, qmatmul
 
@@ -189,7 +193,7 @@ def _project(cfg: DecoderConfig, p: Params, lora: Params, x: LayerInputs, rate: 
 def block(cfg: DecoderConfig, p: Params, lora: Params | None, h: jax.Array, x: LayerInputs, lora_dropout=0.0):
     """One transformer layer (pre-norm). h: [B, T, D] float32 residual stream; p, lora: this layer's.
 
-    Returns (h, this layer's updated cache (k, v) or None).
+    Returns (h, (this layer's updated cache (k, v) or None, its router statistics [2, E] or None)).
     """
     dt = jnp.dtype(cfg.compute_dtype)
     b, t, _ = h.shape
@@ -226,7 +230,13 @@ def block(cfg: DecoderConfig, p: Params, lora: Params | None, h: jax.Array, x: L
 
     # MLP: (pre-)norm -> gate and up (or GPT-2's c_fc) -> activation -> down -> (post-norm) -> residual.
     m = norm(p["mlp_norm"], h, cfg) if cfg.pre_norm else h  # [B, T, D]
-    if cfg.activation in ("silu", "gelu_tanh"):  # gated: act(gate) * up
+    stats = None
+    if cfg.num_experts:  # Mixtral, Qwen3-MoE: routed experts (jaxlora.models.moe)
+        router = partial(linear, dtype=dt, lora_scale=x.lora_scale, product=lora_product_for(cfg))
+        moe_lora = (lora or {}).get("moe")
+        real = x.segment_ids > 0 if x.cache is None else jnp.ones((b, t), bool)  # [B, T]
+        out, stats = moe_mlp(cfg, p["moe"], moe_lora, m, x.lora_scale, real, router)
+    elif cfg.activation in ("silu", "gelu_tanh"):  # gated: act(gate) * up
         if cfg.fused_gate_up:  # Phi-3's gate_up_proj: [gate; up]
             gate, up = jnp.split(checkpoint_name(proj("mlp", "gate_up_proj", m), "mlp_up"), 2, axis=-1)
         else:
@@ -241,7 +251,7 @@ def block(cfg: DecoderConfig, p: Params, lora: Params | None, h: jax.Array, x: L
     if cfg.post_norm:
         out = norm(p["mlp_post_norm"], out, cfg)
     h = h + out.astype(F32)  # [B, T, D]
-    return checkpoint_name(h, "residual"), new_kv
+    return checkpoint_name(h, "residual"), (new_kv, stats)
 
 
 def default_positions(input_ids: jax.Array) -> jax.Array:
@@ -299,6 +309,7 @@ def forward(
     dropout_rng: jax.Array | None = None,
     cache: KVCache | None = None,
     return_hidden: bool = False,
+    return_aux_loss: bool = False,
 ):
     """Run the decoder.
 
@@ -307,7 +318,8 @@ def forward(
     [L] array (0 for layers not transformed). cache: from `jaxlora.models.generate.init_cache`, with
     `positions` and `segment_ids` already holding this step's entries at `index`.
     Returns float32 logits [B, T, V] (or the final-normed hidden [B, T, D] with `return_hidden`), and
-    the updated cache when one was given.
+    the updated cache when one was given. With `return_aux_loss` (no cache) returns (out, aux): a MoE
+    model's load-balancing loss over the real tokens as transformers computes it (0 for a dense model).
     """
     if positions is None:
         positions = default_positions(input_ids)
@@ -340,15 +352,18 @@ def forward(
         return layer(p, lo, h, x)
 
     if cfg.scan_layers:
-        h, new_kv = jax.lax.scan(one_layer, h, per_layer)
+        h, (new_kv, stats) = jax.lax.scan(one_layer, h, per_layer)
     else:  # one copy of the layer per layer in the program: static slices, no stacked residuals
-        kvs = []
+        outs = []
         for i in range(layers):
-            h, kv = one_layer(h, jax.tree.map(lambda a, i=i: a[i], per_layer))
-            kvs.append(kv)
-        new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *kvs)
+            h, kv_stats = one_layer(h, jax.tree.map(lambda a, i=i: a[i], per_layer))
+            outs.append(kv_stats)
+        new_kv, stats = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else (None, None)
     h = norm(params["final_norm"], h, cfg)
     out = h if return_hidden else logits_from_hidden(params, cfg, h)
     if cache is None:
+        if return_aux_loss:
+            aux = moe_aux_loss(cfg, stats, segment_ids > 0) if cfg.num_experts else jnp.zeros((), F32)
+            return out, aux
         return out
     return out, cache._replace(k=new_kv[0], v=new_kv[1])

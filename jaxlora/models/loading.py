@@ -21,7 +21,16 @@ from jaxlora.errors import UserError
 from jaxlora.models.config import DecoderConfig, config_from_hf, read_hf_config
 from jaxlora.models.random_weights import init_params
 from jaxlora.models.safetensors_io import CheckpointReader
-from jaxlora.models.spec import CONV1D, LINEAR, Entry, hf_shape, name_table, unexpected_tensors
+from jaxlora.models.spec import (
+    CONV1D,
+    EXPERTS,
+    LINEAR,
+    Entry,
+    hf_shape,
+    name_table,
+    part_shape,
+    unexpected_tensors,
+)
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -103,16 +112,40 @@ def _to_jax_layout(arr: np.ndarray, entry: Entry) -> np.ndarray:
     return arr.T if entry.layout == LINEAR else arr
 
 
-def _read_entry(reader, entry: Entry, cfg: DecoderConfig, layer: int | None) -> np.ndarray:
-    name = entry.hf_name(layer)
-    if name not in reader:
-        # Tied checkpoints sometimes carry lm_head too; untied ones must have it.
-        raise UserError(f"checkpoint is missing tensor {name}")
-    want = hf_shape(entry, cfg)
+def _read_checked(reader, name: str, want: tuple[int, ...]) -> np.ndarray:
     got = reader.shape(name)
     if tuple(got) != want:
         raise UserError(f"tensor {name} has shape {list(got)}, expected {list(want)} from config.json")
-    return _to_jax_layout(reader.get(name), entry)
+    return reader.get(name)
+
+
+def _read_experts(reader, entry: Entry, cfg: DecoderConfig, layer: int) -> np.ndarray:
+    """One layer's experts [E, in, out], from the fused tensor or from the hub's per-expert tensors."""
+    name = entry.hf_name(layer)
+    if name in reader:  # transformers 5's fused [E, out, in]
+        return _read_checked(reader, name, hf_shape(entry, cfg)).transpose(0, 2, 1)
+    first = entry.parts[0].format(i=layer, j=0)
+    if first not in reader:
+        raise UserError(f"checkpoint is missing tensor {first} (or the fused {name})")
+    want = part_shape(entry, cfg)
+    out = np.empty(entry.shape(cfg), np.float32)
+    for j in range(cfg.num_experts):
+        for k, part in enumerate(entry.parts):  # [out_part, in] each, side by side along out
+            arr = _read_checked(reader, part.format(i=layer, j=j), want)
+            out[j, :, k * want[0] : (k + 1) * want[0]] = arr.T
+    return out
+
+
+def _read_entry(reader, entry: Entry, cfg: DecoderConfig, layer: int | None) -> np.ndarray:
+    if entry.layout == EXPERTS:
+        return _read_experts(reader, entry, cfg, layer)
+    name = entry.hf_name(layer)
+    if name not in reader and entry.alias and entry.alias.format(i=layer) in reader:
+        name = entry.alias.format(i=layer)
+    if name not in reader:
+        # Tied checkpoints sometimes carry lm_head too; untied ones must have it.
+        raise UserError(f"checkpoint is missing tensor {name}")
+    return _to_jax_layout(_read_checked(reader, name, hf_shape(entry, cfg)), entry)
 
 
 def load_params(
@@ -127,7 +160,9 @@ def load_params(
     np_dtype = DTYPES[dtype]
     params: dict = {}
     for entry in name_table(cfg):
-        quantize = quantizer is not None and entry.layout in (LINEAR, CONV1D)
+        # the MoE router stays in float: a few quantization steps could flip which experts a token gets
+        quantize = quantizer is not None and entry.layout in (LINEAR, CONV1D, EXPERTS)
+        quantize = quantize and entry.path[-2] != "router"
         if quantize and hasattr(quantizer, "wants"):  # skip before making a float32 copy
             quantize = quantizer.wants(entry.hf)
         leaf = None
@@ -227,7 +262,7 @@ def load_model(
 def quantize_loaded(params: dict, cfg: DecoderConfig, quantizer: Quantizer) -> dict:
     """Quantize the linear kernels of an in-memory parameter tree, layer by layer."""
     for entry in name_table(cfg):
-        if entry.layout not in (LINEAR, CONV1D):
+        if entry.layout not in (LINEAR, CONV1D, EXPERTS) or entry.path[-2] == "router":
             continue
         w = entry.get(params)
         if entry.per_layer:

@@ -20,7 +20,7 @@ from jaxlora.errors import UserError
 from jaxlora.models.config import DecoderConfig, read_hf_config
 from jaxlora.models.loading import DTYPES, resolve_model_path
 from jaxlora.models.safetensors_io import write_safetensors
-from jaxlora.models.spec import LINEAR, Entry, hf_shape, name_table
+from jaxlora.models.spec import CONV1D, EXPERTS, LINEAR, Entry, hf_shape, name_table, part_shape
 from jaxlora.quant import QuantizedTensor, dequantize
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default shard size
@@ -66,7 +66,10 @@ def _tensors(params: dict, cfg: DecoderConfig, np_dtype, hook: KernelHook | None
     out = {}
     for entry in name_table(cfg):
         leaf, shape = entry.get(params), hf_shape(entry, cfg)
-        hooked = hook is not None and entry.lora
+        hooked = hook is not None and entry.per_layer and entry.layout in (LINEAR, CONV1D, EXPERTS)
+        if entry.layout == EXPERTS:
+            out.update(_expert_tensors(leaf, entry, cfg, np_dtype, hook if hooked else None))
+            continue
 
         def produce(layer, leaf=leaf, entry=entry, shape=shape, hooked=hooked):
             arr = _host_f32(leaf if layer is None else jax.tree.map(lambda x: x[layer], leaf))
@@ -79,6 +82,33 @@ def _tensors(params: dict, cfg: DecoderConfig, np_dtype, hook: KernelHook | None
         for i in range(cfg.num_layers) if entry.per_layer else [None]:
             out[entry.hf_name(i)] = (int(np.prod(shape)) * itemsize, lambda p=produce, i=i: p(i))
     return out
+
+
+def _expert_tensors(leaf, entry: Entry, cfg: DecoderConfig, np_dtype, hook: KernelHook | None) -> dict:
+    """An EXPERTS entry written in the hub's per-expert layout (what transformers' save_pretrained
+    writes): one [out_part, in] tensor per expert and part. One layer [E, in, out] is kept on the host
+    while its tensors are written (the hook, a LoRA merge, sees the whole layer)."""
+    shape = part_shape(entry, cfg)
+    held: dict = {}
+
+    def layer_kernels(i):
+        if i not in held:
+            held.clear()
+            arr = _host_f32(jax.tree.map(lambda x: x[i], leaf))  # [E, in, out]
+            held[i] = hook(entry, i, arr) if hook is not None else arr
+        return held[i]
+
+    def produce(i, j, k):
+        arr = layer_kernels(i)[j, :, k * shape[0] : (k + 1) * shape[0]].T  # [out_part, in]
+        return np.ascontiguousarray(arr.astype(np_dtype))
+
+    nbytes = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
+    return {
+        part.format(i=i, j=j): (nbytes, lambda i=i, j=j, k=k: produce(i, j, k))
+        for i in range(cfg.num_layers)
+        for j in range(cfg.num_experts)
+        for k, part in enumerate(entry.parts)
+    }
 
 
 def source_dtype(folder: Path) -> str:

@@ -30,6 +30,9 @@ from jaxlora.errors import UserError
 from jaxlora.models.config import DecoderConfig
 
 LINEAR, CONV1D, VECTOR, EMBEDDING = "linear", "conv1d", "vector", "embedding"
+# Stacked experts: jaxlora [E, in, out]; HF's fused layout (transformers 5 in memory) [E, out, in] under
+# `hf`, the hub's per-expert layout as torch Linears [out, in] under `parts` (concatenated along `out`).
+EXPERTS = "experts"
 
 Size = Callable[[DecoderConfig], int]
 Cond = Callable[[DecoderConfig], bool]
@@ -45,6 +48,8 @@ class Entry:
     dims: tuple[tuple[Size, str | None], ...]  # one layer, jaxlora layout: (size, logical axis) per dim
     lora: bool = False  # a per-layer linear layer LoRA can target
     when: Cond | None = None  # None: always present
+    alias: str | None = None  # another name of the same tensor (Mixtral's router: mlp.gate)
+    parts: tuple[str, ...] = ()  # EXPERTS: per-expert HF names (`{j}` = expert), joined along `out`
 
     @property
     def per_layer(self) -> bool:
@@ -86,16 +91,23 @@ class Family:
     buffers: tuple[str, ...] = ()
 
 
-def _entry(hf: str, path: str, layout: str, *dims, lora: bool = False, when: Cond | None = None) -> Entry:
+def _entry(
+    hf: str, path: str, layout: str, *dims, lora: bool = False, when: Cond | None = None, **extra
+) -> Entry:
     """An entry; `path` is dotted, under "layers" for a per-layer weight (`{i}` in its HF name)."""
     keys = tuple(path.split("."))
-    return Entry(hf, ("layers", *keys) if "{i}" in hf else keys, layout, dims, lora, when)
+    return Entry(hf, ("layers", *keys) if "{i}" in hf else keys, layout, dims, lora, when, **extra)
 
 
 # Sizes, as functions of the config.
 V, D, I = attrgetter("vocab_size"), attrgetter("hidden_size"), attrgetter("intermediate_size")
 Q, KV, H = attrgetter("q_dim"), attrgetter("kv_dim"), attrgetter("head_dim")
 P = attrgetter("max_position_embeddings")
+E, FE = attrgetter("num_experts"), attrgetter("moe_intermediate_size")
+
+
+def FE2(cfg: DecoderConfig) -> int:
+    return 2 * cfg.moe_intermediate_size
 
 
 def QKV(cfg: DecoderConfig) -> int:
@@ -200,6 +212,58 @@ PHI3 = Family(
     buffers=(_ROTARY,),
 )
 
+
+def _moe(hub_block: str, gate: str, up: str, down: str) -> tuple[Entry, ...]:
+    """The router [D, E] and the stacked experts: gate_up [E, D, 2F] (gate first), down [E, F, D]."""
+    mlp, hub = _L + "mlp.", _L + hub_block + "."
+    return (
+        _entry(
+            hub + "gate.weight",
+            "moe.router.kernel",
+            LINEAR,
+            (D, "embed"),
+            (E, None),
+            alias=mlp + "gate.weight",
+        ),
+        _entry(
+            mlp + "experts.gate_up_proj",
+            "moe.gate_up_proj.kernel",
+            EXPERTS,
+            (E, "expert"),
+            (D, "embed"),
+            (FE2, "mlp"),
+            parts=(f"{hub}experts.{{j}}.{gate}.weight", f"{hub}experts.{{j}}.{up}.weight"),
+        ),
+        _entry(
+            mlp + "experts.down_proj",
+            "moe.down_proj.kernel",
+            EXPERTS,
+            (E, "expert"),
+            (FE, "mlp"),
+            (D, "embed"),
+            parts=(f"{hub}experts.{{j}}.{down}.weight",),
+        ),
+    )
+
+
+# Mixtral and Qwen3-MoE: Llama's attention (Qwen3's q/k norms) and a mixture of experts for the MLP.
+MIXTRAL = Family(
+    weights=(_EMBED, _FINAL, *_PRE_NORMS, *_QKVO, *_moe("block_sparse_moe", "w1", "w3", "w2"), _HEAD),
+    buffers=(_ROTARY,),
+)
+QWEN3_MOE = Family(
+    weights=(
+        _EMBED,
+        _FINAL,
+        *_PRE_NORMS,
+        *_QKVO,
+        *_HEAD_QK_NORM,
+        *_moe("mlp", "gate_proj", "up_proj", "down_proj"),
+        _HEAD,
+    ),
+    buffers=(_ROTARY,),
+)
+
 _H = "transformer.h.{i}."
 _HA, _HM = _H + "attn.", _H + "mlp."
 GPT2 = Family(
@@ -239,6 +303,8 @@ FAMILIES: dict[str, Family] = {
     "phi3": PHI3,
     "olmo2": OLMO2,
     "smollm3": LLAMA,
+    "mixtral": MIXTRAL,
+    "qwen3_moe": QWEN3_MOE,
 }
 
 
@@ -256,7 +322,24 @@ def name_table(cfg: DecoderConfig) -> list[Entry]:
 def hf_shape(entry: Entry, cfg: DecoderConfig) -> tuple[int, ...]:
     """The shape HF stores for one tensor of one layer."""
     shape = entry.shape(cfg)
+    if entry.layout == EXPERTS:  # transformers 5's fused [E, out, in]
+        return (shape[0], shape[2], shape[1])
     return shape[::-1] if entry.layout == LINEAR else shape
+
+
+def part_shape(entry: Entry, cfg: DecoderConfig) -> tuple[int, int]:
+    """The HF shape [out / len(parts), in] of one expert's part of an EXPERTS entry."""
+    _, fan_in, fan_out = entry.shape(cfg)
+    return (fan_out // len(entry.parts), fan_in)
+
+
+def checkpoint_names(entry: Entry, cfg: DecoderConfig, layer: int | None) -> list[str]:
+    """Every name the tensor may have in a checkpoint: its own, its alias, its per-expert parts."""
+    names = [entry.hf_name(layer)]
+    if entry.alias:
+        names.append(entry.alias.format(i=layer))
+    names += [p.format(i=layer, j=j) for p in entry.parts for j in range(cfg.num_experts)]
+    return names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,12 +397,69 @@ def target_names(cfg: DecoderConfig, keys: Iterable[tuple[str, str]]) -> list[st
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class ParamTarget:
+    """A MoE weight LoRA adapts through PEFT's `target_parameters` (transformers 5 names in memory)."""
+
+    name: str  # "gate_up_proj", "down_proj", "router"
+    path: tuple[str, ...]  # ("layers", "moe", "gate_up_proj"): its kernel is path + ("kernel",)
+    peft: str  # "model.layers.{i}.mlp.experts.gate_up_proj": the module path plus the parameter name
+    in_features: int
+    out_features: int
+    experts: int  # E for a stacked [E, in, out] kernel, 0 for a plain [in, out] one (the router)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.path[1], self.path[2]
+
+
+# transformers 4 module names of the MoE weights, which PEFT still accepts in `target_modules` and converts
+# to `target_parameters` (two of them fused into gate_up_proj, whose adapter then has twice the rank).
+MOE_V4_NAMES: dict[str, dict[str, str]] = {
+    "mixtral": {"gate": "router", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
+    "qwen3_moe": {
+        "gate": "router",
+        "gate_proj": "gate_up_proj",
+        "up_proj": "gate_up_proj",
+        "down_proj": "down_proj",
+    },
+}
+
+
+def param_targets(cfg: DecoderConfig) -> list[ParamTarget]:
+    """The weights `target_parameters` can name on this model (none for a dense model), in the order
+    transformers defines them on their module (the order PEFT nests its wrappers in)."""
+    if not cfg.num_experts:
+        return []
+    mlp = _L + "mlp."
+    f, d = cfg.moe_intermediate_size, cfg.hidden_size
+    return [
+        ParamTarget("router", ("layers", "moe", "router"), mlp + "gate.weight", d, cfg.num_experts, 0),
+        ParamTarget(
+            "gate_up_proj",
+            ("layers", "moe", "gate_up_proj"),
+            mlp + "experts.gate_up_proj",
+            d,
+            2 * f,
+            cfg.num_experts,
+        ),
+        ParamTarget(
+            "down_proj", ("layers", "moe", "down_proj"), mlp + "experts.down_proj", f, d, cfg.num_experts
+        ),
+    ]
+
+
 def unexpected_tensors(cfg: DecoderConfig, names: Iterable[str]) -> list[str]:
     """The checkpoint tensors in `names` that no entry reads, less the family's known buffers and the LM
     head a tied model does not use (some tied checkpoints still carry it)."""
     fam = family(cfg)
     layers = range(cfg.num_layers)
-    expected = {e.hf_name(i) for e in name_table(cfg) for i in (layers if e.per_layer else [None])}
+    expected = {
+        n
+        for e in name_table(cfg)
+        for i in (layers if e.per_layer else [None])
+        for n in checkpoint_names(e, cfg, i)
+    }
     skip = [re.compile(p) for p in fam.buffers]
     if cfg.tie_word_embeddings:
         skip += [re.compile(re.escape(e.hf)) for e in fam.weights if e.path == ("lm_head", "kernel")]

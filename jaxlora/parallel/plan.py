@@ -13,8 +13,10 @@ inputs live and how it is compiled:
 
 Sharding rules. Every array dimension has a logical name; `RULES` maps logical names to mesh axes:
 
-    batch   -> (data, fsdp)   rows of every batch
+    batch   -> (data, fsdp, expert)   rows of every batch
     embed   -> fsdp           the model width D of kernels, embeddings and LoRA A/B (FSDP)
+    expert  -> expert         the E axis of MoE expert kernels [L, E, in, out] and their LoRA (expert
+                              parallelism: each device holds E / expert experts; it also splits rows)
     q_heads, kv_heads, qkv, mlp, vocab -> tensor   (Megatron-style column / row splits)
     layers, rank, everything else -> replicated
 
@@ -53,7 +55,7 @@ from jaxlora.quant import QuantizedTensor
 
 log = logging.getLogger("jaxlora.parallel")
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 PMAP_AXIS = "data"  # the pmap axis name, and the name of its 1-D mesh
 
 
@@ -161,10 +163,10 @@ class Plan:
                 out[group] = jax.tree.map(lambda _: self.replicated, mods)
                 continue
             for name, ab in mods.items():
-                fan_in, fan_out = LINEAR_AXES[(group, name)]
+                *lead, fan_in, fan_out = LINEAR_AXES[(group, name)]  # lead: ("expert",) for MoE experts
                 out.setdefault(group, {})[name] = {
-                    "a": self.sharding(("layers", fan_in, "rank"), ab["a"].shape),
-                    "b": self.sharding(("layers", "rank", fan_out), ab["b"].shape),
+                    "a": self.sharding(("layers", *lead, fan_in, "rank"), ab["a"].shape),
+                    "b": self.sharding(("layers", *lead, "rank", fan_out), ab["b"].shape),
                     **{k: self.sharding(("layers", fan_out), ab[k].shape) for k in ("m", "bias") if k in ab},
                     **({"s": self.replicated} if "s" in ab else {}),
                 }

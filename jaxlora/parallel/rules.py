@@ -9,7 +9,8 @@ from jaxlora.models.spec import logical_axes
 
 # Logical dimension name -> mesh axis (or axes); names not listed are replicated.
 RULES: dict[str, str | tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
+    "expert": "expert",
     "embed": "fsdp",
     "q_heads": "tensor",
     "kv_heads": "tensor",
@@ -21,8 +22,9 @@ RULES: dict[str, str | tuple[str, ...]] = {
 # Params path -> logical names of its dims, from every family's spec.
 PARAM_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = logical_axes()
 
-# (group, module) -> logical names of a per-layer linear kernel's (in, out); LoRA A/B follow them.
-LINEAR_AXES: dict[tuple[str, str], tuple[str, str]] = {
+# (group, module) -> logical names of a per-layer linear kernel's (in, out), ("expert", in, out) for MoE
+# experts; LoRA A/B follow them.
+LINEAR_AXES: dict[tuple[str, str], tuple[str, ...]] = {
     (path[1], path[2]): axes[1:]
     for path, axes in PARAM_AXES.items()
     if path[0] == "layers" and path[-1] == "kernel"

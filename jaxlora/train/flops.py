@@ -24,6 +24,11 @@ What the backward pass recomputes is counted apart (`recompute`), never as usefu
                     output projection's own product (nothing in the backward pass reads it)
                                                         2*in*out + 2*r*(in+out) + 4*N*H*k
 
+Mixture of experts (Mixtral, Qwen3-MoE): only the active parameters count. Per token the router [D, E] and
+the k routed experts (gate_up [D, 2F] and down [F, D] each) are the MLP's frozen weights, and an expert
+adapter (`target_parameters`) costs its rank-r work k times; the E - k idle experts cost nothing, so MFU
+is not inflated by weights no token uses.
+
 Embedding lookups and the elementwise work cost no FLOPs here. Example (stories260K, r=8 all-linear):
 
     train_step_flops(cfg, r=8, targets=None, batch=8, seq_len=256)["model"]
@@ -32,7 +37,7 @@ Embedding lookups and the elementwise work cost no FLOPs here. Example (stories2
 import numpy as np
 
 from jaxlora.models.config import DecoderConfig
-from jaxlora.models.spec import linear_dims
+from jaxlora.models.spec import linear_dims, param_targets
 
 REMATS = ("none", "lean", "dots", "full")  # the train.remat policies
 
@@ -64,14 +69,20 @@ def train_step_flops(
     if remat not in REMATS:
         raise ValueError(f"remat must be one of {REMATS}, got {remat!r}")
     dims = linear_dims(cfg)
+    # MoE weights -> (in, out, how many times each token uses it): the router once, an expert k times.
+    moe = {
+        t.key: (t.in_features, t.out_features, cfg.experts_per_token if t.experts else 1)
+        for t in param_targets(cfg)
+    }
     targets = list(dims) if targets is None else list(targets)
     layers = cfg.num_layers
     adapted = layers if adapted_layers is None else adapted_layers
     tokens = batch * seq_len
 
-    w_frozen = sum(i * o for i, o in dims.values())  # weights of one layer
-    w_adapter = sum(r * (dims[t][0] + dims[t][1]) for t in targets)  # adapter weights of one layer
-    xa = sum(r * dims[t][0] for t in targets)  # the A products x @ A of one layer, per token
+    active = {**{k: (i, o, 1) for k, (i, o) in dims.items()}, **moe}  # (in, out, uses per token)
+    w_frozen = sum(i * o * n for i, o, n in active.values())  # active weights of one layer, per token
+    w_adapter = sum(r * (active[t][0] + active[t][1]) * active[t][2] for t in targets)  # per token
+    xa = sum(r * active[t][0] * active[t][2] for t in targets)  # the A products x @ A of one layer
     nh = cfg.num_heads * cfg.head_dim
     keys = sum(attended_keys(seq_len, w) for w in cfg.sliding_windows) * batch  # over layers and rows
     dv = cfg.hidden_size * cfg.vocab_size
@@ -88,8 +99,9 @@ def train_step_flops(
     elif remat == "dots":
         recompute += 4 * nh * keys
     elif remat == "full":
-        last = list(dims)[-1]  # the MLP output projection
-        w_last, a_last = dims[last][0] * dims[last][1], r * dims[last][1] if last in targets else 0
+        last = list(active)[-1]  # the MLP output projection (the experts' down_proj in a MoE model)
+        i_last, o_last, n_last = active[last]
+        w_last, a_last = i_last * o_last * n_last, r * o_last * n_last if last in targets else 0
         recompute += 2 * (w_frozen - w_last) * layers * tokens + 4 * nh * keys
         recompute += 2 * (w_adapter - a_last) * adapted * tokens
     return {"model": sum(parts.values()), "recompute": recompute, **parts}

@@ -117,7 +117,7 @@ def choose_plan(cfg: Config) -> Plan:
             f"data.seq_len {cfg.data.seq_len} is above the model's maximum of {arch.max_position_embeddings} "
             "positions (max_position_embeddings); lower data.seq_len"
         )
-    plan = make_plan(cfg.parallel, cfg.train.batch_size, arch.num_kv_heads)
+    plan = make_plan(cfg.parallel, cfg.train.batch_size, arch.num_kv_heads, num_experts=arch.num_experts)
     log.info("parallel: %s", plan.describe())
     return plan
 
@@ -261,9 +261,12 @@ def compile_steps(
     """The one train step and the eval step (`jaxlora.train.step`) compiled for the plan and the shardings
     of `base` and `state`."""
     model = base.config.with_runtime(packed=cfg.data.packing)  # static: may attention kernels see packing?
-    spec = StepSpec(model, cfg.lora.dropout, cfg.train.loss_chunk_size)
+    aux = model.router_aux_loss_coef if cfg.train.moe_aux_loss else 0.0  # MoE load balancing, as HF
+    spec = StepSpec(model, cfg.lora.dropout, cfg.train.loss_chunk_size, aux)
     train_step, eval_step, keys = (
-        make_train_step(spec, optimizer, plan.axis_name), make_eval_step(spec, plan.axis_name), BATCH_KEYS
+        make_train_step(spec, optimizer, plan.axis_name),
+        make_eval_step(spec, plan.axis_name),
+        BATCH_KEYS,
     )
     if cfg.train.objective != "sft":  # DPO/ORPO (`jaxlora.train.prefs`): the same plan, pairs for batches
         p = cfg.prefs
@@ -434,7 +437,6 @@ def finish(
     write_run_state(run, state.step, finished=not stopped_by)
     plan.barrier("jaxlora-run-done")
     return TrainResult(run.path, state.step, stopped_by, progress.eval_history)
-
 
 
 def _eval_and_watch(

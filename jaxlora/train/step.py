@@ -37,12 +37,25 @@ class StepSpec:
     model: DecoderConfig
     lora_dropout: float = 0.0
     loss_chunk: int = 1024
+    # MoE: weight of the load-balancing loss added in training (HF's router_aux_loss_coef with
+    # output_router_logits); 0 = off. With it the step also reports metrics["aux_loss"].
+    aux_loss_coef: float = 0.0
 
 
 def loss_and_count(lora, base, batch, lora_scale, rng, spec: StepSpec, train: bool = True):
     """(sum of token NLL, token count) for one batch of [B, T] arrays."""
+    s, n, _ = loss_terms(lora, base, batch, lora_scale, rng, spec, train)
+    return s, n
+
+
+def _with_aux(spec: StepSpec, train: bool) -> bool:
+    return train and spec.aux_loss_coef > 0 and spec.model.num_experts > 0
+
+
+def loss_terms(lora, base, batch, lora_scale, rng, spec: StepSpec, train: bool = True):
+    """(sum of token NLL, token count, MoE aux loss times the count, 0 when off) for one batch."""
     base, lora = with_embeddings(base, lora)  # trainable token rows, if any, into the embedding
-    hidden = forward(
+    out = forward(
         base,
         spec.model,
         batch["input_ids"],
@@ -53,8 +66,11 @@ def loss_and_count(lora, base, batch, lora_scale, rng, spec: StepSpec, train: bo
         lora_dropout=spec.lora_dropout if train else 0.0,
         dropout_rng=rng if train and spec.lora_dropout > 0 else None,
         return_hidden=True,
+        return_aux_loss=_with_aux(spec, train),
     )
-    return chunked_cross_entropy(base, spec.model, hidden, batch["targets"], spec.loss_chunk)
+    hidden, aux = out if _with_aux(spec, train) else (out, jnp.float32(0))
+    s, n = chunked_cross_entropy(base, spec.model, hidden, batch["targets"], spec.loss_chunk)
+    return s, n, aux * n
 
 
 def keep_frozen(new: dict, old: dict) -> dict:
@@ -73,9 +89,12 @@ def make_train_step(
     `axis_name`: the `pmap` axis to reduce over (None under `jit`). Each device then sees its own rows
     [A, B / devices, T] and draws its own dropout masks.
     """
-    value_grad = jax.value_and_grad(
-        lambda lora, base, mb, scale, r: loss_and_count(lora, base, mb, scale, r, spec), has_aux=True
-    )
+
+    def objective(lora, base, mb, scale, r):
+        s, n, aux = loss_terms(lora, base, mb, scale, r, spec)
+        return s + spec.aux_loss_coef * aux, (s, n, aux)
+
+    value_grad = jax.value_and_grad(objective, has_aux=True)
 
     def train_step(lora, opt_state, base, batch, rng, lora_scale):
         accum = batch["input_ids"].shape[0]
@@ -84,26 +103,27 @@ def make_train_step(
         rngs = jax.random.split(rng, accum)
 
         def micro(carry, xs):
-            g_acc, s_acc, n_acc = carry
+            g_acc, s_acc, n_acc, aux_acc = carry
             mb, r = xs
-            (s, n), g = value_grad(lora, base, mb, lora_scale, r)
-            return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, n_acc + n), None
+            (_, (s, n, aux)), g = value_grad(lora, base, mb, lora_scale, r)
+            return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, n_acc + n, aux_acc + aux), None
 
         zeros = jax.tree.map(jnp.zeros_like, lora)
-        (g_sum, loss_sum, count), _ = jax.lax.scan(
-            micro, (zeros, jnp.float32(0), jnp.float32(0)), (batch, rngs)
-        )
+        f0 = jnp.float32(0)
+        (g_sum, loss_sum, count, aux_sum), _ = jax.lax.scan(micro, (zeros, f0, f0, f0), (batch, rngs))
         if axis_name is not None:  # sums over all devices; a pmean of per-device means would be inexact
-            g_sum, loss_sum, count = jax.lax.psum((g_sum, loss_sum, count), axis_name)
+            g_sum, loss_sum, count, aux_sum = jax.lax.psum((g_sum, loss_sum, count, aux_sum), axis_name)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, g_sum)
         loss = loss_sum / denom
         grad_norm = optax.tree.norm(grads)
         updates, new_opt = optimizer.update(grads, opt_state, lora)
         new_lora = keep_frozen(optax.apply_updates(lora, updates), lora)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(aux_sum)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "nonfinite": ~ok}
+        if _with_aux(spec, True):  # the loss the gradient is of: loss + aux_loss_coef * aux_loss
+            metrics["aux_loss"] = aux_sum / denom
         return keep(new_lora, lora), keep(new_opt, opt_state), metrics
 
     return train_step

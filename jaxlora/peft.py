@@ -63,6 +63,16 @@ PEFT_PREFIX = "base_model.model."
 _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq")
 
 
+def _refuse_text_tower(cfg: DecoderConfig, what: str) -> None:
+    """PEFT names a multimodal model's modules under `language_model` and would match its vision tower's
+    too; adapters for such a model are not written or read yet."""
+    if cfg.text_tower_of:
+        raise UserError(
+            f"PEFT adapter {what} is not supported yet for a {cfg.text_tower_of} (multimodal) checkpoint's "
+            "text tower; train a text-only (gemma3_text) checkpoint to exchange adapters with PEFT"
+        )
+
+
 def peft_key(module: LinearModule, layer: int, which: str) -> str:
     """PEFT's tensor name for one layer's `lora_A` / `lora_B` weight (`which` is "A" or "B"), or with
     `which` "m" its DoRA `lora_magnitude_vector`."""
@@ -159,6 +169,7 @@ def save_peft_adapter(
     `out_dir` is refused unless `overwrite` (then the two files are replaced; other files are left
     alone). Returns the folder.
     """
+    _refuse_text_tower(cfg, "export")
     paths = _ordered_paths(cfg, lora)
     chosen = [t for t in param_targets(cfg) if t.key[1] in lora.get(t.key[0], {})]
     if not paths and not chosen:
@@ -342,6 +353,7 @@ def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig
     Raises UserError (one line) for missing files, non-LoRA or unsupported adapters, tensors that belong to
     no linear layer of this model, and shapes that differ from the model's (naming tensor and shapes).
     """
+    _refuse_text_tower(cfg, "import")
     conf = read_adapter_config(adapter_dir)
     folder = Path(conf.pop("_folder"))
     weights = folder / ADAPTER_WEIGHTS

@@ -173,3 +173,28 @@ def make_hf_model(family: str, folder: Path, seed: int = 0, **overrides):
     model.eval()
     model.save_pretrained(folder)
     return model
+
+
+def make_hf_gemma3(folder: Path, seed: int = 0):
+    """A tiny `Gemma3ForConditionalGeneration` (model_type gemma3): the gemma3_text config above as its
+    text tower plus a one-layer SigLIP vision tower, randomized and saved; returns the torch model."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    config = Gemma3Config(
+        text_config=hf_config("gemma3_text").to_dict(), vision_config=vision, mm_tokens_per_image=4
+    )
+    config._attn_implementation = "eager"
+    model = Gemma3ForConditionalGeneration(config)
+    randomize_(model, seed)
+    model.eval()
+    model.save_pretrained(folder)
+    return model

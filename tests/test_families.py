@@ -330,3 +330,50 @@ def test_gpu_attention_falls_back_for_softcap_and_mixed_windows(built, caplog):
     for impl in ("cudnn", "pallas"):
         with pytest.raises(UserError, match="soft-cap"):
             choose_attention(cfg2.with_runtime(attention=impl, packed=False), bf16, 16, backend="gpu")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# gemma3 (Gemma3ForConditionalGeneration): the text tower of a multimodal checkpoint
+
+
+def test_gemma3_multimodal_checkpoint_loads_its_text_tower(tmp_path):
+    from hf_tiny import make_hf_gemma3
+
+    from jaxlora.models.safetensors_io import write_safetensors
+
+    hf = make_hf_gemma3(tmp_path / "saved")  # written as language_model.model.*, vision_tower.*, ...
+    model = load_model(tmp_path / "saved")
+    assert model.config.model_type == "gemma3_text" and model.config.text_tower_of == "gemma3"
+    ids, mask, pos = padded_batch(model.config.vocab_size, 12)  # beyond the window of 4
+    ours = np.asarray(
+        forward(model.params, model.config, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask))
+    )
+    diff = float(np.abs(ours - _hf_logits(hf, ids, mask, pos))[mask == 1].max())  # text only, no pixels
+    print(f"gemma3 text tower: max |jaxlora - transformers| logits = {diff:.2e}")
+    assert diff < 1e-4
+    # transformers 5's in-memory names (model.language_model.*, lm_head.*) load the same weights
+    mem = tmp_path / "in_memory"
+    mem.mkdir()
+    shutil.copyfile(tmp_path / "saved" / "config.json", mem / "config.json")
+    state = {k: v.numpy() for k, v in hf.state_dict().items()}
+    assert any(k.startswith("model.language_model.") for k in state)
+    write_safetensors(mem / "model.safetensors", state)
+    same = load_model(mem)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), same.params, model.params))
+    # a tensor of neither tower is still reported
+    write_safetensors(
+        mem / "model.safetensors", {**state, "language_model.extra.weight": state["lm_head.weight"]}
+    )
+    with pytest.raises(UserError, match="language_model.extra.weight"):
+        load_model(mem)
+    # PEFT and merged exports are refused in one line rather than written wrong
+    lora = init_lora(model.config, LORA, jax.random.key(0))
+    for call in (
+        lambda: save_peft_adapter(tmp_path / "adapter", lora, LORA, model.config, str(tmp_path / "saved")),
+        lambda: load_peft_adapter(tmp_path / "adapter", model.config),
+        lambda: save_merged(tmp_path / "merged", model, lora, LORA),
+    ):
+        with pytest.raises(UserError, match="multimodal") as err:
+            call()
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "merged").exists()

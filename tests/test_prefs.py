@@ -87,6 +87,11 @@ def test_dpo_run_learns_the_preferences(dpo_run):
     assert end["eval/rewards/margins"] > start["eval/rewards/margins"] + 0.1, end
     for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
         assert f"eval/{key}" in end
+    trained = [r for r in _records(out) if "train/loss" in r]  # the training steps log TRL's names too
+    names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen")
+    for key in names:
+        assert all(f"train/{key}" in r for r in trained), key
+    assert trained[-1]["train/rewards/margins"] > trained[0]["train/rewards/margins"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert list((out / "tensorboard").iterdir())
 
@@ -377,3 +382,69 @@ def test_accumulation_kill_and_resume_give_same_losses(dpo_run, assets, tmp_path
     diff = max(abs(resumed[s] - ref[s]) / abs(ref[s]) for s in resumed)
     print(f"accumulated and resumed vs one batch: max relative loss difference {diff:.1e}")
     assert diff <= 2e-5
+
+
+def _max_abs(tree) -> float:
+    return max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(tree))
+
+
+def test_init_from_a_run_with_the_initial_adapter_as_reference(dpo_run, assets, tmp_path):
+    """A DPO run continued from the first run's folder (its latest checkpoint), against base + that adapter
+    frozen: at step 0 policy and reference agree, so the rewards are 0 and the loss is log 2."""
+    first, _ = dpo_run
+    start, _ = restore_lora(first / "checkpoints")
+    assert _max_abs({g: {n: leaf["b"] for n, leaf in mods.items()} for g, mods in start.items()}) > 1e-2
+    out = tmp_path / "run"
+    over = {"lora.init_from": str(first), "prefs.reference": "initial_adapter", "train.max_steps": 2,
+            "train.eval_every_steps": None, "train.learning_rate": 1e-4}  # fmt: skip
+    train(config_from_dict(dpo_config(assets, out, **over)))
+    step1 = next(r for r in _records(out) if "train/loss" in r)
+    assert step1["step"] == 1
+    assert abs(step1["train/loss"] - math.log(2)) < 1e-6, step1
+    tol = 1e-6 * abs(step1["train/logps/chosen"])  # float32 rounding of two summed passes; beta = 0.1
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert abs(step1[f"train/{key}"]) <= tol, (key, step1)
+    end, _ = restore_lora(out / "checkpoints")  # two small steps on from the first run's adapter
+    moved = _max_abs(jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), end, start))
+    assert 0 < moved < 1e-3, moved
+
+
+def test_sft_init_from_a_peft_folder_starts_at_that_adapter(dpo_run, assets, stories_dir, tmp_path):
+    """SFT from a PEFT adapter folder: the step-0 LoRA gives the logits real PEFT gives with that adapter;
+    an adapter whose r or targets differ from the run's LoRA config is refused in one line."""
+    import optax
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from jaxlora.lora import LoraConfig, init_lora
+    from jaxlora.models.decoder import forward
+    from jaxlora.train.loop import choose_plan
+    from jaxlora.train.state import build_state, load_init_from
+
+    adapter = dpo_run[0] / "adapter"
+    raw = dpo_config(assets, tmp_path / "sft", **{"train.objective": "sft", "lora.init_from": str(adapter)})
+    raw["data"]["train"][0] = {"path": str(assets / "data" / "alpaca_100.json"), "format": "alpaca"}
+    cfg = config_from_dict(raw)
+    jm = load_model(stories_dir)
+    state = build_state(cfg, jm.config, optax.adamw(1e-3), choose_plan(cfg), None, None, False, jm.params)
+    ids = np.arange(1, 33)[None]  # [1, 32]
+    got = forward(jm.params, jm.config, jnp.asarray(ids), lora=state.lora,
+                  lora_scale=jnp.asarray(lora_scale(jm.config, cfg.lora)))  # fmt: skip
+    torch_base = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(torch_base, adapter).eval()
+    with torch.no_grad():
+        want = peft_model(torch.as_tensor(ids)).logits.numpy()
+        with peft_model.disable_adapter():
+            plain = peft_model(torch.as_tensor(ids)).logits.numpy()
+    assert np.abs(want - plain).max() > 1e-2  # the adapter matters
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
+
+    key = jax.random.key(0)
+    bad = {
+        r"has r=8, alpha=16.0 but .*lora.r=4": dict(r=4),
+        "targets differ from this run's lora.target_modules": dict(target_modules=("q_proj",)),
+    }
+    for match, over in bad.items():
+        lcfg = LoraConfig(**{"r": 8, "alpha": 16, "init_from": str(adapter), **over})
+        with pytest.raises(UserError, match=match):
+            load_init_from(lcfg, jm.config, init_lora(jm.config, lcfg, key))

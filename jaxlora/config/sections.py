@@ -98,7 +98,9 @@ class PrefsSection(Section):
         0.1, gt=0, description="ORPO: weight of the odds-ratio term next to the NLL of the chosen response"
     )
     reference: Literal["base", "initial_adapter"] = Field(
-        "base", description="DPO reference: base = the adapter off; initial_adapter needs lora.init_from"
+        "base",
+        description="DPO reference: base = the adapter off; initial_adapter = base + the lora.init_from "
+        "adapter, frozen",
     )
     max_prompt_length: Int | None = Field(
         None, ge=1, description="keep only the last N tokens of each prompt; null = no limit"
@@ -352,7 +354,7 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _reference_exists(self) -> "Config":
-        if self.prefs.reference == "initial_adapter" and getattr(self.lora, "init_from", None) is None:
+        if self.prefs.reference == "initial_adapter" and self.lora.init_from is None:
             raise Invalid(
                 "prefs.reference is initial_adapter but there is no initial adapter (lora.init_from); "
                 "use prefs.reference=base"

@@ -90,6 +90,11 @@ class LoraConfig(Section):
         _Patterns(),
         description="per-module alpha: {regex matched against the end of HF module names: alpha}, as in PEFT",
     )
+    init_from: Str | None = Field(
+        None,
+        description="start from this adapter instead of a fresh one: a PEFT adapter folder, or a jaxlora run "
+        "folder (its latest checkpoint, else its adapter/); r, alpha and targets must match",
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -114,6 +119,17 @@ class LoraConfig(Section):
             raise Invalid(
                 "{key} must be a non-empty list of module names (or set target_parameters), got []",
                 at="target_modules",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _init_from_plain(self) -> "LoraConfig":
+        if self.init_from is not None and self.init not in ("default", "gaussian"):
+            raise Invalid(
+                "{key} starts from a trained adapter; lora.init {init} would change the base weights, "
+                "use lora.init=default",
+                at="init_from",
+                init=self.init,
             )
         return self
 

@@ -30,6 +30,24 @@ MOE_TYPES = ("mixtral", "qwen3_moe")  # a mixture-of-experts MLP in every layer 
 MOE_IMPLS = ("auto", "ragged", "dense")  # see DecoderConfig.moe_impl
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 GEMMAS = ("gemma", "gemma2", "gemma3_text")
+# Multimodal checkpoints read as their text tower: model_type -> the model_type of its `text_config`.
+TEXT_TOWERS = {"gemma3": "gemma3_text"}
+# What transformers' Gemma3TextConfig assumes for keys a hub `text_config` leaves out (gemma-3-4b-it
+# lists only a few); the RoPE bases and the local/global pattern have their defaults further down.
+_GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262208,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    query_pre_attn_scalar=256,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=131072,
+    sliding_window=4096,
+    hidden_activation="gelu_pytorch_tanh",
+    bos_token_id=2,
+    eos_token_id=1,
+    pad_token_id=0,
+)
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")  # see jaxlora.models.attention
 REMAT_POLICIES = ("none", "lean", "dots", "full")  # what each keeps: `jaxlora.models.decoder.REMAT`
 LORA_PRODUCTS = ("plain", "cpu", "auto")  # see DecoderConfig.lora_product
@@ -127,6 +145,9 @@ class DecoderConfig:
     # every expert on every token and keeps the routed ones (cheaper for a handful of tiny experts),
     # "auto" = dense on the CPU or for at most 8 experts of width <= 256, else ragged (jaxlora.models.moe).
     moe_impl: str = "auto"
+    # The multimodal model_type (TEXT_TOWERS) when this decoder is the text tower of such a checkpoint:
+    # its weights sit under `language_model` (jaxlora.models.spec.text_tower_names), vision weights unused.
+    text_tower_of: str = ""
 
     @property
     def q_dim(self) -> int:
@@ -324,10 +345,11 @@ def _moe_switches(hf: dict) -> dict:
 def config_from_hf(hf: dict) -> DecoderConfig:
     """Map a Hugging Face `config.json` dict to a `DecoderConfig`."""
     mt = hf.get("model_type")
+    if mt in TEXT_TOWERS:
+        return dataclasses.replace(config_from_hf(_text_config(hf)), text_tower_of=mt)
     if mt not in SUPPORTED_MODEL_TYPES:
-        raise UserError(
-            f"config.json: model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+        supported = ", ".join((*SUPPORTED_MODEL_TYPES, *TEXT_TOWERS))
+        raise UserError(f"config.json: model_type {mt!r} is not supported; supported: {supported}")
     common = dict(
         model_type=mt,
         vocab_size=hf["vocab_size"],
@@ -389,6 +411,18 @@ def config_from_hf(hf: dict) -> DecoderConfig:
         **switches,
         **_rope_settings(hf, head_dim),
     )
+
+
+def _text_config(hf: dict) -> dict:
+    """The text tower's config of a multimodal config.json: `text_config` over transformers' defaults,
+    with the token ids and embedding tying of the top level where it sets them."""
+    mt = hf["model_type"]
+    text = hf.get("text_config")
+    if not isinstance(text, dict) or "hidden_size" not in text:
+        raise UserError(f"config.json: model_type {mt!r} needs a text_config with hidden_size")
+    top = {k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")}
+    top = {k: v for k, v in top.items() if v is not None}  # the top level decides these (as transformers)
+    return {**_GEMMA3_TEXT_DEFAULTS, **text, **top, "model_type": TEXT_TOWERS[mt]}
 
 
 def read_hf_config(folder: Path) -> dict:

@@ -29,6 +29,7 @@ from jaxlora.models.spec import (
     hf_shape,
     name_table,
     part_shape,
+    text_tower_names,
     unexpected_tensors,
 )
 
@@ -106,6 +107,26 @@ class _PickleReader:
 
     def get(self, name):
         return self.tensors[name].float().numpy()
+
+
+class _TextTowerReader:
+    """A multimodal checkpoint seen as its text tower: the spec's names, the vision tensors left out."""
+
+    def __init__(self, reader):
+        self.reader, self.folder = reader, reader.folder
+        self.map = text_tower_names(reader.names())
+
+    def __contains__(self, name):
+        return name in self.map
+
+    def names(self):
+        return list(self.map)
+
+    def shape(self, name):
+        return self.reader.shape(self.map[name])
+
+    def get(self, name):
+        return self.reader.get(self.map[name])
 
 
 def _to_jax_layout(arr: np.ndarray, entry: Entry) -> np.ndarray:
@@ -255,6 +276,8 @@ def load_model(
             params = quantize_loaded(params, cfg, quantizer)
         return Model(cfg, params, folder, str(name_or_path))
     reader = _PickleReader(folder) if _check_pickle_only(folder, allow_pickle) else CheckpointReader(folder)
+    if cfg.text_tower_of:
+        reader = _TextTowerReader(reader)
     params = load_params(reader, cfg, dtype, quantizer)
     return Model(cfg, params, folder, str(name_or_path))
 

@@ -136,6 +136,11 @@ def save_pretrained(
     LoRA-targetable kernel layer before it is written (a LoRA merge does). An existing non-empty `out_dir`
     is refused unless `overwrite`. Shards above `max_shard_bytes` get a `model.safetensors.index.json`.
     """
+    if cfg.text_tower_of:  # its config.json and vision weights would have to be rebuilt around the text
+        raise UserError(
+            f"merged export is not supported yet for a {cfg.text_tower_of} (multimodal) checkpoint's text "
+            "tower (transformers could not load it); train a text-only (gemma3_text) checkpoint to merge"
+        )
     source = Path(source)
     dtype = dtype or source_dtype(source)
     if dtype not in DTYPES:

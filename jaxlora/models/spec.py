@@ -466,6 +466,33 @@ def unexpected_tensors(cfg: DecoderConfig, names: Iterable[str]) -> list[str]:
     return [n for n in names if n not in expected and not any(p.fullmatch(n) for p in skip)]
 
 
+# Multimodal checkpoints (config.TEXT_TOWERS) hold the decoder as a text tower: the hub and transformers'
+# save_pretrained name it `language_model.model.*` / `language_model.lm_head.*`, transformers 5 in memory
+# `model.language_model.*` / `lm_head.*`. The vision tower and the projector are no part of the decoder.
+_TOWER_PREFIXES = (
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.language_model.", "model."),
+)
+_OTHER_TOWERS = re.compile(r"(model\.)?(vision_tower|multi_modal_projector)\..*")
+
+
+def text_tower_names(names: Iterable[str]) -> dict[str, str]:
+    """The spec's name -> the checkpoint's name for the tensors of a multimodal checkpoint, less those of the
+    vision tower and projector; other names are kept as they are (so the loader reports them)."""
+    out = {}
+    for name in names:
+        if _OTHER_TOWERS.fullmatch(name):
+            continue
+        spec_name = name
+        for prefix, ours in _TOWER_PREFIXES:
+            if name.startswith(prefix):
+                spec_name = ours + name.removeprefix(prefix)
+                break
+        out[spec_name] = name
+    return out
+
+
 def logical_axes() -> dict[tuple[str, ...], tuple[str | None, ...]]:
     """Params path -> logical axes of its dims, over every family. One path is one kind of weight for the
     one decoder, so families must agree on its axes (checked)."""

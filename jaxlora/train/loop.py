@@ -45,7 +45,14 @@ from jaxlora.train.optim import make_optimizer
 from jaxlora.train.prefs import PrefSpec, make_pref_eval_step, make_pref_train_step
 from jaxlora.train.progress import Progress
 from jaxlora.train.run_dir import BEST_DIR, RunDir, open_run, write_run_state
-from jaxlora.train.state import TrainState, build_state, initial_adapter, residual_base, save_state
+from jaxlora.train.state import (
+    TrainState,
+    build_state,
+    initial_adapter,
+    load_init_from,
+    residual_base,
+    save_state,
+)
 from jaxlora.train.step import BATCH_KEYS, StepSpec, make_eval_step, make_train_step
 from jaxlora.train.summary import end_summary, start_summary
 from jaxlora.train.watch import Watch, curves, open_watch
@@ -281,6 +288,11 @@ def compile_steps(
         state.opt_state,
     )
     scale = plan.replicate(np.asarray(lora_scale(base.config, cfg.lora), np.float32))
+    if cfg.train.objective == "dpo" and cfg.prefs.reference == "initial_adapter":  # (scale, frozen adapter)
+        ref = jax.tree.map(plan.replicate, load_init_from(cfg.lora, base.config, state.lora))
+        train_c, eval_c = train_fn, eval_fn
+        train_fn = lambda lo, opt, b, batch, rng, s: train_c(lo, opt, b, batch, rng, (s, ref))  # noqa: E731
+        eval_fn = lambda lo, b, batch, s: eval_c(lo, b, batch, (s, ref))  # noqa: E731
     key = rng_from_array(plan.replicate(state.rng))
     fold_in = jax.jit(jax.random.fold_in, out_shardings=plan.replicated)
     return Steps(plan, base, train_fn, eval_fn, scale, key, fold_in, keys)

@@ -5,7 +5,8 @@ summed over each response's tokens (ORPO and IPO divide by the response length),
 `beta * (policy - reference)` log-ratios. ORPO's NLL term covers the whole chosen sequence, prompt
 included, as TRL's `ORPOTrainer` computes it (`concatenated_forward`). The reference of DPO is the frozen
 base with the adapter off, so there is no second model: one more forward pass of the same weights, under
-`stop_gradient`.
+`stop_gradient`. With `prefs.reference: initial_adapter` the steps get `lora_scale` as a pair
+(scale, reference LoRA tree): the reference pass is the base plus that frozen adapter, still no copy.
 
 Chosen and rejected sequences share one forward pass, stacked on the batch axis ([2B, T]). The steps
 have the signatures of `jaxlora.train.step`, so every `Plan` compiles them the same way; the batch holds
@@ -139,6 +140,7 @@ def pair_terms(lora, base, batch, lora_scale, rng, spec: StepSpec, prefs: PrefSp
     sequences' tokens, prompt included, as TRL); `chosen_tokens` counts those tokens.
     """
     ids, pos, seg, tgt = (_stacked(batch, k) for k in ("input_ids", "positions", "segment_ids", "targets"))
+    lora_scale, ref_lora = lora_scale if isinstance(lora_scale, tuple) else (lora_scale, None)
     params, lo = with_embeddings(base, lora)
     hidden = forward(
         params, spec.model, ids, pos, seg, lora=lo, lora_scale=lora_scale,
@@ -153,9 +155,14 @@ def pair_terms(lora, base, batch, lora_scale, rng, spec: StepSpec, prefs: PrefSp
     if prefs.objective == "orpo":
         per_pair, metrics = orpo_loss(prefs, pc, pr, nc, nr)
         nll_sum = -jnp.sum(jnp.where(valid, seq_logps[:b], 0.0))
-    else:  # the reference: the frozen base, adapter off, no gradient
-        ref_hidden = forward(base, spec.model, ids, pos, seg, return_hidden=True)
-        ref, _, _ = sequence_logps(base, spec.model, jax.lax.stop_gradient(ref_hidden), tgt, nxt)
+    else:  # the reference: the frozen base, adapter off (or the frozen initial adapter), no gradient
+        r_params, r_lo = base, None
+        if ref_lora is not None:
+            r_params, r_lo = with_embeddings(base, jax.lax.stop_gradient(ref_lora))
+        ref_hidden = forward(
+            r_params, spec.model, ids, pos, seg, lora=r_lo, lora_scale=lora_scale, return_hidden=True
+        )
+        ref, _, _ = sequence_logps(r_params, spec.model, jax.lax.stop_gradient(ref_hidden), tgt, nxt)
         ref = jax.lax.stop_gradient(ref)
         per_pair, metrics = dpo_loss(prefs, pc, pr, ref[:b], ref[b:], nc, nr)
         nll_sum = jnp.float32(0)

@@ -6,20 +6,25 @@ key never changes and a resumed run draws the same masks as one that was never s
 """
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+import yaml
 
 from jaxlora.config import Config
 from jaxlora.data import BatchLoader
-from jaxlora.lora import init_lora, lora_scale, unmerge
+from jaxlora.errors import UserError
+from jaxlora.lora import LoraConfig, init_lora, lora_scale, unmerge
 from jaxlora.lora.pissa import is_base_changing
 from jaxlora.lora.tokens import EXTRA_KEYS
 from jaxlora.models.config import DecoderConfig
 from jaxlora.parallel import Plan
-from jaxlora.train.checkpoint import Checkpointer, rng_to_array
+from jaxlora.peft import load_peft_adapter
+from jaxlora.train.checkpoint import Checkpointer, restore_lora, rng_to_array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +53,12 @@ def build_state(
 ) -> TrainState:
     """A fresh LoRA (B = 0) and optimizer state placed by `plan`, or with `resuming` the latest checkpoint
     read into those shardings (whatever the mesh of the run that saved it), `loader` moved to its data
-    position. `base_params` (the frozen weights) are needed by `lora.use_dora` (magnitudes = ||W||)."""
+    position. `base_params` (the frozen weights) are needed by `lora.use_dora` (magnitudes = ||W||).
+    A fresh run with `lora.init_from` starts from that adapter instead (`load_init_from`)."""
     key = jax.random.key(cfg.seed)
     lora = init_lora(model, cfg.lora, jax.random.fold_in(key, 1), params=base_params)
+    if cfg.lora.init_from is not None and not resuming:
+        lora = load_init_from(cfg.lora, model, lora)
     lora, opt_state = plan.place_train_state(lora, optimizer.init)
     state = TrainState(lora, opt_state, rng_to_array(key))
     if not resuming:
@@ -59,6 +67,49 @@ def build_state(
     saved, meta = ckpt.restore(step, state.arrays())  # target shardings: this plan's
     loader.restore(meta["data"])
     return TrainState(saved["lora"], saved["opt_state"], np.asarray(saved["rng"]), step)
+
+
+def load_init_from(lora_cfg: LoraConfig, model: DecoderConfig, fresh: dict) -> dict:
+    """The adapter `lora.init_from` names, as a tree like `fresh` (this run's own init: same leaves, shapes
+    and dtypes). A PEFT adapter folder, or a jaxlora run folder: its latest checkpoint, else its adapter/.
+    Its r, alpha and targets must be the run's (UserError naming the mismatch)."""
+    where = Path(lora_cfg.init_from).expanduser()
+    what = f"lora.init_from {lora_cfg.init_from}"
+    run_cfg = where / "config.yaml"
+    if (where / "adapter_config.json").is_file() or not run_cfg.is_file():
+        tree, got = load_peft_adapter(where, model)  # a UserError names a folder that is no adapter
+        r, alpha = got.r, got.alpha
+    else:  # a run folder
+        saved = yaml.safe_load(run_cfg.read_text()).get("lora") or {}
+        r, alpha = saved.get("r", LoraConfig().r), saved.get("alpha", LoraConfig().alpha)
+        if (where / "checkpoints").is_dir() and any((where / "checkpoints").iterdir()):
+            tree, _ = restore_lora(where / "checkpoints")
+        elif (where / "adapter").is_dir():
+            tree, _ = load_peft_adapter(where / "adapter", model)
+        else:
+            raise UserError(f"{what}: the run folder has no checkpoint and no adapter/ yet")
+    if r != lora_cfg.r or float(alpha) != float(lora_cfg.alpha):
+        raise UserError(
+            f"{what}: the adapter has r={r}, alpha={alpha} but this run has lora.r={lora_cfg.r}, "
+            f"lora.alpha={lora_cfg.alpha}; set them to the adapter's"
+        )
+    want, got = _leaf_shapes(fresh), _leaf_shapes(tree)
+    if want.keys() != got.keys():
+        only_run, only_adapter = sorted(want.keys() - got.keys())[:4], sorted(got.keys() - want.keys())[:4]
+        raise UserError(
+            f"{what}: the adapter's targets differ from this run's lora.target_modules (only in the run: "
+            f"{only_run}, only in the adapter: {only_adapter}); "
+            "set lora.target_modules (and layers_to_transform) to the adapter's"
+        )
+    for name, shape in want.items():
+        if got[name] != shape:
+            raise UserError(f"{what}: {name} has shape {list(got[name])}, this run needs {list(shape)}")
+    return jax.tree.map(lambda f, x: jnp.asarray(x, f.dtype), fresh, tree)
+
+
+def _leaf_shapes(tree: dict) -> dict[str, tuple]:
+    leaves = jax.tree.leaves_with_path(tree)
+    return {"/".join(str(k.key) for k in path): tuple(np.shape(x)) for path, x in leaves}
 
 
 def initial_adapter(cfg: Config, model: DecoderConfig, base_params: dict) -> dict | None:

@@ -69,16 +69,20 @@ def dpo_loss(spec: PrefSpec, pc, pr, rc, rr, nc, nr) -> tuple[jax.Array, dict]:
         loss = (avg - 1 / (2 * b)) ** 2
     else:
         raise ValueError(f"unknown loss_type {spec.loss_type!r}")
-    rc_, rr_ = b * jax.lax.stop_gradient(chosen_ratio), b * jax.lax.stop_gradient(rejected_ratio)
-    metrics = {
-        "rewards/chosen": rc_,
-        "rewards/rejected": rr_,
-        "rewards/accuracies": (rc_ > rr_).astype(jnp.float32),
-        "rewards/margins": rc_ - rr_,
-        "logps/chosen": jax.lax.stop_gradient(pc),
-        "logps/rejected": jax.lax.stop_gradient(pr),
+    return loss, pair_metrics(b * chosen_ratio, b * rejected_ratio, pc, pr)
+
+
+def pair_metrics(reward_chosen, reward_rejected, logps_chosen, logps_rejected) -> dict:
+    """TRL's per-pair metrics [B] from the rewards and log-probs of chosen and rejected (no gradient)."""
+    rc, rr, pc, pr = jax.lax.stop_gradient((reward_chosen, reward_rejected, logps_chosen, logps_rejected))
+    return {
+        "rewards/chosen": rc,
+        "rewards/rejected": rr,
+        "rewards/accuracies": (rc > rr).astype(jnp.float32),
+        "rewards/margins": rc - rr,
+        "logps/chosen": pc,
+        "logps/rejected": pr,
     }
-    return loss, metrics
 
 
 def orpo_loss(spec: PrefSpec, pc, pr, nc, nr) -> tuple[jax.Array, dict]:
@@ -88,17 +92,9 @@ def orpo_loss(spec: PrefSpec, pc, pr, nc, nr) -> tuple[jax.Array, dict]:
     log_odds = (ac - ar) - (log1mexp(ac) - log1mexp(ar))
     ratio = jax.nn.log_sigmoid(log_odds)
     a = spec.orpo_alpha
-    rc_, rr_ = a * jax.lax.stop_gradient(ac), a * jax.lax.stop_gradient(ar)
-    metrics = {
-        "rewards/chosen": rc_,
-        "rewards/rejected": rr_,
-        "rewards/accuracies": (rc_ > rr_).astype(jnp.float32),
-        "rewards/margins": rc_ - rr_,
-        "logps/chosen": jax.lax.stop_gradient(ac),
-        "logps/rejected": jax.lax.stop_gradient(ar),
-        "log_odds_ratio": jax.lax.stop_gradient(ratio),
-        "log_odds_chosen": jax.lax.stop_gradient(log_odds),
-    }
+    metrics = pair_metrics(a * ac, a * ar, ac, ar)
+    metrics["log_odds_ratio"] = jax.lax.stop_gradient(ratio)
+    metrics["log_odds_chosen"] = jax.lax.stop_gradient(log_odds)
     return -a * ratio, metrics
 
 

@@ -35,7 +35,7 @@ def tiny_config(assets: Path, out: Path, **over) -> dict:
     cfg["model"]["path"] = str(assets / "models" / "stories260K")
     cfg["data"]["train"][0]["path"] = str(assets / "data" / "alpaca_cleaned_1000.json")
     cfg["data"].update(seq_len=256, validation_split=0.0)
-    cfg["train"].update(max_steps=2, batch_size=2, warmup_ratio=0.5, eval_every_steps=None)
+    cfg["train"].update(max_steps=2, batch_size=2, warmup_ratio=None, warmup_steps=1, eval_every_steps=None)
     cfg["checkpoint"] = {"every_steps": 1, "keep": 3}
     cfg["logging"] = {"every_steps": 1, "progress_bar": False, "tensorboard": False}
     for key, value in over.items():
@@ -147,8 +147,7 @@ def test_config_changes_on_resume(assets, tmp_path, trained, capsys):
     # compatible: a longer run resumes from step 2 with one line saying so
     code, lines = cli(tmp_path, tiny_config(assets, out, **{"train.max_steps": 3}), capsys=capsys)
     assert code == 0, lines
-    note = "(the learning-rate decay is stretched over the new length, and so is the warmup, set as "
-    note += "train.warmup_ratio)"
+    note = "(the learning-rate decay is stretched over the new length)"
     assert [ln for ln in lines if ln.startswith("resuming")] == [
         f"resuming {out} with train.max_steps 2 -> 3 {note}"
     ]

@@ -12,6 +12,7 @@ too, so the adapter tensors have the same [r, in] / [out, r] shapes for every fa
 layers (`layers_to_transform`) are written.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -31,6 +32,7 @@ from jaxlora.lora.pissa import convert_to_lora, is_base_changing
 from jaxlora.lora.tokens import (
     EXTRA_KEYS,
     MODULES,
+    RESIZED,
     TOKENS,
     check_indices,
     embed_module,
@@ -55,6 +57,7 @@ from jaxlora.peft_moe import (
     param_to_peft,
     read_param_targets,
 )
+from jaxlora.peft_vocab import read_resized, resized_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -236,8 +239,10 @@ def save_peft_adapter(
             tensors[peft_module_key(cfg, key)] = np.asarray(value if key == "embed" else value.T, np.float32)
         if cfg.tie_word_embeddings:
             tensors[peft_module_key(cfg, "lm_head")] = tensors[peft_module_key(cfg, "embed")]
-            config["ensure_weight_tying"] = True
+            if embed_module(cfg).endswith("embed_tokens"):  # PEFT ties only these names (not GPT-2's wte)
+                config["ensure_weight_tying"] = True
         config["modules_to_save"] = [names[k] for k in copies]
+    tensors.update(resized_tensors(cfg, jax.device_get(lora)))  # a grown vocabulary's embedding layers
     out = prepare_out_dir(out_dir, overwrite)
     tmp = out / (ADAPTER_WEIGHTS + ".tmp")
     write_safetensors(tmp, tensors, metadata={"format": "pt"})
@@ -268,9 +273,9 @@ def _adapter_folder(adapter_dir) -> Path:
 def read_adapter_config(adapter_dir) -> dict:
     """The adapter's `adapter_config.json`, checked to be a plain LoRA adapter jaxlora can run.
 
-    Raises UserError for a missing or broken file, a `peft_type` other than LORA, and LoRA variants that
-    change the computation or the base: `bias` other than "none", `lora_bias`, `modules_to_save`,
-    `layer_replication`, trainable tokens, PiSSA/OLoRA/CorDA/LoftQ. DoRA and rank/alpha patterns are read.
+    Raises UserError for a missing or broken file, a `peft_type` other than LORA, and LoRA variants jaxlora
+    does not run: `bias` other than "none", `lora_bias` with DoRA, `layer_replication`, trainable tokens of
+    other layers than the input embedding, adapters for a changed base (PiSSA/OLoRA/CorDA/LoftQ).
     """
     folder = _adapter_folder(adapter_dir)
     path = folder / ADAPTER_CONFIG
@@ -309,6 +314,7 @@ def read_adapter_config(adapter_dir) -> dict:
 
 
 def _read_copies(conf: dict, cfg: DecoderConfig, st: SafetensorsFile, weights: Path) -> dict | None:
+    # cfg.vocab_size: the adapter's vocabulary (a resized one where the file carries it)
     """The modules_to_save copies of the adapter file, as {"embed": [V, D], "lm_head": [D, V]}, or None."""
     names = conf.get("modules_to_save")
     if not names:
@@ -384,15 +390,17 @@ def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig
     params_lora, param_keys = read_param_targets(conf, cfg, st, weights)
     found: dict[tuple[str, str], dict[int, dict[str, np.ndarray]]] = {}
     token_ids, tokens = conf.get("trainable_token_indices") or [], None
-    copies = _read_copies(conf, cfg, st, weights)
+    resized, resized_keys = read_resized(conf, cfg, st, weights)  # tokens added to the tokenizer
+    vocab_cfg = cfg if resized is None else dataclasses.replace(cfg, vocab_size=resized["embed"].shape[0])
+    copies = _read_copies(conf, vocab_cfg, st, weights)
     for key in st.names():
-        if key in param_keys:
+        if key in param_keys or key in resized_keys:
             continue
         if copies is not None and key in (peft_module_key(cfg, "embed"), peft_module_key(cfg, "lm_head")):
             continue
         if token_ids and key == peft_tokens_key(cfg):
             try:
-                token_ids = check_indices(cfg, token_ids)
+                token_ids = check_indices(vocab_cfg, token_ids)
             except UserError as err:
                 raise UserError(f"{folder / ADAPTER_CONFIG}: {str(err).removeprefix('lora.')}") from None
             want = (len(token_ids), cfg.hidden_size)
@@ -466,6 +474,8 @@ def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig
         lora[TOKENS] = tokens
     if copies is not None:
         lora[MODULES] = copies
+    if resized is not None:
+        lora[RESIZED] = {k: jax.numpy.asarray(v) for k, v in resized.items()}
     paths = [p for p in _modules_by_path(cfg) if p in found]
     try:
         lora_cfg = LoraConfig(

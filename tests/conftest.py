@@ -35,6 +35,26 @@ def stories_dir(assets) -> Path:
     return assets / "models" / "stories260K"
 
 
+@pytest.fixture(scope="session")
+def base(tmp_path_factory):
+    """family -> (folder, jaxlora Model) of a tiny random HF checkpoint (`hf_tiny.make_hf_model`), built
+    once per session and shared by the PEFT tests."""
+    from hf_tiny import make_hf_model
+
+    from jaxlora.models import load_model
+
+    built: dict = {}
+
+    def get(family):
+        if family not in built:
+            folder = tmp_path_factory.mktemp(f"base_{family}")
+            make_hf_model(family, folder)
+            built[family] = (folder, load_model(folder))
+        return built[family]
+
+    return get
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Fail the run if anything but a `gpu` test was skipped (CI must run everything else)."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")

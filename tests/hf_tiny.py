@@ -1,5 +1,6 @@
 """Tiny random Hugging Face models of every supported family, built with transformers for the tests."""
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -9,6 +10,8 @@ FAMILIES = ("llama", "llama_tied_mqa", "mistral", "qwen2", "qwen3", "gpt2")
 NEW_FAMILIES = ("gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3")
 # Mixture-of-experts families (tests/test_moe.py): 8 experts, top-2.
 MOE_FAMILIES = ("mixtral", "qwen3_moe")
+# stories260K's tokenizer, copied beside a tiny checkpoint that a run trains on
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def hf_config(family: str):
@@ -198,3 +201,40 @@ def make_hf_gemma3(folder: Path, seed: int = 0):
     model.eval()
     model.save_pretrained(folder)
     return model
+
+
+def copy_tokenizer(src: Path, folder: Path) -> None:
+    """Copy the tokenizer files of `src` (stories260K) into the checkpoint folder `folder`."""
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(src / name, folder / name)
+
+
+def model_cache(tmp_path_factory, tokenizer_from: Path | None = None):
+    """For a module-scoped fixture: `get(family, **overrides)` -> (folder, torch model, jaxlora Model), each
+    built (`make_hf_model`, with `tokenizer_from`'s tokenizer beside it if given) and loaded once."""
+    from jaxlora.models import load_model
+
+    cache: dict = {}
+
+    def get(family: str, **overrides):
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(family)
+            hf = make_hf_model(family, folder, **overrides)
+            if tokenizer_from is not None:
+                copy_tokenizer(tokenizer_from, folder)
+            cache[key] = (folder, hf, load_model(folder))
+        return cache[key]
+
+    return get
+
+
+def hf_forward(hf: torch.nn.Module, ids, mask, pos, **kw):
+    """The torch model's output on a padded batch: ids, mask, pos [B, T] numpy arrays."""
+    with torch.no_grad():
+        return hf(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(pos, dtype=torch.long),
+            **kw,
+        )

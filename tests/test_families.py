@@ -14,31 +14,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_tiny import NEW_FAMILIES, make_hf_model
+from hf_tiny import NEW_FAMILIES, hf_forward, model_cache
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
 from test_models import padded_batch
 from test_parallel import _config, _drive
 from test_peft import (
     hf_model,
     jax_logits,
-    peft_warnings_are_errors,
     randomize_peft_,
     randomized,
     token_ids,
     torch_logits,
 )
-from transformers import AutoModelForCausalLM
+from tiny_checks import kv_cache_gap, merged_export_gap, peft_export_gap
 
 from jaxlora.errors import UserError
 from jaxlora.lora import LoraConfig, init_lora, save_merged
 from jaxlora.models import config_from_hf, forward, load_model
 from jaxlora.models.attention import choose_attention
-from jaxlora.models.generate import generate, left_pad
 from jaxlora.peft import load_peft_adapter, save_peft_adapter
 from jaxlora.quant import QuantizedTensor, dequantize, make_quantizer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 STEPS = 20
 MESH_STEPS = 5  # the mesh run repeats the first steps (a constant learning rate after warm-up)
 LORA = LoraConfig(r=8, alpha=16, dropout=0.0, use_rslora=True, target_modules="all-linear")
@@ -52,29 +49,12 @@ def _peft_config() -> PeftLoraConfig:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, stories_dir):
-    """family -> (folder, torch model, jaxlora Model), each built once."""
-    cache: dict = {}
-
-    def get(family, **overrides):
-        key = (family, tuple(sorted(overrides.items())))
-        if key not in cache:
-            folder = tmp_path_factory.mktemp(family)
-            hf = make_hf_model(family, folder, **overrides)
-            for name in TOKENIZER_FILES:
-                shutil.copyfile(stories_dir / name, folder / name)
-            cache[key] = (folder, hf, load_model(folder))
-        return cache[key]
-
-    return get
+    """family -> (folder with stories260K's tokenizer, torch model, jaxlora Model), each built once."""
+    return model_cache(tmp_path_factory, tokenizer_from=stories_dir)
 
 
 def _hf_logits(hf, ids, mask, pos) -> np.ndarray:
-    with torch.no_grad():
-        return hf(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            attention_mask=torch.tensor(mask),
-            position_ids=torch.tensor(pos, dtype=torch.long),
-        ).logits.numpy()
+    return hf_forward(hf, ids, mask, pos).logits.numpy()
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
@@ -95,19 +75,7 @@ def test_logits_match_transformers_on_a_padded_batch(family, built):
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_kv_cache_generation_equals_recompute(family, built):
     _, _, model = built(family)
-    prompts = [[1, 5, 9, 33, 40, 7, 11], [1, 60], [1, 22, 17, 4]]
-    new, step_logits = generate(
-        model.params, model.config, prompts, 10, temperature=1.0, seed=3, eos_ids=(), return_logits=True
-    )
-    # One full forward over prompt + new tokens: with left padding every row ends at the same index, so
-    # the logits after prompt + new[:n] sit at T - 10 + n - 1 in every row.
-    ids, mask = left_pad([p + row for p, row in zip(prompts, new, strict=True)])
-    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    full = np.asarray(
-        forward(model.params, model.config, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask))
-    )
-    t = ids.shape[1]
-    worst = max(float(np.abs(full[:, t - 10 + n - 1] - step_logits[:, n]).max()) for n in range(10))
+    worst = kv_cache_gap(model, [[1, 5, 9, 33, 40, 7, 11], [1, 60], [1, 22, 17, 4]], 10)
     print(f"{family}: KV cache vs recompute, max logits diff {worst:.2e}")
     assert worst < 1e-4
 
@@ -117,14 +85,7 @@ def test_exported_adapter_loads_in_peft(family, built, tmp_path):
     folder, _, model = built(family)
     lora = randomized(init_lora(model.config, LORA, jax.random.key(0)), 1)
     ids = token_ids(model.config.vocab_size)
-    ours = jax_logits(model, ids, lora, LORA)
-    out = save_peft_adapter(tmp_path / "adapter", lora, LORA, model.config, str(folder))
-    with peft_warnings_are_errors():
-        pm = PeftModel.from_pretrained(hf_model(folder), str(out))
-    check = pm.load_adapter(str(out), adapter_name="check")
-    assert not check.unexpected_keys
-    assert not [k for k in check.missing_keys if "lora_" in k and ".check." in k]
-    diff = np.abs(torch_logits(pm, ids) - ours).max()
+    diff, _ = peft_export_gap(model, folder, lora, LORA, ids, tmp_path / "adapter")
     print(f"{family}: jaxlora adapter in PEFT, max |logits diff| = {diff:.2e}")
     assert diff < 1e-4
 
@@ -151,14 +112,7 @@ def test_peft_made_adapter_imports(family, built, tmp_path):
 def test_merged_export_loads_in_transformers(family, built, tmp_path):
     _, _, model = built(family)
     lora = randomized(init_lora(model.config, LORA, jax.random.key(0)), 3)
-    ids = token_ids(model.config.vocab_size)
-    ours = jax_logits(model, ids, lora, LORA)
-    out = save_merged(tmp_path / "merged", model, lora, LORA)
-    merged, info = AutoModelForCausalLM.from_pretrained(
-        out, attn_implementation="eager", output_loading_info=True
-    )
-    assert not any(info.values()), info
-    diff = np.abs(torch_logits(merged.eval(), ids) - ours).max()
+    diff = merged_export_gap(model, lora, LORA, token_ids(model.config.vocab_size), tmp_path / "merged")
     print(f"{family}: merged checkpoint in transformers, max |logits diff| = {diff:.2e}")
     assert diff < 1e-4
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_tiny import MOE_FAMILIES, make_hf_model
+from hf_tiny import MOE_FAMILIES, copy_tokenizer, hf_forward, model_cache
 from parallel_driver import MOE_TARGETS, moe_losses
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
@@ -32,12 +32,11 @@ from test_peft import (
     token_ids,
     torch_logits,
 )
-from transformers import AutoModelForCausalLM
+from tiny_checks import kv_cache_gap, merged_export_gap, peft_export_gap
 
 from jaxlora.errors import UserError
-from jaxlora.lora import LoraConfig, init_lora, save_merged
+from jaxlora.lora import LoraConfig, init_lora
 from jaxlora.models import forward, load_model
-from jaxlora.models.generate import generate, left_pad
 from jaxlora.peft import load_peft_adapter, save_peft_adapter
 from jaxlora.quant import QuantizedTensor, dequantize, make_quantizer
 from jaxlora.train.flops import train_step_flops
@@ -57,16 +56,7 @@ V4_NAMES = {"mixtral": ["w1", "w3", "w2"], "qwen3_moe": ["q_proj", "gate_proj", 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """family -> (folder, torch model, jaxlora Model), each built once."""
-    cache: dict = {}
-
-    def get(family):
-        if family not in cache:
-            folder = tmp_path_factory.mktemp(family)
-            hf = make_hf_model(family, folder)
-            cache[family] = (folder, hf, load_model(folder))
-        return cache[family]
-
-    return get
+    return model_cache(tmp_path_factory)
 
 
 def _targets(family: str, setting: str):
@@ -79,23 +69,13 @@ def _lora_config(family: str, setting: str) -> LoraConfig:
     return LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=modules, target_parameters=params)
 
 
-def _hf_forward(hf, ids, mask, pos, **kw):
-    with torch.no_grad():
-        return hf(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            attention_mask=torch.tensor(mask),
-            position_ids=torch.tensor(pos, dtype=torch.long),
-            **kw,
-        )
-
-
 @pytest.mark.parametrize("impl", ["ragged", "dense"])
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_logits_and_aux_loss_match_transformers_on_a_padded_batch(family, impl, built):
     _, hf, model = built(family)
     cfg = model.config.with_runtime(moe_impl=impl)
     ids, mask, pos = padded_batch(cfg.vocab_size, 12)
-    ref = _hf_forward(hf, ids, mask, pos, output_router_logits=True)
+    ref = hf_forward(hf, ids, mask, pos, output_router_logits=True)
     ours, aux = forward(
         model.params, cfg, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask), return_aux_loss=True
     )
@@ -111,17 +91,7 @@ def test_logits_and_aux_loss_match_transformers_on_a_padded_batch(family, impl, 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_kv_cache_generation_equals_recompute(family, built):
     _, _, model = built(family)
-    prompts = [[1, 5, 9, 33, 40, 7, 11], [1, 60], [1, 22, 17, 4]]
-    new, step_logits = generate(
-        model.params, model.config, prompts, 8, temperature=1.0, seed=3, eos_ids=(), return_logits=True
-    )
-    ids, mask = left_pad([p + row for p, row in zip(prompts, new, strict=True)])
-    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    full = np.asarray(
-        forward(model.params, model.config, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask))
-    )
-    t = ids.shape[1]
-    worst = max(float(np.abs(full[:, t - 8 + n - 1] - step_logits[:, n]).max()) for n in range(8))
+    worst = kv_cache_gap(model, [[1, 5, 9, 33, 40, 7, 11], [1, 60], [1, 22, 17, 4]], 8)
     print(f"{family}: KV cache vs recompute, max logits diff {worst:.2e}")
     assert worst < 1e-4
 
@@ -160,16 +130,9 @@ def test_peft_round_trips(family, setting, built, tmp_path):
     ours = jax_logits(model, ids, lora, lc)
     ragged = dataclasses.replace(model, config=model.config.with_runtime(moe_impl="ragged"))
     assert np.abs(jax_logits(ragged, ids, lora, lc) - ours).max() < 1e-5
-    out = save_peft_adapter(tmp_path / "adapter", lora, lc, model.config, str(folder))
-    with peft_warnings_are_errors():
-        # PEFT checks rank/alpha patterns against target_modules only, so the gate_up_proj pattern it
-        # writes itself (rank 2r) draws this notice on loading its own adapters too; it is applied.
-        warnings.filterwarnings("ignore", r"The following (rank|alpha)_pattern keys", RuntimeWarning)
-        pm = PeftModel.from_pretrained(hf_model(folder), str(out))
-    check = pm.load_adapter(str(out), adapter_name="check")
-    assert not check.unexpected_keys
-    assert not [k for k in check.missing_keys if "lora_" in k and ".check." in k]
-    exported = np.abs(torch_logits(pm, ids) - ours).max()
+    # PEFT checks rank/alpha patterns against target_modules only, so the gate_up_proj pattern it writes
+    # itself (rank 2r) draws a notice on loading its own adapters too; it is applied.
+    exported, out = peft_export_gap(model, folder, lora, lc, ids, tmp_path / "adapter", pattern_notice=True)
     # PEFT -> jaxlora
     modules, params = _targets(family, setting)
     torch.manual_seed(0)
@@ -197,14 +160,7 @@ def test_merged_export_loads_in_transformers(family, built, tmp_path):
     _, _, model = built(family)
     lc = _lora_config(family, "all-linear")
     lora = randomized(init_lora(model.config, lc, jax.random.key(0)), 3)
-    ids = token_ids(model.config.vocab_size)
-    ours = jax_logits(model, ids, lora, lc)
-    out = save_merged(tmp_path / "merged", model, lora, lc)
-    merged, info = AutoModelForCausalLM.from_pretrained(
-        out, attn_implementation="eager", output_loading_info=True
-    )
-    assert not any(info.values()), info
-    diff = np.abs(torch_logits(merged.eval(), ids) - ours).max()
+    diff = merged_export_gap(model, lora, lc, token_ids(model.config.vocab_size), tmp_path / "merged")
     print(f"{family}: merged checkpoint in transformers, max |logits diff| = {diff:.2e}")
     assert diff < 1e-4
 
@@ -323,9 +279,7 @@ def test_training_run_with_expert_lora_and_aux_loss(built, stories_dir, assets, 
     from jaxlora.train.checkpoint import restore_lora
 
     folder, _, model = built("mixtral")
-    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
-        if (stories_dir / name).is_file():
-            shutil.copyfile(stories_dir / name, folder / name)
+    copy_tokenizer(stories_dir, folder)
     out = tmp_path / "run"
     cfg = load_config(
         Path(__file__).parents[1] / "configs" / "stories260k-alpaca.yaml",

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from recipes import set_dotted, stories_recipe
 from safetensors.numpy import load_file
 
 from jaxlora.config import config_from_dict
@@ -42,10 +43,7 @@ LABELS = {
 
 
 def _config(assets: Path, out: Path, **over) -> dict:
-    cfg = yaml.safe_load((ROOT / "configs" / "stories260k-alpaca.yaml").read_text())
-    cfg["output_dir"] = str(out)
-    cfg["model"]["path"] = str(assets / "models" / "stories260K")
-    cfg["data"]["train"][0]["path"] = str(assets / "data" / "alpaca_cleaned_1000.json")
+    cfg = stories_recipe(assets, out, "stories260k-alpaca.yaml", "alpaca_cleaned_1000.json")
     settings = {
         "data.seq_len": 128,
         "train.max_steps": STEPS,
@@ -59,13 +57,7 @@ def _config(assets: Path, out: Path, **over) -> dict:
         "logging.progress_bar": False,
         **over,
     }
-    for key, value in settings.items():
-        node = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return cfg
+    return set_dotted(cfg, settings)
 
 
 def _env(devices: int) -> dict:

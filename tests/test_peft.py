@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_tiny import FAMILIES, make_hf_model
+from hf_tiny import FAMILIES
 from peft import IA3Config, PeftModel, get_peft_model
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict
@@ -67,23 +67,6 @@ def randomize_peft_(model, seed: int) -> None:
         for name, p in model.named_parameters():
             if "lora_A" in name or "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-
-_BASES: dict = {}
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """family -> (folder, jaxlora Model) of a tiny random HF checkpoint, built once per module."""
-
-    def get(family):
-        if family not in _BASES:
-            folder = tmp_path_factory.mktemp(f"base_{family}")
-            make_hf_model(family, folder)
-            _BASES[family] = (folder, load_model(folder))
-        return _BASES[family]
-
-    return get
 
 
 def hf_model(folder):

@@ -9,14 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_tiny import make_hf_model
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from peft.optimizers import create_loraplus_optimizer
 from peft.utils import get_peft_model_state_dict
 from safetensors.numpy import load_file
 from test_peft import (
-    _BASES,
     file_shapes,
     hf_model,
     jax_logits,
@@ -40,20 +38,6 @@ from jaxlora.train.optim import make_optimizer
 from jaxlora.train.step import StepSpec, make_train_step
 
 DORA_FAMILIES = ("llama", "qwen3", "gpt2")
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """family -> (folder, jaxlora Model), the tiny checkpoints of test_peft.py (shared in one session)."""
-
-    def get(family):
-        if family not in _BASES:
-            folder = tmp_path_factory.mktemp(f"base_{family}")
-            make_hf_model(family, folder)
-            _BASES[family] = (folder, load_model(folder))
-        return _BASES[family]
-
-    return get
 
 
 def randomized_dora(lora: dict, seed: int) -> dict:

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from recipes import set_dotted, stories_recipe
 
 from jaxlora.config import config_from_dict
 from jaxlora.data import PAIR_KEYS, PairLoader, build_pairs
@@ -36,21 +37,12 @@ STEPS = 40
 
 def dpo_config(assets: Path, out: Path, **over) -> dict:
     """configs/stories260k-dpo.yaml pointed at the assets, shortened for the tests."""
-    cfg = yaml.safe_load((ROOT / "configs" / "stories260k-dpo.yaml").read_text())
-    cfg["output_dir"] = str(out)
-    cfg["model"]["path"] = str(assets / "models" / "stories260K")
-    cfg["data"]["train"][0]["path"] = str(assets / "data" / "llamafactory_dpo_en_demo.json")
+    cfg = stories_recipe(assets, out, "stories260k-dpo.yaml", "llamafactory_dpo_en_demo.json")
     cfg["data"].update(seq_len=128)
     cfg["prefs"]["max_prompt_length"] = 64
     cfg["train"].update(learning_rate=2e-3, eval_batches=2, eval_samples=0, max_steps=STEPS)
     cfg["logging"].update(progress_bar=False, every_steps=1, level="warning")
-    for key, value in over.items():
-        node = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return cfg
+    return set_dotted(cfg, over)
 
 
 def _records(out: Path) -> list[dict]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from recipes import set_dotted, stories_recipe
 
 from jaxlora.config import config_from_dict, save_config
 from jaxlora.train import train
@@ -30,21 +31,12 @@ _spec.loader.exec_module(train_script)
 
 def tiny_config(assets: Path, out: Path, **over) -> dict:
     """The stories260K Alpaca recipe cut down to a few tiny steps."""
-    cfg = yaml.safe_load((ROOT / "configs" / "stories260k-alpaca.yaml").read_text())
-    cfg["output_dir"] = str(out)
-    cfg["model"]["path"] = str(assets / "models" / "stories260K")
-    cfg["data"]["train"][0]["path"] = str(assets / "data" / "alpaca_cleaned_1000.json")
+    cfg = stories_recipe(assets, out, "stories260k-alpaca.yaml", "alpaca_cleaned_1000.json")
     cfg["data"].update(seq_len=256, validation_split=0.0)
     cfg["train"].update(max_steps=2, batch_size=2, warmup_ratio=None, warmup_steps=1, eval_every_steps=None)
     cfg["checkpoint"] = {"every_steps": 1, "keep": 3}
     cfg["logging"] = {"every_steps": 1, "progress_bar": False, "tensorboard": False}
-    for key, value in over.items():
-        node = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return cfg
+    return set_dotted(cfg, over)
 
 
 def cli(tmp: Path, cfg: dict, *args, capsys) -> tuple[int, list[str]]:

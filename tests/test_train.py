@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+from recipes import set_dotted, stories_recipe
 
 from jaxlora.config import DataConfig, DataSource, LoraConfig, TrainSection, config_from_dict
 from jaxlora.data import BatchLoader, build_datasets
@@ -27,18 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_config(assets: Path, out: Path, **over) -> dict:
     """The stories260K Alpaca recipe of configs/, pointed at the assets and a temporary run folder."""
-    cfg = yaml.safe_load((ROOT / "configs" / "stories260k-alpaca.yaml").read_text())
-    cfg["output_dir"] = str(out)
-    cfg["model"]["path"] = str(assets / "models" / "stories260K")
-    cfg["data"]["train"][0]["path"] = str(assets / "data" / "alpaca_cleaned_1000.json")
+    cfg = stories_recipe(assets, out, "stories260k-alpaca.yaml", "alpaca_cleaned_1000.json")
     cfg["logging"]["progress_bar"] = False
-    for key, value in over.items():
-        node = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return cfg
+    return set_dotted(cfg, over)
 
 
 def write_config(path: Path, cfg: dict) -> Path:

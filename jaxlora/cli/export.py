@@ -1,6 +1,7 @@
 """`scripts/export.py`: an adapter folder or a training run, exported as PEFT or as a merged checkpoint."""
 
 import os
+import shutil
 from pathlib import Path
 
 from huggingface_hub import hf_hub_download
@@ -9,12 +10,16 @@ from jaxlora.config import load_config
 from jaxlora.errors import UserError
 from jaxlora.lora import save_merged
 from jaxlora.lora.pissa import is_base_changing
+from jaxlora.lora.tokens import RESIZED, resized_entry
 from jaxlora.models.config import config_from_hf, read_hf_config
 from jaxlora.models.loading import DTYPES, load_model, resolve_model_path
+from jaxlora.models.saving import TOKENIZER_FILES
 from jaxlora.peft import load_peft_adapter, read_adapter_config, save_peft_adapter
 from jaxlora.quant import make_quantizer
 from jaxlora.train.checkpoint import restore_lora
 from jaxlora.train.state import initial_adapter, residual_base
+from jaxlora.train.vocab import TOKENIZER_DIR as RUN_TOKENIZER_DIR
+from jaxlora.train.vocab import grow_base, read_run_vocab, resolve_token_texts
 
 FORMATS = ("peft", "merged")
 
@@ -69,7 +74,7 @@ def run_export(
     """
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    lora = lora_cfg = None
+    lora = lora_cfg = folder = None
     if run is not None:
         run_cfg, lora, _ = lora_from_run(run)
         lora_cfg = run_cfg.lora
@@ -78,38 +83,58 @@ def run_export(
             quant, quant_block_size = run_cfg.quant.weights, run_cfg.quant.block_size
     elif adapter is None:
         raise UserError("pass --adapter DIR (a PEFT LoRA adapter folder) or --run OUTPUT_DIR")
-    else:
-        read_adapter_config(adapter)  # fail on a bad adapter before loading any weights
+    else:  # fail on a bad adapter before loading any weights
+        folder = Path(read_adapter_config(adapter)["_folder"])
     if model is None:
         raise UserError("pass --model PATH_OR_ID (the base model the adapter was trained on)")
     quant = quant or "none"
-    if run is not None and is_base_changing(lora_cfg.init):
-        return _export_base_changing_run(run_cfg, lora, model, fmt, out, overwrite, dtype)
+    if run is not None and (RUN_TOKENIZER_DIR in os.listdir(run) or is_base_changing(lora_cfg.init)):
+        return _export_run_with_base(run, run_cfg, lora, model, fmt, out, overwrite, dtype, quant)
     if fmt == "peft":
         if quant != "none" and run is None:
             raise UserError("--quant applies to --format merged only")
         cfg = config_from_hf(_model_hf_config(model))
         if lora is None:
             lora, lora_cfg = load_peft_adapter(adapter, cfg)
-        return save_peft_adapter(out, lora, lora_cfg, cfg, model, overwrite=overwrite)
+        path = save_peft_adapter(out, lora, lora_cfg, cfg, model, overwrite=overwrite)
+        for name in TOKENIZER_FILES if folder is not None else ():  # saved beside the adapter in training
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, path / name)
+        return path
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     m = load_model(model, quantizer=make_quantizer(quant, quant_block_size))
     if lora is None:
         lora, lora_cfg = load_peft_adapter(adapter, m.config)
-    return save_merged(out, m, lora, lora_cfg, dtype=dtype, overwrite=overwrite)
+    tokenizer_src = folder if folder is not None and (folder / "tokenizer_config.json").is_file() else None
+    return save_merged(out, m, lora, lora_cfg, tokenizer_src, dtype=dtype, overwrite=overwrite)
 
 
-def _export_base_changing_run(run_cfg, lora, model: str, fmt: str, out: str, overwrite: bool, dtype) -> Path:
-    """A PiSSA/OLoRA run trained on the residual base `W - s A0 B0`: the PEFT export is converted against the
-    step-0 adapter so it applies to the original base; the merged export adds the adapter to the residual."""
-    m = load_model(model)  # PiSSA/OLoRA runs refuse quantized bases, so never quantized here
-    initial = initial_adapter(run_cfg, m.config, m.params)
-    if fmt == "peft":
-        return save_peft_adapter(
-            out, lora, run_cfg.lora, m.config, model, overwrite=overwrite, initial_lora=initial
-        )
+def _export_run_with_base(run, run_cfg, lora, model: str, fmt, out, overwrite, dtype, quant) -> Path:
+    """A run whose export needs its base loaded: one with tokens added to the tokenizer (the base grown by
+    the rows it drew, its tokenizer saved beside the export), or a PiSSA/OLoRA run trained on the residual
+    base `W - s A0 B0` (the PEFT export converted against the step-0 adapter so that it applies to the
+    original base; the merged export adds the adapter to the residual)."""
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    m.params = residual_base(m.params, initial, run_cfg, m.config)
-    return save_merged(out, m, lora, run_cfg.lora, dtype=dtype, overwrite=overwrite)
+    tokenizer, rows = read_run_vocab(Path(run))
+    m = load_model(model, quantizer=make_quantizer(quant, run_cfg.quant.block_size))
+    before = m.config.vocab_size
+    if rows is not None:
+        m, _ = grow_base(m, before + rows["embed"].shape[0], run_cfg.seed, rows)
+        lora = {**lora, RESIZED: resized_entry(m.params, m.config)}
+    if tokenizer is not None:
+        run_cfg = resolve_token_texts(run_cfg, tokenizer, before)
+    initial = initial_adapter(run_cfg, m.config, m.params) if is_base_changing(run_cfg.lora.init) else None
+    if fmt == "peft":
+        path = save_peft_adapter(
+            out, lora, run_cfg.lora, m.config, model, overwrite=overwrite, initial_lora=initial
+        )
+    else:
+        if initial is not None:
+            m.params = residual_base(m.params, initial, run_cfg, m.config)
+        tok_dir = Path(run) / RUN_TOKENIZER_DIR
+        path = save_merged(out, m, lora, run_cfg.lora, tok_dir if tokenizer else None, dtype, overwrite)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    return path

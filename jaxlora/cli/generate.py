@@ -65,20 +65,30 @@ def run_format(run_cfg: dict | None) -> tuple[str, str | None]:
     return (fmt if fmt in ("alpaca", "chat") else "raw"), data.get("chat_template")
 
 
+def load_with_adapter(model: str, dtype="float32", adapter=None, quant="none", allow_pickle=False):
+    """(the model, with the adapter's embedding rows and copies written in; the tokenizer, the adapter
+    folder's when it has one (tokens added in training); the LoRA tree; its scale)."""
+    quantizer = make_quantizer(quant)  # None for "none"; UserError for an unknown method
+    m = load_model(model, dtype=dtype, allow_pickle=allow_pickle, quantizer=quantizer)
+    tokenizer_dir, lora, scale = m.path, None, 1.0
+    if adapter is not None:
+        lora, lora_cfg = load_peft_adapter(adapter, m.config)
+        scale = lora_scale(m.config, lora_cfg)
+        params, lora = with_embeddings(m.params, lora)  # trainable tokens, copies, a grown vocabulary
+        vocab = params["embed"]["embedding"].shape[0]
+        m = dataclasses.replace(m, params=params, config=dataclasses.replace(m.config, vocab_size=vocab))
+        if any((Path(adapter) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            tokenizer_dir = Path(adapter)
+    return m, load_tokenizer(tokenizer_dir), lora, scale
+
+
 class Generator:
     """A loaded model (and adapter) that completes prompts given as token ids."""
 
     def __init__(self, model: str, dtype="float32", adapter=None, quant="none", allow_pickle=False):
-        quantizer = make_quantizer(quant)  # None for "none"; UserError for an unknown method
-        m = load_model(model, dtype=dtype, allow_pickle=allow_pickle, quantizer=quantizer)
-        self.tokenizer = load_tokenizer(m.path)
-        self.lora, self.scale = None, 1.0
-        if adapter is not None:
-            self.lora, lora_cfg = load_peft_adapter(adapter, m.config)
-            self.scale = lora_scale(m.config, lora_cfg)
-            params, self.lora = with_embeddings(m.params, self.lora)
-            m = dataclasses.replace(m, params=params)
-        self.model = m
+        self.model, self.tokenizer, self.lora, self.scale = load_with_adapter(
+            model, dtype, adapter, quant, allow_pickle
+        )
 
     def complete(self, texts: list[str], max_new_tokens: int, **kw) -> list[str]:
         """The new text after each rendered prompt (special tokens dropped)."""
@@ -125,15 +135,7 @@ def run_generation(
         texts = [render_prompt(fmt, p, gen.tokenizer, chat_template) for p in prompts]
         kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         return gen.complete(texts, max_new_tokens, **kw)
-    quantizer = make_quantizer(quant)  # None for "none"; UserError for an unknown method
-    m = load_model(model, dtype=dtype, allow_pickle=allow_pickle, quantizer=quantizer)
-    tokenizer = load_tokenizer(m.path)
-    lora, scale = None, 1.0
-    if adapter is not None:
-        lora, lora_cfg = load_peft_adapter(adapter, m.config)
-        scale = lora_scale(m.config, lora_cfg)
-        params, lora = with_embeddings(m.params, lora)  # trainable tokens / modules_to_save, if any
-        m = dataclasses.replace(m, params=params)
+    m, tokenizer, lora, scale = load_with_adapter(model, dtype, adapter, quant, allow_pickle)
     return generate_text(
         m,
         tokenizer,

@@ -116,6 +116,12 @@ class DataConfig(Section):
         None,
         description="Jinja chat template text, or a path to a .jinja file; null = the tokenizer's template",
     )
+    add_special_tokens: listing(NonBlank) = Field(
+        (),
+        description="tokens added to the tokenizer as special tokens (e.g. chat markers); the embedding "
+        "grows to fit as transformers' resize_token_embeddings does; train their rows with "
+        "lora.trainable_token_indices or lora.modules_to_save",
+    )
     skip_invalid: Bool = Field(
         False, description="skip malformed records (counted and reported) instead of failing"
     )

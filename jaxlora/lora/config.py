@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from jaxlora.schema import Bool, Float, Int, Invalid, Section, Str, listing
+from jaxlora.schema import Bool, Float, Int, Invalid, NonBlank, Section, Str, listing
 
 __all__ = ["LoraConfig"]
 
@@ -74,9 +74,10 @@ class LoraConfig(Section):
     lora_bias: Bool = Field(
         False, description="a trained bias on lora_B, as PEFT's lora_bias (only layers with a bias)"
     )
-    trainable_token_indices: listing(Int) | None = Field(
+    trainable_token_indices: listing(Int | NonBlank) | None = Field(
         None,
-        description="token ids whose input-embedding rows train (PEFT trainable tokens; tied: the head too)",
+        description="token ids, or token texts such as data.add_special_tokens, whose input-embedding rows "
+        "train (PEFT trainable tokens; tied: the head too)",
     )
     modules_to_save: listing(Str) | None = Field(
         None,

@@ -5,6 +5,7 @@ Hugging Face export (`save_merged`, on the host one layer at a time, so the expo
 the model on the device).
 """
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -144,6 +145,9 @@ def save_merged(
     lora = lora or {}
     cfg = model.config
     params, lora = with_embeddings(model.params, lora)  # trainable token rows written into the embedding
+    vocab = params["embed"]["embedding"].shape[0]  # a resized vocabulary the adapter carries
+    if vocab != cfg.vocab_size:
+        cfg = dataclasses.replace(cfg, vocab_size=vocab)
     layers = params["layers"]
     for group, mods in lora.items():
         for name, ab in mods.items():

@@ -10,6 +10,11 @@
 
 With tied embeddings there is one copy, "embed", read by the LM head too (PEFT's `ensure_weight_tying`).
 
+A vocabulary grown for added tokens (`data.add_special_tokens`, `models.vocab`): the base's grown embedding
+layers, frozen, which PEFT's `save_embedding_layers` writes into an adapter file and loads over the base's.
+
+    lora["resized_vocab"] = {"embed": [V', D], "lm_head": [D, V'] (untied only)}   (imported trees only)
+
 PEFT's `TrainableTokensLayer` keeps the new rows themselves (its `trainable_tokens_delta` [k, D] is written
 over the embedding with `index_copy`), and so does jaxlora: `with_embeddings` writes them into a copy of
 `params["embed"]["embedding"]` before the forward pass, outside the decoder, so gradients reach those rows
@@ -28,7 +33,8 @@ from jaxlora.quant import as_kernel
 
 TOKENS = "embed"
 MODULES = "modules_to_save"
-EXTRA_KEYS = (TOKENS, MODULES)  # top-level tree keys that are not per-layer groups
+RESIZED = "resized_vocab"
+EXTRA_KEYS = (TOKENS, MODULES, RESIZED)  # top-level tree keys that are not per-layer groups
 _EMBED_NAMES, _HEAD_NAMES = ("embed_tokens", "wte"), ("lm_head",)
 
 
@@ -49,6 +55,12 @@ def peft_tokens_key(cfg: DecoderConfig) -> str:
 
 
 def check_indices(cfg: DecoderConfig, indices) -> list[int]:
+    texts = [i for i in indices if isinstance(i, str)]
+    if texts:
+        raise UserError(
+            f"lora.trainable_token_indices {texts}: token texts are turned into ids by the run's tokenizer "
+            "(jaxlora train); pass token ids here"
+        )
     indices = [int(i) for i in indices]
     bad = [i for i in indices if not 0 <= i < cfg.vocab_size]
     if bad or len(set(indices)) != len(indices):
@@ -97,12 +109,27 @@ def init_modules(cfg: DecoderConfig, params: dict, names) -> dict:
     return out
 
 
+def resized_entry(params: dict, cfg: DecoderConfig) -> dict:
+    """The `lora["resized_vocab"]` entry for base `params` whose vocabulary was grown: float32 copies of
+    the embedding [V', D] and, untied, the LM head [D, V']."""
+    out = {"embed": jnp.asarray(params["embed"]["embedding"], jnp.float32)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head"] = as_kernel(params["lm_head"]["kernel"], jnp.float32)
+    return out
+
+
 def with_embeddings(params: dict, lora: dict | None) -> tuple[dict, dict | None]:
     """(params with the trained embedding copies and token rows written in, the LoRA tree without them);
     both as given when `lora` has neither. Call it before `forward` (the decoder scans `lora`)."""
     if not lora or not any(k in lora for k in EXTRA_KEYS):
         return params, lora
     params = dict(params)
+    resized = lora.get(RESIZED, {})  # the base's grown layers replace its own
+    if "embed" in resized:
+        emb = params["embed"]["embedding"]
+        params["embed"] = {**params["embed"], "embedding": resized["embed"].astype(emb.dtype)}
+    if "lm_head" in resized:
+        params["lm_head"] = {**params["lm_head"], "kernel": resized["lm_head"]}
     copies = lora.get(MODULES, {})
     if "embed" in copies:
         emb = params["embed"]["embedding"]

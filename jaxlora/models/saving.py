@@ -170,6 +170,8 @@ def save_pretrained(
         if key in conf:
             conf[key] = dtype
     conf.pop("quantization_config", None)
+    if conf.get("vocab_size") not in (None, cfg.vocab_size):  # tokens were added
+        conf["vocab_size"] = cfg.vocab_size
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
     if (source / "generation_config.json").is_file():
         shutil.copyfile(source / "generation_config.json", out / "generation_config.json")

@@ -270,14 +270,18 @@ class Plan:
 
     # --- compiling ------------------------------------------------------------------------------
 
-    def compile_train_step(self, step_fn, lora_s, opt_s, base_s):
-        """`step_fn(lora, opt_state, base, batch, rng, lora_scale)` compiled for this plan, with the LoRA
-        and optimizer buffers donated; returns state with the given shardings and replicated metrics."""
+    def compile_train_step(self, step_fn, lora_s, opt_s, base_s, extra_s=()):
+        """`step_fn(lora, opt_state, base, batch, rng, lora_scale, *extra)` compiled for this plan, with the
+        LoRA and optimizer buffers donated; returns state with the given shardings and replicated metrics.
+
+        `extra_s`: the shardings of each extra argument (frozen array trees the step reads, e.g. DPO's
+        reference adapter), one tree per argument; under pmap every extra argument is replicated."""
+        extra_s = tuple(extra_s)
         if self.strategy == "pmap":
             pmapped = jax.pmap(
                 step_fn,
                 axis_name=PMAP_AXIS,
-                in_axes=(None, None, None, 0, None, None),
+                in_axes=(None, None, None, 0, None, None) + (None,) * len(extra_s),
                 out_axes=(None, None, None),
                 donate_argnums=(0, 1),
             )
@@ -294,26 +298,35 @@ class Plan:
         rep = self.replicated
         return jax.jit(
             step_fn,
-            in_shardings=(lora_s, opt_s, base_s, batch_s, rep, rep),
+            in_shardings=(lora_s, opt_s, base_s, batch_s, rep, rep, *extra_s),
             out_shardings=(lora_s, opt_s, rep),
             donate_argnums=(0, 1),
         )
 
-    def compile_eval_step(self, eval_fn, lora_s, base_s):
-        """`eval_fn(lora, base, batch [B, T], lora_scale) -> (loss_sum, count)` compiled for this plan."""
+    def compile_eval_step(self, eval_fn, lora_s, base_s, extra_s=()):
+        """`eval_fn(lora, base, batch [B, T], lora_scale, *extra) -> (loss_sum, count)` compiled for this
+        plan; `extra_s` as for `compile_train_step`."""
+        extra_s = tuple(extra_s)
         if self.strategy == "pmap":
-            return jax.pmap(eval_fn, axis_name=PMAP_AXIS, in_axes=(None, None, 0, None), out_axes=None)
+            in_axes = (None, None, 0, None) + (None,) * len(extra_s)
+            return jax.pmap(eval_fn, axis_name=PMAP_AXIS, in_axes=in_axes, out_axes=None)
         batch_s = self.sharding(("batch", None), (self.batch_size, 1))
         rep = self.replicated
-        return jax.jit(eval_fn, in_shardings=(lora_s, base_s, batch_s, rep), out_shardings=rep)
+        return jax.jit(eval_fn, in_shardings=(lora_s, base_s, batch_s, rep, *extra_s), out_shardings=rep)
 
-    def compile_steps(self, train_step, eval_step, base, lora, opt_state) -> tuple[Callable, Callable]:
+    def compile_steps(
+        self, train_step, eval_step, base, lora, opt_state, extra: tuple = ()
+    ) -> tuple[Callable, Callable]:
         """Both steps compiled for this plan (`compile_train_step`, `compile_eval_step`), for state that
-        `place_base` and `place_train_state` placed: the shardings are read off those arrays."""
-        base_s, lora_s, opt_s = (jax.tree.map(lambda x: x.sharding, t) for t in (base, lora, opt_state))
+        `place_base` and `place_train_state` placed: the shardings are read off those arrays. `extra`: more
+        placed trees that both steps take after `lora_scale`, in order (their shardings are read off them).
+        """
+        base_s, lora_s, opt_s, *extra_s = (
+            jax.tree.map(lambda x: x.sharding, t) for t in (base, lora, opt_state, *extra)
+        )
         return (
-            self.compile_train_step(train_step, lora_s, opt_s, base_s),
-            self.compile_eval_step(eval_step, lora_s, base_s),
+            self.compile_train_step(train_step, lora_s, opt_s, base_s, extra_s),
+            self.compile_eval_step(eval_step, lora_s, base_s, extra_s),
         )
 
     # --- host side ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from jaxlora.errors import UserError
 from jaxlora.models import load_tokenizer
 from jaxlora.models.config import config_from_hf, read_hf_config
 from jaxlora.models.loading import resolve_model_path
+from jaxlora.train.vocab import add_tokens
 
 # Any one of these makes a folder a tokenizer (fast tokenizers, sentencepiece, BPE, WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
@@ -20,7 +21,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.j
 
 def load_checked_tokenizer(cfg: Config):
     """The run's tokenizer (model.tokenizer, else the model's folder), checked to exist and to fit the
-    model's vocabulary."""
+    model's vocabulary, with `data.add_special_tokens` added."""
     model_dir = resolve_model_path(cfg.model.path, cfg.model.revision)
     source = cfg.model.tokenizer or model_dir
     where = "model.tokenizer" if cfg.model.tokenizer else "model.path"
@@ -41,6 +42,7 @@ def load_checked_tokenizer(cfg: Config):
             f"the tokenizer of {where} {source} has {len(tokenizer)} tokens but the model's vocabulary "
             f"(vocab_size in {model_dir / 'config.json'}) has {vocab}; use the tokenizer made for the model"
         )
+    add_tokens(tokenizer, cfg.data.add_special_tokens)  # the model grows to fit them (`load_base`)
     return tokenizer
 
 

@@ -3,7 +3,7 @@
     plan = choose_plan(cfg)                   devices and hosts, checked against the model's config.json
     run = open_run(cfg, resume, plan)         output_dir: claim it, resume or start clean (`run_dir`)
     tokenizer = load_checked_tokenizer(cfg)   the tokenizer, checked against the model (`checks`)
-    base = load_base(cfg, plan)               the frozen base weights, on the devices
+    base = load_base(cfg, plan, vocab)        the frozen base weights (grown for added tokens), on the devices
     data = build_data(cfg, tokenizer, plan)   training batches, validation examples, the number of steps
     run.commit(cfg, plan)                     setup succeeded: config.yaml written, an old run cleaned
     state = build_state(...)                  LoRA and optimizer state, fresh or from a checkpoint (`state`)
@@ -33,6 +33,7 @@ from jaxlora.config import Config
 from jaxlora.data import PAIR_KEYS, BatchLoader, PairLoader, Pairs, build_datasets, build_pairs
 from jaxlora.errors import UserError, note_signal, pending_signal
 from jaxlora.lora import lora_scale
+from jaxlora.lora.tokens import RESIZED, resized_entry
 from jaxlora.models import DecoderConfig, load_model
 from jaxlora.models.config import config_from_hf, read_hf_config
 from jaxlora.models.loading import resolve_model_path
@@ -49,12 +50,12 @@ from jaxlora.train.state import (
     TrainState,
     build_state,
     initial_adapter,
-    load_init_from,
     residual_base,
     save_state,
 )
 from jaxlora.train.step import BATCH_KEYS, StepSpec, make_eval_step, make_train_step
 from jaxlora.train.summary import end_summary, start_summary
+from jaxlora.train.vocab import grow_base, resolve_token_texts, save_run_vocab
 from jaxlora.train.watch import Watch, curves, open_watch
 
 log = logging.getLogger("jaxlora.train")
@@ -84,13 +85,17 @@ def train(cfg: Config, *, resume: bool = False, on_step=None) -> TrainResult:
     run = open_run(cfg, resume, plan)  # decides and checks; writes nothing yet
     try:
         tokenizer = load_checked_tokenizer(cfg)
-        base = load_base(cfg, plan)
+        base = load_base(cfg, plan, len(tokenizer))
+        resolved = resolve_token_texts(cfg, tokenizer, base.vocab_before)  # token texts -> ids
         data = build_data(cfg, tokenizer, plan)
         check_schedule(cfg.train, data.total_steps)
     except BaseException:
         run.abandon()  # a failed setup leaves the folder as it found it
         raise
-    run.commit(cfg, plan)
+    run.commit(cfg, plan)  # config.yaml keeps the texts as written
+    cfg = resolved
+    if run.main and cfg.data.add_special_tokens:
+        save_run_vocab(run.path, tokenizer, base.rows, base.vocab_before)
     try:
         optimizer, schedule = make_optimizer(cfg.train, data.total_steps)
         ckpt = Checkpointer(run.path / "checkpoints", cfg.checkpoint.keep)
@@ -105,7 +110,9 @@ def train(cfg: Config, *, resume: bool = False, on_step=None) -> TrainResult:
         progress.say(start_summary(cfg, plan, base, data, state.lora, data.total_steps, state.step))
         watch = open_watch(cfg, run, ckpt, tokenizer, data.val)
         state, stopped_by = run_loop(cfg, plan, state, steps, data, ckpt, progress, watch)
-        return finish(cfg, run, plan, state, steps, data, ckpt, progress, stopped_by, initial, watch)
+        return finish(
+            cfg, run, plan, state, steps, data, ckpt, progress, stopped_by, initial, watch, tokenizer
+        )
     finally:
         run.release()
 
@@ -136,11 +143,14 @@ class Base(NamedTuple):
     config: DecoderConfig
     path: Path  # the local folder (the tokenizer's default)
     name: str  # as configured (hub id or path): recorded in the adapter
+    vocab_before: int  # the checkpoint's vocabulary; config.vocab_size is larger when tokens were added
+    rows: dict | None = None  # then the rows drawn for them: {"embed": [k, D], "lm_head": [k, D] (untied)}
 
 
-def load_base(cfg: Config, plan: Plan) -> Base:
-    """Load (and quantize, with `quant.weights`) the base model, then place it as the plan says; the host
-    copy of the weights is dropped."""
+def load_base(cfg: Config, plan: Plan, vocab_size: int = 0) -> Base:
+    """Load (and quantize, with `quant.weights`) the base model, grow its vocabulary to `vocab_size` (the
+    tokenizer's, with `data.add_special_tokens`) when that is larger, then place it as the plan says; the
+    host copy of the weights is dropped."""
     q = cfg.quant
     quantizer = None if q.weights == "none" else make_quantizer(q.weights, q.block_size, tuple(q.skip))
     with plan.host_loading():
@@ -155,7 +165,10 @@ def load_base(cfg: Config, plan: Plan) -> Base:
             quantizer=quantizer,
             random_init_seed=cfg.seed if cfg.model.random_init else None,
         )
-    return Base(plan.place_base(model.params), model.config, model.path, model.name_or_path)
+        before, rows = model.config.vocab_size, None
+        if vocab_size > before:
+            model, rows = grow_base(model, vocab_size, cfg.seed)
+    return Base(plan.place_base(model.params), model.config, model.path, model.name_or_path, before, rows)
 
 
 @dataclasses.dataclass
@@ -239,19 +252,20 @@ class Steps:
 
     plan: Plan
     base: Base
-    train_fn: Callable  # (lora, opt_state, base, batch, rng, scale) -> (lora, opt_state, metrics)
-    eval_fn: Callable  # (lora, base, batch, scale) -> (loss_sum, count)
+    train_fn: Callable  # (lora, opt_state, base, batch, rng, scale, *extra) -> (lora, opt_state, metrics)
+    eval_fn: Callable  # (lora, base, batch, scale, *extra) -> (loss_sum, count)
     scale: jax.Array  # [L] alpha / r on adapted layers, else 0; replicated
     key: jax.Array  # the run's key, replicated
     fold_in: Callable  # (key, step) -> the step's key, replicated
     keys: tuple[str, ...] = BATCH_KEYS  # the batch arrays the steps read (`PAIR_KEYS` for DPO/ORPO)
+    extra: tuple = ()  # frozen trees the steps take last: (DPO's reference adapter,) or none
 
     def train(self, state: TrainState, micro: list[dict]) -> tuple[TrainState, dict]:
         """One optimizer step over `micro`, this process's rows of `grad_accum_steps` micro-batches."""
         batch = self.plan.put_batch({k: np.stack([m[k] for m in micro]) for k in self.keys})
         rng = self.fold_in(self.key, state.step)
         lora, opt_state, metrics = self.train_fn(
-            state.lora, state.opt_state, self.base.params, batch, rng, self.scale
+            state.lora, state.opt_state, self.base.params, batch, rng, self.scale, *self.extra
         )
         return dataclasses.replace(state, lora=lora, opt_state=opt_state, step=state.step + 1), metrics
 
@@ -259,14 +273,15 @@ class Steps:
         """(loss sum, token count), or a dict of sums and "count" (DPO/ORPO), over one validation batch
         (this process's rows of it)."""
         batch = self.plan.put_eval_batch({k: batch[k] for k in self.keys})
-        return self.eval_fn(lora, self.base.params, batch, self.scale)
+        return self.eval_fn(lora, self.base.params, batch, self.scale, *self.extra)
 
 
 def compile_steps(
     cfg: Config, base: Base, optimizer: optax.GradientTransformation, state: TrainState, plan: Plan
 ) -> Steps:
     """The one train step and the eval step (`jaxlora.train.step`) compiled for the plan and the shardings
-    of `base` and `state`."""
+    of `base` and `state`. DPO against its initial adapter passes `state.reference` to both steps as
+    their last argument (`ref_lora`), as the plan's `extra`."""
     model = base.config.with_runtime(packed=cfg.data.packing)  # static: may attention kernels see packing?
     aux = model.router_aux_loss_coef if cfg.train.moe_aux_loss else 0.0  # MoE load balancing, as HF
     spec = StepSpec(model, cfg.lora.dropout, cfg.train.loss_chunk_size, aux)
@@ -280,22 +295,14 @@ def compile_steps(
         prefs = PrefSpec(cfg.train.objective, p.beta, p.loss_type, p.label_smoothing, p.orpo_alpha)
         train_step = make_pref_train_step(spec, prefs, optimizer, plan.axis_name)
         eval_step, keys = make_pref_eval_step(spec, prefs, plan.axis_name), PAIR_KEYS
+    extra = () if state.reference is None else (state.reference,)  # DPO's frozen initial adapter
     train_fn, eval_fn = plan.compile_steps(
-        train_step,
-        eval_step,
-        base.params,
-        state.lora,
-        state.opt_state,
+        train_step, eval_step, base.params, state.lora, state.opt_state, extra
     )
     scale = plan.replicate(np.asarray(lora_scale(base.config, cfg.lora), np.float32))
-    if cfg.train.objective == "dpo" and cfg.prefs.reference == "initial_adapter":  # (scale, frozen adapter)
-        ref = jax.tree.map(plan.replicate, load_init_from(cfg.lora, base.config, state.lora))
-        train_c, eval_c = train_fn, eval_fn
-        train_fn = lambda lo, opt, b, batch, rng, s: train_c(lo, opt, b, batch, rng, (s, ref))  # noqa: E731
-        eval_fn = lambda lo, b, batch, s: eval_c(lo, b, batch, (s, ref))  # noqa: E731
     key = rng_from_array(plan.replicate(state.rng))
     fold_in = jax.jit(jax.random.fold_in, out_shardings=plan.replicated)
-    return Steps(plan, base, train_fn, eval_fn, scale, key, fold_in, keys)
+    return Steps(plan, base, train_fn, eval_fn, scale, key, fold_in, keys, extra)
 
 
 def evaluate(cfg: Config, steps: Steps, lora: dict, data: Data) -> dict | None:
@@ -416,11 +423,13 @@ def finish(
     stopped_by: int,
     initial: dict | None = None,
     watch: Watch | None = None,
+    tokenizer=None,
 ) -> TrainResult:
     """Unless a signal stopped the run, evaluate (once per step); save the last checkpoint; unless a
     signal stopped the run, export the PEFT adapter from the last step or, with `checkpoint.export`
     best, from the best checkpoint (a PiSSA/OLoRA one converted against `initial`, so it applies to the
-    original base); close the run's files and write run_state.json."""
+    original base; with the tokenizer, and a grown vocabulary's embedding layers as PEFT saves them); close
+    the run's files and write run_state.json."""
     evaluated = watch is not None and watch.best.last_step == state.step
     if not stopped_by and cfg.train.eval_every_steps is not None and not evaluated:
         _eval_and_watch(cfg, steps, state, data, ckpt, progress, watch)
@@ -428,6 +437,10 @@ def finish(
     adapter_from = None
     if not stopped_by:
         lora = plan.to_host(state.lora)  # a collective when LoRA is sharded over hosts
+        grown = None  # a grown vocabulary: its embedding layers go into the adapter file, as PEFT's
+        if steps.base.rows is not None:
+            layers = {k: v for k, v in steps.base.params.items() if k in ("embed", "lm_head")}
+            grown = resized_entry(plan.to_host(layers), steps.base.config)
         adapter_from = f"last step, {state.step}"
         best_step = watch.best.best_step if watch is not None else None
         from_best = cfg.checkpoint.export == "best" and best_step is not None and best_step != state.step
@@ -436,11 +449,15 @@ def finish(
         if run.main:
             if from_best:
                 lora, _ = restore_lora(run.path / BEST_DIR)
+            if grown is not None:
+                lora = {**lora, RESIZED: grown}
             base = steps.base
             out = run.path / "adapter"
             save_peft_adapter(
                 out, lora, cfg.lora, base.config, base.name, overwrite=True, initial_lora=initial
             )
+            if tokenizer is not None:  # beside the adapter, as transformers' Trainer saves it
+                tokenizer.save_pretrained(str(out))
     best = watch.best if watch is not None and cfg.checkpoint.keep_best else None
     progress.say(end_summary(run.path, adapter_from, best, curves(run.path)))
     progress.close()

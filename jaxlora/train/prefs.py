@@ -5,13 +5,15 @@ summed over each response's tokens (ORPO and IPO divide by the response length),
 `beta * (policy - reference)` log-ratios. ORPO's NLL term covers the whole chosen sequence, prompt
 included, as TRL's `ORPOTrainer` computes it (`concatenated_forward`). The reference of DPO is the frozen
 base with the adapter off, so there is no second model: one more forward pass of the same weights, under
-`stop_gradient`. With `prefs.reference: initial_adapter` the steps get `lora_scale` as a pair
-(scale, reference LoRA tree): the reference pass is the base plus that frozen adapter, still no copy.
+`stop_gradient`. With `prefs.reference: initial_adapter` the steps take one more argument, `ref_lora`
+(the frozen initial LoRA tree, shaped like `lora`): the reference pass is the base plus that adapter,
+still no copy of the base.
 
 Chosen and rejected sequences share one forward pass, stacked on the batch axis ([2B, T]). The steps
-have the signatures of `jaxlora.train.step`, so every `Plan` compiles them the same way; the batch holds
-the `PAIR_KEYS` arrays ([A, B, T] micro-batches). Gradient accumulation divides by the pairs (and, for
-ORPO's NLL, the chosen sequences' tokens) of all micro-batches, so it equals one large batch.
+have the signatures of `jaxlora.train.step` (plus the optional trailing `ref_lora`, which a `Plan` compiles
+as an `extra` argument), so every `Plan` compiles them the same way; the batch holds the `PAIR_KEYS`
+arrays ([A, B, T] micro-batches). Gradient accumulation divides by the pairs (and, for ORPO's NLL, the
+chosen sequences' tokens) of all micro-batches, so it equals one large batch.
 """
 
 import dataclasses
@@ -129,14 +131,16 @@ def _stacked(batch: dict, key: str) -> jax.Array:
     return jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)  # [2B, T]
 
 
-def pair_terms(lora, base, batch, lora_scale, rng, spec: StepSpec, prefs: PrefSpec, train: bool = True):
+def pair_terms(
+    lora, base, batch, lora_scale, rng, spec: StepSpec, prefs: PrefSpec, train: bool = True, ref_lora=None
+):
     """(objective sums, per-pair metrics, valid [B]) for one [B, T] batch of pairs.
 
     The objective sums are `loss_sum` (over valid pairs) and, for ORPO, `nll_sum` (over the chosen
-    sequences' tokens, prompt included, as TRL); `chosen_tokens` counts those tokens.
+    sequences' tokens, prompt included, as TRL); `chosen_tokens` counts those tokens. `ref_lora`: DPO's
+    frozen reference adapter, None for the base with the adapter off.
     """
     ids, pos, seg, tgt = (_stacked(batch, k) for k in ("input_ids", "positions", "segment_ids", "targets"))
-    lora_scale, ref_lora = lora_scale if isinstance(lora_scale, tuple) else (lora_scale, None)
     params, lo = with_embeddings(base, lora)
     hidden = forward(
         params, spec.model, ids, pos, seg, lora=lo, lora_scale=lora_scale,
@@ -171,11 +175,12 @@ def pair_terms(lora, base, batch, lora_scale, rng, spec: StepSpec, prefs: PrefSp
 def make_pref_train_step(
     spec: StepSpec, prefs: PrefSpec, optimizer: optax.GradientTransformation, axis_name: str | None = None
 ) -> Callable:
-    """`train_step(lora, opt_state, base, batch, rng, lora_scale)` as `jaxlora.train.step`'s, for pairs.
+    """`train_step(lora, opt_state, base, batch, rng, lora_scale, ref_lora=None)` as `jaxlora.train.step`'s,
+    for pairs; `ref_lora` is DPO's frozen reference adapter (None: the adapter off).
 
     The loss is the mean over all pairs of the optimizer step (ORPO: plus the NLL per chosen token)."""
 
-    def train_step(lora, opt_state, base, batch, rng, lora_scale):
+    def train_step(lora, opt_state, base, batch, rng, lora_scale, ref_lora=None):
         accum = batch["chosen_input_ids"].shape[0]
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
@@ -191,7 +196,7 @@ def make_pref_train_step(
         n_pairs, n_chosen = jnp.maximum(pairs, 1.0), jnp.maximum(chosen_tokens, 1.0)
 
         def objective(lora, mb, r):
-            sums, (metrics, valid) = pair_terms(lora, base, mb, lora_scale, r, spec, prefs)
+            sums, (metrics, valid) = pair_terms(lora, base, mb, lora_scale, r, spec, prefs, ref_lora=ref_lora)
             value = sums["loss_sum"] / n_pairs + sums["nll_sum"] / n_chosen
             msum = {k: jnp.sum(jnp.where(valid, v, 0.0)) for k, v in metrics.items()}
             if prefs.objective == "orpo":  # per chosen token, as the loss (and TRL)
@@ -224,12 +229,14 @@ def make_pref_train_step(
 
 
 def make_pref_eval_step(spec: StepSpec, prefs: PrefSpec, axis_name: str | None = None) -> Callable:
-    """`eval_step(lora, base, batch, lora_scale) -> {name: sum over the batch's pairs, "count": pairs}` for a
-    [B, T] batch of pairs (the loop divides the sums over all batches by the total count). `loss` is the
-    batch's loss times its pairs, so the pair-weighted mean of batch losses comes out."""
+    """`eval_step(lora, base, batch, lora_scale, ref_lora=None) -> {name: sum over the batch's pairs, "count":
+    pairs}` for a [B, T] batch of pairs (the loop divides the sums over all batches by the total count).
+    `loss` is the batch's loss times its pairs, so the pair-weighted mean of batch losses comes out."""
 
-    def eval_step(lora, base, batch, lora_scale):
-        sums, (metrics, valid) = pair_terms(lora, base, batch, lora_scale, None, spec, prefs, train=False)
+    def eval_step(lora, base, batch, lora_scale, ref_lora=None):
+        sums, (metrics, valid) = pair_terms(
+            lora, base, batch, lora_scale, None, spec, prefs, train=False, ref_lora=ref_lora
+        )
         out = {k: jnp.sum(jnp.where(valid, v, 0.0)) for k, v in metrics.items()}
         out.update(loss_sum=sums["loss_sum"], nll_sum=sums["nll_sum"], chosen_tokens=sums["chosen_tokens"])
         out["count"] = jnp.sum(valid, dtype=jnp.float32)

@@ -1,13 +1,14 @@
 """The run folder (`output_dir`): claim it, resume a run or start clean, never overwrite unless asked.
 
 What a run leaves there: config.yaml (the resolved config), checkpoints/, metrics.jsonl, tensorboard/,
-adapter/ and run_state.json. Opening a run only decides and checks (nothing is written): the folder is a
-writable directory, and a run being resumed was made with a compatible config (`config_changes`). The
-run's files are written by `RunDir.commit`, once setup (model, tokenizer, data) has succeeded, so a setup
-that fails leaves nothing behind that blocks the corrected rerun. A folder that holds only the files of a
-run stopped before its first checkpoint is such a leftover and is reused. With several processes, every
-process decides whether to resume before process 0 cleans anything; then only process 0 writes here,
-except checkpoints/, which all processes write together (see `jaxlora.train.checkpoint`).
+adapter/ and run_state.json (with `data.add_special_tokens` also tokenizer/ and added_tokens.safetensors).
+Opening a run only decides and checks (nothing is written): the folder is a writable directory, and a run
+being resumed was made with a compatible config (`config_changes`). The run's files are written by
+`RunDir.commit`, once setup (model, tokenizer, data) has succeeded, so a setup that fails leaves nothing
+behind that blocks the corrected rerun. A folder that holds only the files of a run stopped before its
+first checkpoint is such a leftover and is reused. With several processes, every process decides whether
+to resume before process 0 cleans anything; then only process 0 writes here, except checkpoints/, which
+all processes write together (see `jaxlora.train.checkpoint`).
 """
 
 import dataclasses
@@ -36,6 +37,8 @@ RUN_FILES = (
     BEST_DIR,
     "samples.jsonl",
     "wandb",
+    "tokenizer",  # data.add_special_tokens: the run's tokenizer and the rows drawn for the new tokens
+    "added_tokens.safetensors",
 )
 LOCK = ".jaxlora.lock"  # the pid and host of the run that holds the folder
 

@@ -1,8 +1,10 @@
 """The training state: what a checkpoint holds and each step advances.
 
 `TrainState` is the LoRA tree and its optimizer state (on the devices, as the plan placed them), the
-run's PRNG key and the number of steps done. Step `i` draws its dropout key as `fold_in(key, i)`, so the
-key never changes and a resumed run draws the same masks as one that was never stopped.
+run's PRNG key and the number of steps done; a DPO run against its initial adapter also keeps that frozen
+adapter (`reference`, not checkpointed: it is read from `lora.init_from`, on resume too). Step `i` draws
+its dropout key as `fold_in(key, i)`, so the key never changes and a resumed run draws the same masks as
+one that was never stopped.
 """
 
 import dataclasses
@@ -20,7 +22,7 @@ from jaxlora.data import BatchLoader
 from jaxlora.errors import UserError
 from jaxlora.lora import LoraConfig, init_lora, lora_scale, unmerge
 from jaxlora.lora.pissa import is_base_changing
-from jaxlora.lora.tokens import EXTRA_KEYS
+from jaxlora.lora.tokens import EXTRA_KEYS, RESIZED
 from jaxlora.models.config import DecoderConfig
 from jaxlora.parallel import Plan
 from jaxlora.peft import load_peft_adapter
@@ -35,6 +37,8 @@ class TrainState:
     opt_state: Any  # the optimizer's state of `lora`
     rng: np.ndarray  # the run's key as raw uint32 data (host), as checkpoints hold it
     step: int = 0  # steps done
+    reference: dict | None = None  # DPO's frozen reference adapter (prefs.reference: initial_adapter),
+    # shaped and placed like `lora` in buffers of its own (the train step donates `lora`'s); else None
 
     def arrays(self) -> dict:
         """What a checkpoint saves (the step and the data position go in its metadata)."""
@@ -54,19 +58,32 @@ def build_state(
     """A fresh LoRA (B = 0) and optimizer state placed by `plan`, or with `resuming` the latest checkpoint
     read into those shardings (whatever the mesh of the run that saved it), `loader` moved to its data
     position. `base_params` (the frozen weights) are needed by `lora.use_dora` (magnitudes = ||W||).
-    A fresh run with `lora.init_from` starts from that adapter instead (`load_init_from`)."""
+    A fresh run with `lora.init_from` starts from that adapter instead (`load_init_from`), read once: a
+    DPO run with `prefs.reference: initial_adapter` keeps it as the `reference` (resuming, it is read
+    from `lora.init_from` again: the checkpoint holds the trained adapter, not the initial one)."""
     key = jax.random.key(cfg.seed)
     lora = init_lora(model, cfg.lora, jax.random.fold_in(key, 1), params=base_params)
-    if cfg.lora.init_from is not None and not resuming:
-        lora = load_init_from(cfg.lora, model, lora)
+    initial = None
+    if cfg.lora.init_from is not None and (not resuming or _wants_reference(cfg)):
+        initial = load_init_from(cfg.lora, model, lora)
+    reference = None
+    if _wants_reference(cfg):  # a host copy placed apart: `lora`'s buffers are donated by the train step
+        reference = plan.place(jax.tree.map(np.array, initial), plan.lora_shardings(initial))
+    if initial is not None and not resuming:
+        lora = initial
     lora, opt_state = plan.place_train_state(lora, optimizer.init)
-    state = TrainState(lora, opt_state, rng_to_array(key))
+    state = TrainState(lora, opt_state, rng_to_array(key), reference=reference)
     if not resuming:
         return state
     step = ckpt.latest_step()
     saved, meta = ckpt.restore(step, state.arrays())  # target shardings: this plan's
     loader.restore(meta["data"])
-    return TrainState(saved["lora"], saved["opt_state"], np.asarray(saved["rng"]), step)
+    return TrainState(saved["lora"], saved["opt_state"], np.asarray(saved["rng"]), step, reference)
+
+
+def _wants_reference(cfg: Config) -> bool:
+    """Whether the run is DPO against its frozen initial adapter (the config checks `lora.init_from`)."""
+    return cfg.train.objective == "dpo" and cfg.prefs.reference == "initial_adapter"
 
 
 def load_init_from(lora_cfg: LoraConfig, model: DecoderConfig, fresh: dict) -> dict:
@@ -88,6 +105,12 @@ def load_init_from(lora_cfg: LoraConfig, model: DecoderConfig, fresh: dict) -> d
             tree, _ = load_peft_adapter(where / "adapter", model)
         else:
             raise UserError(f"{what}: the run folder has no checkpoint and no adapter/ yet")
+    resized = tree.pop(RESIZED, None)  # the grown embedding layers of an adapter trained with added tokens
+    if resized is not None and resized["embed"].shape[0] != model.vocab_size:
+        raise UserError(
+            f"{what}: the adapter is for a vocabulary of {resized['embed'].shape[0]} tokens (tokens were "
+            f"added in its training), this run's has {model.vocab_size}; set data.add_special_tokens to them"
+        )
     if r != lora_cfg.r or float(alpha) != float(lora_cfg.alpha):
         raise UserError(
             f"{what}: the adapter has r={r}, alpha={alpha} but this run has lora.r={lora_cfg.r}, "

@@ -9,10 +9,11 @@ Layout (what `PeftModel.save_pretrained` writes for a causal LM; module names fr
 e.g. `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`. GPT-2's Conv1D layers store their
 base weight as [in, out] (`fan_in_fan_out: true`), but PEFT's lora_A/lora_B are plain `nn.Linear`s there
 too, so the adapter tensors have the same [r, in] / [out, r] shapes for every family. Only the adapted
-layers (`layers_to_transform`) are written.
+layers (`layers_to_transform`) are written. Trainable token rows, modules_to_save copies and a resized
+vocabulary's embedding layers are the file's embedding side (`jaxlora.peft_embed`); MoE experts are PEFT
+`target_parameters` (`jaxlora.peft_moe`).
 """
 
-import dataclasses
 import json
 import os
 import re
@@ -32,13 +33,6 @@ from jaxlora.lora.pissa import convert_to_lora, is_base_changing
 from jaxlora.lora.tokens import (
     EXTRA_KEYS,
     MODULES,
-    RESIZED,
-    TOKENS,
-    check_indices,
-    embed_module,
-    peft_module_key,
-    peft_tokens_key,
-    saved_modules,
 )
 from jaxlora.models.config import DecoderConfig
 from jaxlora.models.safetensors_io import SafetensorsFile, write_safetensors
@@ -50,6 +44,7 @@ from jaxlora.models.spec import (
     param_targets,
     target_names,
 )
+from jaxlora.peft_embed import embedding_tensors, read_embeddings
 from jaxlora.peft_moe import (
     param_config,
     param_peft_key,
@@ -57,7 +52,6 @@ from jaxlora.peft_moe import (
     param_to_peft,
     read_param_targets,
 )
-from jaxlora.peft_vocab import read_resized, resized_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -177,7 +171,6 @@ def save_peft_adapter(
     chosen = [t for t in param_targets(cfg) if t.key[1] in lora.get(t.key[0], {})]
     if not paths and not chosen:
         raise UserError("the LoRA tree is empty: nothing to export")
-    tokens, copies = jax.device_get(lora.get(TOKENS)), jax.device_get(lora.get(MODULES))
     if initial_lora is not None:
         if not is_base_changing(getattr(lora_cfg, "init", "default")):
             raise UserError("initial_lora is only for a PiSSA/OLoRA adapter (lora.init pissa*, olora)")
@@ -230,19 +223,9 @@ def save_peft_adapter(
                 )
                 tensors[param_peft_key(t, chosen, i, "A")] = np.ascontiguousarray(a)
                 tensors[param_peft_key(t, chosen, i, "B")] = np.ascontiguousarray(b)
-    if tokens is not None:  # the rows themselves, as PEFT's trainable_tokens_delta [k, D]
-        tensors[peft_tokens_key(cfg)] = np.asarray(tokens["rows"], np.float32)
-        config["trainable_token_indices"] = [int(i) for i in np.asarray(tokens["token_ids"])]
-    if copies:  # full copies, torch layout [V, D]; tied: the one copy under both names, as PEFT saves it
-        names = {"embed": embed_module(cfg).rsplit(".", 1)[-1], "lm_head": "lm_head"}
-        for key, value in copies.items():
-            tensors[peft_module_key(cfg, key)] = np.asarray(value if key == "embed" else value.T, np.float32)
-        if cfg.tie_word_embeddings:
-            tensors[peft_module_key(cfg, "lm_head")] = tensors[peft_module_key(cfg, "embed")]
-            if embed_module(cfg).endswith("embed_tokens"):  # PEFT ties only these names (not GPT-2's wte)
-                config["ensure_weight_tying"] = True
-        config["modules_to_save"] = [names[k] for k in copies]
-    tensors.update(resized_tensors(cfg, jax.device_get(lora)))  # a grown vocabulary's embedding layers
+    extra, extra_config = embedding_tensors(cfg, jax.device_get(lora))  # tokens, copies, a grown vocabulary
+    tensors.update(extra)
+    config.update(extra_config)
     out = prepare_out_dir(out_dir, overwrite)
     tmp = out / (ADAPTER_WEIGHTS + ".tmp")
     write_safetensors(tmp, tensors, metadata={"format": "pt"})
@@ -313,41 +296,6 @@ def read_adapter_config(adapter_dir) -> dict:
     return conf
 
 
-def _read_copies(conf: dict, cfg: DecoderConfig, st: SafetensorsFile, weights: Path) -> dict | None:
-    # cfg.vocab_size: the adapter's vocabulary (a resized one where the file carries it)
-    """The modules_to_save copies of the adapter file, as {"embed": [V, D], "lm_head": [D, V]}, or None."""
-    names = conf.get("modules_to_save")
-    if not names:
-        return None
-    try:
-        keys = saved_modules(cfg, names)
-    except UserError as err:
-        raise UserError(f"{weights.parent / ADAPTER_CONFIG}: {str(err).removeprefix('lora.')}") from None
-    out: dict = {}
-    for key in keys:
-        name = peft_module_key(cfg, key)
-        if name not in st.names():
-            raise UserError(f"{weights}: tensor {name} is missing (modules_to_save {names})")
-        want = (cfg.vocab_size, cfg.hidden_size)
-        if tuple(st.shape(name)) != want:
-            raise UserError(
-                f"{weights}: tensor {name} has shape {list(st.shape(name))}, this model needs {list(want)}"
-            )
-        value = np.asarray(st.get(name), np.float32)
-        out[key] = jax.numpy.asarray(value if key == "embed" else value.T)
-    head = peft_module_key(cfg, "lm_head")
-    if (
-        cfg.tie_word_embeddings
-        and head in st.names()
-        and not np.array_equal(st.get(head), np.asarray(out["embed"]))
-    ):
-        raise UserError(
-            f"{weights}: separate embed_tokens and lm_head copies on a model with tied embeddings; jaxlora "
-            "keeps them tied (PEFT's ensure_weight_tying=True)"
-        )
-    return out
-
-
 def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig]:
     """Read a PEFT LoRA adapter (saved by PyTorch PEFT or by `save_peft_adapter`) for model `cfg`.
 
@@ -389,30 +337,9 @@ def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig
 
     params_lora, param_keys = read_param_targets(conf, cfg, st, weights)
     found: dict[tuple[str, str], dict[int, dict[str, np.ndarray]]] = {}
-    token_ids, tokens = conf.get("trainable_token_indices") or [], None
-    resized, resized_keys = read_resized(conf, cfg, st, weights)  # tokens added to the tokenizer
-    vocab_cfg = cfg if resized is None else dataclasses.replace(cfg, vocab_size=resized["embed"].shape[0])
-    copies = _read_copies(conf, vocab_cfg, st, weights)
+    extras, extra_keys = read_embeddings(conf, cfg, st, weights)  # tokens, copies, a grown vocabulary
     for key in st.names():
-        if key in param_keys or key in resized_keys:
-            continue
-        if copies is not None and key in (peft_module_key(cfg, "embed"), peft_module_key(cfg, "lm_head")):
-            continue
-        if token_ids and key == peft_tokens_key(cfg):
-            try:
-                token_ids = check_indices(vocab_cfg, token_ids)
-            except UserError as err:
-                raise UserError(f"{folder / ADAPTER_CONFIG}: {str(err).removeprefix('lora.')}") from None
-            want = (len(token_ids), cfg.hidden_size)
-            if tuple(st.shape(key)) != want:
-                raise UserError(
-                    f"{weights}: tensor {key} has shape {list(st.shape(key))} but this model needs "
-                    f"{list(want)}"
-                )
-            tokens = {
-                "rows": jax.numpy.asarray(np.asarray(st.get(key), np.float32)),
-                "token_ids": jax.numpy.asarray(np.asarray(token_ids, np.float32)),
-            }
+        if key in param_keys or key in extra_keys:
             continue
         if key not in where:
             raise UserError(
@@ -466,16 +393,7 @@ def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig
         lora.setdefault(group, {})[name] = leaf
     if not found:  # only parameter adapters: every layer
         layers_seen[:] = True
-    if token_ids and tokens is None:
-        raise UserError(
-            f"{weights}: tensor {peft_tokens_key(cfg)} is missing (trainable_token_indices is set)"
-        )
-    if tokens is not None:
-        lora[TOKENS] = tokens
-    if copies is not None:
-        lora[MODULES] = copies
-    if resized is not None:
-        lora[RESIZED] = {k: jax.numpy.asarray(v) for k, v in resized.items()}
+    lora.update(extras)
     paths = [p for p in _modules_by_path(cfg) if p in found]
     try:
         lora_cfg = LoraConfig(
@@ -488,8 +406,8 @@ def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig
             layers_to_transform=None if layers_seen.all() else tuple(np.flatnonzero(layers_seen).tolist()),
             use_dora=dora,
             lora_bias=lora_bias,
-            trainable_token_indices=tuple(token_ids) or None,
-            modules_to_save=None if copies is None else tuple(conf["modules_to_save"]),
+            trainable_token_indices=tuple(conf.get("trainable_token_indices") or ()) or None,
+            modules_to_save=tuple(conf["modules_to_save"]) if MODULES in extras else None,
             rank_pattern=rank_pattern,
             alpha_pattern=conf.get("alpha_pattern") or {},
             target_parameters=param_target_names([t for t in param_targets(cfg) if t.key in params_lora])

@@ -9,7 +9,7 @@ FAMILIES = ("llama", "llama_tied_mqa", "mistral", "qwen2", "qwen3", "gpt2")
 # The families of tests/test_families.py (one module-scoped model each, not run through every test above).
 NEW_FAMILIES = ("gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3")
 # Mixture-of-experts families (tests/test_moe.py): 8 experts, top-2.
-MOE_FAMILIES = ("mixtral", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
 # stories260K's tokenizer, copied beside a tiny checkpoint that a run trains on
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -145,6 +145,17 @@ def _new_family_config(family: str, common: dict):
             num_experts=8,
             num_experts_per_tok=2,
             moe_intermediate_size=24,
+            norm_topk_prob=False,
+        )
+    if family == "qwen2_moe":  # q/k/v biases, top-2 of 8 unrenormalized, a gated shared expert of width 40
+        return AutoConfig.for_model(
+            "qwen2_moe",
+            **common,
+            num_key_value_heads=2,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
             norm_topk_prob=False,
         )
     raise ValueError(family)

@@ -1,5 +1,6 @@
-"""[moe] Mixtral and Qwen3-MoE against transformers and PEFT: logits, aux loss, KV cache, both checkpoint
-layouts, PEFT adapters on attention, router and experts, merged export, int8/NF4 experts, expert mesh.
+"""[moe] Mixtral, Qwen3-MoE and Qwen2-MoE against transformers and PEFT: logits, aux loss, KV cache, both
+checkpoint layouts, PEFT adapters on attention, router, experts and Qwen2-MoE's shared expert, merged
+export, int8/NF4 experts, expert mesh.
 
 One tiny random checkpoint per family (tests/hf_tiny.py: 8 experts, top-2, saved with `save_pretrained`,
 which writes the hub's per-expert layout) is built once per module and serves every check; one 4-device
@@ -20,6 +21,7 @@ from hf_tiny import MOE_FAMILIES, copy_tokenizer, hf_forward, model_cache
 from parallel_driver import MOE_TARGETS, moe_losses
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from safetensors import safe_open
 from safetensors.torch import save_file
 from test_models import padded_batch
 from test_parallel import _drive
@@ -37,6 +39,8 @@ from tiny_checks import kv_cache_gap, merged_export_gap, peft_export_gap
 from jaxlora.errors import UserError
 from jaxlora.lora import LoraConfig, init_lora
 from jaxlora.models import forward, load_model
+from jaxlora.models.config import config_from_hf
+from jaxlora.models.spec import linear_modules
 from jaxlora.peft import load_peft_adapter, save_peft_adapter
 from jaxlora.quant import QuantizedTensor, dequantize, make_quantizer
 from jaxlora.train.flops import train_step_flops
@@ -47,7 +51,9 @@ SETTINGS = {
     "experts": (["q_proj", "v_proj"], list(MOE_TARGETS)),
     "router+down": (["o_proj"], ["mlp.gate.weight", "mlp.experts.down_proj"]),
     # PEFT converts these to target_parameters itself: router and experts, gate_up_proj at rank 2r
+    # (not on qwen2_moe: there all-linear is attention and the shared expert with its gate, as in PEFT 0.21)
     "all-linear": ("all-linear", None),
+    "all-linear+experts": ("all-linear", ["mlp.gate.weight", *MOE_TARGETS]),
 }
 # transformers 4 expert names, which PEFT converts (jaxlora the same way): gate_up_proj at rank 2r
 V4_NAMES = {"mixtral": ["w1", "w3", "w2"], "qwen3_moe": ["q_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -119,6 +125,7 @@ def test_fused_layout_loads_to_the_same_params(family, built, tmp_path):
         ("mixtral", "all-linear"),
         ("qwen3_moe", "all-linear"),
         ("qwen3_moe", "v4 names"),
+        ("qwen2_moe", "all-linear+experts"),
     ],
 )
 def test_peft_round_trips(family, setting, built, tmp_path):
@@ -147,6 +154,8 @@ def test_peft_round_trips(family, setting, built, tmp_path):
     imported = np.abs(jax_logits(model, ids, back, back_cfg) - ref).max()
     print(f"{family} {setting}: exported to PEFT {exported:.2e}, imported from PEFT {imported:.2e}")
     assert exported < 1e-4 and imported < 1e-4
+    # the same modules and parameters adapted, under the same tensor names
+    assert _tensor_names(out) == _tensor_names(tmp_path / "peft")
     if setting != "attention":
         wrote = json.loads((out / "adapter_config.json").read_text())
         peft_wrote = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -155,10 +164,15 @@ def test_peft_round_trips(family, setting, built, tmp_path):
         assert wrote["rank_pattern"] == peft_wrote["rank_pattern"], (wrote["rank_pattern"], peft_wrote)
 
 
+def _tensor_names(folder) -> set[str]:
+    with safe_open(str(folder / "adapter_model.safetensors"), "np") as f:
+        return set(f.keys())
+
+
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_merged_export_loads_in_transformers(family, built, tmp_path):
     _, _, model = built(family)
-    lc = _lora_config(family, "all-linear")
+    lc = _lora_config(family, "all-linear+experts" if family == "qwen2_moe" else "all-linear")
     lora = randomized(init_lora(model.config, lc, jax.random.key(0)), 3)
     diff = merged_export_gap(model, lora, lc, token_ids(model.config.vocab_size), tmp_path / "merged")
     print(f"{family}: merged checkpoint in transformers, max |logits diff| = {diff:.2e}")
@@ -227,6 +241,56 @@ def test_what_peft_cannot_express_is_refused(built):
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="target_parameters"):  # no such linear module: the hint
         init_lora(cfg, LoraConfig(r=4, dropout=0.0, target_modules=("gate_proj",)), key)
+
+
+def test_qwen2_moe_target_selection_matches_peft(built):
+    """PEFT 0.21 converts no transformers 4 names on qwen2_moe: `all-linear` is attention plus the shared
+    expert and its gate (no router, no experts), and `gate_proj`/`up_proj`/`down_proj` name the shared expert
+    only. jaxlora adapts the same modules in every layer."""
+    folder, _, model = built("qwen2_moe")
+    cfg = model.config
+    mods = linear_modules(cfg)
+    for targets in ("all-linear", ["gate_proj", "up_proj", "down_proj"], ["shared_expert_gate", "o_proj"]):
+        made = get_peft_model(hf_model(folder), PeftLoraConfig(r=2, target_modules=targets))
+        assert not made.peft_config["default"].target_parameters
+        theirs = {
+            n.removeprefix("base_model.model.").removesuffix(".lora_A")
+            for n, _ in made.named_modules()
+            if n.endswith(".lora_A")
+        }
+        modules = targets if isinstance(targets, str) else tuple(targets)
+        tree = init_lora(cfg, LoraConfig(r=2, dropout=0.0, target_modules=modules), jax.random.key(0))
+        assert "moe" not in tree
+        ours = {m.hf_prefix.format(i=i) for m in mods if m.key[1] in tree.get(m.key[0], {}) for i in (0, 1)}
+        assert ours == theirs, (targets, sorted(ours ^ theirs))
+    assert "model.layers.1.mlp.shared_expert_gate" in ours
+
+
+def test_qwen2_moe_quantized_shared_expert(built):
+    """NF4 quantizes the shared expert's linears like the experts; the router and the shared expert's gate
+    stay in float."""
+    folder, _, model = built("qwen2_moe")
+    q = load_model(folder, quantizer=make_quantizer("nf4"))
+    layers = q.params["layers"]
+    for group, name in [("shared_expert", "gate_proj"), ("shared_expert", "down_proj"), ("moe", "down_proj")]:
+        assert isinstance(layers[group][name]["kernel"], QuantizedTensor), (group, name)
+    for group in ("shared_expert", "moe"):
+        assert not isinstance(layers[group]["router"]["kernel"], QuantizedTensor)
+    ids = jnp.asarray(token_ids(model.config.vocab_size))
+    deq = jax.tree.map(
+        lambda x: jnp.asarray(dequantize(x, np.float32)) if isinstance(x, QuantizedTensor) else x,
+        q.params,
+        is_leaf=lambda x: isinstance(x, QuantizedTensor),
+    )
+    assert float(jnp.abs(forward(deq, q.config, ids) - forward(q.params, q.config, ids)).max()) < 1e-4
+
+
+@pytest.mark.parametrize("dense", [{"mlp_only_layers": [1]}, {"decoder_sparse_step": 2}])
+def test_qwen2_moe_dense_layers_are_refused(dense, built):
+    hf = json.loads((built("qwen2_moe")[0] / "config.json").read_text())
+    with pytest.raises(UserError, match="dense layers") as err:
+        config_from_hf({**hf, **dense})
+    assert "\n" not in str(err.value)
 
 
 def test_rank_and_alpha_patterns_on_experts_match_peft(built, tmp_path):

@@ -25,8 +25,10 @@ SUPPORTED_MODEL_TYPES = (
     "smollm3",
     "mixtral",
     "qwen3_moe",
+    "qwen2_moe",
 )
-MOE_TYPES = ("mixtral", "qwen3_moe")  # a mixture-of-experts MLP in every layer (jaxlora.models.moe)
+# a mixture-of-experts MLP in every layer (jaxlora.models.moe); Qwen2-MoE adds a gated shared expert
+MOE_TYPES = ("mixtral", "qwen3_moe", "qwen2_moe")
 MOE_IMPLS = ("auto", "ragged", "dense")  # see DecoderConfig.moe_impl
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 GEMMAS = ("gemma", "gemma2", "gemma3_text")
@@ -116,14 +118,17 @@ class DecoderConfig:
     final_logit_softcap: float = 0.0
     # Attention score scale; 0 = 1 / sqrt(head_dim). Gemma 2/3: query_pre_attn_scalar ** -0.5.
     attn_scale: float = 0.0
-    # Mixture of experts (Mixtral, Qwen3-MoE): 0 experts = the dense MLP. Each token goes to its top
-    # `experts_per_token` experts by router softmax, weights renormalized to sum 1 with `norm_topk_prob`;
-    # each expert is a SwiGLU MLP of width `moe_intermediate_size`.
+    # Mixture of experts (Mixtral, Qwen3-MoE, Qwen2-MoE): 0 experts = the dense MLP. Each token goes to its
+    # top `experts_per_token` experts by router softmax, weights renormalized to sum 1 with
+    # `norm_topk_prob`; each expert is a SwiGLU MLP of width `moe_intermediate_size`.
     num_experts: int = 0
     experts_per_token: int = 0
     norm_topk_prob: bool = True
     moe_intermediate_size: int = 0
     router_aux_loss_coef: float = 0.0  # HF's load-balancing loss weight (used when training asks for it)
+    # Qwen2-MoE: a SwiGLU shared expert of this width on every token, its output times
+    # sigmoid(shared_expert_gate(x)), added to the routed experts'; 0 = none.
+    shared_expert_intermediate_size: int = 0
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -256,7 +261,7 @@ def _layer_types(hf: dict, num_layers: int) -> list[str] | None:
 def _sliding_windows(hf: dict, num_layers: int) -> tuple[int, ...]:
     window = hf.get("sliding_window")
     mt = hf["model_type"]
-    gated = mt in ("qwen2", "qwen3", "qwen3_moe", "smollm3")  # a window only with use_sliding_window
+    gated = mt in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "smollm3")  # only with use_sliding_window
     if not window or (gated and not hf.get("use_sliding_window", False)):
         return (0,) * num_layers
     layer_types = _layer_types(hf, num_layers)
@@ -265,6 +270,9 @@ def _sliding_windows(hf: dict, num_layers: int) -> tuple[int, ...]:
     if mt in ("qwen2", "qwen3"):
         first_full = hf.get("max_window_layers", num_layers)
         return tuple(int(window) if i >= first_full else 0 for i in range(num_layers))
+    if mt == "qwen2_moe":  # transformers 5's default layer_types: even layers below max_window_layers
+        last = hf.get("max_window_layers", 28)
+        return tuple(int(window) if i % 2 == 0 and i < last else 0 for i in range(num_layers))
     return (int(window),) * num_layers
 
 
@@ -317,7 +325,8 @@ def _family_switches(hf: dict) -> dict:
 
 
 def _moe_switches(hf: dict) -> dict:
-    """Mixtral's and Qwen3-MoE's experts: count, top-k, renormalization, width, aux-loss weight."""
+    """Mixtral's, Qwen3-MoE's and Qwen2-MoE's experts: count, top-k, renormalization, width, aux-loss
+    weight, and Qwen2-MoE's shared expert."""
     mt = hf["model_type"]
     experts = hf.get("num_local_experts") or hf.get("num_experts")  # transformers 5 / hub Qwen3-MoE
     if not experts or experts < 2:
@@ -325,21 +334,37 @@ def _moe_switches(hf: dict) -> dict:
     top_k = int(hf.get("num_experts_per_tok", 2))
     if not 1 <= top_k <= experts:
         raise UserError(f"config.json: num_experts_per_tok {top_k} must be between 1 and {experts}")
-    if mt == "qwen3_moe" and (hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1):
+    if mt != "mixtral" and (hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1):
         raise UserError(
-            "config.json: qwen3_moe with dense layers (mlp_only_layers, decoder_sparse_step != 1) is not "
+            f"config.json: {mt} with dense layers (mlp_only_layers, decoder_sparse_step != 1) is not "
             "supported; every layer must be a mixture of experts"
         )
     if hf.get("router_jitter_noise"):
         raise UserError("config.json: router_jitter_noise is not supported; set it to 0")
     width = hf["intermediate_size"] if mt == "mixtral" else hf["moe_intermediate_size"]
-    return {
+    out = {
         "num_experts": int(experts),
         "experts_per_token": top_k,
         "norm_topk_prob": True if mt == "mixtral" else bool(hf.get("norm_topk_prob", False)),
         "moe_intermediate_size": int(width),
         "router_aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.001)),
     }
+    if mt == "qwen2_moe":
+        shared = hf.get("shared_expert_intermediate_size")
+        if not isinstance(shared, int) or shared < 1:
+            raise UserError(
+                f"config.json: qwen2_moe needs shared_expert_intermediate_size >= 1, got {shared!r}"
+            )
+        out["shared_expert_intermediate_size"] = shared
+    return out
+
+
+def _qkv_bias(hf: dict) -> bool:
+    """q/k/v biases: always in Qwen2, Qwen2-MoE's `qkv_bias` (default true), else `attention_bias`."""
+    mt = hf["model_type"]
+    if mt == "qwen2_moe":
+        return bool(hf.get("qkv_bias", True))
+    return mt == "qwen2" or bool(hf.get("attention_bias", False))
 
 
 def config_from_hf(hf: dict) -> DecoderConfig:
@@ -402,7 +427,7 @@ def config_from_hf(hf: dict) -> DecoderConfig:
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=switches.pop("tie_word_embeddings", hf.get("tie_word_embeddings", False)),
-        qkv_bias=mt == "qwen2" or hf.get("attention_bias", False),
+        qkv_bias=_qkv_bias(hf),
         o_bias=mt != "qwen2" and hf.get("attention_bias", False),
         mlp_bias=hf.get("mlp_bias", False),
         qk_norm=switches.pop("qk_norm", mt in ("qwen3", "qwen3_moe")),

@@ -15,7 +15,9 @@ run with `jax.lax.scan`, so compile time does not grow with depth (`cfg.scan_lay
         "mlp": {"gate_proj" | "up_proj" | "down_proj" | "c_fc" | "c_proj" | "gate_up_proj":
                      {"kernel": [L, in, out], "bias"?}},
         "moe"?: {"router": {"kernel": [L, D, E]}, "gate_up_proj" | "down_proj": {"kernel": [L, E, in, out]}}
-                 (Mixtral, Qwen3-MoE: instead of "mlp"; see `jaxlora.models.moe`),
+                 (Mixtral, Qwen3-MoE, Qwen2-MoE: instead of "mlp"; see `jaxlora.models.moe`),
+        "shared_expert"?: {"gate_proj" | "up_proj" | "down_proj": {"kernel": [L, in, out]},
+                           "router": {"kernel": [L, D, 1]}}   (Qwen2-MoE; "router" = shared_expert_gate)
       },
       "final_norm": {"scale": [D], "bias"?},  "lm_head": {"kernel": [D, V]}  (absent when tied)
     }
@@ -83,6 +85,10 @@ DROPOUT_STREAMS = {
     ("mlp", "up_proj"): 5,
     ("mlp", "down_proj"): 6,
     ("mlp", "c_proj"): 6,
+    ("shared_expert", "gate_proj"): 7,
+    ("shared_expert", "up_proj"): 8,
+    ("shared_expert", "down_proj"): 9,
+    ("shared_expert", "router"): 10,
 }
 
 
@@ -231,11 +237,18 @@ def block(cfg: DecoderConfig, p: Params, lora: Params | None, h: jax.Array, x: L
     # MLP: (pre-)norm -> gate and up (or GPT-2's c_fc) -> activation -> down -> (post-norm) -> residual.
     m = norm(p["mlp_norm"], h, cfg) if cfg.pre_norm else h  # [B, T, D]
     stats = None
-    if cfg.num_experts:  # Mixtral, Qwen3-MoE: routed experts (jaxlora.models.moe)
+    if cfg.num_experts:  # Mixtral, Qwen3-MoE, Qwen2-MoE: routed experts (jaxlora.models.moe)
         router = partial(linear, dtype=dt, lora_scale=x.lora_scale, product=lora_product_for(cfg))
         moe_lora = (lora or {}).get("moe")
         real = x.segment_ids > 0 if x.cache is None else jnp.ones((b, t), bool)  # [B, T]
         out, stats = moe_mlp(cfg, p["moe"], moe_lora, m, x.lora_scale, real, router)
+        if cfg.shared_expert_intermediate_size:  # Qwen2-MoE: plus sigmoid(gate(m)) * shared SwiGLU(m)
+            gate = checkpoint_name(proj("shared_expert", "gate_proj", m), "mlp_gate")  # [B, T, FS]
+            up = checkpoint_name(proj("shared_expert", "up_proj", m), "mlp_up")  # [B, T, FS]
+            act = (jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(dt)
+            shared = proj("shared_expert", "down_proj", act).astype(F32)  # [B, T, D]
+            weight = jax.nn.sigmoid(proj("shared_expert", "router", m).astype(F32))  # [B, T, 1]
+            out = (out.astype(F32) + weight * shared).astype(dt)
     elif cfg.activation in ("silu", "gelu_tanh"):  # gated: act(gate) * up
         if cfg.fused_gate_up:  # Phi-3's gate_up_proj: [gate; up]
             gate, up = jnp.split(checkpoint_name(proj("mlp", "gate_up_proj", m), "mlp_up"), 2, axis=-1)

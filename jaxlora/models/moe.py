@@ -1,4 +1,5 @@
-"""The mixture-of-experts MLP (Mixtral, Qwen3-MoE): a softmax top-k router and dropless SwiGLU experts.
+"""The mixture-of-experts MLP (Mixtral, Qwen3-MoE, Qwen2-MoE): a softmax top-k router and dropless SwiGLU
+experts. (Qwen2-MoE's shared expert is an ordinary gated MLP, computed beside this one by the decoder.)
 
     params["layers"]["moe"] = {"router": {"kernel": [L, D, E]},
                                "gate_up_proj": {"kernel": [L, E, D, 2F]},   gate columns first, then up

@@ -104,6 +104,11 @@ V, D, I = attrgetter("vocab_size"), attrgetter("hidden_size"), attrgetter("inter
 Q, KV, H = attrgetter("q_dim"), attrgetter("kv_dim"), attrgetter("head_dim")
 P = attrgetter("max_position_embeddings")
 E, FE = attrgetter("num_experts"), attrgetter("moe_intermediate_size")
+FS = attrgetter("shared_expert_intermediate_size")
+
+
+def ONE(cfg: DecoderConfig) -> int:
+    return 1
 
 
 def FE2(cfg: DecoderConfig) -> int:
@@ -264,6 +269,32 @@ QWEN3_MOE = Family(
     buffers=(_ROTARY,),
 )
 
+# Qwen2-MoE: Qwen2's attention (q/k/v biases), the experts, and a shared SwiGLU expert whose output is
+# scaled by sigmoid(shared_expert_gate(x)). The shared expert's linears are ordinary LoRA targets and are
+# quantized like any linear; its gate [D, 1] sits at shared_expert.router and so stays in float like the
+# router (the loader keeps every `router` kernel float): D values per layer, nothing to save.
+_SE, _SP = _M + "shared_expert.", "shared_expert."
+_SHARED = (
+    _entry(_SE + "gate_proj.weight", _SP + "gate_proj.kernel", LINEAR, (D, "embed"), (FS, "mlp"), lora=True),
+    _entry(_SE + "up_proj.weight", _SP + "up_proj.kernel", LINEAR, (D, "embed"), (FS, "mlp"), lora=True),
+    _entry(_SE + "down_proj.weight", _SP + "down_proj.kernel", LINEAR, (FS, "mlp"), (D, "embed"), lora=True),
+    _entry(
+        _M + "shared_expert_gate.weight", _SP + "router.kernel", LINEAR, (D, "embed"), (ONE, None), lora=True
+    ),
+)
+QWEN2_MOE = Family(
+    weights=(
+        _EMBED,
+        _FINAL,
+        *_PRE_NORMS,
+        *_QKVO,
+        *_moe("mlp", "gate_proj", "up_proj", "down_proj"),
+        *_SHARED,
+        _HEAD,
+    ),
+    buffers=(_ROTARY,),
+)
+
 _H = "transformer.h.{i}."
 _HA, _HM = _H + "attn.", _H + "mlp."
 GPT2 = Family(
@@ -305,6 +336,7 @@ FAMILIES: dict[str, Family] = {
     "smollm3": LLAMA,
     "mixtral": MIXTRAL,
     "qwen3_moe": QWEN3_MOE,
+    "qwen2_moe": QWEN2_MOE,
 }
 
 
@@ -346,7 +378,7 @@ def checkpoint_names(entry: Entry, cfg: DecoderConfig, layer: int | None) -> lis
 class LinearModule:
     """A per-layer linear layer LoRA can target."""
 
-    name: str  # HF module name, "q_proj"
+    name: str  # HF module name, "q_proj" (the last part of hf_prefix)
     path: tuple[str, ...]  # ("layers", "attn", "q_proj"): its kernel is path + ("kernel",)
     hf_prefix: str  # "model.layers.{i}.self_attn.q_proj"
     fan_in_fan_out: bool  # HF stores the base weight [in, out] (GPT-2 Conv1D)
@@ -371,7 +403,8 @@ def linear_modules(cfg: DecoderConfig) -> list[LinearModule]:
         if e.lora:
             fan_in, fan_out = e.shape(cfg)
             prefix = e.hf.removesuffix(".weight")
-            out.append(LinearModule(e.path[-2], e.path[:-1], prefix, e.layout == CONV1D, fan_in, fan_out))
+            name = prefix.rpartition(".")[2]  # the params key differs for Qwen2-MoE's shared_expert_gate
+            out.append(LinearModule(name, e.path[:-1], prefix, e.layout == CONV1D, fan_in, fan_out))
     return out
 
 
@@ -415,6 +448,8 @@ class ParamTarget:
 
 # transformers 4 module names of the MoE weights, which PEFT still accepts in `target_modules` and converts
 # to `target_parameters` (two of them fused into gate_up_proj, whose adapter then has twice the rank).
+# Not qwen2_moe: PEFT 0.21 converts none for it (`gate_proj` etc. then name only the shared expert's
+# linears, and `all-linear` leaves experts and router alone), so jaxlora does the same.
 MOE_V4_NAMES: dict[str, dict[str, str]] = {
     "mixtral": {"gate": "router", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
     "qwen3_moe": {

@@ -44,17 +44,14 @@ _P = "base_model.model."
 def _names(cfg: DecoderConfig, lora: dict | None, conf: dict | None = None) -> dict[str, str]:
     """{"embed": the base embedding's key, "lm_head": the base LM head's key} for this adapter's wrappers
     (from the tree when writing, from adapter_config.json when reading)."""
-    if conf is not None:
-        copies = set(conf.get("modules_to_save") or ())
+    if conf is not None:  # names checked by `read_embeddings`
+        names = conf.get("modules_to_save")
+        copied = set(saved_modules(cfg, names)) if names else set()
         tokens = bool(conf.get("trainable_token_indices"))
-        copied = {k for k, names in (("embed", ("embed_tokens", "wte")), ("lm_head", ("lm_head",)))
-                  if copies & set(names)}  # fmt: skip
-        if cfg.tie_word_embeddings and copied:
-            copied = {"embed", "lm_head"}
     else:
         copied, tokens = set((lora or {}).get(MODULES, {})), TOKENS in (lora or {})
-        if cfg.tie_word_embeddings and copied:
-            copied = {"embed", "lm_head"}
+    if cfg.tie_word_embeddings and copied:  # the one tied copy stands for both
+        copied = {"embed", "lm_head"}
     out = {}
     for key, module in (("embed", embed_module(cfg)), ("lm_head", "lm_head")):
         if key in copied:
@@ -151,13 +148,17 @@ def read_embeddings(conf: dict, cfg: DecoderConfig, st, weights: Path) -> tuple[
     "resized_vocab": ...} as present, jax arrays; the tensor names they account for). UserError (one line)
     for a missing tensor or a shape this model (with the file's own vocabulary, if resized) cannot take."""
     config_path = weights.parent / "adapter_config.json"
+    try:
+        saved_modules(cfg, conf.get("modules_to_save") or ())  # unknown names: one line, naming the file
+    except UserError as err:
+        raise UserError(f"{config_path}: {str(err).removeprefix('lora.')}") from None
     resized, used = _read_resized(conf, cfg, st, weights)
     if resized is not None:  # ids and copies follow the file's vocabulary
         cfg = dataclasses.replace(cfg, vocab_size=resized["embed"].shape[0])
     out: dict = {}
     if resized is not None:
         out[RESIZED] = {k: jax.numpy.asarray(v) for k, v in resized.items()}
-    copies = _read_copies(conf, cfg, st, weights, config_path)
+    copies = _read_copies(conf, cfg, st, weights)
     if copies is not None:
         out[MODULES] = copies
         names = (peft_module_key(cfg, "embed"), peft_module_key(cfg, "lm_head"))
@@ -184,15 +185,12 @@ def read_embeddings(conf: dict, cfg: DecoderConfig, st, weights: Path) -> tuple[
     return out, used
 
 
-def _read_copies(conf: dict, cfg: DecoderConfig, st, weights: Path, config_path: Path) -> dict | None:
+def _read_copies(conf: dict, cfg: DecoderConfig, st, weights: Path) -> dict | None:
     """The modules_to_save copies of the adapter file, as {"embed": [V, D], "lm_head": [D, V]}, or None."""
     names = conf.get("modules_to_save")
     if not names:
         return None
-    try:
-        keys = saved_modules(cfg, names)
-    except UserError as err:
-        raise UserError(f"{config_path}: {str(err).removeprefix('lora.')}") from None
+    keys = saved_modules(cfg, names)  # checked by `read_embeddings`
     out: dict = {}
     for key in keys:
         name = peft_module_key(cfg, key)

@@ -12,6 +12,7 @@ WHEELS=(
   datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19  # datasets and what the device lacks of its deps
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
   tensorboardX==2.6.5
+  trl==1.16.0  # the preference tests compare with TRL (the device lane runs them)
 )
 
 mkdir -p .whl

@@ -38,6 +38,7 @@ class BenchSpec:
     alpha: float = 32.0
     remat: str = "lean"  # jaxlora train.remat; PEFT: gradient checkpointing for dots and full
     attention: str = "auto"  # jaxlora model.attention (ATTENTIONS); PEFT always uses sdpa
+    packed: bool = False  # jaxlora only: rows of several examples (`packed_rows`), model packed=True
     loss_chunk: int = 1024
     lora_product: str = "auto"  # jaxlora DecoderConfig.lora_product: auto | plain | cpu (custom VJP)
     scan_layers: bool = True
@@ -118,3 +119,23 @@ def random_ids(spec: BenchSpec, vocab: int, n: int = 4) -> list[np.ndarray]:
     """`n` random token batches, int32 [1, B, T] (one micro-step each), the same for both frameworks."""
     rng = np.random.default_rng(spec.seed)
     return [rng.integers(0, vocab, (1, spec.batch, spec.seq)).astype(np.int32) for _ in range(n)]
+
+
+def packed_rows(spec: BenchSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, segment_ids), int32 [1, B, T]: each row holds whole examples back to back, as
+    `data.packing` lays them out, of random lengths between T/8 and T/2 (the last one fills the row; no
+    padding, so tokens/s stays comparable with unpacked rows). Positions restart at 0 in each example.
+    The FLOP count still assumes whole causal rows: packed rows attend to fewer keys than it counts.
+    """
+    rng = np.random.default_rng(spec.seed + 1)
+    seg = np.zeros((1, spec.batch, spec.seq), np.int32)
+    pos = np.zeros_like(seg)
+    low, high = max(1, spec.seq // 8), max(2, spec.seq // 2)
+    for row in range(spec.batch):
+        start, n = 0, 1
+        while start < spec.seq:
+            end = min(spec.seq, start + int(rng.integers(low, high + 1)))
+            seg[0, row, start:end] = n
+            pos[0, row, start:end] = np.arange(end - start)
+            start, n = end, n + 1
+    return pos, seg

@@ -25,12 +25,11 @@ from jaxlora.models import config_from_hf, forward, load_model
 from jaxlora.models.spec import linear_dims
 from jaxlora.quant import QuantizedTensor, dequantize, quantize
 
-# XLA CPU's newer fusion emitters may contract RoPE's multiply-adds differently once the (zero) LoRA add
-# sits in front of them (seen once: tiny llama with k_proj adapted, 1.3e-6 in the logits), a last-bit
-# effect of code generation, not of the maths; the classic elemental emitter compiles both programs alike,
-# so the tests compile with it (test_peft.py uses the same options, so compiled programs are shared).
-BITWISE = {"xla_cpu_use_fusion_emitters": False} if jax.default_backend() == "cpu" else {}
-fwd = jax.jit(forward, static_argnums=1, compiler_options=BITWISE)
+# Compiled, the adapter's program and the base's may differ in the last bits: XLA:CPU fuses RoPE's
+# multiply-adds differently once the (zero) LoRA add sits in front of them (qwen2 r8_qv: 3.1e-6 on jax
+# 0.12). That is code generation, not maths, and jaxlib 0.12 has no option to turn it off (0.10's
+# `xla_cpu_use_fusion_emitters` is gone), so the bitwise check runs op by op (`jax.disable_jit`).
+fwd = jax.jit(forward, static_argnums=1)
 
 
 def tiny_cfg(family: str):
@@ -203,11 +202,14 @@ def test_b_zero_is_base_bitwise_and_merge_round_trip(family, family_model):
     cfg, params = m.config, m.params
     ids = token_ids(cfg.vocab_size)
     base_logits = np.asarray(fwd(params, cfg, ids))
+    with jax.disable_jit():  # op by op: XLA fuses the two programs differently (last-bit differences)
+        eager_base = np.asarray(forward(params, cfg, ids))
     for tag, lc in configs(family).items():
         lora = init_lora(cfg, lc, jax.random.key(3))
         scale = jnp.asarray(lora_scale(cfg, lc))
-        zero_b = np.asarray(fwd(params, cfg, ids, lora=lora, lora_scale=scale))
-        assert np.array_equal(zero_b, base_logits), f"{family} {tag}: B = 0 differs from the base"
+        with jax.disable_jit():
+            zero_b = np.asarray(forward(params, cfg, ids, lora=lora, lora_scale=scale))
+        assert np.array_equal(zero_b, eager_base), f"{family} {tag}: B = 0 differs from the base"
 
         lora = randomized(lora, 1)
         adapted = np.asarray(fwd(params, cfg, ids, lora=lora, lora_scale=scale))

@@ -31,9 +31,7 @@ from jaxlora.quant import QuantizedTensor, make_quantizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = ("r8_qv", "r16_rslora_all")
-# Compiled as in test_lora.py (same options, so the compiled programs are shared within a session).
-BITWISE = {"xla_cpu_use_fusion_emitters": False} if jax.default_backend() == "cpu" else {}
-fwd = jax.jit(forward, static_argnums=1, compiler_options=BITWISE)
+fwd = jax.jit(forward, static_argnums=1)
 
 
 def qv(family: str) -> list[str]:

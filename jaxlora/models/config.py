@@ -9,6 +9,8 @@ import json
 import math
 from pathlib import Path
 
+import jax
+
 from jaxlora.errors import UserError
 
 SUPPORTED_MODEL_TYPES = (
@@ -153,6 +155,9 @@ class DecoderConfig:
     # The multimodal model_type (TEXT_TOWERS) when this decoder is the text tower of such a checkpoint:
     # its weights sit under `language_model` (jaxlora.models.spec.text_tower_names), vision weights unused.
     text_tower_of: str = ""
+    # The backend the step is traced for: "" = the one JAX runs on here; "gpu" traces the GPU code paths
+    # (attention kernels, LoRA product, experts) on any machine, to lower or plan a GPU step on a CPU.
+    backend: str = ""
 
     @property
     def q_dim(self) -> int:
@@ -182,7 +187,14 @@ class DecoderConfig:
             raise UserError(f"moe_impl must be one of {', '.join(MOE_IMPLS)}, got {cfg.moe_impl!r}")
         if cfg.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"compute_dtype must be float32 or bfloat16, got {cfg.compute_dtype!r}")
+        if cfg.backend not in ("", "cpu", "gpu"):
+            raise UserError(f"backend must be cpu or gpu (or empty for JAX's own), got {cfg.backend!r}")
         return cfg
+
+    @property
+    def target_backend(self) -> str:
+        """`backend`, or the backend JAX runs on here ("cpu", "gpu", "tpu")."""
+        return self.backend or jax.default_backend()
 
 
 def _rope_settings(hf: dict, head_dim: int) -> dict:

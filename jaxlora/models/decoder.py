@@ -178,7 +178,7 @@ def norm(p: Params, x: jax.Array, cfg: DecoderConfig) -> jax.Array:
 
 def lora_product_for(cfg: DecoderConfig):
     """The `(x @ A) @ B` function `cfg.lora_product` asks for."""
-    if cfg.lora_product == "cpu" or (cfg.lora_product == "auto" and jax.default_backend() == "cpu"):
+    if cfg.lora_product == "cpu" or (cfg.lora_product == "auto" and cfg.target_backend == "cpu"):
         return lora_product_cpu
     return lora_product
 

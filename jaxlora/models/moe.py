@@ -36,7 +36,7 @@ def use_ragged(cfg: DecoderConfig) -> bool:
     than dense for 64 experts, top-4, measured) and for at most 8 experts of width <= 256, else ragged."""
     if cfg.moe_impl != "auto":
         return cfg.moe_impl == "ragged"
-    if jax.default_backend() == "cpu":
+    if cfg.target_backend == "cpu":
         return False
     return cfg.num_experts > 8 or cfg.moe_intermediate_size > 256
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora.errors import UserError
+from jaxlora.models.attention.gpu import pallas_kernel_missing
 from jaxlora.models.config import DecoderConfig
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,14 @@ def lacks(impl: str, cfg: DecoderConfig, dtype, t: int, backend: str) -> str | N
             )
     elif window != 0:
         return f"cannot apply sliding windows (model's sliding_windows {cfg.sliding_windows})"
+    elif pallas_kernel_missing():
+        return f"needs {pallas_kernel_missing()}"
     return None
 
 
 def choose_attention(cfg: DecoderConfig, dtype, t: int, backend: str | None = None) -> str:
     """The implementation `attend` runs for T tokens in `dtype`: one of reference, xla, cudnn, pallas."""
-    backend = backend or jax.default_backend()
+    backend = backend or cfg.target_backend
     if cfg.attention != "auto":
         why = lacks(cfg.attention, cfg, dtype, t, backend)
         if why:

@@ -6,15 +6,19 @@ each can run. Neither gets a dense [B, 1, T, T] mask:
   (sequence lengths). No segment ids (packing) and no soft-capping.
 - `pallas_attention`: `jax.experimental.pallas.ops.gpu.attention.mha`, causal with segment ids, so packed
   rows work. It has no GQA (key/value heads are repeated), no sliding window and no soft-capping. It also
-  runs on the CPU with `interpret=True`, which is how the tests check its numbers.
+  runs on the CPU with `interpret=True`, which is how the tests check its numbers. JAX 0.12 removed that
+  example kernel (the Pallas Triton backend stays): `pallas_kernel_missing` says so, `choose` then never
+  picks it, and an explicit request is refused in one line.
 """
 
-from functools import partial
+import importlib
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxlora.errors import UserError
 from jaxlora.models.attention.blocked import RESIDUALS
 
 
@@ -83,6 +87,18 @@ def _cudnn_call(q, k, v, lengths, window: int, implementation: str):
 
 # --- Pallas ----------------------------------------------------------------------------------------------
 
+PALLAS_MODULE = "jax.experimental.pallas.ops.gpu.attention"
+
+
+@cache
+def pallas_kernel_missing() -> str | None:
+    """Why this JAX has no Pallas attention kernel (the words after "needs ..."), or None if it has one."""
+    try:
+        importlib.import_module(PALLAS_MODULE)
+    except ImportError:
+        return f"{PALLAS_MODULE}, which jax {jax.__version__} does not ship (JAX 0.12 removed it)"
+    return None
+
 
 def pallas_tiles(t: int, block: int = 128, block_bwd: int = 32) -> tuple[int, int, int]:
     """(padded length, forward tile, backward tile) for `pallas_attention` on T tokens.
@@ -116,8 +132,10 @@ def pallas_attention(
     queries get zeros. `window` and `softcap` must be 0 (the kernel has neither; `choose` never picks
     it then). T is padded with segment-0 tokens up to a whole number of tiles.
     """
-    from jax.experimental.pallas.ops.gpu import attention as pallas_mha
-
+    missing = pallas_kernel_missing()
+    if missing:
+        raise UserError(f"model.attention=pallas needs {missing}; use model.attention=auto, cudnn or xla")
+    pallas_mha = importlib.import_module(PALLAS_MODULE)
     del positions
     if softcap or (isinstance(window, int) and window):
         raise ValueError("the Pallas attention kernel has no sliding window and no soft-capping")

@@ -23,7 +23,8 @@ def test_nnx_module_matches_functional_and_trains_only_lora(stories_dir):
     lora_state = nnx.state(model, LoraWeight)
     # q_proj 64 -> 64 and v_proj 64 -> 32 on 5 layers at r = 4: A is [5, 64, 4], B is [5, 4, out].
     assert count_params(jax.tree.leaves(lora_state)) == 5 * 4 * (64 + 64) + 5 * 4 * (64 + 32)
-    np.testing.assert_array_equal(model(ids), forward(ref.params, ref.config, ids))  # B = 0
+    with jax.disable_jit():  # op by op: compiled, the two programs may differ in float32's last bits
+        np.testing.assert_array_equal(model(ids), forward(ref.params, ref.config, ids))  # B = 0
 
     base_before = jax.tree.map(np.asarray, nnx.state(model, FrozenWeight))
     opt = nnx.Optimizer(model, optax.adamw(1e-2), wrt=LoraWeight)

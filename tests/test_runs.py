@@ -61,7 +61,15 @@ def cli(tmp: Path, cfg: dict, *args, capsys) -> tuple[int, list[str]]:
 
 def error_lines(stderr: str) -> list[str]:
     """stderr without progress bars (datasets' and tqdm's) and dataset-report log lines."""
-    bars = ("examples/s", "it/s]", "s/it]", "Generating ", "tokenizing ", "Saving the dataset")
+    bars = (
+        "examples/s",
+        "it/s]",
+        "s/it]",
+        "Generating ",
+        "tokenizing ",
+        "Saving the dataset",
+        ":jaxlora.data:",
+    )
     return [ln for ln in stderr.splitlines() if ln.strip() and not any(b in ln for b in bars)]
 
 

@@ -30,7 +30,7 @@ from jaxlora.models.attention.gpu import pallas_kernel_missing
 from jaxlora.models.generate import _prefill, _step, init_cache
 from jaxlora.quant import make_quantizer
 from jaxlora.train.optim import make_optimizer
-from jaxlora.train.prefs import PrefSpec, make_pref_train_step
+from jaxlora.train.prefs import Preference, PrefSpec
 from jaxlora.train.step import StepSpec, make_train_step
 
 T = 384  # three Pallas tiles of 128, and no model dim: a dense score tensor shows as ...x384x384x...
@@ -139,7 +139,7 @@ def test_dpo_step_lowers(tmp_path):
     lc = LoraConfig(r=8, alpha=16, target_modules="all-linear")
     lora = init_lora(cfg, lc, jax.random.key(0))
     optimizer, _ = make_optimizer(TrainSection(learning_rate=1e-4), 10)
-    step = make_pref_train_step(StepSpec(cfg, loss_chunk=128), PrefSpec("dpo"), optimizer)
+    step = make_train_step(Preference(StepSpec(cfg, loss_chunk=128), PrefSpec("dpo")), optimizer)
     ids = jax.ShapeDtypeStruct((1, 2, T), jnp.int32)
     keys = ("input_ids", "targets", "positions", "segment_ids")
     data = {f"{side}_{k}": ids for side in ("chosen", "rejected") for k in keys}

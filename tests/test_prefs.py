@@ -28,8 +28,8 @@ from jaxlora.lora import lora_scale
 from jaxlora.models import load_model, load_tokenizer
 from jaxlora.train import train
 from jaxlora.train.checkpoint import restore_lora
-from jaxlora.train.prefs import PrefSpec, dpo_loss, make_pref_eval_step
-from jaxlora.train.step import StepSpec
+from jaxlora.train.prefs import Preference, PrefSpec, dpo_loss
+from jaxlora.train.step import StepSpec, make_eval_step
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -163,7 +163,7 @@ def jax_evals(dpo_run, stories_dir, tok, trl_pairs) -> dict:
     pairs = _jax_pairs(tmp, tok, std, "std.json")
     batch = next(PairLoader(pairs, len(pairs), 128, shuffle=False, prefetch=0, num_epochs=1))
     spec = StepSpec(jm.config.with_runtime(packed=False))
-    steps = {name: make_pref_eval_step(spec, prefs) for name, prefs in LOSSES.items()}
+    steps = {name: make_eval_step(Preference(spec, prefs)) for name, prefs in LOSSES.items()}
     res = jax.jit(lambda *a: {name: step(*a) for name, step in steps.items()})(
         lora, jm.params, {k: jnp.asarray(batch[k]) for k in PAIR_KEYS}, scale
     )

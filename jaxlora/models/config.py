@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 
 from jaxlora.errors import UserError
+from jaxlora.models.family_defaults import GEMMA3_TEXT_TOWER, hf_value
 
 SUPPORTED_MODEL_TYPES = (
     "llama",
@@ -36,22 +37,6 @@ ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 GEMMAS = ("gemma", "gemma2", "gemma3_text")
 # Multimodal checkpoints read as their text tower: model_type -> the model_type of its `text_config`.
 TEXT_TOWERS = {"gemma3": "gemma3_text"}
-# What transformers' Gemma3TextConfig assumes for keys a hub `text_config` leaves out (gemma-3-4b-it
-# lists only a few); the RoPE bases and the local/global pattern have their defaults further down.
-_GEMMA3_TEXT_DEFAULTS = dict(
-    vocab_size=262208,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=256,
-    query_pre_attn_scalar=256,
-    rms_norm_eps=1e-6,
-    max_position_embeddings=131072,
-    sliding_window=4096,
-    hidden_activation="gelu_pytorch_tanh",
-    bos_token_id=2,
-    eos_token_id=1,
-    pad_token_id=0,
-)
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")  # see jaxlora.models.attention
 REMAT_POLICIES = ("none", "lean", "dots", "full")  # what each keeps: `jaxlora.models.decoder.REMAT`
 LORA_PRODUCTS = ("plain", "cpu", "auto")  # see DecoderConfig.lora_product
@@ -208,15 +193,14 @@ def _rope_settings(hf: dict, head_dim: int) -> dict:
     if "full_attention" in params or "sliding_attention" in params:
         local = params.get("sliding_attention") or {}
         params = params.get("full_attention") or {}
-    default_theta = 1_000_000.0 if hf["model_type"] == "gemma3_text" else 10000.0
-    theta = params.get("rope_theta", hf.get("rope_theta", default_theta))
+    theta = params.get("rope_theta", hf_value(hf, "rope_theta"))
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     if rope_type not in ROPE_TYPES:
         raise UserError(
             f"config.json: rope scaling type {rope_type!r} is not supported; "
             f"supported: {', '.join(ROPE_TYPES)}"
         )
-    factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    factor = params.get("partial_rotary_factor", hf_value(hf, "partial_rotary_factor"))
     rotary = int(head_dim * factor)
     out = {"rope_theta": float(theta), "rope_type": rope_type, "rotary_dim": rotary}
     if rope_type in ("linear", "llama3"):
@@ -230,14 +214,16 @@ def _rope_settings(hf: dict, head_dim: int) -> dict:
     if hf["model_type"] == "gemma3_text":
         if local is not None and (local.get("rope_type") or "default") != "default":
             raise UserError("config.json: only default RoPE is supported for Gemma 3's sliding layers")
-        local_theta = (local or {}).get("rope_theta", hf.get("rope_local_base_freq", 10000.0))
+        local_theta = (local or {}).get("rope_theta", hf_value(hf, "rope_local_base_freq"))
         out["rope_local_theta"] = float(local_theta)
     return out
 
 
 def _longrope(hf: dict, params: dict, rotary: int) -> dict:
     """Phi-3's longrope: short/long factors, the original length, the cos/sin factor (as transformers)."""
-    orig = int(params.get("original_max_position_embeddings") or hf["original_max_position_embeddings"])
+    orig = int(
+        params.get("original_max_position_embeddings") or hf_value(hf, "original_max_position_embeddings")
+    )
     short, long = params["short_factor"], params["long_factor"]
     if len(short) != rotary // 2 or len(long) != rotary // 2:
         raise UserError(f"config.json: longrope short_factor/long_factor need {rotary // 2} values each")
@@ -264,27 +250,29 @@ def _layer_types(hf: dict, num_layers: int) -> list[str] | None:
     from the first; Gemma 3: all but every `sliding_window_pattern`-th)."""
     if hf.get("layer_types"):
         return list(hf["layer_types"])
-    period = {"gemma2": 2, "gemma3_text": hf.get("sliding_window_pattern", 6)}.get(hf["model_type"])
+    period = {"gemma2": 2, "gemma3_text": hf_value(hf, "sliding_window_pattern")}.get(hf["model_type"])
     if period is None:
         return None
     return ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(num_layers)]
 
 
 def _sliding_windows(hf: dict, num_layers: int) -> tuple[int, ...]:
-    window = hf.get("sliding_window")
+    window = hf_value(hf, "sliding_window")
     mt = hf["model_type"]
     gated = mt in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "smollm3")  # only with use_sliding_window
-    if not window or (gated and not hf.get("use_sliding_window", False)):
+    if not window or (gated and not hf_value(hf, "use_sliding_window")):
         return (0,) * num_layers
     layer_types = _layer_types(hf, num_layers)
     if layer_types:
         return tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
     if mt in ("qwen2", "qwen3"):
-        first_full = hf.get("max_window_layers", num_layers)
+        first_full = hf_value(hf, "max_window_layers")
         return tuple(int(window) if i >= first_full else 0 for i in range(num_layers))
     if mt == "qwen2_moe":  # transformers 5's default layer_types: even layers below max_window_layers
-        last = hf.get("max_window_layers", 28)
+        last = hf_value(hf, "max_window_layers")
         return tuple(int(window) if i % 2 == 0 and i < last else 0 for i in range(num_layers))
+    if mt == "smollm3":  # transformers' default layer_types: sliding on the layers without RoPE
+        return tuple(int(window) if r == "none" else 0 for r in _layer_rope(hf, num_layers))
     return (int(window),) * num_layers
 
 
@@ -295,7 +283,7 @@ def _layer_rope(hf: dict, num_layers: int) -> tuple[str, ...]:
         kinds = _layer_types(hf, num_layers)
         return tuple("local" if t == "sliding_attention" else "global" for t in kinds)
     if mt == "smollm3":
-        every = hf.get("no_rope_layer_interval", 4)  # transformers' default when the list is absent
+        every = hf_value(hf, "no_rope_layer_interval")
         flags = hf.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(num_layers)]
         if len(flags) != num_layers:
             raise UserError(f"config.json: no_rope_layers has {len(flags)} entries for {num_layers} layers")
@@ -306,9 +294,9 @@ def _layer_rope(hf: dict, num_layers: int) -> tuple[str, ...]:
 def _family_switches(hf: dict) -> dict:
     """The switches of the families past Llama: norms, activation, fused modules, soft-caps, scale."""
     mt = hf["model_type"]
-    act = hf.get("hidden_act", "silu")
+    act = hf_value(hf, "hidden_act")
     if mt in ("gemma2", "gemma3_text"):
-        act = hf.get("hidden_activation") or act
+        act = hf_value(hf, "hidden_activation") or act
     if mt in GEMMAS and act == "gelu":  # legacy Gemma value meaning the tanh approximation (as HF reads it)
         act = "gelu_pytorch_tanh"
     acts = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -319,14 +307,13 @@ def _family_switches(hf: dict) -> dict:
     out: dict = {"activation": acts[act]}
     if mt in GEMMAS:
         out.update(norm_offset=1.0, embed_scale=True)
-        out["tie_word_embeddings"] = hf.get("tie_word_embeddings", True)
     if mt in ("gemma2", "gemma3_text"):
         if hf.get("use_bidirectional_attention"):
             raise UserError("config.json: use_bidirectional_attention is not supported (causal LM only)")
         out.update(post_norm=True, qk_norm=mt == "gemma3_text")
-        out["attn_logit_softcap"] = float(hf.get("attn_logit_softcapping") or 0.0)
-        out["final_logit_softcap"] = float(hf.get("final_logit_softcapping") or 0.0)
-        out["attn_scale"] = float(hf.get("query_pre_attn_scalar") or 256) ** -0.5
+        out["attn_logit_softcap"] = float(hf_value(hf, "attn_logit_softcapping") or 0.0)
+        out["final_logit_softcap"] = float(hf_value(hf, "final_logit_softcapping") or 0.0)
+        out["attn_scale"] = float(hf_value(hf, "query_pre_attn_scalar") or 256) ** -0.5
     if mt == "olmo2":
         out.update(pre_norm=False, post_norm=True, qk_norm_full=True)
     if mt == "phi3":
@@ -340,13 +327,13 @@ def _moe_switches(hf: dict) -> dict:
     """Mixtral's, Qwen3-MoE's and Qwen2-MoE's experts: count, top-k, renormalization, width, aux-loss
     weight, and Qwen2-MoE's shared expert."""
     mt = hf["model_type"]
-    experts = hf.get("num_local_experts") or hf.get("num_experts")  # transformers 5 / hub Qwen3-MoE
+    experts = hf.get("num_local_experts") or hf_value(hf, "num_experts")  # transformers 5 / hub Qwen3-MoE
     if not experts or experts < 2:
         raise UserError(f"config.json: {mt} needs at least 2 experts, got {experts!r}")
-    top_k = int(hf.get("num_experts_per_tok", 2))
+    top_k = int(hf_value(hf, "num_experts_per_tok"))
     if not 1 <= top_k <= experts:
         raise UserError(f"config.json: num_experts_per_tok {top_k} must be between 1 and {experts}")
-    if mt != "mixtral" and (hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1):
+    if mt != "mixtral" and (hf.get("mlp_only_layers") or hf_value(hf, "decoder_sparse_step") != 1):
         raise UserError(
             f"config.json: {mt} with dense layers (mlp_only_layers, decoder_sparse_step != 1) is not "
             "supported; every layer must be a mixture of experts"
@@ -357,12 +344,12 @@ def _moe_switches(hf: dict) -> dict:
     out = {
         "num_experts": int(experts),
         "experts_per_token": top_k,
-        "norm_topk_prob": True if mt == "mixtral" else bool(hf.get("norm_topk_prob", False)),
+        "norm_topk_prob": True if mt == "mixtral" else bool(hf_value(hf, "norm_topk_prob")),
         "moe_intermediate_size": int(width),
-        "router_aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.001)),
+        "router_aux_loss_coef": float(hf_value(hf, "router_aux_loss_coef")),
     }
     if mt == "qwen2_moe":
-        shared = hf.get("shared_expert_intermediate_size")
+        shared = hf_value(hf, "shared_expert_intermediate_size")
         if not isinstance(shared, int) or shared < 1:
             raise UserError(
                 f"config.json: qwen2_moe needs shared_expert_intermediate_size >= 1, got {shared!r}"
@@ -375,8 +362,8 @@ def _qkv_bias(hf: dict) -> bool:
     """q/k/v biases: always in Qwen2, Qwen2-MoE's `qkv_bias` (default true), else `attention_bias`."""
     mt = hf["model_type"]
     if mt == "qwen2_moe":
-        return bool(hf.get("qkv_bias", True))
-    return mt == "qwen2" or bool(hf.get("attention_bias", False))
+        return bool(hf_value(hf, "qkv_bias"))
+    return mt == "qwen2" or bool(hf_value(hf, "attention_bias"))
 
 
 def config_from_hf(hf: dict) -> DecoderConfig:
@@ -396,7 +383,7 @@ def config_from_hf(hf: dict) -> DecoderConfig:
     )
     if mt == "gpt2":
         d, n = hf["n_embd"], hf["n_head"]
-        act = hf.get("activation_function", "gelu_new")
+        act = hf_value(hf, "activation_function")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise UserError(f"config.json: GPT-2 activation_function {act!r} is not supported; use gelu_new")
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
@@ -407,16 +394,16 @@ def config_from_hf(hf: dict) -> DecoderConfig:
         return DecoderConfig(
             **common,
             hidden_size=d,
-            intermediate_size=hf.get("n_inner") or 4 * d,
+            intermediate_size=hf_value(hf, "n_inner") or 4 * d,
             num_layers=layers,
             num_heads=n,
             num_kv_heads=n,
             head_dim=d // n,
             max_position_embeddings=hf["n_positions"],
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            norm_eps=hf_value(hf, "layer_norm_epsilon"),
             norm="layer",
             activation="gelu_new",
-            tie_word_embeddings=hf.get("tie_word_embeddings", True),
+            tie_word_embeddings=hf_value(hf, "tie_word_embeddings"),
             qkv_bias=True,
             o_bias=True,
             mlp_bias=True,
@@ -426,7 +413,7 @@ def config_from_hf(hf: dict) -> DecoderConfig:
         )
     heads = hf["num_attention_heads"]
     layers = hf["num_hidden_layers"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    head_dim = hf_value(hf, "head_dim") or hf["hidden_size"] // heads
     switches = _family_switches(hf)
     return DecoderConfig(
         **common,
@@ -434,14 +421,14 @@ def config_from_hf(hf: dict) -> DecoderConfig:
         intermediate_size=hf["intermediate_size"],
         num_layers=layers,
         num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        num_kv_heads=hf_value(hf, "num_key_value_heads") or heads,
         head_dim=head_dim,
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=switches.pop("tie_word_embeddings", hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=hf_value(hf, "max_position_embeddings"),
+        norm_eps=hf_value(hf, "rms_norm_eps"),
+        tie_word_embeddings=hf_value(hf, "tie_word_embeddings"),
         qkv_bias=_qkv_bias(hf),
-        o_bias=mt != "qwen2" and hf.get("attention_bias", False),
-        mlp_bias=hf.get("mlp_bias", False),
+        o_bias=mt != "qwen2" and hf_value(hf, "attention_bias"),
+        mlp_bias=hf_value(hf, "mlp_bias"),
         qk_norm=switches.pop("qk_norm", mt in ("qwen3", "qwen3_moe")),
         sliding_windows=_sliding_windows(hf, layers),
         layer_rope=_layer_rope(hf, layers),
@@ -451,15 +438,15 @@ def config_from_hf(hf: dict) -> DecoderConfig:
 
 
 def _text_config(hf: dict) -> dict:
-    """The text tower's config of a multimodal config.json: `text_config` over transformers' defaults,
-    with the token ids and embedding tying of the top level where it sets them."""
+    """The text tower's config of a multimodal config.json: `text_config` over the keys it may leave out
+    (the rest: `hf_value`), with the token ids and embedding tying of the top level where it sets them."""
     mt = hf["model_type"]
     text = hf.get("text_config")
     if not isinstance(text, dict) or "hidden_size" not in text:
         raise UserError(f"config.json: model_type {mt!r} needs a text_config with hidden_size")
     top = {k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")}
     top = {k: v for k, v in top.items() if v is not None}  # the top level decides these (as transformers)
-    return {**_GEMMA3_TEXT_DEFAULTS, **text, **top, "model_type": TEXT_TOWERS[mt]}
+    return {**GEMMA3_TEXT_TOWER, **text, **top, "model_type": TEXT_TOWERS[mt]}
 
 
 def read_hf_config(folder: Path) -> dict:

@@ -5,7 +5,7 @@ inputs live and how it is compiled:
 
   single  one device; `jit`.
   pmap    classic data parallelism over every device: LoRA, optimizer state and base replicated, the batch
-          split, gradient sums and token counts `psum`-ed inside the step (`axis_name="data"`).
+          split, gradient sums and token counts `psum`-ed inside the step (`Plan.collective`).
   mesh    `jit` over a `Mesh(data, fsdp, tensor)`: arrays carry `NamedSharding`s from one rules table and
           XLA partitions the step (GSPMD). Base weights, LoRA and optimizer state are sharded, so a model
           too large for one device trains this way.
@@ -50,6 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlora.errors import UserError
 from jaxlora.lora.tokens import EXTRA_KEYS
+from jaxlora.parallel.collective import LOCAL, Collective, pmap_collective
 from jaxlora.parallel.rules import LINEAR_AXES, param_logical_axes
 from jaxlora.quant import QuantizedTensor
 
@@ -88,9 +89,9 @@ class Plan:
     # --- facts ----------------------------------------------------------------------------------
 
     @property
-    def axis_name(self) -> str | None:
-        """The collective axis the step reduces over (pmap only)."""
-        return PMAP_AXIS if self.strategy == "pmap" else None
+    def collective(self) -> Collective:
+        """The step's hooks for combining devices: sums over the pmap axis, else the identity."""
+        return pmap_collective(PMAP_AXIS) if self.strategy == "pmap" else LOCAL
 
     @property
     def is_main(self) -> bool:

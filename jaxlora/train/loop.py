@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from jaxlora.config import Config
-from jaxlora.data import PAIR_KEYS, BatchLoader, PairLoader, Pairs, build_datasets, build_pairs
+from jaxlora.data import BatchLoader, PairLoader, Pairs
 from jaxlora.errors import UserError, note_signal, pending_signal
 from jaxlora.lora import lora_scale
 from jaxlora.lora.tokens import RESIZED, resized_entry
@@ -43,8 +43,8 @@ from jaxlora.quant import make_quantizer
 from jaxlora.train.checkpoint import Checkpointer, restore_lora, rng_from_array
 from jaxlora.train.checks import check_schedule, load_checked_tokenizer
 from jaxlora.train.optim import make_optimizer
-from jaxlora.train.prefs import PrefSpec, make_pref_eval_step, make_pref_train_step
 from jaxlora.train.progress import Progress
+from jaxlora.train.registry import OBJECTIVES
 from jaxlora.train.run_dir import BEST_DIR, RunDir, open_run, write_run_state
 from jaxlora.train.state import (
     TrainState,
@@ -208,12 +208,10 @@ class Data:
 def build_data(cfg: Config, tokenizer, plan: Plan) -> Data:
     """Tokenize the data sources and open the training batches (the rows of each batch this process's
     devices hold); the number of steps follows `train.max_steps` and `train.num_epochs`."""
-    if cfg.train.objective == "sft":
-        train_ex, val_ex = build_datasets(cfg.data, tokenizer, cfg.seed)
-    else:  # DPO/ORPO: preference pairs, one pair per row of both sides (no packing)
-        train_ex, val_ex = build_pairs(cfg.data, tokenizer, cfg.seed, cfg.prefs.max_prompt_length)
+    registered = OBJECTIVES[cfg.train.objective]
+    train_ex, val_ex = registered.build_data(cfg, tokenizer)
     index, count = plan.loader_slice()
-    loader = (BatchLoader if cfg.train.objective == "sft" else PairLoader)(
+    loader = registered.loader(
         train_ex,
         cfg.train.batch_size,
         cfg.data.seq_len,
@@ -285,16 +283,9 @@ def compile_steps(
     model = base.config.with_runtime(packed=cfg.data.packing)  # static: may attention kernels see packing?
     aux = model.router_aux_loss_coef if cfg.train.moe_aux_loss else 0.0  # MoE load balancing, as HF
     spec = StepSpec(model, cfg.lora.dropout, cfg.train.loss_chunk_size, aux)
-    train_step, eval_step, keys = (
-        make_train_step(spec, optimizer, plan.axis_name),
-        make_eval_step(spec, plan.axis_name),
-        BATCH_KEYS,
-    )
-    if cfg.train.objective != "sft":  # DPO/ORPO (`jaxlora.train.prefs`): the same plan, pairs for batches
-        p = cfg.prefs
-        prefs = PrefSpec(cfg.train.objective, p.beta, p.loss_type, p.label_smoothing, p.orpo_alpha)
-        train_step = make_pref_train_step(spec, prefs, optimizer, plan.axis_name)
-        eval_step, keys = make_pref_eval_step(spec, prefs, plan.axis_name), PAIR_KEYS
+    objective = OBJECTIVES[cfg.train.objective].make(cfg, spec)
+    train_step = make_train_step(objective, optimizer, plan.collective)
+    eval_step, keys = make_eval_step(objective, plan.collective), objective.batch_keys
     extra = () if state.reference is None else (state.reference,)  # DPO's frozen initial adapter
     train_fn, eval_fn = plan.compile_steps(
         train_step, eval_step, base.params, state.lora, state.opt_state, extra

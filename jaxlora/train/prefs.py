@@ -1,4 +1,4 @@
-"""Preference tuning: the DPO (sigmoid, IPO, hinge) and ORPO losses and their train and eval steps.
+"""Preference tuning: the DPO (sigmoid, IPO, hinge) and ORPO losses, as the `Preference` objective.
 
 The losses follow TRL (`DPOTrainer._compute_loss`, `ORPOTrainer.odds_ratio_loss`): log-probabilities are
 summed over each response's tokens (ORPO and IPO divide by the response length), rewards are
@@ -9,24 +9,22 @@ base with the adapter off, so there is no second model: one more forward pass of
 (the frozen initial LoRA tree, shaped like `lora`): the reference pass is the base plus that adapter,
 still no copy of the base.
 
-Chosen and rejected sequences share one forward pass, stacked on the batch axis ([2B, T]). The steps
-have the signatures of `jaxlora.train.step` (plus the optional trailing `ref_lora`, which a `Plan` compiles
-as an `extra` argument), so every `Plan` compiles them the same way; the batch holds the `PAIR_KEYS`
-arrays ([A, B, T] micro-batches). Gradient accumulation divides by the pairs (and, for ORPO's NLL, the
-chosen sequences' tokens) of all micro-batches, so it equals one large batch.
+Chosen and rejected sequences share one forward pass, stacked on the batch axis ([2B, T]). The steps are
+`jaxlora.train.step`'s (the optional `ref_lora` is their trailing `extra` argument); the batch holds the
+`PAIR_KEYS` arrays ([A, B, T] micro-batches). Gradient accumulation divides by the pairs (and, for ORPO's
+NLL, the chosen sequences' tokens) of all micro-batches and devices (`Preference.totals`), so it equals
+one large batch.
 """
 
 import dataclasses
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from jaxlora.data import IGNORE
+from jaxlora.data import IGNORE, PAIR_KEYS
 from jaxlora.lora.tokens import with_embeddings
 from jaxlora.models.decoder import cap_logits, forward, lm_head_kernel
-from jaxlora.train.step import StepSpec, keep_frozen
+from jaxlora.train.objective import Objective, StepSpec
 
 DPO_METRICS = (
     "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -172,80 +170,59 @@ def pair_terms(
     return {"loss_sum": loss_sum, "nll_sum": nll_sum, "chosen_tokens": chosen_tokens}, (metrics, valid)
 
 
-def make_pref_train_step(
-    spec: StepSpec, prefs: PrefSpec, optimizer: optax.GradientTransformation, axis_name: str | None = None
-) -> Callable:
-    """`train_step(lora, opt_state, base, batch, rng, lora_scale, ref_lora=None)` as `jaxlora.train.step`'s,
-    for pairs; `ref_lora` is DPO's frozen reference adapter (None: the adapter off).
+@dataclasses.dataclass(frozen=True)
+class Preference(Objective):
+    """DPO or ORPO on [A, B, T] micro-batches of pairs (`PAIR_KEYS`); the loss is the mean over all pairs
+    of the optimizer step (ORPO: plus the NLL per chosen token). `*extra` may hold DPO's reference
+    adapter (`ref_lora`)."""
 
-    The loss is the mean over all pairs of the optimizer step (ORPO: plus the NLL per chosen token)."""
+    spec: StepSpec
+    prefs: PrefSpec
+    batch_keys: tuple[str, ...] = PAIR_KEYS
 
-    def train_step(lora, opt_state, base, batch, rng, lora_scale, ref_lora=None):
-        accum = batch["chosen_input_ids"].shape[0]
-        if axis_name is not None:
-            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-        rngs = jax.random.split(rng, accum)
+    def totals(self, batch: dict) -> dict:
         c_ok = batch["chosen_targets"] != IGNORE
         r_ok = batch["rejected_targets"] != IGNORE
-        pairs = jnp.sum(c_ok.any(-1) & r_ok.any(-1), dtype=jnp.float32)  # over [A, B]
-        tokens = jnp.sum(c_ok, dtype=jnp.float32) + jnp.sum(r_ok, dtype=jnp.float32)
         c_seq = jax.vmap(next_tokens)(batch["chosen_input_ids"], batch["chosen_segment_ids"]) != IGNORE
-        chosen_tokens = jnp.sum(c_seq, dtype=jnp.float32)  # ORPO's NLL: the whole chosen sequences
-        if axis_name is not None:
-            pairs, tokens, chosen_tokens = jax.lax.psum((pairs, tokens, chosen_tokens), axis_name)
-        n_pairs, n_chosen = jnp.maximum(pairs, 1.0), jnp.maximum(chosen_tokens, 1.0)
+        return {
+            "pairs": jnp.sum(c_ok.any(-1) & r_ok.any(-1), dtype=jnp.float32),  # over [A, B]
+            "tokens": jnp.sum(c_ok, dtype=jnp.float32) + jnp.sum(r_ok, dtype=jnp.float32),
+            "chosen_tokens": jnp.sum(c_seq, dtype=jnp.float32),  # ORPO's NLL: the whole chosen sequences
+        }
 
-        def objective(lora, mb, r):
-            sums, (metrics, valid) = pair_terms(lora, base, mb, lora_scale, r, spec, prefs, ref_lora=ref_lora)
-            value = sums["loss_sum"] / n_pairs + sums["nll_sum"] / n_chosen
-            msum = {k: jnp.sum(jnp.where(valid, v, 0.0)) for k, v in metrics.items()}
-            if prefs.objective == "orpo":  # per chosen token, as the loss (and TRL)
-                msum["nll_loss"] = jax.lax.stop_gradient(sums["nll_sum"]) * n_pairs / n_chosen
-            return value, msum
-
-        value_grad = jax.value_and_grad(objective, has_aux=True)
-
-        def micro(carry, xs):
-            g_acc, v_acc, m_acc = carry
-            mb, r = xs
-            (v, m), g = value_grad(lora, mb, r)
-            return (jax.tree.map(jnp.add, g_acc, g), v_acc + v, jax.tree.map(jnp.add, m_acc, m)), None
-
-        zeros = jax.tree.map(jnp.zeros_like, lora)
-        m0 = {k: jnp.float32(0) for k in prefs.metric_names}
-        (grads, loss, msum), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), m0), (batch, rngs))
-        if axis_name is not None:
-            grads, loss, msum = jax.lax.psum((grads, loss, msum), axis_name)
-        grad_norm = optax.tree.norm(grads)
-        updates, new_opt = optimizer.update(grads, opt_state, lora)
-        new_lora = keep_frozen(optax.apply_updates(lora, updates), lora)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens, "nonfinite": ~ok}
-        metrics.update({k: v / n_pairs for k, v in msum.items()})
-        return keep(new_lora, lora), keep(new_opt, opt_state), metrics
-
-    return train_step
-
-
-def make_pref_eval_step(spec: StepSpec, prefs: PrefSpec, axis_name: str | None = None) -> Callable:
-    """`eval_step(lora, base, batch, lora_scale, ref_lora=None) -> {name: sum over the batch's pairs, "count":
-    pairs}` for a [B, T] batch of pairs (the loop divides the sums over all batches by the total count).
-    `loss` is the batch's loss times its pairs, so the pair-weighted mean of batch losses comes out."""
-
-    def eval_step(lora, base, batch, lora_scale, ref_lora=None):
+    def loss(self, lora, base, mb, lora_scale, rng, totals, ref_lora=None):
+        n_pairs, n_chosen = jnp.maximum(totals["pairs"], 1.0), jnp.maximum(totals["chosen_tokens"], 1.0)
         sums, (metrics, valid) = pair_terms(
-            lora, base, batch, lora_scale, None, spec, prefs, train=False, ref_lora=ref_lora
+            lora, base, mb, lora_scale, rng, self.spec, self.prefs, ref_lora=ref_lora
+        )
+        value = sums["loss_sum"] / n_pairs + sums["nll_sum"] / n_chosen
+        msum = {k: jnp.sum(jnp.where(valid, v, 0.0)) for k, v in metrics.items()}
+        if self.prefs.objective == "orpo":  # per chosen token, as the loss (and TRL)
+            msum["nll_loss"] = jax.lax.stop_gradient(sums["nll_sum"]) * n_pairs / n_chosen
+        return value, msum
+
+    def finish(self, value, sums, totals):
+        n_pairs = jnp.maximum(totals["pairs"], 1.0)
+        metrics = {"loss": value, "tokens": totals["tokens"]}
+        metrics.update({k: v / n_pairs for k, v in sums.items()})
+        return jnp.float32(1), metrics, (value,)
+
+    def eval_sums(self, lora, base, batch, lora_scale, ref_lora=None):
+        """{name: sum over the batch's pairs, "count": pairs} for a [B, T] batch of pairs."""
+        sums, (metrics, valid) = pair_terms(
+            lora, base, batch, lora_scale, None, self.spec, self.prefs, train=False, ref_lora=ref_lora
         )
         out = {k: jnp.sum(jnp.where(valid, v, 0.0)) for k, v in metrics.items()}
         out.update(loss_sum=sums["loss_sum"], nll_sum=sums["nll_sum"], chosen_tokens=sums["chosen_tokens"])
         out["count"] = jnp.sum(valid, dtype=jnp.float32)
-        if axis_name is not None:
-            out = jax.lax.psum(out, axis_name)
-        nll = out.pop("nll_sum") / jnp.maximum(out.pop("chosen_tokens"), 1.0)
-        out["loss"] = out.pop("loss_sum") + nll * out["count"]
-        if prefs.objective == "orpo":
-            out["nll_loss"] = nll * out["count"]
         return out
 
-    return eval_step
+    def eval_result(self, out):
+        """`loss` is the batch's loss times its pairs, so the pair-weighted mean of batch losses comes out
+        (the loop divides the sums over all batches by the total count)."""
+        out = dict(out)
+        nll = out.pop("nll_sum") / jnp.maximum(out.pop("chosen_tokens"), 1.0)
+        out["loss"] = out.pop("loss_sum") + nll * out["count"]
+        if self.prefs.objective == "orpo":
+            out["nll_loss"] = nll * out["count"]
+        return out

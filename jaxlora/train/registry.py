@@ -1,0 +1,38 @@
+"""`train.objective` -> its objective, its data builder and its batch loader: the one table a new
+objective is added to (besides its own module; see `jaxlora.train.objective`)."""
+
+import dataclasses
+from collections.abc import Callable
+
+from jaxlora.config import Config
+from jaxlora.data import BatchLoader, PairLoader, build_datasets, build_pairs
+from jaxlora.train.objective import Objective, StepSpec
+from jaxlora.train.prefs import Preference, PrefSpec
+from jaxlora.train.sft import Sft
+
+
+@dataclasses.dataclass(frozen=True)
+class Registered:
+    make: Callable[[Config, StepSpec], Objective]  # the objective for this run's config
+    build_data: Callable  # (cfg, tokenizer) -> (training examples, validation examples or None)
+    loader: type  # BatchLoader or PairLoader: examples -> [B, T] batches
+
+
+def _preference(cfg: Config, spec: StepSpec) -> Preference:
+    p = cfg.prefs
+    return Preference(
+        spec, PrefSpec(cfg.train.objective, p.beta, p.loss_type, p.label_smoothing, p.orpo_alpha)
+    )
+
+
+def _pairs(cfg: Config, tokenizer):  # one pair per row of both sides (no packing)
+    return build_pairs(cfg.data, tokenizer, cfg.seed, cfg.prefs.max_prompt_length)
+
+
+OBJECTIVES = {
+    "sft": Registered(
+        lambda cfg, spec: Sft(spec), lambda cfg, tok: build_datasets(cfg.data, tok, cfg.seed), BatchLoader
+    ),
+    "dpo": Registered(_preference, _pairs, PairLoader),
+    "orpo": Registered(_preference, _pairs, PairLoader),
+}

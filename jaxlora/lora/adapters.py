@@ -128,11 +128,6 @@ def param_adapters(cfg: DecoderConfig, lora_cfg: LoraConfig) -> list[tuple[Param
     return out
 
 
-def param_target_list(cfg: DecoderConfig, lora_cfg: LoraConfig) -> list[ParamTarget]:
-    """The MoE weights adapted through `target_parameters` (see `param_adapters`)."""
-    return [t for t, _, _ in param_adapters(cfg, lora_cfg)]
-
-
 def param_scale_factor(lora_cfg: LoraConfig, r: int, alpha: float) -> float:
     """A parameter adapter's scale (alpha / r, or / sqrt(r)) over `scaling(lora_cfg)`: its "s" leaf."""
     rslora = getattr(lora_cfg, "use_rslora", False)

@@ -78,10 +78,6 @@ def init_tokens(cfg: DecoderConfig, params: dict, indices) -> dict:
     return {"rows": rows, "token_ids": jnp.asarray(ids, jnp.float32)}
 
 
-def token_indices(lora: dict) -> list[int]:
-    return [int(i) for i in np.asarray(jax.device_get(lora[TOKENS]["token_ids"]))]
-
-
 def saved_modules(cfg: DecoderConfig, names) -> tuple[str, ...]:
     """`modules_to_save` names -> the copies to train: ("embed",), ("lm_head",) or both; with tied
     embeddings always the one tied ("embed",). Anything else is a UserError."""

@@ -10,8 +10,8 @@ e.g. `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`. GPT-2's C
 base weight as [in, out] (`fan_in_fan_out: true`), but PEFT's lora_A/lora_B are plain `nn.Linear`s there
 too, so the adapter tensors have the same [r, in] / [out, r] shapes for every family. Only the adapted
 layers (`layers_to_transform`) are written. Trainable token rows, modules_to_save copies and a resized
-vocabulary's embedding layers are the file's embedding side (`jaxlora.peft_embed`); MoE experts are PEFT
-`target_parameters` (`jaxlora.peft_moe`).
+vocabulary's embedding layers are the file's embedding side (`jaxlora.peft.embeddings`); MoE experts are
+PEFT `target_parameters` (`jaxlora.peft.experts`).
 """
 
 import json
@@ -44,8 +44,8 @@ from jaxlora.models.spec import (
     param_targets,
     target_names,
 )
-from jaxlora.peft_embed import embedding_tensors, read_embeddings
-from jaxlora.peft_moe import (
+from jaxlora.peft.embeddings import embedding_tensors, read_embeddings
+from jaxlora.peft.experts import (
     param_config,
     param_peft_key,
     param_target_names,

@@ -1,5 +1,6 @@
 """PEFT's parameter adapters (`target_parameters`) of mixture-of-experts models, in and out of the adapter
-files: tensor names, the [E*r, in] / [out, r*E] layouts, and the rank/alpha patterns (used by `jaxlora.peft`).
+files: tensor names, the [E*r, in] / [out, r*E] layouts, and the rank/alpha patterns (used by
+`jaxlora.peft.adapter`).
 """
 
 import re

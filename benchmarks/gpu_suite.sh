@@ -103,7 +103,9 @@ if ((SMOKE)); then
   PYTEST=("$PY" -m pytest -m gpu --co -q -p no:cacheprovider)
 else
   BUDGET=${GPU_SUITE_BUDGET:-530} FEAT_MAX=$BUDGET
-  PYTEST=("$PY" -m pytest -m gpu -q -p no:cacheprovider -rA --junitxml="$DEST/pytest-junit.xml")
+  # -rA: every test's outcome in pytest.log (no JUnit file: the device tool returns at most 8 files, and
+  # the suite writes 8: suite.txt, three logs of benchmarks, pytest.log and three JSON reports)
+  PYTEST=("$PY" -m pytest -m gpu -q -p no:cacheprovider -rA)
   # Tests share the GPU between JAX and PyTorch: JAX must not take 75% of it up front.
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
 fi

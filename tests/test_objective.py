@@ -27,6 +27,7 @@ class ClippedPolicyGradient(Objective):
 
     spec: StepSpec
     eps: float = 0.2
+    sum_names: tuple[str, ...] = ("clipped",)
     batch_keys: tuple[str, ...] = (
         "input_ids",
         "targets",

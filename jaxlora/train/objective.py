@@ -7,8 +7,9 @@ owns its loss and its metrics:
     totals(batch)                       normalizers over the whole optimizer batch [A, B, ...], computed
                                         before the scan (pairs, tokens); the step sums them over devices
     loss(lora, base, mb, scale, rng, totals, *extra) -> (value, sums)
-                                        one micro-batch: the scalar whose gradient is taken, and metric
-                                        sums (summed over micro-batches and devices by the step)
+                                        one micro-batch: the scalar whose gradient is taken, and the
+                                        float32 scalar sums named `sum_names` (summed over micro-batches
+                                        and devices by the step)
     finish(value, sums, totals) -> (denominator, metrics, checked)
                                         the gradient is divided by `denominator`; `metrics` are what the
                                         step reports; every `checked` value must be finite to update
@@ -51,6 +52,7 @@ class Objective:
 
     spec: StepSpec
     batch_keys: tuple[str, ...] = ()
+    sum_names: tuple[str, ...] = ()  # the keys of `loss`'s sums
     updates_per_batch: int = 1
 
     def totals(self, batch: dict) -> dict:

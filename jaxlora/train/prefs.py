@@ -180,6 +180,10 @@ class Preference(Objective):
     prefs: PrefSpec
     batch_keys: tuple[str, ...] = PAIR_KEYS
 
+    @property
+    def sum_names(self) -> tuple[str, ...]:
+        return self.prefs.metric_names
+
     def totals(self, batch: dict) -> dict:
         c_ok = batch["chosen_targets"] != IGNORE
         r_ok = batch["rejected_targets"] != IGNORE

@@ -52,6 +52,7 @@ def loss_and_count(lora, base, batch, lora_scale, rng, spec: StepSpec, train: bo
 class Sft(Objective):
     spec: StepSpec
     batch_keys: tuple[str, ...] = BATCH_KEYS
+    sum_names: tuple[str, ...] = ("loss", "tokens", "aux_loss")
 
     def loss(self, lora, base, mb, lora_scale, rng, totals, *extra):
         s, n, aux = loss_terms(lora, base, mb, lora_scale, rng, self.spec)

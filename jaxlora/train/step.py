@@ -65,13 +65,8 @@ def make_train_step(
             (v, sums), g = value_grad(lora, base, mb, lora_scale, r, totals, *extra)
             return (jax.tree.map(jnp.add, g_acc, g), v_acc + v, jax.tree.map(jnp.add, s_acc, sums)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, lora)
-        mb0 = jax.tree.map(lambda x: x[0], batch)
-        sums0 = jax.tree.map(
-            lambda x: jnp.zeros(x.shape, x.dtype),
-            jax.eval_shape(lambda: objective.loss(lora, base, mb0, lora_scale, rngs[0], totals, *extra)[1]),
-        )
-        carry = (zeros, jnp.float32(0), sums0)
+        sums0 = {k: jnp.float32(0) for k in objective.sum_names}
+        carry = (jax.tree.map(jnp.zeros_like, lora), jnp.float32(0), sums0)
         (g_sum, value, sums), _ = jax.lax.scan(micro, carry, (batch, rngs))
         g_sum, value, sums = collective.reduce((g_sum, value, sums))
         denom, metrics, checked = objective.finish(value, sums, totals)

@@ -22,7 +22,7 @@ from jaxlora.lora import (
     unmerge,
 )
 from jaxlora.models import config_from_hf, forward, load_model
-from jaxlora.models.spec import linear_dims
+from jaxlora.models.targets import linear_dims
 from jaxlora.quant import QuantizedTensor, dequantize, quantize
 
 # Compiled, the adapter's program and the base's may differ in the last bits: XLA:CPU fuses RoPE's

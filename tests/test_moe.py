@@ -40,7 +40,7 @@ from jaxlora.errors import UserError
 from jaxlora.lora import LoraConfig, init_lora
 from jaxlora.models import forward, load_model
 from jaxlora.models.config import config_from_hf
-from jaxlora.models.spec import linear_modules
+from jaxlora.models.targets import linear_modules
 from jaxlora.peft import load_peft_adapter, save_peft_adapter
 from jaxlora.quant import QuantizedTensor, dequantize, make_quantizer
 from jaxlora.train.flops import train_step_flops

@@ -410,7 +410,7 @@ def test_sft_init_from_a_peft_folder_starts_at_that_adapter(dpo_run, assets, sto
 
     from jaxlora.lora import LoraConfig, init_lora
     from jaxlora.models.decoder import forward
-    from jaxlora.train.loop import choose_plan
+    from jaxlora.train.setup import choose_plan
     from jaxlora.train.state import build_state, load_init_from
 
     adapter = dpo_run[0] / "adapter"

@@ -24,7 +24,7 @@ from jaxlora.errors import UserError
 from jaxlora.models import forward, load_model, load_tokenizer
 from jaxlora.models.generate import generate
 from jaxlora.models.safetensors_io import write_safetensors
-from jaxlora.models.spec import linear_dims
+from jaxlora.models.targets import linear_dims
 from jaxlora.quant import (
     NF4_BLOCK,
     SCALE_GROUP,

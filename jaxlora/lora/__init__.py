@@ -1,9 +1,8 @@
-"""LoRA adapters on the frozen decoder: targets, init and scaling (`adapters`), merging (`merge`)."""
+"""LoRA adapters on the frozen decoder: targets and scaling (`adapters`), init (`init`), merging (`merge`)."""
 
 from jaxlora.lora.adapters import (
     ALL_LINEAR,
     INITS,
-    init_lora,
     layer_mask,
     lora_scale,
     matching_paths,
@@ -11,6 +10,7 @@ from jaxlora.lora.adapters import (
     target_paths,
 )
 from jaxlora.lora.config import LoraConfig
+from jaxlora.lora.init import init_lora
 from jaxlora.lora.merge import merge, merge_kernel, save_merged, unmerge
 from jaxlora.quant import count_params  # the package's one parameter counter
 

@@ -6,13 +6,18 @@ Built from a Hugging Face `config.json` (transformers 4.x `rope_theta`/`rope_sca
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import jax
 
 from jaxlora.errors import UserError
 from jaxlora.models.family_defaults import GEMMA3_TEXT_TOWER, hf_value
+from jaxlora.models.layer_settings import (
+    eos_ids,
+    layer_rope,
+    rope_settings,
+    sliding_windows,
+)
 
 SUPPORTED_MODEL_TYPES = (
     "llama",
@@ -33,7 +38,6 @@ SUPPORTED_MODEL_TYPES = (
 # a mixture-of-experts MLP in every layer (jaxlora.models.moe); Qwen2-MoE adds a gated shared expert
 MOE_TYPES = ("mixtral", "qwen3_moe", "qwen2_moe")
 MOE_IMPLS = ("auto", "ragged", "dense")  # see DecoderConfig.moe_impl
-ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 GEMMAS = ("gemma", "gemma2", "gemma3_text")
 # Multimodal checkpoints read as their text tower: model_type -> the model_type of its `text_config`.
 TEXT_TOWERS = {"gemma3": "gemma3_text"}
@@ -138,7 +142,7 @@ class DecoderConfig:
     # "auto" = dense on the CPU or for at most 8 experts of width <= 256, else ragged (jaxlora.models.moe).
     moe_impl: str = "auto"
     # The multimodal model_type (TEXT_TOWERS) when this decoder is the text tower of such a checkpoint:
-    # its weights sit under `language_model` (jaxlora.models.spec.text_tower_names), vision weights unused.
+    # its weights sit under `language_model` (jaxlora.models.checkpoint_names), vision weights unused.
     text_tower_of: str = ""
     # The backend the step is traced for: "" = the one JAX runs on here; "gpu" traces the GPU code paths
     # (attention kernels, LoRA product, experts) on any machine, to lower or plan a GPU step on a CPU.
@@ -180,115 +184,6 @@ class DecoderConfig:
     def target_backend(self) -> str:
         """`backend`, or the backend JAX runs on here ("cpu", "gpu", "tpu")."""
         return self.backend or jax.default_backend()
-
-
-def _rope_settings(hf: dict, head_dim: int) -> dict:
-    """Read RoPE theta and scaling from either the 4.x or the 5.x config layout.
-
-    5.x may hold one dict per layer type (Gemma 3: `full_attention` and `sliding_attention`); 4.x Gemma 3
-    keeps the local base in `rope_local_base_freq`. Local layers must use default (unscaled) RoPE.
-    """
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    local = None
-    if "full_attention" in params or "sliding_attention" in params:
-        local = params.get("sliding_attention") or {}
-        params = params.get("full_attention") or {}
-    theta = params.get("rope_theta", hf_value(hf, "rope_theta"))
-    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
-    if rope_type not in ROPE_TYPES:
-        raise UserError(
-            f"config.json: rope scaling type {rope_type!r} is not supported; "
-            f"supported: {', '.join(ROPE_TYPES)}"
-        )
-    factor = params.get("partial_rotary_factor", hf_value(hf, "partial_rotary_factor"))
-    rotary = int(head_dim * factor)
-    out = {"rope_theta": float(theta), "rope_type": rope_type, "rotary_dim": rotary}
-    if rope_type in ("linear", "llama3"):
-        out["rope_factor"] = float(params["factor"])
-    if rope_type == "llama3":
-        out["rope_low_freq_factor"] = float(params.get("low_freq_factor", 1.0))
-        out["rope_high_freq_factor"] = float(params.get("high_freq_factor", 4.0))
-        out["rope_original_max_positions"] = int(params.get("original_max_position_embeddings", 8192))
-    if rope_type == "longrope":
-        out.update(_longrope(hf, params, rotary))
-    if hf["model_type"] == "gemma3_text":
-        if local is not None and (local.get("rope_type") or "default") != "default":
-            raise UserError("config.json: only default RoPE is supported for Gemma 3's sliding layers")
-        local_theta = (local or {}).get("rope_theta", hf_value(hf, "rope_local_base_freq"))
-        out["rope_local_theta"] = float(local_theta)
-    return out
-
-
-def _longrope(hf: dict, params: dict, rotary: int) -> dict:
-    """Phi-3's longrope: short/long factors, the original length, the cos/sin factor (as transformers)."""
-    orig = int(
-        params.get("original_max_position_embeddings") or hf_value(hf, "original_max_position_embeddings")
-    )
-    short, long = params["short_factor"], params["long_factor"]
-    if len(short) != rotary // 2 or len(long) != rotary // 2:
-        raise UserError(f"config.json: longrope short_factor/long_factor need {rotary // 2} values each")
-    factor = params.get("factor") or hf["max_position_embeddings"] / orig
-    attention = params.get("attention_factor")
-    if attention is None:
-        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
-    return {
-        "rope_original_max_positions": orig,
-        "rope_short_factor": tuple(float(x) for x in short),
-        "rope_long_factor": tuple(float(x) for x in long),
-        "rope_attention_factor": float(attention),
-    }
-
-
-def _eos_ids(value) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return tuple(value) if isinstance(value, list | tuple) else (int(value),)
-
-
-def _layer_types(hf: dict, num_layers: int) -> list[str] | None:
-    """`layer_types`, or the pattern a 4.x Gemma 2/3 config implies (Gemma 2: every other layer sliding
-    from the first; Gemma 3: all but every `sliding_window_pattern`-th)."""
-    if hf.get("layer_types"):
-        return list(hf["layer_types"])
-    period = {"gemma2": 2, "gemma3_text": hf_value(hf, "sliding_window_pattern")}.get(hf["model_type"])
-    if period is None:
-        return None
-    return ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(num_layers)]
-
-
-def _sliding_windows(hf: dict, num_layers: int) -> tuple[int, ...]:
-    window = hf_value(hf, "sliding_window")
-    mt = hf["model_type"]
-    gated = mt in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "smollm3")  # only with use_sliding_window
-    if not window or (gated and not hf_value(hf, "use_sliding_window")):
-        return (0,) * num_layers
-    layer_types = _layer_types(hf, num_layers)
-    if layer_types:
-        return tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
-    if mt in ("qwen2", "qwen3"):
-        first_full = hf_value(hf, "max_window_layers")
-        return tuple(int(window) if i >= first_full else 0 for i in range(num_layers))
-    if mt == "qwen2_moe":  # transformers 5's default layer_types: even layers below max_window_layers
-        last = hf_value(hf, "max_window_layers")
-        return tuple(int(window) if i % 2 == 0 and i < last else 0 for i in range(num_layers))
-    if mt == "smollm3":  # transformers' default layer_types: sliding on the layers without RoPE
-        return tuple(int(window) if r == "none" else 0 for r in _layer_rope(hf, num_layers))
-    return (int(window),) * num_layers
-
-
-def _layer_rope(hf: dict, num_layers: int) -> tuple[str, ...]:
-    """Per layer "global", "local" (Gemma 3's sliding layers) or "none" (SmolLM3's no_rope_layers 0)."""
-    mt = hf["model_type"]
-    if mt == "gemma3_text":
-        kinds = _layer_types(hf, num_layers)
-        return tuple("local" if t == "sliding_attention" else "global" for t in kinds)
-    if mt == "smollm3":
-        every = hf_value(hf, "no_rope_layer_interval")
-        flags = hf.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(num_layers)]
-        if len(flags) != num_layers:
-            raise UserError(f"config.json: no_rope_layers has {len(flags)} entries for {num_layers} layers")
-        return tuple("global" if f else "none" for f in flags)
-    return ("global",) * num_layers
 
 
 def _family_switches(hf: dict) -> dict:
@@ -378,7 +273,7 @@ def config_from_hf(hf: dict) -> DecoderConfig:
         model_type=mt,
         vocab_size=hf["vocab_size"],
         bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=_eos_ids(hf.get("eos_token_id")),
+        eos_token_ids=eos_ids(hf.get("eos_token_id")),
         pad_token_id=hf.get("pad_token_id"),
     )
     if mt == "gpt2":
@@ -430,10 +325,10 @@ def config_from_hf(hf: dict) -> DecoderConfig:
         o_bias=mt != "qwen2" and hf_value(hf, "attention_bias"),
         mlp_bias=hf_value(hf, "mlp_bias"),
         qk_norm=switches.pop("qk_norm", mt in ("qwen3", "qwen3_moe")),
-        sliding_windows=_sliding_windows(hf, layers),
-        layer_rope=_layer_rope(hf, layers),
+        sliding_windows=sliding_windows(hf, layers),
+        layer_rope=layer_rope(hf, layers),
         **switches,
-        **_rope_settings(hf, head_dim),
+        **rope_settings(hf, head_dim),
     )
 
 

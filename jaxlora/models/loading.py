@@ -18,20 +18,11 @@ import ml_dtypes
 import numpy as np
 
 from jaxlora.errors import UserError
+from jaxlora.models.checkpoint_names import text_tower_names, unexpected_tensors
 from jaxlora.models.config import DecoderConfig, config_from_hf, read_hf_config
 from jaxlora.models.random_weights import init_params
 from jaxlora.models.safetensors_io import CheckpointReader
-from jaxlora.models.spec import (
-    CONV1D,
-    EXPERTS,
-    LINEAR,
-    Entry,
-    hf_shape,
-    name_table,
-    part_shape,
-    text_tower_names,
-    unexpected_tensors,
-)
+from jaxlora.models.spec import CONV1D, EXPERTS, LINEAR, Entry, hf_shape, name_table, part_shape
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")

@@ -3,15 +3,13 @@
 An entry holds every fact about one weight: its HF name (`{i}` = layer index), its path in the params
 tree, its layout, its shape as a function of the `DecoderConfig` with the logical sharding axis of each
 dim, whether it exists for this config (biases, untied head), and whether LoRA can target it. The rest is
-derived here, so nothing else spells out a family:
+derived from it, so nothing else spells out a family:
 
     name_table(cfg)       the tensors the loader reads, the merged saver writes and random init fills
     hf_shape(entry, cfg)  the shape HF stores (a torch `Linear` is [out, in]; jaxlora keeps [in, out])
-    linear_modules(cfg)   the per-layer linear layers LoRA can target, with (in, out) and HF module name
-    linear_dims(cfg)      (group, name) -> (in, out), the LoRA and FLOP dims
-    target_names(...)     the short `target_modules` names (the `c_proj` rule), for PEFT and error text
     logical_axes()        params path -> logical axes, the input of `jaxlora.parallel.rules`
-    unexpected_tensors()  checkpoint tensors no entry reads and no known buffer explains
+    models.targets        the linear layers and MoE weights LoRA can target, their dims and PEFT names
+    models.checkpoint_names  tensors no entry reads; a multimodal checkpoint's text-tower names
 
 Layouts: LINEAR (torch `nn.Linear` [out, in], transposed on load), CONV1D (GPT-2's Conv1D, already
 [in, out]), VECTOR (norms, biases), EMBEDDING ([rows, D] on both sides). Fused HF tensors stay fused
@@ -22,8 +20,7 @@ A new family is a `Family` in `FAMILIES` plus the switches `models.config` reads
 """
 
 import dataclasses
-import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from operator import attrgetter
 
 from jaxlora.errors import UserError
@@ -132,22 +129,22 @@ _mlp_bias, _qk_norm = attrgetter("mlp_bias"), attrgetter("qk_norm")
 
 # Each row: HF name, params path (under "layers" when per layer), layout, then (size, logical axis) for
 # each dim in jaxlora's layout (a kernel is [in, out]); `lora` marks LoRA targets, `when` optional weights.
-_L = "model.layers.{i}."
-_A, _M = _L + "self_attn.", _L + "mlp."
+LAYER = "model.layers.{i}."  # the HF name prefix of layer i
+_A, _M = LAYER + "self_attn.", LAYER + "mlp."
 _EMBED = _entry("model.embed_tokens.weight", "embed.embedding", EMBEDDING, (V, "vocab"), (D, "embed"))
 _FINAL = _entry("model.norm.weight", "final_norm.scale", VECTOR, (D, None))
 _HEAD = _entry("lm_head.weight", "lm_head.kernel", LINEAR, (D, "embed"), (V, "vocab"), when=_untied)
 # Norm placements: Llama's two pre-norms; Gemma 2/3's pre- and post-norms; OLMo 2's post-norms only.
 _PRE_NORMS = (
-    _entry(_L + "input_layernorm.weight", "attn_norm.scale", VECTOR, (D, None)),
-    _entry(_L + "post_attention_layernorm.weight", "mlp_norm.scale", VECTOR, (D, None)),
+    _entry(LAYER + "input_layernorm.weight", "attn_norm.scale", VECTOR, (D, None)),
+    _entry(LAYER + "post_attention_layernorm.weight", "mlp_norm.scale", VECTOR, (D, None)),
 )
-_ATTN_POST = _entry(_L + "post_attention_layernorm.weight", "attn_post_norm.scale", VECTOR, (D, None))
-_MLP_POST = _entry(_L + "post_feedforward_layernorm.weight", "mlp_post_norm.scale", VECTOR, (D, None))
+_ATTN_POST = _entry(LAYER + "post_attention_layernorm.weight", "attn_post_norm.scale", VECTOR, (D, None))
+_MLP_POST = _entry(LAYER + "post_feedforward_layernorm.weight", "mlp_post_norm.scale", VECTOR, (D, None))
 _SANDWICH_NORMS = (
-    _entry(_L + "input_layernorm.weight", "attn_norm.scale", VECTOR, (D, None)),
+    _entry(LAYER + "input_layernorm.weight", "attn_norm.scale", VECTOR, (D, None)),
     _ATTN_POST,
-    _entry(_L + "pre_feedforward_layernorm.weight", "mlp_norm.scale", VECTOR, (D, None)),
+    _entry(LAYER + "pre_feedforward_layernorm.weight", "mlp_norm.scale", VECTOR, (D, None)),
     _MLP_POST,
 )
 _QKVO = (
@@ -220,7 +217,7 @@ PHI3 = Family(
 
 def _moe(hub_block: str, gate: str, up: str, down: str) -> tuple[Entry, ...]:
     """The router [D, E] and the stacked experts: gate_up [E, D, 2F] (gate first), down [E, F, D]."""
-    mlp, hub = _L + "mlp.", _L + hub_block + "."
+    mlp, hub = LAYER + "mlp.", LAYER + hub_block + "."
     return (
         _entry(
             hub + "gate.weight",
@@ -372,160 +369,6 @@ def checkpoint_names(entry: Entry, cfg: DecoderConfig, layer: int | None) -> lis
         names.append(entry.alias.format(i=layer))
     names += [p.format(i=layer, j=j) for p in entry.parts for j in range(cfg.num_experts)]
     return names
-
-
-@dataclasses.dataclass(frozen=True)
-class LinearModule:
-    """A per-layer linear layer LoRA can target."""
-
-    name: str  # HF module name, "q_proj" (the last part of hf_prefix)
-    path: tuple[str, ...]  # ("layers", "attn", "q_proj"): its kernel is path + ("kernel",)
-    hf_prefix: str  # "model.layers.{i}.self_attn.q_proj"
-    fan_in_fan_out: bool  # HF stores the base weight [in, out] (GPT-2 Conv1D)
-    in_features: int
-    out_features: int
-
-    @property
-    def key(self) -> tuple[str, str]:
-        """(group, name), e.g. ("attn", "q_proj"): its place under params["layers"] and in a LoRA tree."""
-        return self.path[1], self.path[2]
-
-    @property
-    def suffix(self) -> str:
-        """The last two parts of the HF module name, "self_attn.q_proj" or "attn.c_proj"."""
-        return ".".join(self.hf_prefix.split(".")[-2:])
-
-
-def linear_modules(cfg: DecoderConfig) -> list[LinearModule]:
-    """The per-layer linear layers (LoRA candidates; the LM head is never one), in checkpoint order."""
-    out = []
-    for e in name_table(cfg):
-        if e.lora:
-            fan_in, fan_out = e.shape(cfg)
-            prefix = e.hf.removesuffix(".weight")
-            name = prefix.rpartition(".")[2]  # the params key differs for Qwen2-MoE's shared_expert_gate
-            out.append(LinearModule(name, e.path[:-1], prefix, e.layout == CONV1D, fan_in, fan_out))
-    return out
-
-
-def linear_dims(cfg: DecoderConfig) -> dict[tuple[str, str], tuple[int, int]]:
-    """(group, module) -> (in_features, out_features) for every per-layer linear layer."""
-    return {m.key: (m.in_features, m.out_features) for m in linear_modules(cfg)}
-
-
-def target_names(cfg: DecoderConfig, keys: Iterable[tuple[str, str]]) -> list[str]:
-    """Names for `target_modules` that match exactly the modules `keys` ((group, name) pairs), as PEFT
-    matches suffixes: the module name (`q_proj`), unless a module outside `keys` shares it (GPT-2's
-    attn.c_proj and mlp.c_proj), then the last two parts (`attn.c_proj`). In the order of `keys`, without
-    repeats. Used for PEFT's `target_modules` and for the module list of error messages."""
-    keys = list(keys)
-    mods = {m.key: m for m in linear_modules(cfg)}
-    out: list[str] = []
-    for key in keys:
-        m = mods[key]
-        clash = any(o.name == m.name and o.key not in keys for o in mods.values())
-        name = m.suffix if clash else m.name
-        if name not in out:
-            out.append(name)
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamTarget:
-    """A MoE weight LoRA adapts through PEFT's `target_parameters` (transformers 5 names in memory)."""
-
-    name: str  # "gate_up_proj", "down_proj", "router"
-    path: tuple[str, ...]  # ("layers", "moe", "gate_up_proj"): its kernel is path + ("kernel",)
-    peft: str  # "model.layers.{i}.mlp.experts.gate_up_proj": the module path plus the parameter name
-    in_features: int
-    out_features: int
-    experts: int  # E for a stacked [E, in, out] kernel, 0 for a plain [in, out] one (the router)
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return self.path[1], self.path[2]
-
-
-# transformers 4 module names of the MoE weights, which PEFT still accepts in `target_modules` and converts
-# to `target_parameters` (two of them fused into gate_up_proj, whose adapter then has twice the rank).
-# Not qwen2_moe: PEFT 0.21 converts none for it (`gate_proj` etc. then name only the shared expert's
-# linears, and `all-linear` leaves experts and router alone), so jaxlora does the same.
-MOE_V4_NAMES: dict[str, dict[str, str]] = {
-    "mixtral": {"gate": "router", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
-    "qwen3_moe": {
-        "gate": "router",
-        "gate_proj": "gate_up_proj",
-        "up_proj": "gate_up_proj",
-        "down_proj": "down_proj",
-    },
-}
-
-
-def param_targets(cfg: DecoderConfig) -> list[ParamTarget]:
-    """The weights `target_parameters` can name on this model (none for a dense model), in the order
-    transformers defines them on their module (the order PEFT nests its wrappers in)."""
-    if not cfg.num_experts:
-        return []
-    mlp = _L + "mlp."
-    f, d = cfg.moe_intermediate_size, cfg.hidden_size
-    return [
-        ParamTarget("router", ("layers", "moe", "router"), mlp + "gate.weight", d, cfg.num_experts, 0),
-        ParamTarget(
-            "gate_up_proj",
-            ("layers", "moe", "gate_up_proj"),
-            mlp + "experts.gate_up_proj",
-            d,
-            2 * f,
-            cfg.num_experts,
-        ),
-        ParamTarget(
-            "down_proj", ("layers", "moe", "down_proj"), mlp + "experts.down_proj", f, d, cfg.num_experts
-        ),
-    ]
-
-
-def unexpected_tensors(cfg: DecoderConfig, names: Iterable[str]) -> list[str]:
-    """The checkpoint tensors in `names` that no entry reads, less the family's known buffers and the LM
-    head a tied model does not use (some tied checkpoints still carry it)."""
-    fam = family(cfg)
-    layers = range(cfg.num_layers)
-    expected = {
-        n
-        for e in name_table(cfg)
-        for i in (layers if e.per_layer else [None])
-        for n in checkpoint_names(e, cfg, i)
-    }
-    skip = [re.compile(p) for p in fam.buffers]
-    if cfg.tie_word_embeddings:
-        skip += [re.compile(re.escape(e.hf)) for e in fam.weights if e.path == ("lm_head", "kernel")]
-    return [n for n in names if n not in expected and not any(p.fullmatch(n) for p in skip)]
-
-
-# Multimodal checkpoints (config.TEXT_TOWERS) hold the decoder as a text tower: the hub and transformers'
-# save_pretrained name it `language_model.model.*` / `language_model.lm_head.*`, transformers 5 in memory
-# `model.language_model.*` / `lm_head.*`. The vision tower and the projector are no part of the decoder.
-_TOWER_PREFIXES = (
-    ("language_model.model.", "model."),
-    ("language_model.lm_head.", "lm_head."),
-    ("model.language_model.", "model."),
-)
-_OTHER_TOWERS = re.compile(r"(model\.)?(vision_tower|multi_modal_projector)\..*")
-
-
-def text_tower_names(names: Iterable[str]) -> dict[str, str]:
-    """The spec's name -> the checkpoint's name for the tensors of a multimodal checkpoint, less those of the
-    vision tower and projector; other names are kept as they are (so the loader reports them)."""
-    out = {}
-    for name in names:
-        if _OTHER_TOWERS.fullmatch(name):
-            continue
-        spec_name = name
-        for prefix, ours in _TOWER_PREFIXES:
-            if name.startswith(prefix):
-                spec_name = ours + name.removeprefix(prefix)
-                break
-        out[spec_name] = name
-    return out
 
 
 def logical_axes() -> dict[tuple[str, ...], tuple[str | None, ...]]:

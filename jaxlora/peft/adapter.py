@@ -16,7 +16,6 @@ PEFT `target_parameters` (`jaxlora.peft.experts`).
 
 import json
 import os
-import re
 from pathlib import Path
 
 import jax
@@ -37,13 +36,7 @@ from jaxlora.lora.tokens import (
 from jaxlora.models.config import DecoderConfig
 from jaxlora.models.safetensors_io import SafetensorsFile, write_safetensors
 from jaxlora.models.saving import prepare_out_dir
-from jaxlora.models.spec import (
-    LinearModule,
-    linear_dims,
-    linear_modules,
-    param_targets,
-    target_names,
-)
+from jaxlora.models.targets import LinearModule, linear_dims, linear_modules, param_targets, target_names
 from jaxlora.peft.embeddings import embedding_tensors, read_embeddings
 from jaxlora.peft.experts import (
     param_config,
@@ -52,12 +45,10 @@ from jaxlora.peft.experts import (
     param_to_peft,
     read_param_targets,
 )
+from jaxlora.peft.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # init_lora_weights values whose adapters only make sense with a changed base (not plain LoRA).
-_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq")
 
 
 def _refuse_text_tower(cfg: DecoderConfig, what: str) -> None:
@@ -232,68 +223,6 @@ def save_peft_adapter(
     os.replace(tmp, out / ADAPTER_WEIGHTS)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
-
-
-def _adapter_folder(adapter_dir) -> Path:
-    """A local folder as is; a hub id is downloaded (adapter files only)."""
-    folder = Path(os.path.expanduser(str(adapter_dir)))
-    if folder.is_dir():
-        return folder
-    text = str(adapter_dir)
-    if text.startswith((".", "/", "~")) or folder.exists() or not re.match(r"^[\w.-]+/[\w.-]+$", text):
-        raise UserError(f"adapter folder not found: {adapter_dir}")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(text, allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS]))
-    except Exception as err:  # offline, unknown repo, gated, ...
-        raise UserError(
-            f"adapter folder not found: {adapter_dir} (and downloading it from the hub failed: "
-            f"{type(err).__name__})"
-        ) from None
-
-
-def read_adapter_config(adapter_dir) -> dict:
-    """The adapter's `adapter_config.json`, checked to be a plain LoRA adapter jaxlora can run.
-
-    Raises UserError for a missing or broken file, a `peft_type` other than LORA, and LoRA variants jaxlora
-    does not run: `bias` other than "none", `lora_bias` with DoRA, `layer_replication`, trainable tokens of
-    other layers than the input embedding, adapters for a changed base (PiSSA/OLoRA/CorDA/LoftQ).
-    """
-    folder = _adapter_folder(adapter_dir)
-    path = folder / ADAPTER_CONFIG
-    if not path.is_file():
-        raise UserError(f"{folder}: no {ADAPTER_CONFIG}; is this a PEFT adapter folder?")
-    try:
-        conf = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: invalid JSON ({err})") from None
-    if not isinstance(conf, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    peft_type = conf.get("peft_type")
-    if peft_type != "LORA":
-        raise UserError(f"{path}: peft_type is {peft_type!r}; only LORA adapters are supported")
-    problems = []
-    if conf.get("bias", "none") != "none":
-        problems.append(f"bias {conf['bias']!r} (only 'none')")
-    if conf.get("lora_bias") and conf.get("use_dora"):
-        problems.append("lora_bias with use_dora")
-    if conf.get("layer_replication"):
-        problems.append("layer_replication")
-    tokens = conf.get("trainable_token_indices")
-    if isinstance(tokens, dict) and len(tokens) == 1 and next(iter(tokens)) in ("embed_tokens", "wte"):
-        conf["trainable_token_indices"] = tokens = next(iter(tokens.values()))
-    if tokens and not (isinstance(tokens, list) and all(isinstance(i, int) for i in tokens)):
-        problems.append(f"trainable_token_indices {tokens} (only a list of ids for the input embedding)")
-    init = conf.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        problems.append(f"init_lora_weights {init!r} (it changes the base weights)")
-    if problems:
-        raise UserError(f"{path}: unsupported LoRA adapter: {'; '.join(problems)}")
-    if not isinstance(conf.get("r"), int) or conf["r"] <= 0:
-        raise UserError(f"{path}: r must be a positive integer, got {conf.get('r')!r}")
-    conf["_folder"] = str(folder)
-    return conf
 
 
 def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig]:

@@ -14,7 +14,7 @@ from jaxlora.lora import LoraConfig
 from jaxlora.lora.adapters import check_param_adapters, param_adapters, param_scale_factor, pattern_value
 from jaxlora.models.config import DecoderConfig
 from jaxlora.models.safetensors_io import SafetensorsFile
-from jaxlora.models.spec import ParamTarget
+from jaxlora.models.targets import ParamTarget
 
 PEFT_PREFIX = "base_model.model."
 

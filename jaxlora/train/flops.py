@@ -37,7 +37,7 @@ Embedding lookups and the elementwise work cost no FLOPs here. Example (stories2
 import numpy as np
 
 from jaxlora.models.config import DecoderConfig
-from jaxlora.models.spec import linear_dims, param_targets
+from jaxlora.models.targets import linear_dims, param_targets
 
 REMATS = ("none", "lean", "dots", "full")  # the train.remat policies
 

@@ -20,7 +20,7 @@ from benchmarks.timing import host_peak_rss, summary, timed_windows
 from jaxlora.config import TrainSection
 from jaxlora.data import IGNORE
 from jaxlora.errors import UserError
-from jaxlora.lora import LoraConfig, init_lora, lora_scale
+from jaxlora.lora import Adapter, LoraConfig, init_lora, lora_scale
 from jaxlora.models import load_model
 from jaxlora.models.attention import choose_attention
 from jaxlora.quant import make_quantizer
@@ -152,7 +152,7 @@ def _train(spec: BenchSpec, model, load_s: float, compiled_memory: bool) -> dict
     scale = jnp.asarray(lora_scale(cfg, lora_cfg))
     train = TrainSection(learning_rate=spec.lr, warmup_steps=0, lr_schedule="constant", max_steps=10**6)
     optimizer, _ = make_optimizer(train, 10**6)
-    opt_state = jax.jit(optimizer.init)(lora)
+    opt_state, lora = jax.jit(optimizer.init)(lora), Adapter.split(lora)
     step_fn = make_train_step(StepSpec(cfg, 0.0, spec.loss_chunk), optimizer)
     jitted = jax.jit(step_fn, donate_argnums=(0, 1) if spec.donate else ())
     host_batches = batches(spec, cfg.vocab_size)
@@ -204,7 +204,7 @@ def _train(spec: BenchSpec, model, load_s: float, compiled_memory: bool) -> dict
     return {
         "framework": "jaxlora",
         "device": f"{dev.platform}:{dev.device_kind}",
-        "attention_impl": choose_attention(cfg, jnp.dtype(cfg.compute_dtype), spec.seq),
+        "attention_impl": choose_attention(cfg, jnp.dtype(cfg.runtime.compute_dtype), spec.seq),
         "load_s": load_s,
         "compile_s": compile_s,
         "first_step_s": first_step_s,

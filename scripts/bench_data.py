@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from jaxlora.errors import cli_main
+from jaxlora.cli.cli_main import cli_main
 
 ASSETS = Path(os.environ.get("JAXLORA_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 

@@ -43,7 +43,8 @@ from benchmarks.spec import (  # noqa: E402
     SUITES,
     BenchSpec,
 )
-from jaxlora.errors import UserError, cli_main  # noqa: E402
+from jaxlora.cli.cli_main import cli_main  # noqa: E402
+from jaxlora.errors import UserError  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -12,7 +12,7 @@ and `--quant` then default to the run's config. The same command as `jaxlora exp
 (`jaxlora.cli.commands.export_main`).
 """
 
-from jaxlora.errors import cli_main
+from jaxlora.cli.cli_main import cli_main
 
 
 @cli_main

@@ -7,7 +7,7 @@
 The same command as `jaxlora generate` (`jaxlora.cli.generate.main`); `--help` says more.
 """
 
-from jaxlora.errors import cli_main
+from jaxlora.cli.cli_main import cli_main
 
 
 @cli_main

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from jaxlora.errors import UserError, cli_main
+from jaxlora.cli.cli_main import cli_main
+from jaxlora.errors import UserError
 
 
 def parse_args(argv=None):

@@ -6,7 +6,7 @@ Writes checkpoints, TensorBoard events, metrics.jsonl and the PEFT adapter under
 The same command as `jaxlora train` (`jaxlora.cli.commands.train_main`); `--help` says more.
 """
 
-from jaxlora.errors import cli_main
+from jaxlora.cli.cli_main import cli_main
 
 
 @cli_main

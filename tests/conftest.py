@@ -39,9 +39,8 @@ def stories_dir(assets) -> Path:
 def base(tmp_path_factory):
     """family -> (folder, jaxlora Model) of a tiny random HF checkpoint (`hf_tiny.make_hf_model`), built
     once per session and shared by the PEFT tests."""
-    from hf_tiny import make_hf_model
-
     from jaxlora.models import load_model
+    from tests.helpers.hf_tiny import make_hf_model
 
     built: dict = {}
 

@@ -17,7 +17,7 @@ from jaxlora.errors import UserError
 from jaxlora.lora import LoraConfig, init_lora, lora_scale
 from jaxlora.models import load_model
 from jaxlora.models.attention import attention_mask, causal_attention, dot_attention
-from jaxlora.models.config import ATTENTION_IMPLS, DecoderConfig, config_from_hf
+from jaxlora.models.config import ATTENTION_IMPLS, Runtime, config_from_hf
 from jaxlora.models.random_weights import init_params
 from jaxlora.train.flops import attended_keys, train_step_flops
 from jaxlora.train.step import StepSpec, loss_and_count
@@ -102,7 +102,7 @@ def test_benchmark_attention_choices_are_the_configs():
     sys.path.insert(0, str(ROOT))  # benchmarks/ sits at the repository root, outside the package
     from benchmarks.spec import ATTENTIONS, BenchSpec
 
-    assert ATTENTIONS == ATTENTION_IMPLS and BenchSpec("x", "tiny", 1, 8).attention == DecoderConfig.attention
+    assert ATTENTIONS == ATTENTION_IMPLS and BenchSpec("x", "tiny", 1, 8).attention == Runtime.attention
 
 
 def test_benchmark_smoke_jaxlora_and_peft(tmp_path):

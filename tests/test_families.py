@@ -1,8 +1,8 @@
 """[families] Gemma 1/2/3, Phi-3, OLMo 2, SmolLM3 against transformers and PEFT, trained, sharded.
 
-One tiny random checkpoint per family (tests/hf_tiny.py, saved with `save_pretrained`, stories260K's
+One tiny random checkpoint per family (tests/helpers/hf_tiny.py, saved with `save_pretrained`, stories260K's
 tokenizer beside it) is built once per module and serves every check: padded-batch logits, KV cache,
-PEFT export and import, merged export; one 4-device subprocess (tests/parallel_driver.py) trains every
+PEFT export and import, merged export; one 4-device subprocess (tests/helpers/parallel_driver.py) trains every
 family 20 steps on one device and on an fsdp=2 x tensor=2 mesh.
 """
 
@@ -14,20 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_tiny import NEW_FAMILIES, hf_forward, model_cache
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
-from test_models import padded_batch
-from test_parallel import _config, _drive
-from test_peft import (
-    hf_model,
-    jax_logits,
-    randomize_peft_,
-    randomized,
-    token_ids,
-    torch_logits,
-)
-from tiny_checks import kv_cache_gap, merged_export_gap, peft_export_gap
 
 from jaxlora.errors import UserError
 from jaxlora.lora import LoraConfig, init_lora, save_merged
@@ -35,6 +23,17 @@ from jaxlora.models import config_from_hf, forward, load_model
 from jaxlora.models.attention import choose_attention
 from jaxlora.peft import load_peft_adapter, save_peft_adapter
 from jaxlora.quant import QuantizedTensor, dequantize, make_quantizer
+from tests.helpers.family_checks import kv_cache_gap, merged_export_gap, peft_export_gap
+from tests.helpers.hf_tiny import NEW_FAMILIES, hf_forward, model_cache, padded_batch
+from tests.helpers.parallel_runs import _config, _drive
+from tests.helpers.peft_torch import (
+    hf_model,
+    jax_logits,
+    randomize_peft_,
+    randomized,
+    token_ids,
+    torch_logits,
+)
 
 STEPS = 20
 MESH_STEPS = 5  # the mesh run repeats the first steps (a constant learning rate after warm-up)
@@ -291,9 +290,8 @@ def test_gpu_attention_falls_back_for_softcap_and_mixed_windows(built, caplog):
 
 
 def test_gemma3_multimodal_checkpoint_loads_its_text_tower(tmp_path):
-    from hf_tiny import make_hf_gemma3
-
     from jaxlora.models.safetensors_io import write_safetensors
+    from tests.helpers.hf_tiny import make_hf_gemma3
 
     hf = make_hf_gemma3(tmp_path / "saved")  # written as language_model.model.*, vision_tower.*, ...
     model = load_model(tmp_path / "saved")

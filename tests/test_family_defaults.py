@@ -1,5 +1,6 @@
-"""A key that `config.json` leaves out reads as transformers' default for the family
-(`jaxlora.models.family_defaults`), checked against each family's transformers config class."""
+"""A key that `config.json` leaves out reads as transformers' default for the family (`GENERIC` in
+`jaxlora.models.family_defaults`, each family's `defaults` in `jaxlora.models.families`), checked against
+each family's transformers config class."""
 
 import dataclasses
 import json
@@ -12,7 +13,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from jaxlora.models import config_from_hf, load_model
 from jaxlora.models.config import SUPPORTED_MODEL_TYPES
-from jaxlora.models.family_defaults import FAMILY_DEFAULTS, GEMMA3_TEXT_TOWER, GENERIC, hf_value
+from jaxlora.models.families import FAMILIES, hf_value
+from jaxlora.models.family_defaults import GENERIC
 from jaxlora.models.random_weights import init_params
 from jaxlora.quant import count_params
 
@@ -36,6 +38,8 @@ BARE_KEYS = (
     "reorder_and_upcast_attn",
 )
 MISSING = object()
+FAMILY_DEFAULTS = {mt: fam.defaults for mt, fam in FAMILIES.items()}
+GEMMA3_TEXT_TOWER = FAMILIES["gemma3_text"].text_config_defaults
 
 
 def transformers_default(mt: str, key: str):
@@ -156,7 +160,7 @@ def test_smollm3_without_tie_key_ties_its_head_and_counts_as_transformers():
 
 
 def test_tied_smollm3_checkpoint_without_tie_key_loads(tmp_path):
-    from hf_tiny import make_hf_model
+    from tests.helpers.hf_tiny import make_hf_model
 
     make_hf_model("smollm3", tmp_path, tie_word_embeddings=True)  # saved without lm_head.weight
     path = tmp_path / "config.json"

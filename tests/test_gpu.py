@@ -2,8 +2,8 @@
 against dequantize-then-matmul, and a bfloat16 stories260K fine-tune that tracks the float32 CPU run.
 
 Every test is marked `gpu` (skipped without one; `benchmarks/gpu_suite.sh` runs them on the H200). The
-tiny models are built here with transformers (tests/hf_tiny.py); stories260K comes from the test assets,
-which `benchmarks/device_wheels.sh` copies into `.whl/assets` for the device machine.
+tiny models are built here with transformers (tests/helpers/hf_tiny.py); stories260K comes from the test
+assets, which `benchmarks/device_wheels.sh` copies into `.whl/assets` for the device machine.
 """
 
 import json
@@ -13,15 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_tiny import FAMILIES, make_hf_model
-from test_models import padded_batch
 
 from jaxlora.config import TrainSection
-from jaxlora.lora import LoraConfig, init_lora, lora_scale
+from jaxlora.lora import Adapter, LoraConfig, init_lora, lora_scale
 from jaxlora.models import forward, load_model
 from jaxlora.quant import dequantize, qmatmul, quantize
 from jaxlora.train.optim import make_optimizer
 from jaxlora.train.step import StepSpec, make_train_step
+from tests.helpers.hf_tiny import FAMILIES, make_hf_model, padded_batch
 
 pytestmark = pytest.mark.gpu
 
@@ -56,7 +55,7 @@ def test_bf16_logits_match_transformers_on_cuda(family, tmp_path):
         )
         ref32 = hf32(input_ids=t["ids"], attention_mask=t["mask"], position_ids=t["pos"]).logits.numpy()
     out = forward(model.params, model.config, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask))
-    assert on_gpu(out) and model.config.compute_dtype == "bfloat16"  # logits come back in float32
+    assert on_gpu(out) and model.config.runtime.compute_dtype == "bfloat16"  # logits come back in float32
     ours = np.asarray(out, np.float32)
     keep = mask == 1  # padded positions are undefined on both sides
     err = rel_err(ours[keep], ref[keep])
@@ -139,7 +138,7 @@ def finetune_losses(stories_dir, device, dtype: str, steps: int = STEPS) -> list
         scale = jnp.asarray(lora_scale(model.config, lora_cfg))
         train = TrainSection(learning_rate=1e-3, warmup_steps=0, lr_schedule="constant", max_steps=steps)
         optimizer, _ = make_optimizer(train, steps)
-        opt_state = optimizer.init(lora)
+        opt_state, lora = optimizer.init(lora), Adapter.split(lora)
         step = jax.jit(make_train_step(StepSpec(model.config, 0.0, 1024), optimizer))
         losses = []
         for i in range(steps):

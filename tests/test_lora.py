@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hf_tiny import FAMILIES, hf_config, make_hf_model
 
 from jaxlora.errors import UserError
 from jaxlora.lora import (
@@ -24,6 +23,7 @@ from jaxlora.lora import (
 from jaxlora.models import config_from_hf, forward, load_model
 from jaxlora.models.targets import linear_dims
 from jaxlora.quant import QuantizedTensor, dequantize, quantize
+from tests.helpers.hf_tiny import FAMILIES, hf_config, make_hf_model
 
 # Compiled, the adapter's program and the base's may differ in the last bits: XLA:CPU fuses RoPE's
 # multiply-adds differently once the (zero) LoRA add sits in front of them (qwen2 r8_qv: 3.1e-6 on jax

@@ -2,7 +2,7 @@
 
 `jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",))` gives the StableHLO a GPU would
 compile; Pallas's Triton kernels lower to `__gpu$xla.gpu.triton` custom calls here too, gradients
-included. `DecoderConfig.backend = "gpu"` makes the step take its GPU paths (attention kernel, LoRA
+included. `Runtime.backend = "gpu"` makes the step take its GPU paths (attention kernel, LoRA
 product, ragged experts) while tracing on the CPU. Weights are drawn small and passed as shapes only
 (`jax.ShapeDtypeStruct`), so a broken kernel call, a CPU-only op on a GPU path or a dense [T, T] score
 tensor in a fused path fails here, before a GPU is lent.
@@ -24,7 +24,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_me
 
 from jaxlora.config import TrainSection
 from jaxlora.errors import UserError
-from jaxlora.lora import LoraConfig, init_lora, lora_scale
+from jaxlora.lora import Adapter, LoraConfig, init_lora, lora_scale
 from jaxlora.models import load_model
 from jaxlora.models.attention.gpu import pallas_kernel_missing
 from jaxlora.models.generate import _prefill, _step, init_cache
@@ -93,7 +93,7 @@ def sft_text(cfg, params, r: int = 8, batch: int = 2) -> str:
     step = make_train_step(StepSpec(cfg, loss_chunk=128), optimizer)
     ids = jax.ShapeDtypeStruct((1, batch, T), jnp.int32)  # [A, B, T]
     data = {k: ids for k in ("input_ids", "targets", "positions", "segment_ids")}
-    args = (lora, optimizer.init(lora), params, data, jax.random.key(1), lora_scale(cfg, lc))
+    args = (Adapter.split(lora), optimizer.init(lora), params, data, jax.random.key(1), lora_scale(cfg, lc))
     return lower(step, *map(shapes, args))
 
 
@@ -143,7 +143,7 @@ def test_dpo_step_lowers(tmp_path):
     ids = jax.ShapeDtypeStruct((1, 2, T), jnp.int32)
     keys = ("input_ids", "targets", "positions", "segment_ids")
     data = {f"{side}_{k}": ids for side in ("chosen", "rejected") for k in keys}
-    args = (lora, optimizer.init(lora), params, data, jax.random.key(1), lora_scale(cfg, lc))
+    args = (Adapter.split(lora), optimizer.init(lora), params, data, jax.random.key(1), lora_scale(cfg, lc))
     text = lower(step, *map(shapes, args))
     assert dense_scores(text) == []
     assert (TRITON in text) == (PACKED_ATTENTION == "pallas")
@@ -151,7 +151,7 @@ def test_dpo_step_lowers(tmp_path):
 
 def test_moe_step_with_ragged_experts_lowers(tmp_path):
     cfg, params = model(tmp_path, QWEN3_MOE, compute_dtype="bfloat16", attention=PACKED_ATTENTION)
-    assert cfg.moe_impl == "auto" and cfg.num_experts == 16
+    assert cfg.runtime.moe_impl == "auto" and cfg.num_experts == 16
     text = sft_text(cfg, params)
     assert "ragged_dot" in text  # grouped matmuls, not the dense every-expert path
     dense, _ = model(tmp_path, QWEN3_MOE, compute_dtype="bfloat16", moe_impl="dense")

@@ -11,27 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_tiny import FAMILIES, make_hf_model
 
 from jaxlora.errors import UserError
 from jaxlora.models import config_from_hf, forward, load_model
 from jaxlora.models.generate import generate, left_pad
 from jaxlora.models.safetensors_io import SafetensorsFile, write_safetensors
+from tests.helpers.hf_tiny import FAMILIES, make_hf_model, padded_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def padded_batch(vocab: int, seq: int = 12):
-    """Three rows: full, right-padded, left-padded; returns ids, mask, positions as numpy."""
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, vocab, size=(3, seq)).astype(np.int32)
-    mask = np.ones((3, seq), np.int32)
-    mask[1, -4:] = 0
-    mask[2, :5] = 0
-    ids[mask == 0] = 0
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-    positions[1] = np.arange(seq)
-    return ids, mask, positions
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -2,9 +2,10 @@
 checkpoint layouts, PEFT adapters on attention, router, experts and Qwen2-MoE's shared expert, merged
 export, int8/NF4 experts, expert mesh.
 
-One tiny random checkpoint per family (tests/hf_tiny.py: 8 experts, top-2, saved with `save_pretrained`,
-which writes the hub's per-expert layout) is built once per module and serves every check; one 4-device
-subprocess (tests/parallel_driver.py) trains on one device, on expert=4 and on fsdp=2 x expert=2.
+One tiny random checkpoint per family (tests/helpers/hf_tiny.py: 8 experts, top-2, saved with
+`save_pretrained`, which writes the hub's per-expert layout) is built once per module and serves every
+check; one 4-device subprocess (tests/helpers/parallel_driver.py) trains on one device, on expert=4 and
+on fsdp=2 x expert=2.
 """
 
 import dataclasses
@@ -17,24 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_tiny import MOE_FAMILIES, copy_tokenizer, hf_forward, model_cache
-from parallel_driver import MOE_TARGETS, moe_losses
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_models import padded_batch
-from test_parallel import _drive
-from test_peft import (
-    hf_model,
-    jax_logits,
-    peft_warnings_are_errors,
-    randomize_peft_,
-    randomized,
-    token_ids,
-    torch_logits,
-)
-from tiny_checks import kv_cache_gap, merged_export_gap, peft_export_gap
 
 from jaxlora.errors import UserError
 from jaxlora.lora import LoraConfig, init_lora
@@ -44,6 +31,19 @@ from jaxlora.models.targets import linear_modules
 from jaxlora.peft import load_peft_adapter, save_peft_adapter
 from jaxlora.quant import QuantizedTensor, dequantize, make_quantizer
 from jaxlora.train.flops import train_step_flops
+from tests.helpers.family_checks import kv_cache_gap, merged_export_gap, peft_export_gap
+from tests.helpers.hf_tiny import MOE_FAMILIES, copy_tokenizer, hf_forward, model_cache, padded_batch
+from tests.helpers.parallel_driver import MOE_TARGETS, moe_losses
+from tests.helpers.parallel_runs import _drive
+from tests.helpers.peft_torch import (
+    hf_model,
+    jax_logits,
+    peft_warnings_are_errors,
+    randomize_peft_,
+    randomized,
+    token_ids,
+    torch_logits,
+)
 
 # (target_modules, target_parameters) for jaxlora and PEFT alike
 SETTINGS = {

@@ -8,7 +8,7 @@ from flax import nnx
 
 from jaxlora.lora import LoraConfig, count_params
 from jaxlora.models import forward, load_model
-from jaxlora.models.nnx_model import CausalLM, FrozenWeight, LoraWeight
+from jaxlora.nnx import CausalLM, FrozenWeight, LoraWeight
 
 
 def test_nnx_module_matches_functional_and_trains_only_lora(stories_dir):

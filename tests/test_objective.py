@@ -13,7 +13,7 @@ import numpy as np
 import optax
 
 from jaxlora.data import IGNORE
-from jaxlora.lora import LoraConfig, init_lora, lora_scale
+from jaxlora.lora import Adapter, LoraConfig, init_lora, lora_scale
 from jaxlora.models.decoder import forward
 from jaxlora.train.objective import Objective, StepSpec
 from jaxlora.train.step import make_train_step
@@ -108,10 +108,15 @@ def test_grpo_shaped_objective_runs_on_the_one_step(base):
     two = jax.tree.map(lambda x: x.reshape(2, B // 2, *x.shape[1:]), batch)
     sgd = optax.sgd(1.0)
     plain = jax.jit(make_train_step(objective, sgd))
-    (l1, _, m1), (l2, _, m2) = (plain(lora, sgd.init(lora), model.params, b, rng, scale) for b in (one, two))
+    adapter = Adapter.split(lora)
+    (l1, _, m1), (l2, _, m2) = (
+        plain(adapter, sgd.init(lora), model.params, b, rng, scale) for b in (one, two)
+    )
     assert abs(float(m1["loss"]) - float(m2["loss"])) < 1e-6 and float(m1["clip_ratio"]) == 0.0
     flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])  # noqa: E731
-    np.testing.assert_allclose(flat(l1) - flat(lora), flat(l2) - flat(lora), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        flat(l1.tree()) - flat(lora), flat(l2.tree()) - flat(lora), rtol=1e-5, atol=1e-7
+    )
     # ratio 1 at the first step: the surrogate's value is -mean(A) over tokens; its gradient moves lora
     n = np.asarray(batch["targets"] != IGNORE)
     want = -float(np.sum(np.asarray(batch["advantages"])[:, None] * n) / n.sum())
@@ -119,7 +124,7 @@ def test_grpo_shaped_objective_runs_on_the_one_step(base):
 
     # several optimizer steps on the one batch (GRPO's mu): the policy moves away from the sampler's, the
     # surrogate improves and, with a large step, ratios leave the trust region and get clipped
-    state, losses, clips = (lora, opt.init(lora)), [], []
+    state, losses, clips = (adapter, opt.init(lora)), [], []
     for _ in range(4):
         new_lora, new_opt, m = step(*state, model.params, one, rng, scale)
         state = (new_lora, new_opt)

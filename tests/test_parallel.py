@@ -1,13 +1,12 @@
 """[parallel] single, pmap and mesh give the same training; sharded checkpoints resume anywhere; multi-host.
 
 Multi-device runs happen in subprocesses with `XLA_FLAGS=--xla_force_host_platform_device_count=N`, many
-runs per process (`tests/parallel_driver.py`) so JAX starts once. The recipe is configs/stories260k-alpaca
-.yaml with `data.seq_len` 128 (to keep CPU time low), 10 steps, a checkpoint every 5 and losses logged at
-every step.
+runs per process (`tests/helpers/parallel_driver.py`, run by `tests/helpers/parallel_runs.py`) so JAX
+starts once. The recipe is configs/stories260k-alpaca.yaml with `data.seq_len` 128 (to keep CPU time low),
+10 steps, a checkpoint every 5 and losses logged at every step.
 """
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -17,15 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from recipes import set_dotted, stories_recipe
 from safetensors.numpy import load_file
 
 from jaxlora.config import config_from_dict
 from jaxlora.train import train
+from tests.helpers.parallel_runs import DRIVER, STEPS, _config, _drive, _env, _results
 
 ROOT = Path(__file__).resolve().parents[1]
-DRIVER = ROOT / "tests" / "parallel_driver.py"
-STEPS = 10
 TOL = 1e-5
 VARIANTS = {  # run name -> overrides; every one is compared with "single"
     "single": {"parallel.strategy": "single"},
@@ -40,56 +37,6 @@ LABELS = {
     "fsdp4": "mesh fsdp=4",
     "d2t2": "mesh data=2 x tensor=2",
 }
-
-
-def _config(assets: Path, out: Path, **over) -> dict:
-    cfg = stories_recipe(assets, out, "stories260k-alpaca.yaml", "alpaca_cleaned_1000.json")
-    settings = {
-        "data.seq_len": 128,
-        "train.max_steps": STEPS,
-        "train.warmup_ratio": None,  # the warmup these tolerances were set with: 10 steps, cut to the run
-        "train.warmup_steps": 10,
-        "train.eval_every_steps": STEPS,  # evaluates at 0 and at the end
-        "train.eval_batches": 1,
-        "checkpoint.every_steps": 5,
-        "checkpoint.keep": 5,
-        "logging.every_steps": 1,
-        "logging.progress_bar": False,
-        **over,
-    }
-    return set_dotted(cfg, settings)
-
-
-def _env(devices: int) -> dict:
-    """`devices` CPU devices in a subprocess (CPU even where a GPU is present)."""
-    return dict(
-        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
-    )
-
-
-def _results(stdout: str) -> dict:
-    out = {}
-    for line in stdout.splitlines():
-        if line.startswith("RESULT "):
-            d = json.loads(line[len("RESULT ") :])
-            if "losses" in d:
-                d["losses"] = {int(k): v for k, v in d["losses"].items()}
-            out[d["name"]] = d
-    return out
-
-
-def _drive(runs: list, devices: int, spec_path: Path) -> dict:
-    spec_path.write_text(json.dumps(runs))
-    proc = subprocess.run(
-        [sys.executable, str(DRIVER), str(spec_path)],
-        cwd=ROOT,
-        env=_env(devices),
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return _results(proc.stdout)
 
 
 def _max_diff(a: dict, b: dict, steps) -> float:

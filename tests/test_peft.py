@@ -1,18 +1,14 @@
 """[export] PEFT round trips through the real `peft`, merged checkpoints through transformers, bad input."""
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
-import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_tiny import FAMILIES
 from peft import IA3Config, PeftModel, get_peft_model
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict
@@ -23,81 +19,27 @@ from jaxlora.cli.export import run_export
 from jaxlora.cli.generate import run_generation
 from jaxlora.errors import UserError
 from jaxlora.lora import LoraConfig, init_lora, lora_scale, matching_paths, save_merged
-from jaxlora.models import config_from_hf, forward, load_model, load_tokenizer
+from jaxlora.models import config_from_hf, load_model, load_tokenizer
 from jaxlora.models.config import read_hf_config
 from jaxlora.models.safetensors_io import SafetensorsFile
 from jaxlora.peft import load_peft_adapter, save_peft_adapter
 from jaxlora.quant import QuantizedTensor, make_quantizer
+from tests.helpers.hf_tiny import FAMILIES
+from tests.helpers.peft_torch import (
+    file_shapes,
+    hf_model,
+    jax_logits,
+    jl_config,
+    peft_config,
+    peft_warnings_are_errors,
+    randomize_peft_,
+    randomized,
+    token_ids,
+    torch_logits,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = ("r8_qv", "r16_rslora_all")
-fwd = jax.jit(forward, static_argnums=1)
-
-
-def qv(family: str) -> list[str]:
-    return ["c_attn"] if family == "gpt2" else ["q_proj", "v_proj"]
-
-
-def jl_config(family: str, setting: str, **kw) -> LoraConfig:
-    if setting == "r8_qv":
-        return LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=qv(family), **kw)
-    return LoraConfig(r=16, alpha=32, dropout=0.0, use_rslora=True, target_modules="all-linear", **kw)
-
-
-def peft_config(family: str, setting: str, **kw) -> PeftLoraConfig:
-    kw.setdefault("fan_in_fan_out", family == "gpt2")  # GPT-2's Conv1D (PEFT warns and sets it otherwise)
-    if setting == "r8_qv":
-        return PeftLoraConfig(r=8, lora_alpha=16, target_modules=qv(family), task_type="CAUSAL_LM", **kw)
-    return PeftLoraConfig(
-        r=16, lora_alpha=32, use_rslora=True, target_modules="all-linear", task_type="CAUSAL_LM", **kw
-    )
-
-
-def randomized(lora: dict, seed: int, std: float = 0.1) -> dict:
-    """Non-zero random A and B (B is 0 after init), drawn on the host."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32) * std), lora)
-
-
-def randomize_peft_(model, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-
-def hf_model(folder):
-    return AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
-
-
-def token_ids(vocab: int) -> np.ndarray:
-    return np.random.default_rng(0).integers(3, vocab, size=(2, 10)).astype(np.int32)
-
-
-def torch_logits(model, ids: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
-
-
-def jax_logits(model, ids, lora=None, lora_cfg=None) -> np.ndarray:
-    scale = 1.0 if lora is None else jnp.asarray(lora_scale(model.config, lora_cfg))
-    return np.asarray(fwd(model.params, model.config, jnp.asarray(ids), lora=lora, lora_scale=scale))
-
-
-@contextlib.contextmanager
-def peft_warnings_are_errors():
-    """Any warning while loading (PEFT's "Found missing adapter keys", config keys it does not know, ...)
-    fails the test; transformers' own deprecation notices about the base model are let through."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        yield
-
-
-def file_shapes(path) -> dict:
-    return {k: v.shape for k, v in load_file(str(path)).items()}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,22 +13,10 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from peft.optimizers import create_loraplus_optimizer
 from peft.utils import get_peft_model_state_dict
-from safetensors.numpy import load_file
-from test_peft import (
-    file_shapes,
-    hf_model,
-    jax_logits,
-    jl_config,
-    peft_config,
-    peft_warnings_are_errors,
-    token_ids,
-    torch_logits,
-)
-from transformers import AutoModelForCausalLM
 
 from jaxlora.config import TrainSection
 from jaxlora.errors import UserError
-from jaxlora.lora import LoraConfig, init_lora, lora_scale, merge, save_merged, unmerge
+from jaxlora.lora import Adapter, LoraConfig, init_lora, lora_scale, merge, save_merged, unmerge
 from jaxlora.lora.adapters import module_ranks
 from jaxlora.lora.tokens import with_embeddings
 from jaxlora.models import forward, load_model, load_tokenizer
@@ -36,6 +24,18 @@ from jaxlora.peft import load_peft_adapter, save_peft_adapter
 from jaxlora.quant import make_quantizer
 from jaxlora.train.optim import make_optimizer
 from jaxlora.train.step import StepSpec, make_train_step
+from tests.helpers.peft_torch import (
+    file_shapes,
+    hf_model,
+    jax_logits,
+    jl_config,
+    merged_logits,
+    peft_config,
+    peft_warnings_are_errors,
+    same_tensors,
+    token_ids,
+    torch_logits,
+)
 
 DORA_FAMILIES = ("llama", "qwen3", "gpt2")
 
@@ -68,22 +68,6 @@ def randomize_peft_dora_(model, seed: int) -> None:
                 p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
             elif "lora_A" in name or "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-
-def same_tensors(mine_dir, theirs_dir) -> None:
-    mine = load_file(str(mine_dir / "adapter_model.safetensors"))
-    theirs = load_file(str(theirs_dir / "adapter_model.safetensors"))
-    assert sorted(mine) == sorted(theirs)
-    for k in theirs:
-        assert mine[k].shape == theirs[k].shape and np.array_equal(mine[k], theirs[k]), k
-
-
-def merged_logits(out, ids) -> np.ndarray:
-    merged, info = AutoModelForCausalLM.from_pretrained(
-        out, attn_implementation="eager", output_loading_info=True
-    )
-    assert not any(info.values()), info
-    return torch_logits(merged.eval(), ids)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,10 +299,12 @@ def test_stories_dora_finetune_loss_falls_and_exports(stories_dir, tmp_path):
     lora = init_lora(model.config, lc, jax.random.key(0), params=model.params)
     step = jax.jit(make_train_step(StepSpec(model.config, lc.dropout, 1024), tx))
     scale = jnp.asarray(lora_scale(model.config, lc))
-    start, opt_state, losses = lora, tx.init(lora), []
+    adapter = Adapter.split(lora)
+    start, opt_state, losses = lora, tx.init(adapter.trainable), []
     for i in range(12):
-        lora, opt_state, metrics = step(lora, opt_state, model.params, batch, jax.random.key(i), scale)
+        adapter, opt_state, metrics = step(adapter, opt_state, model.params, batch, jax.random.key(i), scale)
         losses.append(float(metrics["loss"]))
+    lora = adapter.tree()
     print(f"stories260K DoRA fine-tune: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     assert losses[-1] < 0.9 * losses[0]
     v = lora["attn"]["v_proj"]
@@ -476,11 +462,12 @@ def test_trainable_tokens_round_trip_and_training(base, tmp_path):
     train = TrainSection(learning_rate=1e-2, lr_schedule="constant", warmup_steps=0, weight_decay=0.1)
     tx, _ = make_optimizer(train, 3)
     step = jax.jit(make_train_step(StepSpec(cfg, 0.0, 1024), tx))
-    lora2, opt = start, tx.init(start)
+    adapter, opt = Adapter.split(start), tx.init(Adapter.split(start).trainable)
     for i in range(3):
-        lora2, opt, _ = step(
-            lora2, opt, model.params, batch, jax.random.key(i), jnp.asarray(lora_scale(cfg, lc2))
+        adapter, opt, _ = step(
+            adapter, opt, model.params, batch, jax.random.key(i), jnp.asarray(lora_scale(cfg, lc2))
         )
+    lora2 = adapter.tree()
     before = np.asarray(with_embeddings(model.params, start)[0]["embed"]["embedding"])
     after = np.asarray(with_embeddings(model.params, lora2)[0]["embed"]["embedding"])
     changed = np.flatnonzero(np.any(before != after, axis=1)).tolist()

@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from recipes import set_dotted, stories_recipe
 
 from jaxlora.config import config_from_dict
 from jaxlora.data import PAIR_KEYS, PairLoader, build_pairs
@@ -30,6 +29,7 @@ from jaxlora.train import train
 from jaxlora.train.checkpoint import restore_lora
 from jaxlora.train.prefs import Preference, PrefSpec, dpo_loss
 from jaxlora.train.step import StepSpec, make_eval_step
+from tests.helpers.recipes import set_dotted, stories_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -420,7 +420,7 @@ def test_sft_init_from_a_peft_folder_starts_at_that_adapter(dpo_run, assets, sto
     jm = load_model(stories_dir)
     state = build_state(cfg, jm.config, optax.adamw(1e-3), choose_plan(cfg), None, None, False, jm.params)
     ids = np.arange(1, 33)[None]  # [1, 32]
-    got = forward(jm.params, jm.config, jnp.asarray(ids), lora=state.lora,
+    got = forward(jm.params, jm.config, jnp.asarray(ids), lora=state.adapter.tree(),
                   lora_scale=jnp.asarray(lora_scale(jm.config, cfg.lora)))  # fmt: skip
     torch_base = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(torch_base, adapter).eval()

@@ -16,7 +16,6 @@ import numpy as np
 import optax
 import pytest
 import torch
-from hf_tiny import hf_config, make_hf_model
 
 from jaxlora.cli.generate import run_generation
 from jaxlora.config import config_from_dict
@@ -36,6 +35,7 @@ from jaxlora.quant import (
     memory_report,
     nbytes,
 )
+from tests.helpers.hf_tiny import hf_config, make_hf_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WINDOW, N_WINDOWS = 256, 4  # tinyshakespeare windows scored by stories260K

@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from test_train import run_config
 
 from jaxlora.config import config_from_dict
 from jaxlora.lora import lora_scale
 from jaxlora.models import forward, load_model
 from jaxlora.peft import load_peft_adapter
 from jaxlora.train import train
+from tests.helpers.recipes import run_config
 
 
 @pytest.mark.parametrize("weights", ["int8", "nf4"])

@@ -18,25 +18,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from recipes import set_dotted, stories_recipe
 
 from jaxlora.config import config_from_dict, save_config
 from jaxlora.train import train
+from tests.helpers.recipes import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
 train_script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train_script)
-
-
-def tiny_config(assets: Path, out: Path, **over) -> dict:
-    """The stories260K Alpaca recipe cut down to a few tiny steps."""
-    cfg = stories_recipe(assets, out, "stories260k-alpaca.yaml", "alpaca_cleaned_1000.json")
-    cfg["data"].update(seq_len=256, validation_split=0.0)
-    cfg["train"].update(max_steps=2, batch_size=2, warmup_ratio=None, warmup_steps=1, eval_every_steps=None)
-    cfg["checkpoint"] = {"every_steps": 1, "keep": 3}
-    cfg["logging"] = {"every_steps": 1, "progress_bar": False, "tensorboard": False}
-    return set_dotted(cfg, over)
 
 
 def cli(tmp: Path, cfg: dict, *args, capsys) -> tuple[int, list[str]]:
@@ -293,14 +283,15 @@ def test_interrupts_exit_130_143_with_one_line(assets, tmp_path, capsys):
     assert not (out / ".jaxlora.lock").exists()
     # a signal whose exception was swallowed (here: recorded, never raised) still stops the loop, at once,
     # with a checkpoint, and the rerun resumes from it
-    from jaxlora import errors
+    from jaxlora.cli.signals import RECEIVED
 
-    errors.note_signal(signal.SIGINT)
+    RECEIVED.signum = signal.SIGINT
     try:
-        result = train(config_from_dict(tiny_config(assets, out, **{"train.max_steps": 3})))
+        code, lines = cli(tmp_path, tiny_config(assets, out, **{"train.max_steps": 3}), capsys=capsys)
     finally:
-        errors.note_signal(0)
-    assert result.interrupted == signal.SIGINT and result.step < 3 and errors.pending_signal() == 0
+        handled, RECEIVED.signum = RECEIVED.signum, 0
+    assert code == 130 and handled == 0, lines  # the loop cleared the record: it returned the signal
+    assert lines == ["stopped by signal 2 at step 0; checkpoint saved"]  # at once: no step taken
     result = train(config_from_dict(tiny_config(assets, out, **{"train.max_steps": 3})))
     assert result.step == 3 and not result.interrupted
 

@@ -13,24 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from recipes import set_dotted, stories_recipe
 
 from jaxlora.config import DataConfig, DataSource, LoraConfig, TrainSection, config_from_dict
 from jaxlora.data import BatchLoader, build_datasets
-from jaxlora.lora import init_lora, lora_scale
+from jaxlora.lora import Adapter, init_lora, lora_scale
 from jaxlora.models import load_model, load_tokenizer
 from jaxlora.train import TrainingDiverged, train
 from jaxlora.train.optim import make_optimizer
 from jaxlora.train.step import BATCH_KEYS, StepSpec, make_train_step
+from tests.helpers.recipes import run_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_config(assets: Path, out: Path, **over) -> dict:
-    """The stories260K Alpaca recipe of configs/, pointed at the assets and a temporary run folder."""
-    cfg = stories_recipe(assets, out, "stories260k-alpaca.yaml", "alpaca_cleaned_1000.json")
-    cfg["logging"]["progress_bar"] = False
-    return set_dotted(cfg, over)
 
 
 def write_config(path: Path, cfg: dict) -> Path:
@@ -215,7 +208,7 @@ def test_grad_accumulation_equals_large_batch(assets):
 
     def run(accum):
         batch = {k: jnp.asarray(rows[k].reshape(accum, 8 // accum, -1)) for k in BATCH_KEYS}
-        return step(lora, opt.init(lora), model.params, batch, jax.random.key(0), scale)
+        return step(Adapter.split(lora), opt.init(lora), model.params, batch, jax.random.key(0), scale)
 
     big, small = run(1), run(4)
     diff = max(

@@ -23,11 +23,13 @@ import numpy as np
 import pytest
 import yaml
 from safetensors.numpy import load_file
-from test_runs import ROOT, tiny_config
 
 from jaxlora.config import config_from_dict
 from jaxlora.train import train
 from jaxlora.train.checkpoint import restore_lora
+from tests.helpers.recipes import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _evals(out: Path) -> dict[int, float]:
@@ -179,6 +181,7 @@ def _wandb_history(run_dir: Path) -> dict[int, dict]:
 def test_early_stopping_quiet_console_and_wandb_offline(assets, tmp_path, monkeypatch, capsys):
     """A learning rate of ~0 never improves the eval loss by min_delta: patience 2 stops at step 2."""
     import wandb  # noqa: F401  (the `wandb` extra; in the test extra too, so CI runs this)
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"

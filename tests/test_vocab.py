@@ -7,25 +7,26 @@ import jax
 import numpy as np
 import pytest
 import torch
-from hf_tiny import make_hf_model
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors.numpy import load_file
-from test_peft import (
-    hf_model,
-    jax_logits,
-    peft_warnings_are_errors,
-    randomized,
-    token_ids,
-    torch_logits,
-)
-from test_peft_plus import merged_logits, same_tensors
 
 from jaxlora.lora import LoraConfig, init_lora, save_merged
 from jaxlora.lora.tokens import EXTRA_KEYS, MODULES, RESIZED, TOKENS, resized_entry, with_embeddings
 from jaxlora.models import load_model
 from jaxlora.models.vocab import grow_vocab, new_rows
 from jaxlora.peft import load_peft_adapter, save_peft_adapter
+from tests.helpers.hf_tiny import make_hf_model
+from tests.helpers.peft_torch import (
+    hf_model,
+    jax_logits,
+    merged_logits,
+    peft_warnings_are_errors,
+    randomized,
+    same_tensors,
+    token_ids,
+    torch_logits,
+)
 
 ADDED = 3  # tokens added on top of each tiny base's vocabulary
 
@@ -169,10 +170,9 @@ def test_adapter_on_a_resized_base_round_trips_through_peft(family, mode, base, 
 @pytest.fixture(scope="module")
 def chatml_run(assets, tmp_path_factory):
     """(run folder, config): four steps of the recipe, with its adapter/ and checkpoint."""
-    from recipes import set_dotted, stories_recipe
-
     from jaxlora.config import config_from_dict
     from jaxlora.train import train
+    from tests.helpers.recipes import set_dotted, stories_recipe
 
     out = tmp_path_factory.mktemp("chatml") / "run"
     raw = stories_recipe(assets, out, "stories260k-chatml-tokens.yaml", "sharegpt_500.json")
@@ -226,11 +226,10 @@ def test_run_trains_the_new_rows_and_exports_for_a_resized_base(chatml_run, stor
 
 
 def test_added_tokens_that_nothing_trains_are_refused(assets, tmp_path):
-    from recipes import set_dotted, stories_recipe
-
     from jaxlora.config import config_from_dict
     from jaxlora.errors import UserError
     from jaxlora.train import train
+    from tests.helpers.recipes import set_dotted, stories_recipe
 
     raw = stories_recipe(assets, tmp_path / "run", "stories260k-chatml-tokens.yaml", "sharegpt_500.json")
     with pytest.raises(UserError, match=r"new tokens \['<\|im_end\|>'\] get embedding rows that nothing"):

@@ -1,6 +1,6 @@
 """The `train` and `export` command lines, shared by `scripts/train.py`, `scripts/export.py` and the
 `jaxlora` console script (`jaxlora.cli.main`). Each `main(argv)` returns the exit code; wrap it with
-`jaxlora.errors.cli_main` for one-line errors."""
+`jaxlora.cli.cli_main.cli_main` for one-line errors."""
 
 import argparse
 import sys
@@ -38,12 +38,13 @@ def train_args(argv=None):
 
 def train_main(argv=None) -> int:
     args = train_args(argv)
+    from jaxlora.cli.signals import RECEIVED
     from jaxlora.config import load_config
     from jaxlora.train import TrainingDiverged, train
 
     cfg = load_config(args.config, args.overrides)
     try:
-        result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=args.resume, signals=RECEIVED)  # a signal swallowed in setup stops it
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -11,8 +11,8 @@ from jaxlora.errors import UserError
 from jaxlora.lora import save_merged
 from jaxlora.lora.pissa import is_base_changing
 from jaxlora.lora.tokens import RESIZED, resized_entry
-from jaxlora.models.config import config_from_hf, read_hf_config
-from jaxlora.models.loading import DTYPES, load_model, resolve_model_path
+from jaxlora.models.config import ModelSource, read_source
+from jaxlora.models.loading import DTYPES, load_model, model_source
 from jaxlora.models.saving import TOKENIZER_FILES
 from jaxlora.peft import load_peft_adapter, read_adapter_config, save_peft_adapter
 from jaxlora.quant import make_quantizer
@@ -24,17 +24,15 @@ from jaxlora.train.vocab import grow_base, read_run_vocab, resolve_token_texts
 FORMATS = ("peft", "merged")
 
 
-def _model_hf_config(model: str) -> dict:
-    """config.json of a local model folder, or of a hub model (downloading that file only)."""
+def _model_source(model: str) -> ModelSource:
+    """A local model folder and its config.json, or a hub model's config.json (downloading that file only)."""
     folder = Path(os.path.expanduser(model))
-    if folder.is_dir():
-        return read_hf_config(folder)
-    try:
-        return read_hf_config(Path(hf_hub_download(model, "config.json")).parent)
-    except UserError:
-        raise
-    except Exception:  # not a hub id, offline, unknown or gated repo
-        return read_hf_config(resolve_model_path(model))  # raises the loader's one-line error
+    if not folder.is_dir():
+        try:
+            folder = Path(hf_hub_download(model, "config.json")).parent
+        except Exception:  # not a hub id, offline, unknown or gated repo
+            return model_source(model)  # raises the loader's one-line error
+    return read_source(folder, model)
 
 
 def lora_from_run(run_dir) -> tuple:
@@ -93,7 +91,7 @@ def run_export(
     if fmt == "peft":
         if quant != "none" and run is None:
             raise UserError("--quant applies to --format merged only")
-        cfg = config_from_hf(_model_hf_config(model))
+        cfg = _model_source(model).config
         if lora is None:
             lora, lora_cfg = load_peft_adapter(adapter, cfg)
         path = save_peft_adapter(out, lora, lora_cfg, cfg, model, overwrite=overwrite)

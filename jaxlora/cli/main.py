@@ -1,4 +1,4 @@
-"""`jaxlora train|generate|export|benchmark ...`: the console script (pyproject `[project.scripts]`).
+"""`jaxlora train|generate|export|plan|benchmark ...`: the console script (pyproject `[project.scripts]`).
 
 Each subcommand runs the same function as its script in scripts/ (`jaxlora.cli.commands`,
 `jaxlora.cli.generate`). `benchmark` needs the repository's benchmarks/ folder, so it runs
@@ -9,7 +9,8 @@ import runpy
 import sys
 from pathlib import Path
 
-from jaxlora.errors import UserError, cli_main
+from jaxlora.cli.cli_main import cli_main
+from jaxlora.errors import UserError
 
 USAGE = """usage: jaxlora COMMAND [ARGS ...]
 
@@ -17,6 +18,7 @@ commands:
   train      fine-tune with LoRA from a YAML config          (scripts/train.py)
   generate   generate text or chat, with an adapter or a run  (scripts/generate.py)
   export     write a PEFT adapter or a merged checkpoint      (scripts/export.py)
+  plan       memory per device, from config.json alone       (scripts/plan.py)
   benchmark  speed against transformers + PEFT (source tree)  (scripts/benchmark.py)
 
 `jaxlora COMMAND --help` describes each."""
@@ -37,12 +39,13 @@ def _benchmark(argv) -> int:
 
 
 def _commands() -> dict:
-    from jaxlora.cli import commands, generate
+    from jaxlora.cli import commands, generate, plan
 
     return {
         "train": commands.train_main,
         "generate": generate.main,
         "export": commands.export_main,
+        "plan": plan.plan_main,
         "benchmark": _benchmark,
     }
 

@@ -165,6 +165,11 @@ class TrainSection(Section):
         description="mixture-of-experts: add the router's load-balancing loss times the model's "
         "router_aux_loss_coef, as HF does with output_router_logits (logged as train/aux_loss)",
     )
+    preflight: Bool = Field(
+        False,
+        description="before loading any weights, compile the step from config.json alone (jaxlora plan) and "
+        "refuse to start when its peak memory does not fit the device",
+    )
     eval_every_steps: Int | None = Field(
         50, ge=1, description="evaluate every N optimizer steps; null = never"
     )

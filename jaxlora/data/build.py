@@ -240,6 +240,16 @@ def load_source(source, data_cfg, tokenizer, info: TokenizerInfo | None = None):
         rows = load_rows(resolved, streaming=False, cache_dir=str(root / "hf"))
         if resolved.builder == "json" and has_mixed_types(rows.features):
             rows = _retyped_rows(resolved, source, tokenizer, template)
+    meta = _write_cache(final, rows, source, resolved, data_cfg, tokenizer, info, template, t0)
+    _report(resolved.name, meta, cached=False, skip_invalid=data_cfg.skip_invalid)
+    return Examples.from_dataset(datasets.load_from_disk(str(final / "data")))
+
+
+def _write_cache(final: Path, rows, source, resolved, data_cfg, tokenizer, info, template, t0: float) -> dict:
+    """Tokenize `rows` into a fresh folder beside `final`, then rename it to `final` (a failure or a signal
+    leaves no partial cache; when another process finished the same key first, its folder stays); returns
+    the cache's meta (rows, kept rows, examples, seconds since `t0`)."""
+    root, key = final.parent, final.name
     root.mkdir(parents=True, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{key}-", dir=root)
     try:
@@ -267,8 +277,7 @@ def load_source(source, data_cfg, tokenizer, info: TokenizerInfo | None = None):
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    _report(resolved.name, meta, cached=False, skip_invalid=data_cfg.skip_invalid)
-    return Examples.from_dataset(datasets.load_from_disk(str(final / "data")))
+    return meta
 
 
 def _report(name: str, meta: dict, cached: bool, skip_invalid: bool) -> None:

@@ -21,6 +21,35 @@ from jaxlora.errors import UserError
 _END = object()
 
 
+def _check_sizes(batch_size: int, seq_len: int, process_index: int, process_count: int) -> None:
+    """Raise UserError unless the batch splits evenly over the hosts and a row holds a target."""
+    if batch_size < 1 or seq_len < 2:
+        raise UserError(f"batch_size must be >= 1 and seq_len >= 2, got {batch_size} and {seq_len}")
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise UserError(f"process_index {process_index} out of range for process_count {process_count}")
+    if batch_size % process_count:
+        raise UserError(f"batch_size {batch_size} is not divisible by process_count {process_count}")
+
+
+def _as_examples(examples, seq_len: int) -> Examples:
+    """`examples` (an `Examples`, a `datasets.Dataset` or a list of dicts) as `Examples`, checked: not
+    empty, and none longer than `seq_len`."""
+    if isinstance(examples, datasets.Dataset):
+        examples = Examples.from_dataset(examples)
+    elif not isinstance(examples, Examples):
+        examples = Examples.from_records(examples)
+    if len(examples) == 0:
+        raise UserError("no examples to load: the dataset is empty")
+    too_long = np.flatnonzero(examples.lengths > seq_len)
+    if too_long.size:
+        i = int(too_long[0])
+        raise UserError(
+            f"example {i} has {int(examples.lengths[i])} tokens, more than seq_len {seq_len}; "
+            "build the data with the same seq_len"
+        )
+    return examples
+
+
 class BatchLoader:
     """Iterate batches `{"input_ids", "targets", "positions", "segment_ids"}`, each int32 [local, seq_len].
 
@@ -61,28 +90,9 @@ class BatchLoader:
         shuffle_buffer: int = 10_000,
         pack_window: int = 16,
     ):
-        if batch_size < 1 or seq_len < 2:
-            raise UserError(f"batch_size must be >= 1 and seq_len >= 2, got {batch_size} and {seq_len}")
-        if process_count < 1 or not 0 <= process_index < process_count:
-            raise UserError(f"process_index {process_index} out of range for process_count {process_count}")
-        if batch_size % process_count:
-            raise UserError(f"batch_size {batch_size} is not divisible by process_count {process_count}")
+        _check_sizes(batch_size, seq_len, process_index, process_count)
         self.stream = examples if isinstance(examples, datasets.IterableDataset) else None
-        if self.stream is None:
-            if isinstance(examples, datasets.Dataset):
-                examples = Examples.from_dataset(examples)
-            elif not isinstance(examples, Examples):
-                examples = Examples.from_records(examples)
-            if len(examples) == 0:
-                raise UserError("no examples to load: the dataset is empty")
-            too_long = np.flatnonzero(examples.lengths > seq_len)
-            if too_long.size:
-                i = int(too_long[0])
-                raise UserError(
-                    f"example {i} has {int(examples.lengths[i])} tokens, more than seq_len {seq_len}; "
-                    "build the data with the same seq_len"
-                )
-        self.examples = examples
+        self.examples = examples if self.stream is not None else _as_examples(examples, seq_len)
         self.batch_size, self.seq_len = batch_size, seq_len
         self.local_batch_size = batch_size // process_count
         self.packing, self.shuffle, self.seed = packing, shuffle, seed

@@ -16,6 +16,8 @@ Options (`jaxlora.lora.LoraConfig`, validated where it is built) keep PEFT's nam
 is a regex that must match the whole name; `all-linear` is every per-layer linear layer (never the LM head).
 """
 
+import dataclasses
+import functools
 import math
 import re
 
@@ -74,6 +76,11 @@ def _no_match(cfg: DecoderConfig, targets) -> UserError:
 
 
 def param_adapters(cfg: DecoderConfig, lora_cfg: LoraConfig) -> list[tuple[ParamTarget, int, float]]:
+    """(MoE weight, rank, alpha) of every weight adapted through PEFT's `target_parameters` (`Layout`)."""
+    return list(layout(cfg, lora_cfg).params)
+
+
+def _param_adapters(cfg: DecoderConfig, lora_cfg: LoraConfig) -> list[tuple[ParamTarget, int, float]]:
     """(MoE weight, rank, alpha) of every weight adapted through PEFT's `target_parameters`, in
     transformers' order. As PEFT 0.21 on transformers 5: named in `lora.target_parameters` (the full name
     or a suffix after a dot), or implied by `target_modules` (`all-linear`, or transformers 4 names such as
@@ -81,7 +88,7 @@ def param_adapters(cfg: DecoderConfig, lora_cfg: LoraConfig) -> list[tuple[Param
     together give it rank 2r and alpha 2 * alpha. `rank_pattern`/`alpha_pattern` apply to the full name
     (`model.layers.0.mlp.experts.gate_up_proj`). Refuses, in one line, what PEFT cannot express."""
     every = {t.name: t for t in param_targets(cfg)}
-    named = tuple(getattr(lora_cfg, "target_parameters", None) or ())
+    named = tuple(lora_cfg.target_parameters or ())
     if named and not every:
         raise UserError(f"lora.target_parameters is for mixture-of-experts models; {cfg.model_type} has none")
     chosen: dict[str, int] = {}  # name -> how many transformers 4 modules it fuses (1 = as named)
@@ -113,17 +120,15 @@ def param_adapters(cfg: DecoderConfig, lora_cfg: LoraConfig) -> list[tuple[Param
     for name, target in every.items():
         if name in chosen:
             full = target.peft.format(i=0)
-            r = pattern_value(getattr(lora_cfg, "rank_pattern", None), full, lora_cfg.r * chosen[name])
-            alpha = pattern_value(
-                getattr(lora_cfg, "alpha_pattern", None), full, lora_cfg.alpha * chosen[name]
-            )
+            r = pattern_value(lora_cfg.rank_pattern, full, lora_cfg.r * chosen[name])
+            alpha = pattern_value(lora_cfg.alpha_pattern, full, lora_cfg.alpha * chosen[name])
             out.append((target, int(r), float(alpha)))
     return out
 
 
 def param_scale_factor(lora_cfg: LoraConfig, r: int, alpha: float) -> float:
     """A parameter adapter's scale (alpha / r, or / sqrt(r)) over `scaling(lora_cfg)`: its "s" leaf."""
-    rslora = getattr(lora_cfg, "use_rslora", False)
+    rslora = lora_cfg.use_rslora
     return float(alpha) / (math.sqrt(r) if rslora else r) / scaling(lora_cfg)
 
 
@@ -131,10 +136,10 @@ def check_param_adapters(lora_cfg: LoraConfig) -> None:
     """One line refusing the options PEFT's parameter adapters (`target_parameters`) cannot express."""
     blockers = {
         "lora.dropout > 0": lora_cfg.dropout > 0,
-        "lora.use_dora": getattr(lora_cfg, "use_dora", False),
-        "lora.lora_bias": getattr(lora_cfg, "lora_bias", False),
+        "lora.use_dora": lora_cfg.use_dora,
+        "lora.lora_bias": lora_cfg.lora_bias,
         f"lora.init {lora_cfg.init}": lora_cfg.init not in INITS,
-        "lora.layers_to_transform": getattr(lora_cfg, "layers_to_transform", None) is not None,
+        "lora.layers_to_transform": lora_cfg.layers_to_transform is not None,
     }
     bad = [k for k, v in blockers.items() if v]
     if bad:
@@ -157,15 +162,15 @@ def matching_paths(cfg: DecoderConfig, target_modules) -> list[tuple[str, str]]:
     return paths
 
 
-def selected_modules(cfg: DecoderConfig, lora_cfg: LoraConfig) -> tuple[list[LinearModule], np.ndarray]:
+def _select(cfg: DecoderConfig, lora_cfg: LoraConfig) -> tuple[list[LinearModule], np.ndarray]:
     """(targeted modules in name-table order, layer mask [L] bool shared by all of them)."""
     targets = lora_cfg.target_modules
     chosen = {m: sel for m, sel in _match_matrix(cfg, targets).items() if sel.any()}
-    if not chosen and param_adapters(cfg, lora_cfg):  # only MoE weights (PEFT's target_parameters)
+    if not chosen and _param_adapters(cfg, lora_cfg):  # only MoE weights (PEFT's target_parameters)
         return [], np.ones(cfg.num_layers, bool)
     if not chosen:
         raise _no_match(cfg, targets)
-    layers = getattr(lora_cfg, "layers_to_transform", None)
+    layers = lora_cfg.layers_to_transform
     if layers is not None:
         if isinstance(targets, str) and targets.lower() != ALL_LINEAR:
             raise UserError(
@@ -203,24 +208,23 @@ def target_paths(cfg: DecoderConfig, lora_cfg: LoraConfig) -> list[tuple[str, st
     Raises UserError when nothing matches (listing the modules that exist), for layer indices out of
     range, and when the rule would adapt different layers for different modules.
     """
-    mods, _ = selected_modules(cfg, lora_cfg)
-    return [m.key for m in mods]
+    return [m.key for m in layout(cfg, lora_cfg).modules]
 
 
 def layer_mask(cfg: DecoderConfig, lora_cfg: LoraConfig) -> np.ndarray:
     """[L] bool: the layers that are adapted (layers_to_transform, or the layers a regex names)."""
-    return selected_modules(cfg, lora_cfg)[1]
+    return layout(cfg, lora_cfg).mask
 
 
 def scaling(lora_cfg: LoraConfig) -> float:
     """alpha / r, or alpha / sqrt(r) with `use_rslora` (PEFT's `scaling`)."""
     r = lora_cfg.r
-    return float(lora_cfg.alpha) / (math.sqrt(r) if getattr(lora_cfg, "use_rslora", False) else r)
+    return float(lora_cfg.alpha) / (math.sqrt(r) if lora_cfg.use_rslora else r)
 
 
 def lora_scale(cfg: DecoderConfig, lora_cfg: LoraConfig) -> np.ndarray:
     """Per-layer scale [L] float32 for `forward(..., lora_scale=...)`: `scaling` on adapted layers, else 0."""
-    return (layer_mask(cfg, lora_cfg) * scaling(lora_cfg)).astype(np.float32)
+    return layout(cfg, lora_cfg).scale
 
 
 def pattern_value(patterns, name: str, default):
@@ -232,39 +236,62 @@ def pattern_value(patterns, name: str, default):
 
 
 def has_patterns(lora_cfg: LoraConfig) -> bool:
-    return bool(getattr(lora_cfg, "rank_pattern", None) or getattr(lora_cfg, "alpha_pattern", None))
+    return bool(lora_cfg.rank_pattern or lora_cfg.alpha_pattern)
 
 
 def module_ranks(cfg: DecoderConfig, lora_cfg: LoraConfig) -> dict[tuple[str, str], np.ndarray]:
     """(group, name) -> [L] int: each targeted module's rank per layer (rank_pattern, else r; 0 where the
     layer is not adapted). The module's arrays have the largest as their r; smaller ones are zero-padded."""
-    mods, mask = selected_modules(cfg, lora_cfg)
-    pats = getattr(lora_cfg, "rank_pattern", None)
-    return {
-        m.key: np.array(
-            [
-                pattern_value(pats, m.hf_prefix.format(i=i), lora_cfg.r) if mask[i] else 0
-                for i in range(len(mask))
-            ]
-        )
-        for m in mods
+    return dict(layout(cfg, lora_cfg).ranks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What an adapter holds and how each part is scaled, resolved once from the model and `LoraConfig`
+    (`layout`); every question about targets, ranks and scales reads it instead of matching again."""
+
+    modules: tuple[LinearModule, ...]  # the targeted linear modules, in name-table order
+    mask: np.ndarray  # [L] bool: the adapted layers (one set for every module)
+    ranks: dict[tuple[str, str], np.ndarray]  # module key -> [L] int, 0 where not adapted
+    factors: dict[tuple[str, str], np.ndarray]  # module key -> [L] float32: its scale (pattern alpha over
+    # pattern r) over `scaling`, the adapter's "s" leaf, multiplied into `lora_scale` by the decoder
+    params: tuple[tuple[ParamTarget, int, float], ...]  # MoE weights: (target, rank, alpha)
+    scale: np.ndarray  # [L] float32: `scaling` on adapted layers, else 0
+
+
+def layout(cfg: DecoderConfig, lora_cfg: LoraConfig) -> Layout:
+    """The `Layout` of `lora_cfg` on model `cfg` (cached: the config is matched once per run)."""
+    return _layout(cfg, lora_cfg.model_dump_json())
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(cfg: DecoderConfig, lora_json: str) -> Layout:
+    lora_cfg = LoraConfig.model_validate_json(lora_json)
+    mods, mask = _select(cfg, lora_cfg)
+    ranks = {
+        m.key: _frozen(np.array(_layer_values(m, mask, lora_cfg.rank_pattern, lora_cfg.r))) for m in mods
     }
-
-
-def module_scale_factors(cfg: DecoderConfig, lora_cfg: LoraConfig) -> dict[tuple[str, str], np.ndarray]:
-    """(group, name) -> [L] float32: the module's scale (its pattern alpha over its pattern r) divided by
-    `scaling(lora_cfg)`; the adapter's "s" leaf, multiplied into `lora_scale` by the decoder."""
-    mods, mask = selected_modules(cfg, lora_cfg)
-    rslora, base = getattr(lora_cfg, "use_rslora", False), scaling(lora_cfg)
-    ranks = module_ranks(cfg, lora_cfg)
-    out = {}
+    rslora, base = lora_cfg.use_rslora, scaling(lora_cfg)
+    factors = {}
     for m in mods:
+        alphas = _layer_values(m, mask, lora_cfg.alpha_pattern, lora_cfg.alpha)
         s = np.zeros(len(mask), np.float32)
         for i in np.flatnonzero(mask):
-            alpha = pattern_value(
-                getattr(lora_cfg, "alpha_pattern", None), m.hf_prefix.format(i=i), lora_cfg.alpha
-            )
             r = ranks[m.key][i]
-            s[i] = float(alpha) / (math.sqrt(r) if rslora else r) / base
-        out[m.key] = s
-    return out
+            s[i] = float(alphas[i]) / (math.sqrt(r) if rslora else r) / base
+        factors[m.key] = _frozen(s)
+    scale = _frozen((mask * base).astype(np.float32))
+    params = tuple(_param_adapters(cfg, lora_cfg))
+    return Layout(tuple(mods), _frozen(mask), ranks, factors, params, scale)
+
+
+def _layer_values(m: LinearModule, mask: np.ndarray, patterns, default) -> list:
+    """Per layer: the pattern value for module `m` (PEFT's full-name match), 0 where not adapted."""
+    return [
+        pattern_value(patterns, m.hf_prefix.format(i=i), default) if mask[i] else 0 for i in range(len(mask))
+    ]
+
+
+def _frozen(x: np.ndarray) -> np.ndarray:
+    x.setflags(write=False)  # shared by every caller of the cached layout
+    return x

@@ -12,13 +12,10 @@ from jaxlora.errors import UserError
 from jaxlora.lora.adapters import (
     INITS,
     has_patterns,
+    layout,
     lora_scale,
-    module_ranks,
-    module_scale_factors,
-    param_adapters,
     param_scale_factor,
     scaling,
-    selected_modules,
 )
 from jaxlora.lora.config import LoraConfig
 from jaxlora.lora.pissa import init_from_base, is_base_changing
@@ -37,38 +34,55 @@ def init_lora(cfg: DecoderConfig, lora_cfg: LoraConfig, rng: jax.Array, params: 
     or dropping other targets does not change a module's A.
     With `rank_pattern`/`alpha_pattern` each module gets its own r (the largest over its layers; a layer
     with a smaller rank has zero A columns and B rows beyond it, which stay zero in training) and an "s"
-    leaf [L] (see `module_scale_factors`). With `use_dora`, an "m" leaf [L, out] = ||W|| per output
+    leaf [L] (`Layout.factors`). With `use_dora`, an "m" leaf [L, out] = ||W|| per output
     column (PEFT's magnitude init, B being 0): `params`, the base weights, are then required.
     """
-    init = getattr(lora_cfg, "init", "default")
+    init = lora_cfg.init
     base_changing = is_base_changing(init)
     if init not in INITS and not base_changing:
         raise UserError(
             f"lora.init must be one of {', '.join(INITS)}, pissa, pissa_niter_N or olora, got {init!r}"
         )
-    mods, mask = selected_modules(cfg, lora_cfg)
-    param_adapters(cfg, lora_cfg)  # refuses what PEFT's parameter adapters cannot express
+    lay = layout(cfg, lora_cfg)  # refuses targets that match nothing, and what PEFT cannot express
+    mods, mask = list(lay.modules), lay.mask
     if base_changing:
         tree = _init_from_base(cfg, lora_cfg, rng, params, mods, mask)
-        if getattr(lora_cfg, "lora_bias", False):
+        if lora_cfg.lora_bias:
             tree = with_lora_bias(cfg, lora_cfg, tree, params)
         return _with_extras(cfg, lora_cfg, tree, params)
-    patterned = has_patterns(lora_cfg)
-    ranks = module_ranks(cfg, lora_cfg)
-    r_draw = max([int(lora_cfg.r)] + [int(r.max()) for r in ranks.values()]) if patterned else int(lora_cfg.r)
+    tree = _init_modules(cfg, lora_cfg, rng, mods)
+    for target, r, alpha in lay.params:
+        leaf = _init_param_target(rng, target, cfg.num_layers, r, init)
+        factor = param_scale_factor(lora_cfg, r, alpha)
+        if factor != 1.0:
+            leaf["s"] = jnp.full((cfg.num_layers,), factor, jnp.float32)
+        tree.setdefault(target.key[0], {})[target.key[1]] = leaf
+    if lora_cfg.use_dora:
+        if params is None:
+            raise UserError("lora.use_dora needs the base weights to initialize the DoRA magnitudes")
+        tree = with_dora_magnitudes(tree, params, lora_scale(cfg, lora_cfg))
+    if lora_cfg.lora_bias:
+        tree = with_lora_bias(cfg, lora_cfg, tree, params)
+    return _with_extras(cfg, lora_cfg, tree, params)
+
+
+def _init_modules(cfg: DecoderConfig, lora_cfg: LoraConfig, rng: jax.Array, mods) -> dict:
+    """A [L, in, r] and B = 0 [L, r, out] of the targeted linear modules `mods`, from one draw over every
+    linear module; with rank/alpha patterns each module at its own largest rank, with its "s" leaf."""
+    init, patterned = lora_cfg.init, has_patterns(lora_cfg)
+    lay = layout(cfg, lora_cfg)
+    r_draw = (
+        max([int(lora_cfg.r)] + [int(r.max()) for r in lay.ranks.values()]) if patterned else int(lora_cfg.r)
+    )
     every = linear_modules(cfg)
     spec = tuple((m.in_features, m.out_features, m in mods) for m in every)
     arrays = iter(_init_arrays(rng, spec, cfg.num_layers, r_draw, init))
-    factors = module_scale_factors(cfg, lora_cfg) if patterned else {}
     tree: dict = {}
-    for m in every:
-        if m not in mods:
-            continue
+    for m in [m for m in every if m in mods]:
         a, b = next(arrays)
-        group, name = m.key
         leaf = {"a": a, "b": b}
         if patterned:
-            per_layer = ranks[m.key]  # [L]
+            per_layer = lay.ranks[m.key]  # [L]
             r_mod = int(per_layer.max())
             keep = (np.arange(r_mod)[None, :] < per_layer[:, None]).astype(np.float32)  # [L, r]
             if init == "gaussian":  # N(0, 1/r_draw^2) -> N(0, 1/r_layer^2)
@@ -76,28 +90,16 @@ def init_lora(cfg: DecoderConfig, lora_cfg: LoraConfig, rng: jax.Array, params: 
             leaf = {
                 "a": a[:, :, :r_mod] * keep[:, None, :],
                 "b": b[:, :r_mod],
-                "s": jnp.asarray(factors[m.key]),
+                "s": jnp.asarray(lay.factors[m.key]),
             }
-        tree.setdefault(group, {})[name] = leaf
-    for target, r, alpha in param_adapters(cfg, lora_cfg):
-        leaf = _init_param_target(rng, target, cfg.num_layers, r, init)
-        factor = param_scale_factor(lora_cfg, r, alpha)
-        if factor != 1.0:
-            leaf["s"] = jnp.full((cfg.num_layers,), factor, jnp.float32)
-        tree.setdefault(target.key[0], {})[target.key[1]] = leaf
-    if getattr(lora_cfg, "use_dora", False):
-        if params is None:
-            raise UserError("lora.use_dora needs the base weights to initialize the DoRA magnitudes")
-        tree = with_dora_magnitudes(tree, params, lora_scale(cfg, lora_cfg))
-    if getattr(lora_cfg, "lora_bias", False):
-        tree = with_lora_bias(cfg, lora_cfg, tree, params)
-    return _with_extras(cfg, lora_cfg, tree, params)
+        tree.setdefault(m.key[0], {})[m.key[1]] = leaf
+    return tree
 
 
 def _with_extras(cfg: DecoderConfig, lora_cfg: LoraConfig, tree: dict, params: dict | None) -> dict:
     """Add the trainable tokens and modules_to_save copies (`jaxlora.lora.tokens`) the config asks for."""
-    tokens = getattr(lora_cfg, "trainable_token_indices", None)
-    modules = getattr(lora_cfg, "modules_to_save", None)
+    tokens = lora_cfg.trainable_token_indices
+    modules = lora_cfg.modules_to_save
     if (tokens or modules) and params is None:
         raise UserError("lora.trainable_token_indices / modules_to_save need the base weights to start from")
     if modules:
@@ -113,7 +115,7 @@ def _with_extras(cfg: DecoderConfig, lora_cfg: LoraConfig, tree: dict, params: d
 
 def with_lora_bias(cfg: DecoderConfig, lora_cfg: LoraConfig, tree: dict, params: dict | None) -> dict:
     """Every module with a zero "bias" [L, out] (PEFT's `lora_bias`: lora_B's bias, zero at init)."""
-    if getattr(lora_cfg, "use_dora", False):
+    if lora_cfg.use_dora:
         raise UserError("lora.lora_bias cannot be combined with lora.use_dora (PEFT refuses it too)")
     if params is not None:
         no_bias = [
@@ -138,14 +140,14 @@ def _init_from_base(cfg, lora_cfg, rng, params, mods, mask) -> dict:
     init = lora_cfg.init
     if params is None:
         raise UserError(f"lora.init {init} needs the base weights: A and B are computed from them")
-    if getattr(lora_cfg, "use_dora", False):
+    if lora_cfg.use_dora:
         raise UserError(f"lora.init {init} cannot be combined with lora.use_dora in jaxlora; pick one")
     if init == "olora" and any(m.fan_in_fan_out for m in mods):
         raise UserError(
             "lora.init olora does not support GPT-2's Conv1D layers (PEFT's OLoRA needs nn.Linear)"
         )
-    ranks, factors = module_ranks(cfg, lora_cfg), module_scale_factors(cfg, lora_cfg)
-    base = scaling(lora_cfg)
+    lay = layout(cfg, lora_cfg)
+    ranks, factors, base = lay.ranks, lay.factors, scaling(lora_cfg)
     tree: dict = {}
     for k, m in enumerate(mods):
         group, name = m.key
@@ -172,14 +174,11 @@ def with_dora_magnitudes(lora: dict, params: dict, scale) -> dict:
     return out
 
 
-_PARAM_STREAMS = {"router": 1001, "gate_up_proj": 1002, "down_proj": 1003}  # fold_in streams of their A
-
-
 def _init_param_target(rng, target: ParamTarget, n_layers: int, r: int, init: str) -> dict:
     """A [L, (E,) in, r], B zeros [L, (E,) r, out] for a `target_parameters` weight, from its own key (so
     the linear modules' draws do not change). A as PEFT draws lora_A [E*r, in]: U(+-1/sqrt(in)), or
     N(0, 1/r^2) with gaussian."""
-    key = jax.random.fold_in(rng, _PARAM_STREAMS[target.name])
+    key = jax.random.fold_in(rng, target.stream)  # the weight's own stream (`models.weights.Entry`)
     lead = (n_layers, target.experts) if target.experts else (n_layers,)
     shape = (*lead, target.in_features, r)
     if init == "gaussian":

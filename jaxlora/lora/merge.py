@@ -15,7 +15,7 @@ import numpy as np
 from jaxlora.errors import UserError
 from jaxlora.lora.adapters import lora_scale
 from jaxlora.lora.config import LoraConfig
-from jaxlora.lora.tokens import EXTRA_KEYS, with_embeddings
+from jaxlora.lora.tokens import layer_groups, with_embeddings
 from jaxlora.models.loading import Model
 from jaxlora.models.lora_product import dora_factor
 from jaxlora.models.saving import MAX_SHARD_BYTES, save_pretrained
@@ -119,7 +119,7 @@ def merge(params: dict, lora: dict, scale) -> dict:
 
 def unmerge(params: dict, lora: dict, scale) -> dict:
     """The inverse of `merge`: `W - scale[l] * A[l] @ B[l]` (exact up to float rounding). Not for DoRA."""
-    if any(k in lora for k in EXTRA_KEYS):
+    if layer_groups(lora) != lora:
         raise UserError("unmerge cannot restore an embedding or LM head replaced by trained copies or rows")
     if any("m" in leaf for mods in lora.values() for leaf in mods.values()):
         raise UserError("a DoRA merge cannot be undone (the column norms are lost); keep the unmerged base")

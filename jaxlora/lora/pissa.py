@@ -104,7 +104,7 @@ def convert_to_lora(lora: dict, initial: dict, ranks: dict, lora_cfg):
                     ai, bi = converted(a[i, :, :r_i], b[i, :r_i], a0[i, :, :r_i], b0[i, :r_i])
                     a2[i, :, : 2 * r_i], b2[i, : 2 * r_i] = ai, bi
             out.setdefault(group, {})[name] = {**leaf, "a": a2, "b": b2}
-    rslora = getattr(lora_cfg, "use_rslora", False)
+    rslora = lora_cfg.use_rslora
     new_cfg = lora_cfg.model_copy(
         update={
             "r": 2 * lora_cfg.r,

@@ -2,7 +2,7 @@
 
 `trainable_token_indices`, PEFT's trainable tokens: only the input-embedding rows of chosen tokens train.
 
-    lora["embed"] = {"rows": [k, D] float32 (trained), "token_ids": [k] float32 (fixed, not trained)}
+    lora["embed"] = {"rows": [k, D] float32 (trained), "token_ids": [k] float32 (frozen)}
 
 `modules_to_save: [embed_tokens, lm_head]`: full trainable float32 copies, PEFT's `ModulesToSaveWrapper`.
 
@@ -19,7 +19,8 @@ PEFT's `TrainableTokensLayer` keeps the new rows themselves (its `trainable_toke
 over the embedding with `index_copy`), and so does jaxlora: `with_embeddings` writes them into a copy of
 `params["embed"]["embedding"]` before the forward pass, outside the decoder, so gradients reach those rows
 only. With tied embeddings the LM head reads the same matrix, as PEFT ties its token adapters. The token ids
-are a float leaf so that the tree stays differentiable; their gradient is 0 and the train step keeps them.
+never train: `Adapter.split` (`jaxlora.lora.trainable`) keeps them, and `resized_vocab`, out of the gradient
+and the optimizer. They stay float32 in the tree, the format checkpoints have always held them in.
 """
 
 import jax
@@ -114,6 +115,11 @@ def resized_entry(params: dict, cfg: DecoderConfig) -> dict:
     return out
 
 
+def layer_groups(lora: dict) -> dict:
+    """The per-layer groups of a LoRA tree ({group: {name: leaf}}), its embedding entries left out."""
+    return {k: v for k, v in lora.items() if k not in EXTRA_KEYS}
+
+
 def with_embeddings(params: dict, lora: dict | None) -> tuple[dict, dict | None]:
     """(params with the trained embedding copies and token rows written in, the LoRA tree without them);
     both as given when `lora` has neither. Call it before `forward` (the decoder scans `lora`)."""
@@ -138,4 +144,4 @@ def with_embeddings(params: dict, lora: dict | None) -> tuple[dict, dict | None]
         emb = params["embed"]["embedding"]  # [V, D]
         emb = emb.at[ids].set(entry["rows"].astype(emb.dtype))
         params["embed"] = {**params["embed"], "embedding": emb}
-    return params, {k: v for k, v in lora.items() if k not in EXTRA_KEYS}
+    return params, layer_groups(lora)

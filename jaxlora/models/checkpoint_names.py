@@ -4,12 +4,8 @@ multimodal checkpoint's text-tower names mapped to the decoder's (`text_tower_na
 import re
 from collections.abc import Iterable
 
-from jaxlora.models.config import DecoderConfig
+from jaxlora.models.decoder_config import DecoderConfig
 from jaxlora.models.spec import checkpoint_names, family, name_table
-
-LINEAR, CONV1D, VECTOR, EMBEDDING = "linear", "conv1d", "vector", "embedding"
-# Stacked experts: jaxlora [E, in, out]; HF's fused layout (transformers 5 in memory) [E, out, in] under
-# `hf`, the hub's per-expert layout as torch Linears [out, in] under `parts` (concatenated along `out`).
 
 
 def unexpected_tensors(cfg: DecoderConfig, names: Iterable[str]) -> list[str]:
@@ -29,7 +25,7 @@ def unexpected_tensors(cfg: DecoderConfig, names: Iterable[str]) -> list[str]:
     return [n for n in names if n not in expected and not any(p.fullmatch(n) for p in skip)]
 
 
-# Multimodal checkpoints (config.TEXT_TOWERS) hold the decoder as a text tower: the hub and transformers'
+# Multimodal checkpoints (families.TEXT_TOWERS) hold the decoder as a text tower: the hub and transformers'
 # save_pretrained name it `language_model.model.*` / `language_model.lm_head.*`, transformers 5 in memory
 # `model.language_model.*` / `lm_head.*`. The vision tower and the projector are no part of the decoder.
 _TOWER_PREFIXES = (

@@ -1,8 +1,8 @@
-"""One decoder-only transformer for every supported family (`models.spec.FAMILIES`), as pure functions.
+"""One decoder-only transformer for every supported family (`models.families.FAMILIES`), as pure functions.
 
 Parameters are a nested dict (a pytree) with HF's module names for every linear layer, so LoRA targets,
 loading and PEFT export all use one vocabulary. Layer parameters are stacked on a leading axis `L` and
-run with `jax.lax.scan`, so compile time does not grow with depth (`cfg.scan_layers=False` unrolls).
+run with `jax.lax.scan`, so compile time does not grow with depth (`cfg.runtime.scan_layers=False` unrolls).
 
     params = {
       "embed": {"embedding": [V, D]},          "pos_embed": {"embedding": [P, D]}   (GPT-2)
@@ -24,7 +24,7 @@ run with `jax.lax.scan`, so compile time does not grow with depth (`cfg.scan_lay
 
 A linear `kernel` may also be a `jaxlora.quant.QuantizedTensor`; `lora` mirrors the targeted linear
 layers with `{"a": [L, in, r], "b": [L, r, out]}` and is added as `base(x) + scale * B(A(dropout(x)))`.
-Norms, softmax and logits run in float32; matmuls in `cfg.compute_dtype`. Attention lives in
+Norms, softmax and logits run in float32; matmuls in `cfg.runtime.compute_dtype`. Attention lives in
 `jaxlora.models.attention`. Shapes: B batch, T tokens, D hidden, N/K query/key-value heads, H head dim,
 F MLP width, r LoRA rank.
 """
@@ -38,17 +38,18 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlora.models.attention import RESIDUALS, KVCache, attend
-from jaxlora.models.config import DecoderConfig
-from jaxlora.models.lora_product import dora_factor, dora_weight_norm, lora_product_cpu
+from jaxlora.models.decoder_config import DecoderConfig
+from jaxlora.models.lora_product import dora_factor, dora_weight_norm, lora_product, lora_product_for
 from jaxlora.models.moe import aux_loss as moe_aux_loss
 from jaxlora.models.moe import moe_mlp
 from jaxlora.models.rope import apply_rope, layer_inv_freq
+from jaxlora.models.spec import dropout_stream
 from jaxlora.quant import as_kernel, qmatmul
 
 Params = dict[str, Any]
 F32 = jnp.float32
 
-# --- rematerialization: what each `cfg.remat` keeps for the backward pass ---------------------------------
+# --- rematerialization: what each `cfg.runtime.remat` keeps for the backward pass ---------------------------
 #
 # The layer tags its activations with `checkpoint_name` (query, key, value, attention_residuals,
 # mlp_input, mlp_gate, mlp_up, residual); a policy other than "none" wraps each layer in `jax.checkpoint`.
@@ -69,28 +70,6 @@ REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 
-# Each adapted module draws its LoRA dropout mask from its own key, fold_in(layer key, stream). GPT-2's
-# fused modules share the stream of the Llama module they stand in for (so masks match older releases).
-DROPOUT_STREAMS = {
-    ("attn", "q_proj"): 0,
-    ("attn", "c_attn"): 0,
-    ("attn", "qkv_proj"): 0,
-    ("attn", "k_proj"): 1,
-    ("attn", "v_proj"): 2,
-    ("attn", "o_proj"): 3,
-    ("attn", "c_proj"): 3,
-    ("mlp", "gate_proj"): 4,
-    ("mlp", "c_fc"): 4,
-    ("mlp", "gate_up_proj"): 4,
-    ("mlp", "up_proj"): 5,
-    ("mlp", "down_proj"): 6,
-    ("mlp", "c_proj"): 6,
-    ("shared_expert", "gate_proj"): 7,
-    ("shared_expert", "up_proj"): 8,
-    ("shared_expert", "down_proj"): 9,
-    ("shared_expert", "router"): 10,
-}
-
 
 class LayerInputs(NamedTuple):
     """What one layer reads besides its weights, its adapters and the residual stream."""
@@ -105,12 +84,6 @@ class LayerInputs(NamedTuple):
 
 
 # --- building blocks ----------------------------------------------------------------------------------------
-
-
-def lora_product(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-    """`(x @ a) @ b`: x [..., in], a [in, r], b [r, out] -> [..., out] (`cfg.lora_product="plain"`)."""
-    xa = jnp.einsum("...i,ir->...r", x, a)  # [..., r]
-    return jnp.einsum("...r,ro->...o", xa, b)
 
 
 def dropout(x: jax.Array, key: jax.Array, rate: float) -> jax.Array:
@@ -176,20 +149,14 @@ def norm(p: Params, x: jax.Array, cfg: DecoderConfig) -> jax.Array:
     return x * p["scale"].astype(F32) + p["bias"].astype(F32)
 
 
-def lora_product_for(cfg: DecoderConfig):
-    """The `(x @ A) @ B` function `cfg.lora_product` asks for."""
-    if cfg.lora_product == "cpu" or (cfg.lora_product == "auto" and cfg.target_backend == "cpu"):
-        return lora_product_cpu
-    return lora_product
-
-
 def _project(cfg: DecoderConfig, p: Params, lora: Params, x: LayerInputs, rate: float, group, name, inp):
-    """The layer's linear `p[group][name]` on `inp`, with its adapter and dropout when it has one."""
+    """The layer's linear `p[group][name]` on `inp`, with its adapter and dropout when it has one (each
+    adapted module draws its mask from its own key, fold_in(layer key, its stream in the family's spec))."""
     adapter = lora.get(group, {}).get(name)
     key = None
     if adapter is not None and x.dropout_rng is not None and rate > 0.0:
-        key = jax.random.fold_in(x.dropout_rng, DROPOUT_STREAMS[group, name])
-    dt = jnp.dtype(cfg.compute_dtype)
+        key = jax.random.fold_in(x.dropout_rng, dropout_stream(cfg, group, name))
+    dt = jnp.dtype(cfg.runtime.compute_dtype)
     return linear(p[group][name], inp, dt, adapter, x.lora_scale, key, rate, lora_product_for(cfg))
 
 
@@ -197,16 +164,35 @@ def _project(cfg: DecoderConfig, p: Params, lora: Params, x: LayerInputs, rate: 
 
 
 def block(cfg: DecoderConfig, p: Params, lora: Params | None, h: jax.Array, x: LayerInputs, lora_dropout=0.0):
-    """One transformer layer (pre-norm). h: [B, T, D] float32 residual stream; p, lora: this layer's.
+    """One transformer layer. h: [B, T, D] float32 residual stream; p, lora: this layer's.
 
     Returns (h, (this layer's updated cache (k, v) or None, its router statistics [2, E] or None)).
     """
-    dt = jnp.dtype(cfg.compute_dtype)
-    b, t, _ = h.shape
     proj = partial(_project, cfg, p, lora or {}, x, lora_dropout)
-
-    # Attention: (pre-)norm -> q, k, v -> (q/k norm) -> RoPE -> attention -> out -> (post-norm) -> residual.
+    # (pre-)norm -> attention -> (post-norm) -> residual
     a = norm(p["attn_norm"], h, cfg) if cfg.pre_norm else h  # [B, T, D]
+    out, new_kv = attention(cfg, p, proj, a, x)
+    if cfg.post_norm:
+        out = norm(p["attn_post_norm"], out, cfg)
+    h = checkpoint_name(h + out.astype(F32), "mlp_input")
+    # (pre-)norm -> MLP or experts -> (post-norm) -> residual
+    m = norm(p["mlp_norm"], h, cfg) if cfg.pre_norm else h  # [B, T, D]
+    stats = None
+    if cfg.num_experts:  # Mixtral, Qwen3-MoE, Qwen2-MoE: routed experts (jaxlora.models.moe)
+        out, stats = experts(cfg, p, lora, proj, m, x)
+    else:
+        out = mlp(cfg, p, proj, m)
+    if cfg.post_norm:
+        out = norm(p["mlp_post_norm"], out, cfg)
+    h = h + out.astype(F32)  # [B, T, D]
+    return checkpoint_name(h, "residual"), (new_kv, stats)
+
+
+def attention(cfg: DecoderConfig, p: Params, proj, a: jax.Array, x: LayerInputs):
+    """q, k, v -> (q/k norm) -> RoPE -> attention -> out. a: the normed stream [B, T, D]; `proj` runs one
+    of the layer's linears with its adapter. Returns ([B, T, D], this layer's updated cache or None)."""
+    dt = jnp.dtype(cfg.runtime.compute_dtype)
+    b, t, _ = a.shape
     if cfg.fused_qkv:  # GPT-2's c_attn, Phi-3's qkv_proj: [q; k; v]
         qkv = proj("attn", "c_attn" if "c_attn" in p["attn"] else "qkv_proj", a)  # [B, T, (N + 2K) * H]
         q, k, v = jnp.split(qkv, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
@@ -229,42 +215,43 @@ def block(cfg: DecoderConfig, p: Params, lora: Params | None, h: jax.Array, x: L
     q, k, v = checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
     out, new_kv = attend(q, k, v, cfg, x.positions, x.segment_ids, x.window, x.cache)  # [B, T, N, H]
     o_name = "c_proj" if "c_proj" in p["attn"] else "o_proj"
-    out = proj("attn", o_name, out.reshape(b, t, cfg.q_dim))  # [B, T, D]
-    if cfg.post_norm:
-        out = norm(p["attn_post_norm"], out, cfg)
-    h = checkpoint_name(h + out.astype(F32), "mlp_input")
+    return proj("attn", o_name, out.reshape(b, t, cfg.q_dim)), new_kv  # [B, T, D]
 
-    # MLP: (pre-)norm -> gate and up (or GPT-2's c_fc) -> activation -> down -> (post-norm) -> residual.
-    m = norm(p["mlp_norm"], h, cfg) if cfg.pre_norm else h  # [B, T, D]
-    stats = None
-    if cfg.num_experts:  # Mixtral, Qwen3-MoE, Qwen2-MoE: routed experts (jaxlora.models.moe)
-        router = partial(linear, dtype=dt, lora_scale=x.lora_scale, product=lora_product_for(cfg))
-        moe_lora = (lora or {}).get("moe")
-        real = x.segment_ids > 0 if x.cache is None else jnp.ones((b, t), bool)  # [B, T]
-        out, stats = moe_mlp(cfg, p["moe"], moe_lora, m, x.lora_scale, real, router)
-        if cfg.shared_expert_intermediate_size:  # Qwen2-MoE: plus sigmoid(gate(m)) * shared SwiGLU(m)
-            gate = checkpoint_name(proj("shared_expert", "gate_proj", m), "mlp_gate")  # [B, T, FS]
-            up = checkpoint_name(proj("shared_expert", "up_proj", m), "mlp_up")  # [B, T, FS]
-            act = (jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(dt)
-            shared = proj("shared_expert", "down_proj", act).astype(F32)  # [B, T, D]
-            weight = jax.nn.sigmoid(proj("shared_expert", "router", m).astype(F32))  # [B, T, 1]
-            out = (out.astype(F32) + weight * shared).astype(dt)
-    elif cfg.activation in ("silu", "gelu_tanh"):  # gated: act(gate) * up
-        if cfg.fused_gate_up:  # Phi-3's gate_up_proj: [gate; up]
-            gate, up = jnp.split(checkpoint_name(proj("mlp", "gate_up_proj", m), "mlp_up"), 2, axis=-1)
-        else:
-            gate = checkpoint_name(proj("mlp", "gate_proj", m), "mlp_gate")  # [B, T, F]
-            up = checkpoint_name(proj("mlp", "up_proj", m), "mlp_up")  # [B, T, F]
-        gate = gate.astype(F32)
-        act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        out = proj("mlp", "down_proj", (act * up.astype(F32)).astype(dt))
-    else:
+
+def mlp(cfg: DecoderConfig, p: Params, proj, m: jax.Array) -> jax.Array:
+    """The dense MLP on the normed stream m [B, T, D]: gated act(gate) * up -> down, or GPT-2's
+    c_fc -> GELU -> c_proj. Returns [B, T, D]."""
+    dt = jnp.dtype(cfg.runtime.compute_dtype)
+    if cfg.activation not in ("silu", "gelu_tanh"):  # GPT-2
         up = checkpoint_name(proj("mlp", "c_fc", m), "mlp_up")  # [B, T, F]
-        out = proj("mlp", "c_proj", jax.nn.gelu(up.astype(F32), approximate=True).astype(dt))
-    if cfg.post_norm:
-        out = norm(p["mlp_post_norm"], out, cfg)
-    h = h + out.astype(F32)  # [B, T, D]
-    return checkpoint_name(h, "residual"), (new_kv, stats)
+        return proj("mlp", "c_proj", jax.nn.gelu(up.astype(F32), approximate=True).astype(dt))
+    if cfg.fused_gate_up:  # Phi-3's gate_up_proj: [gate; up]
+        gate, up = jnp.split(checkpoint_name(proj("mlp", "gate_up_proj", m), "mlp_up"), 2, axis=-1)
+    else:
+        gate = checkpoint_name(proj("mlp", "gate_proj", m), "mlp_gate")  # [B, T, F]
+        up = checkpoint_name(proj("mlp", "up_proj", m), "mlp_up")  # [B, T, F]
+    gate = gate.astype(F32)
+    act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    return proj("mlp", "down_proj", (act * up.astype(F32)).astype(dt))
+
+
+def experts(cfg: DecoderConfig, p: Params, lora: Params | None, proj, m: jax.Array, x: LayerInputs):
+    """The routed experts on m [B, T, D] (and Qwen2-MoE's shared expert, added times
+    sigmoid(shared_expert_gate(m))). Returns ([B, T, D], the router statistics [2, E])."""
+    dt = jnp.dtype(cfg.runtime.compute_dtype)
+    b, t, _ = m.shape
+    router = partial(linear, dtype=dt, lora_scale=x.lora_scale, product=lora_product_for(cfg))
+    moe_lora = (lora or {}).get("moe")
+    real = x.segment_ids > 0 if x.cache is None else jnp.ones((b, t), bool)  # [B, T]
+    out, stats = moe_mlp(cfg, p["moe"], moe_lora, m, x.lora_scale, real, router)
+    if cfg.shared_expert_intermediate_size:
+        gate = checkpoint_name(proj("shared_expert", "gate_proj", m), "mlp_gate")  # [B, T, FS]
+        up = checkpoint_name(proj("shared_expert", "up_proj", m), "mlp_up")  # [B, T, FS]
+        act = (jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(dt)
+        shared = proj("shared_expert", "down_proj", act).astype(F32)  # [B, T, D]
+        weight = jax.nn.sigmoid(proj("shared_expert", "router", m).astype(F32))  # [B, T, 1]
+        out = (out.astype(F32) + weight * shared).astype(dt)
+    return out, stats
 
 
 def default_positions(input_ids: jax.Array) -> jax.Array:
@@ -280,7 +267,7 @@ def embed(params: Params, cfg: DecoderConfig, input_ids, positions) -> jax.Array
     """
     h = jnp.take(params["embed"]["embedding"], input_ids, axis=0)
     if cfg.embed_scale:
-        dt = jnp.dtype(cfg.compute_dtype)
+        dt = jnp.dtype(cfg.runtime.compute_dtype)
         h = h.astype(dt) * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
     h = h.astype(F32)
     if cfg.learned_positions:
@@ -290,7 +277,7 @@ def embed(params: Params, cfg: DecoderConfig, input_ids, positions) -> jax.Array
 
 def lm_head_kernel(params: Params, cfg: DecoderConfig) -> jax.Array:
     """The [D, V] output projection (the transposed embedding when tied)."""
-    dt = jnp.dtype(cfg.compute_dtype)
+    dt = jnp.dtype(cfg.runtime.compute_dtype)
     if cfg.tie_word_embeddings:
         return params["embed"]["embedding"].astype(dt).T
     return as_kernel(params["lm_head"]["kernel"], dt)
@@ -298,7 +285,7 @@ def lm_head_kernel(params: Params, cfg: DecoderConfig) -> jax.Array:
 
 def logits_from_hidden(params: Params, cfg: DecoderConfig, hidden: jax.Array) -> jax.Array:
     """Final-normed hidden [..., D] -> float32 logits [..., V] (soft-capped when the model asks)."""
-    dt = jnp.dtype(cfg.compute_dtype)
+    dt = jnp.dtype(cfg.runtime.compute_dtype)
     w = lm_head_kernel(params, cfg)
     return cap_logits(jnp.einsum("...d,dv->...v", hidden.astype(dt), w, preferred_element_type=F32), cfg)
 
@@ -338,10 +325,25 @@ def forward(
         positions = default_positions(input_ids)
     if segment_ids is None:
         segment_ids = jnp.ones_like(input_ids)
-    layers = cfg.num_layers
     h = embed(params, cfg, input_ids, positions)  # [B, T, D]
     shared = LayerInputs(positions, segment_ids, None, window=None, lora_scale=None, cache=cache)
-    per_layer = (  # scanned over the leading [L] axis
+    per_layer = layer_stack(params, cfg, positions, lora, lora_scale, dropout_rng, cache)
+    h, (new_kv, stats) = run_layers(cfg, h, shared, per_layer, lora_dropout)
+    h = norm(params["final_norm"], h, cfg)
+    out = h if return_hidden else logits_from_hidden(params, cfg, h)
+    if cache is None:
+        if return_aux_loss:
+            aux = moe_aux_loss(cfg, stats, segment_ids > 0) if cfg.num_experts else jnp.zeros((), F32)
+            return out, aux
+        return out
+    return out, cache._replace(k=new_kv[0], v=new_kv[1])
+
+
+def layer_stack(params: Params, cfg: DecoderConfig, positions, lora, lora_scale, dropout_rng, cache) -> tuple:
+    """What each layer reads, stacked on a leading [L] axis (scanned): (its weights, its adapters, its RoPE
+    inverse frequencies [L, R/2], window [L], LoRA scale [L], dropout key, cache (k, v) [L, B, S, K, H])."""
+    layers = cfg.num_layers
+    return (
         params["layers"],
         lora,
         layer_inv_freq(cfg, positions),  # [L, R/2]
@@ -350,11 +352,18 @@ def forward(
         None if dropout_rng is None else jax.random.split(dropout_rng, layers),
         None if cache is None else (cache.k, cache.v),  # [L, B, S, K, H] each
     )
+
+
+def run_layers(cfg: DecoderConfig, h: jax.Array, shared: LayerInputs, per_layer: tuple, lora_dropout: float):
+    """Every layer on the residual stream h [B, T, D], under `lax.scan` (or unrolled with
+    `runtime.scan_layers` off), each rematerialized as `runtime.remat` says when training.
+    Returns (h, (the updated caches (k, v) stacked, or None; the router statistics [L, 2, E] or None))."""
+    rt, cache = cfg.runtime, shared.cache
     layer = partial(block, cfg, lora_dropout=lora_dropout)
-    if cache is None and REMAT[cfg.remat] is not None:
+    if cache is None and REMAT[rt.remat] is not None:
         # Under scan XLA cannot merge the recomputation into the forward pass anyway; the barriers that
         # prevent it would only slow the step (about 6% on the CPU benchmark).
-        layer = jax.checkpoint(layer, policy=REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
+        layer = jax.checkpoint(layer, policy=REMAT[rt.remat], prevent_cse=not rt.scan_layers)
 
     def one_layer(h, xs):
         p, lo, inv_freq, window, scale, rng, kv = xs
@@ -364,19 +373,10 @@ def forward(
         )
         return layer(p, lo, h, x)
 
-    if cfg.scan_layers:
-        h, (new_kv, stats) = jax.lax.scan(one_layer, h, per_layer)
-    else:  # one copy of the layer per layer in the program: static slices, no stacked residuals
-        outs = []
-        for i in range(layers):
-            h, kv_stats = one_layer(h, jax.tree.map(lambda a, i=i: a[i], per_layer))
-            outs.append(kv_stats)
-        new_kv, stats = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else (None, None)
-    h = norm(params["final_norm"], h, cfg)
-    out = h if return_hidden else logits_from_hidden(params, cfg, h)
-    if cache is None:
-        if return_aux_loss:
-            aux = moe_aux_loss(cfg, stats, segment_ids > 0) if cfg.num_experts else jnp.zeros((), F32)
-            return out, aux
-        return out
-    return out, cache._replace(k=new_kv[0], v=new_kv[1])
+    if rt.scan_layers:
+        return jax.lax.scan(one_layer, h, per_layer)
+    outs = []  # one copy of the layer per layer in the program: static slices, no stacked residuals
+    for i in range(cfg.num_layers):
+        h, kv_stats = one_layer(h, jax.tree.map(lambda a, i=i: a[i], per_layer))
+        outs.append(kv_stats)
+    return h, (jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else (None, None))

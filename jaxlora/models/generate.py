@@ -18,7 +18,7 @@ from jaxlora.models.decoder import forward
 def init_cache(cfg: DecoderConfig, batch: int, max_len: int) -> KVCache:
     """An empty cache: k/v [L, B, S, K, H] in the compute dtype, positions/segment_ids [B, S], index 0."""
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    dt = jnp.dtype(cfg.compute_dtype)
+    dt = jnp.dtype(cfg.runtime.compute_dtype)
     return KVCache(
         k=jnp.zeros(shape, dt),
         v=jnp.zeros(shape, dt),

@@ -19,10 +19,10 @@ import numpy as np
 
 from jaxlora.errors import UserError
 from jaxlora.models.checkpoint_names import text_tower_names, unexpected_tensors
-from jaxlora.models.config import DecoderConfig, config_from_hf, read_hf_config
+from jaxlora.models.config import DecoderConfig, ModelSource, read_source
 from jaxlora.models.random_weights import init_params
 from jaxlora.models.safetensors_io import CheckpointReader
-from jaxlora.models.spec import CONV1D, EXPERTS, LINEAR, Entry, hf_shape, name_table, part_shape
+from jaxlora.models.spec import EXPERTS, LINEAR, Entry, hf_shape, name_table, part_shape, quantized
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -65,6 +65,11 @@ def resolve_model_path(name_or_path: str, revision: str | None = None) -> Path:
             "check the id and your connection, or pass a local folder"
         ) from None
     return Path(folder)
+
+
+def model_source(name_or_path: str | Path, revision: str | None = None) -> ModelSource:
+    """The model folder (a hub id downloaded) and its config.json, read once (`config.ModelSource`)."""
+    return read_source(resolve_model_path(str(name_or_path), revision), str(name_or_path))
 
 
 def _check_pickle_only(folder: Path, allow_pickle: bool) -> bool:
@@ -172,9 +177,7 @@ def load_params(
     np_dtype = DTYPES[dtype]
     params: dict = {}
     for entry in name_table(cfg):
-        # the MoE router stays in float: a few quantization steps could flip which experts a token gets
-        quantize = quantizer is not None and entry.layout in (LINEAR, CONV1D, EXPERTS)
-        quantize = quantize and entry.path[-2] != "router"
+        quantize = quantizer is not None and quantized(entry)
         if quantize and hasattr(quantizer, "wants"):  # skip before making a float32 copy
             quantize = quantizer.wants(entry.hf)
         leaf = None
@@ -239,7 +242,7 @@ def _host_f32(arr: np.ndarray) -> np.ndarray:
 
 
 def load_model(
-    name_or_path: str | Path,
+    name_or_path: str | Path | ModelSource,
     *,
     dtype: str = "float32",
     compute_dtype: str | None = None,
@@ -250,7 +253,7 @@ def load_model(
     quantizer: Quantizer | None = None,
     random_init_seed: int | None = None,
 ) -> Model:
-    """Load a HF decoder checkpoint (folder or hub id) as a `Model`.
+    """Load a HF decoder checkpoint (folder or hub id, or a `ModelSource` already read) as a `Model`.
 
     dtype: parameter storage (`float32` or `bfloat16`); compute_dtype defaults to it. `quantizer`
     (see `jaxlora.quant`) turns linear kernels into quantized tensors while loading. With
@@ -258,25 +261,25 @@ def load_model(
     """
     if dtype not in DTYPES:
         raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    folder = resolve_model_path(str(name_or_path), revision)
-    cfg = config_from_hf(read_hf_config(folder))
-    cfg = cfg.with_runtime(compute_dtype=compute_dtype or dtype, attention=attention, remat=remat)
+    source = name_or_path if isinstance(name_or_path, ModelSource) else model_source(name_or_path, revision)
+    folder, name = source.folder, source.name
+    cfg = source.config.with_runtime(compute_dtype=compute_dtype or dtype, attention=attention, remat=remat)
     if random_init_seed is not None:
         params = init_params(cfg, random_init_seed, dtype)
         if quantizer is not None:
             params = quantize_loaded(params, cfg, quantizer)
-        return Model(cfg, params, folder, str(name_or_path))
+        return Model(cfg, params, folder, name)
     reader = _PickleReader(folder) if _check_pickle_only(folder, allow_pickle) else CheckpointReader(folder)
     if cfg.text_tower_of:
         reader = _TextTowerReader(reader)
     params = load_params(reader, cfg, dtype, quantizer)
-    return Model(cfg, params, folder, str(name_or_path))
+    return Model(cfg, params, folder, name)
 
 
 def quantize_loaded(params: dict, cfg: DecoderConfig, quantizer: Quantizer) -> dict:
     """Quantize the linear kernels of an in-memory parameter tree, layer by layer."""
     for entry in name_table(cfg):
-        if entry.layout not in (LINEAR, CONV1D, EXPERTS) or entry.path[-2] == "router":
+        if not quantized(entry):
             continue
         w = entry.get(params)
         if entry.per_layer:

@@ -1,15 +1,31 @@
-"""The LoRA product `(x @ A) @ B` with a hand-written backward pass, for XLA:CPU (`model.lora_product: cpu`).
+"""The LoRA product `(x @ A) @ B`: plain under autodiff (`lora_product`), or with a hand-written backward
+pass for XLA:CPU (`lora_product_cpu`, `model.lora_product: cpu`); `lora_product_for` picks one.
 
-The decoder's default is the plain product under autodiff (`jaxlora.models.decoder.lora_product`). On
-XLA:CPU autodiff computes dA = x^T @ (g @ B^T) in the [in, r] orientation, which costs a transpose of the
-[tokens, in] activation or a slow dot; this version computes dA as [r, in] and transposes that small
-result instead. Measured on the stories260K train step (batch 8, sequence 256, r = 8 on every linear
-layer, float32, 2 CPU cores) it makes the whole step about 16% faster. No GPU measurement backs it, so
-it is a switch, not the default.
+The default is the plain product under autodiff. On XLA:CPU autodiff computes dA = x^T @ (g @ B^T) in the
+[in, r] orientation, which costs a transpose of the [tokens, in] activation or a slow dot; the CPU version
+computes dA as [r, in] and transposes that small result instead. Measured on the stories260K train step
+(batch 8, sequence 256, r = 8 on every linear layer, float32, 2 CPU cores) it makes the whole step about 16%
+faster. No GPU measurement backs it, so it is a switch, not the default.
 """
 
 import jax
 import jax.numpy as jnp
+
+from jaxlora.models.decoder_config import DecoderConfig
+
+
+def lora_product(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`(x @ a) @ b`: x [..., in], a [in, r], b [r, out] -> [..., out] (`lora_product="plain"`)."""
+    xa = jnp.einsum("...i,ir->...r", x, a)  # [..., r]
+    return jnp.einsum("...r,ro->...o", xa, b)
+
+
+def lora_product_for(cfg: DecoderConfig):
+    """The `(x @ A) @ B` function `cfg.runtime.lora_product` asks for ("auto": the CPU one on XLA:CPU)."""
+    rt = cfg.runtime
+    if rt.lora_product == "cpu" or (rt.lora_product == "auto" and rt.target_backend == "cpu"):
+        return lora_product_cpu
+    return lora_product
 
 
 @jax.custom_vjp

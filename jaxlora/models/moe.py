@@ -32,11 +32,11 @@ F32 = jnp.float32
 
 
 def use_ragged(cfg: DecoderConfig) -> bool:
-    """`cfg.moe_impl`; "auto" = dense on the CPU (XLA:CPU lowers ragged_dot to a slow loop: 2.6x slower
+    """`runtime.moe_impl`; "auto" = dense on the CPU (XLA:CPU lowers ragged_dot to a slow loop: 2.6x slower
     than dense for 64 experts, top-4, measured) and for at most 8 experts of width <= 256, else ragged."""
-    if cfg.moe_impl != "auto":
-        return cfg.moe_impl == "ragged"
-    if cfg.target_backend == "cpu":
+    if cfg.runtime.moe_impl != "auto":
+        return cfg.runtime.moe_impl == "ragged"
+    if cfg.runtime.target_backend == "cpu":
         return False
     return cfg.num_experts > 8 or cfg.moe_intermediate_size > 256
 
@@ -97,7 +97,7 @@ def moe_mlp(cfg: DecoderConfig, p: dict, lora: dict | None, m: jax.Array, scale,
     (the router goes through it, so router LoRA behaves like any adapted linear).
 
     Returns (out [B, T, D] in the compute dtype, router_stats [2, E])."""
-    dt = jnp.dtype(cfg.compute_dtype)
+    dt = jnp.dtype(cfg.runtime.compute_dtype)
     b, t, d = m.shape
     lora = lora or {}
     x = m.reshape(b * t, d).astype(dt)  # [N, D]

@@ -150,7 +150,14 @@ def save_pretrained(
         tok_src = resolve_model_path(str(tokenizer_src))
     out = prepare_out_dir(out_dir, overwrite)
 
-    tensors = _tensors(params, cfg, DTYPES[dtype], kernel_hook)
+    _write_shards(out, _tensors(params, cfg, DTYPES[dtype], kernel_hook), max_shard_bytes)
+    _write_configs(out, source, tok_src, dtype, cfg.vocab_size)
+    return out
+
+
+def _write_shards(out: Path, tensors: dict, max_shard_bytes: int) -> None:
+    """The safetensors files of `tensors` ({name: (bytes, produce)}), replacing any there, and the index
+    when they need more than one shard."""
     split = split_state_dict_into_shards_factory(
         tensors,
         get_storage_size=lambda item: item[0],
@@ -165,17 +172,20 @@ def save_pretrained(
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
+
+def _write_configs(out: Path, source: Path, tok_src: Path, dtype: str, vocab_size: int) -> None:
+    """config.json (the source's, with the written dtype, no quantization and the vocabulary's size),
+    generation_config.json and the tokenizer files beside the weights."""
     conf = read_hf_config(source)
     for key in ("dtype", "torch_dtype"):
         if key in conf:
             conf[key] = dtype
     conf.pop("quantization_config", None)
-    if conf.get("vocab_size") not in (None, cfg.vocab_size):  # tokens were added
-        conf["vocab_size"] = cfg.vocab_size
+    if conf.get("vocab_size") not in (None, vocab_size):  # tokens were added
+        conf["vocab_size"] = vocab_size
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
     if (source / "generation_config.json").is_file():
         shutil.copyfile(source / "generation_config.json", out / "generation_config.json")
     for name in TOKENIZER_FILES:
         if (tok_src / name).is_file():
             shutil.copyfile(tok_src / name, out / name)
-    return out

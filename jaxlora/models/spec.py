@@ -1,346 +1,51 @@
-"""The model spec: one table per family, one `Entry` per weight of the Hugging Face checkpoint.
-
-An entry holds every fact about one weight: its HF name (`{i}` = layer index), its path in the params
-tree, its layout, its shape as a function of the `DecoderConfig` with the logical sharding axis of each
-dim, whether it exists for this config (biases, untied head), and whether LoRA can target it. The rest is
-derived from it, so nothing else spells out a family:
+"""The model spec, derived from the family registry (`models.families`) and its weight tables
+(`models.weights`): nothing here names a family.
 
     name_table(cfg)       the tensors the loader reads, the merged saver writes and random init fills
     hf_shape(entry, cfg)  the shape HF stores (a torch `Linear` is [out, in]; jaxlora keeps [in, out])
     logical_axes()        params path -> logical axes, the input of `jaxlora.parallel.rules`
+    dropout_stream(...)   the random stream of a LoRA target's dropout masks
     models.targets        the linear layers and MoE weights LoRA can target, their dims and PEFT names
     models.checkpoint_names  tensors no entry reads; a multimodal checkpoint's text-tower names
 
-Layouts: LINEAR (torch `nn.Linear` [out, in], transposed on load), CONV1D (GPT-2's Conv1D, already
-[in, out]), VECTOR (norms, biases), EMBEDDING ([rows, D] on both sides). Fused HF tensors stay fused
-(GPT-2's `c_attn`, Phi-3's `qkv_proj` and `gate_up_proj`): the decoder splits their outputs, and LoRA
-targets them under their own names, as PEFT does.
-
-A new family is a `Family` in `FAMILIES` plus the switches `models.config` reads from its config.json.
+The weight facts (`Entry`, the layouts, `quantized`) are defined in `models.weights` and named here too,
+so that code reading the spec has one module to import.
 """
 
-import dataclasses
-from collections.abc import Callable
-from operator import attrgetter
-
-from jaxlora.errors import UserError
-from jaxlora.models.config import DecoderConfig
-
-LINEAR, CONV1D, VECTOR, EMBEDDING = "linear", "conv1d", "vector", "embedding"
-# Stacked experts: jaxlora [E, in, out]; HF's fused layout (transformers 5 in memory) [E, out, in] under
-# `hf`, the hub's per-expert layout as torch Linears [out, in] under `parts` (concatenated along `out`).
-EXPERTS = "experts"
-
-Size = Callable[[DecoderConfig], int]
-Cond = Callable[[DecoderConfig], bool]
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One weight: HF name, params path, layout, dims and when it exists (see the module docstring)."""
-
-    hf: str  # "model.layers.{i}.self_attn.q_proj.weight"
-    path: tuple[str, ...]  # ("layers", "attn", "q_proj", "kernel")
-    layout: str
-    dims: tuple[tuple[Size, str | None], ...]  # one layer, jaxlora layout: (size, logical axis) per dim
-    lora: bool = False  # a per-layer linear layer LoRA can target
-    when: Cond | None = None  # None: always present
-    alias: str | None = None  # another name of the same tensor (Mixtral's router: mlp.gate)
-    parts: tuple[str, ...] = ()  # EXPERTS: per-expert HF names (`{j}` = expert), joined along `out`
-
-    @property
-    def per_layer(self) -> bool:
-        return "{i}" in self.hf
-
-    def hf_name(self, layer: int | None = None) -> str:
-        return self.hf.format(i=layer) if self.per_layer else self.hf
-
-    def shape(self, cfg: DecoderConfig) -> tuple[int, ...]:
-        """jaxlora's shape of one layer (a kernel is [in, out]); stacked weights add [L] in front."""
-        return tuple(size(cfg) for size, _ in self.dims)
-
-    @property
-    def axes(self) -> tuple[str | None, ...]:
-        """Logical names of the dims of the params leaf ("layers" first for a stacked weight)."""
-        own = tuple(axis for _, axis in self.dims)
-        return ("layers", *own) if self.per_layer else own
-
-    def present(self, cfg: DecoderConfig) -> bool:
-        return self.when is None or self.when(cfg)
-
-    def get(self, params: dict):
-        for key in self.path:
-            params = params[key]
-        return params
-
-    def put(self, params: dict, value) -> None:
-        for key in self.path[:-1]:
-            params = params.setdefault(key, {})
-        params[self.path[-1]] = value
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """A family's weights in checkpoint order, and the regexes of non-weight tensors its checkpoints
-    may carry (buffers such as rotary caches) that the loader skips."""
-
-    weights: tuple[Entry, ...]
-    buffers: tuple[str, ...] = ()
-
-
-def _entry(
-    hf: str, path: str, layout: str, *dims, lora: bool = False, when: Cond | None = None, **extra
-) -> Entry:
-    """An entry; `path` is dotted, under "layers" for a per-layer weight (`{i}` in its HF name)."""
-    keys = tuple(path.split("."))
-    return Entry(hf, ("layers", *keys) if "{i}" in hf else keys, layout, dims, lora, when, **extra)
-
-
-# Sizes, as functions of the config.
-V, D, I = attrgetter("vocab_size"), attrgetter("hidden_size"), attrgetter("intermediate_size")
-Q, KV, H = attrgetter("q_dim"), attrgetter("kv_dim"), attrgetter("head_dim")
-P = attrgetter("max_position_embeddings")
-E, FE = attrgetter("num_experts"), attrgetter("moe_intermediate_size")
-FS = attrgetter("shared_expert_intermediate_size")
-
-
-def ONE(cfg: DecoderConfig) -> int:
-    return 1
-
-
-def FE2(cfg: DecoderConfig) -> int:
-    return 2 * cfg.moe_intermediate_size
-
-
-def QKV(cfg: DecoderConfig) -> int:
-    return cfg.q_dim + 2 * cfg.kv_dim
-
-
-def I2(cfg: DecoderConfig) -> int:
-    return 2 * cfg.intermediate_size
-
-
-def _untied(cfg: DecoderConfig) -> bool:
-    return not cfg.tie_word_embeddings
-
-
-_qkv_bias, _o_bias = attrgetter("qkv_bias"), attrgetter("o_bias")
-_mlp_bias, _qk_norm = attrgetter("mlp_bias"), attrgetter("qk_norm")
-
-# Each row: HF name, params path (under "layers" when per layer), layout, then (size, logical axis) for
-# each dim in jaxlora's layout (a kernel is [in, out]); `lora` marks LoRA targets, `when` optional weights.
-LAYER = "model.layers.{i}."  # the HF name prefix of layer i
-_A, _M = LAYER + "self_attn.", LAYER + "mlp."
-_EMBED = _entry("model.embed_tokens.weight", "embed.embedding", EMBEDDING, (V, "vocab"), (D, "embed"))
-_FINAL = _entry("model.norm.weight", "final_norm.scale", VECTOR, (D, None))
-_HEAD = _entry("lm_head.weight", "lm_head.kernel", LINEAR, (D, "embed"), (V, "vocab"), when=_untied)
-# Norm placements: Llama's two pre-norms; Gemma 2/3's pre- and post-norms; OLMo 2's post-norms only.
-_PRE_NORMS = (
-    _entry(LAYER + "input_layernorm.weight", "attn_norm.scale", VECTOR, (D, None)),
-    _entry(LAYER + "post_attention_layernorm.weight", "mlp_norm.scale", VECTOR, (D, None)),
-)
-_ATTN_POST = _entry(LAYER + "post_attention_layernorm.weight", "attn_post_norm.scale", VECTOR, (D, None))
-_MLP_POST = _entry(LAYER + "post_feedforward_layernorm.weight", "mlp_post_norm.scale", VECTOR, (D, None))
-_SANDWICH_NORMS = (
-    _entry(LAYER + "input_layernorm.weight", "attn_norm.scale", VECTOR, (D, None)),
-    _ATTN_POST,
-    _entry(LAYER + "pre_feedforward_layernorm.weight", "mlp_norm.scale", VECTOR, (D, None)),
-    _MLP_POST,
-)
-_QKVO = (
-    _entry(_A + "q_proj.weight", "attn.q_proj.kernel", LINEAR, (D, "embed"), (Q, "q_heads"), lora=True),
-    _entry(_A + "q_proj.bias", "attn.q_proj.bias", VECTOR, (Q, "q_heads"), when=_qkv_bias),
-    _entry(_A + "k_proj.weight", "attn.k_proj.kernel", LINEAR, (D, "embed"), (KV, "kv_heads"), lora=True),
-    _entry(_A + "k_proj.bias", "attn.k_proj.bias", VECTOR, (KV, "kv_heads"), when=_qkv_bias),
-    _entry(_A + "v_proj.weight", "attn.v_proj.kernel", LINEAR, (D, "embed"), (KV, "kv_heads"), lora=True),
-    _entry(_A + "v_proj.bias", "attn.v_proj.bias", VECTOR, (KV, "kv_heads"), when=_qkv_bias),
-    _entry(_A + "o_proj.weight", "attn.o_proj.kernel", LINEAR, (Q, "q_heads"), (D, "embed"), lora=True),
-    _entry(_A + "o_proj.bias", "attn.o_proj.bias", VECTOR, (D, "embed"), when=_o_bias),
-)
-_HEAD_QK_NORM = (  # per head [H] (Qwen3, Gemma 3)
-    _entry(_A + "q_norm.weight", "attn.q_norm.scale", VECTOR, (H, None), when=_qk_norm),
-    _entry(_A + "k_norm.weight", "attn.k_norm.scale", VECTOR, (H, None), when=_qk_norm),
-)
-_GATE_UP_DOWN = (
-    _entry(_M + "gate_proj.weight", "mlp.gate_proj.kernel", LINEAR, (D, "embed"), (I, "mlp"), lora=True),
-    _entry(_M + "gate_proj.bias", "mlp.gate_proj.bias", VECTOR, (I, "mlp"), when=_mlp_bias),
-    _entry(_M + "up_proj.weight", "mlp.up_proj.kernel", LINEAR, (D, "embed"), (I, "mlp"), lora=True),
-    _entry(_M + "up_proj.bias", "mlp.up_proj.bias", VECTOR, (I, "mlp"), when=_mlp_bias),
-    _entry(_M + "down_proj.weight", "mlp.down_proj.kernel", LINEAR, (I, "mlp"), (D, "embed"), lora=True),
-    _entry(_M + "down_proj.bias", "mlp.down_proj.bias", VECTOR, (D, "embed"), when=_mlp_bias),
-)
-_ROTARY = r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"
-# Llama, Mistral, Qwen2/3, Gemma, SmolLM3: the same weights, different switches (models.config).
-LLAMA = Family(
-    weights=(_EMBED, _FINAL, *_PRE_NORMS, *_QKVO, *_HEAD_QK_NORM, *_GATE_UP_DOWN, _HEAD),
-    buffers=(_ROTARY,),
-)
-# Gemma 2 and Gemma 3: norms before and after attention and the MLP (q/k norms: Gemma 3).
-GEMMA2 = Family(weights=(_EMBED, _FINAL, *_SANDWICH_NORMS, *_QKVO, *_HEAD_QK_NORM, *_GATE_UP_DOWN, _HEAD))
-# OLMo 2: post-norms only; q/k norms over the whole projection.
-OLMO2 = Family(
-    weights=(
-        _EMBED,
-        _FINAL,
-        _ATTN_POST,
-        _MLP_POST,
-        *_QKVO,
-        _entry(_A + "q_norm.weight", "attn.q_norm.scale", VECTOR, (Q, None)),
-        _entry(_A + "k_norm.weight", "attn.k_norm.scale", VECTOR, (KV, None)),
-        *_GATE_UP_DOWN,
-        _HEAD,
-    ),
-    buffers=(_ROTARY,),
-)
-# Phi-3 / Phi-3.5 / Phi-4-mini: fused qkv_proj ([q; k; v] rows) and gate_up_proj ([gate; up] rows).
-PHI3 = Family(
-    weights=(
-        _EMBED,
-        _FINAL,
-        *_PRE_NORMS,
-        _entry(_A + "qkv_proj.weight", "attn.qkv_proj.kernel", LINEAR, (D, "embed"), (QKV, "qkv"), lora=True),
-        _QKVO[6],
-        _entry(
-            _M + "gate_up_proj.weight",
-            "mlp.gate_up_proj.kernel",
-            LINEAR,
-            (D, "embed"),
-            (I2, "mlp"),
-            lora=True,
-        ),
-        _GATE_UP_DOWN[4],
-        _HEAD,
-    ),
-    buffers=(_ROTARY,),
+from jaxlora.models.decoder_config import DecoderConfig
+from jaxlora.models.families import FAMILIES, Family, family
+from jaxlora.models.weights import (
+    CONV1D,
+    EMBEDDING,
+    EXPERTS,
+    LAYER,
+    LINEAR,
+    VECTOR,
+    Entry,
+    checkpoint_names,
+    hf_shape,
+    part_shape,
+    quantized,
 )
 
-
-def _moe(hub_block: str, gate: str, up: str, down: str) -> tuple[Entry, ...]:
-    """The router [D, E] and the stacked experts: gate_up [E, D, 2F] (gate first), down [E, F, D]."""
-    mlp, hub = LAYER + "mlp.", LAYER + hub_block + "."
-    return (
-        _entry(
-            hub + "gate.weight",
-            "moe.router.kernel",
-            LINEAR,
-            (D, "embed"),
-            (E, None),
-            alias=mlp + "gate.weight",
-        ),
-        _entry(
-            mlp + "experts.gate_up_proj",
-            "moe.gate_up_proj.kernel",
-            EXPERTS,
-            (E, "expert"),
-            (D, "embed"),
-            (FE2, "mlp"),
-            parts=(f"{hub}experts.{{j}}.{gate}.weight", f"{hub}experts.{{j}}.{up}.weight"),
-        ),
-        _entry(
-            mlp + "experts.down_proj",
-            "moe.down_proj.kernel",
-            EXPERTS,
-            (E, "expert"),
-            (FE, "mlp"),
-            (D, "embed"),
-            parts=(f"{hub}experts.{{j}}.{down}.weight",),
-        ),
-    )
-
-
-# Mixtral and Qwen3-MoE: Llama's attention (Qwen3's q/k norms) and a mixture of experts for the MLP.
-MIXTRAL = Family(
-    weights=(_EMBED, _FINAL, *_PRE_NORMS, *_QKVO, *_moe("block_sparse_moe", "w1", "w3", "w2"), _HEAD),
-    buffers=(_ROTARY,),
-)
-QWEN3_MOE = Family(
-    weights=(
-        _EMBED,
-        _FINAL,
-        *_PRE_NORMS,
-        *_QKVO,
-        *_HEAD_QK_NORM,
-        *_moe("mlp", "gate_proj", "up_proj", "down_proj"),
-        _HEAD,
-    ),
-    buffers=(_ROTARY,),
-)
-
-# Qwen2-MoE: Qwen2's attention (q/k/v biases), the experts, and a shared SwiGLU expert whose output is
-# scaled by sigmoid(shared_expert_gate(x)). The shared expert's linears are ordinary LoRA targets and are
-# quantized like any linear; its gate [D, 1] sits at shared_expert.router and so stays in float like the
-# router (the loader keeps every `router` kernel float): D values per layer, nothing to save.
-_SE, _SP = _M + "shared_expert.", "shared_expert."
-_SHARED = (
-    _entry(_SE + "gate_proj.weight", _SP + "gate_proj.kernel", LINEAR, (D, "embed"), (FS, "mlp"), lora=True),
-    _entry(_SE + "up_proj.weight", _SP + "up_proj.kernel", LINEAR, (D, "embed"), (FS, "mlp"), lora=True),
-    _entry(_SE + "down_proj.weight", _SP + "down_proj.kernel", LINEAR, (FS, "mlp"), (D, "embed"), lora=True),
-    _entry(
-        _M + "shared_expert_gate.weight", _SP + "router.kernel", LINEAR, (D, "embed"), (ONE, None), lora=True
-    ),
-)
-QWEN2_MOE = Family(
-    weights=(
-        _EMBED,
-        _FINAL,
-        *_PRE_NORMS,
-        *_QKVO,
-        *_moe("mlp", "gate_proj", "up_proj", "down_proj"),
-        *_SHARED,
-        _HEAD,
-    ),
-    buffers=(_ROTARY,),
-)
-
-_H = "transformer.h.{i}."
-_HA, _HM = _H + "attn.", _H + "mlp."
-GPT2 = Family(
-    weights=(
-        _entry("transformer.wte.weight", "embed.embedding", EMBEDDING, (V, "vocab"), (D, "embed")),
-        _entry("transformer.wpe.weight", "pos_embed.embedding", EMBEDDING, (P, None), (D, "embed")),
-        _entry("transformer.ln_f.weight", "final_norm.scale", VECTOR, (D, None)),
-        _entry("transformer.ln_f.bias", "final_norm.bias", VECTOR, (D, None)),
-        _entry(_H + "ln_1.weight", "attn_norm.scale", VECTOR, (D, None)),
-        _entry(_H + "ln_1.bias", "attn_norm.bias", VECTOR, (D, None)),
-        _entry(_H + "ln_2.weight", "mlp_norm.scale", VECTOR, (D, None)),
-        _entry(_H + "ln_2.bias", "mlp_norm.bias", VECTOR, (D, None)),
-        _entry(_HA + "c_attn.weight", "attn.c_attn.kernel", CONV1D, (D, "embed"), (QKV, "qkv"), lora=True),
-        _entry(_HA + "c_attn.bias", "attn.c_attn.bias", VECTOR, (QKV, "qkv")),
-        _entry(_HA + "c_proj.weight", "attn.c_proj.kernel", CONV1D, (Q, "q_heads"), (D, "embed"), lora=True),
-        _entry(_HA + "c_proj.bias", "attn.c_proj.bias", VECTOR, (D, "embed")),
-        _entry(_HM + "c_fc.weight", "mlp.c_fc.kernel", CONV1D, (D, "embed"), (I, "mlp"), lora=True),
-        _entry(_HM + "c_fc.bias", "mlp.c_fc.bias", VECTOR, (I, "mlp")),
-        _entry(_HM + "c_proj.weight", "mlp.c_proj.kernel", CONV1D, (I, "mlp"), (D, "embed"), lora=True),
-        _entry(_HM + "c_proj.bias", "mlp.c_proj.bias", VECTOR, (D, "embed")),
-        _entry("lm_head.weight", "lm_head.kernel", LINEAR, (D, "embed"), (V, "vocab"), when=_untied),
-    ),
-    # The causal-mask buffers older GPT-2 checkpoints saved.
-    buffers=(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)",),
-)
-
-# model_type -> family. Families sharing a table differ only in switches (models.config).
-FAMILIES: dict[str, Family] = {
-    "llama": LLAMA,
-    "mistral": LLAMA,
-    "qwen2": LLAMA,
-    "qwen3": LLAMA,
-    "gpt2": GPT2,
-    "gemma": LLAMA,
-    "gemma2": GEMMA2,
-    "gemma3_text": GEMMA2,
-    "phi3": PHI3,
-    "olmo2": OLMO2,
-    "smollm3": LLAMA,
-    "mixtral": MIXTRAL,
-    "qwen3_moe": QWEN3_MOE,
-    "qwen2_moe": QWEN2_MOE,
-}
-
-
-def family(cfg: DecoderConfig) -> Family:
-    if cfg.model_type not in FAMILIES:
-        raise UserError(f"no model spec for model_type {cfg.model_type!r}; known: {', '.join(FAMILIES)}")
-    return FAMILIES[cfg.model_type]
+__all__ = [
+    "CONV1D",
+    "EMBEDDING",
+    "EXPERTS",
+    "LAYER",
+    "LINEAR",
+    "VECTOR",
+    "Entry",
+    "Family",
+    "checkpoint_names",
+    "dropout_stream",
+    "family",
+    "hf_shape",
+    "logical_axes",
+    "name_table",
+    "part_shape",
+    "quantized",
+]
 
 
 def name_table(cfg: DecoderConfig) -> list[Entry]:
@@ -348,27 +53,9 @@ def name_table(cfg: DecoderConfig) -> list[Entry]:
     return [e for e in family(cfg).weights if e.present(cfg)]
 
 
-def hf_shape(entry: Entry, cfg: DecoderConfig) -> tuple[int, ...]:
-    """The shape HF stores for one tensor of one layer."""
-    shape = entry.shape(cfg)
-    if entry.layout == EXPERTS:  # transformers 5's fused [E, out, in]
-        return (shape[0], shape[2], shape[1])
-    return shape[::-1] if entry.layout == LINEAR else shape
-
-
-def part_shape(entry: Entry, cfg: DecoderConfig) -> tuple[int, int]:
-    """The HF shape [out / len(parts), in] of one expert's part of an EXPERTS entry."""
-    _, fan_in, fan_out = entry.shape(cfg)
-    return (fan_out // len(entry.parts), fan_in)
-
-
-def checkpoint_names(entry: Entry, cfg: DecoderConfig, layer: int | None) -> list[str]:
-    """Every name the tensor may have in a checkpoint: its own, its alias, its per-expert parts."""
-    names = [entry.hf_name(layer)]
-    if entry.alias:
-        names.append(entry.alias.format(i=layer))
-    names += [p.format(i=layer, j=j) for p in entry.parts for j in range(cfg.num_experts)]
-    return names
+def dropout_stream(cfg: DecoderConfig, group: str, name: str) -> int:
+    """The stream of the LoRA dropout masks of the linear `name` in `group`: fold_in(layer key, stream)."""
+    return family(cfg).dropout_streams[group, name]
 
 
 def logical_axes() -> dict[tuple[str, ...], tuple[str | None, ...]]:

@@ -5,12 +5,9 @@ the MoE weights PEFT adapts as `target_parameters` (`param_targets`)."""
 import dataclasses
 from collections.abc import Iterable
 
-from jaxlora.models.config import DecoderConfig
-from jaxlora.models.spec import LAYER, name_table
-
-LINEAR, CONV1D, VECTOR, EMBEDDING = "linear", "conv1d", "vector", "embedding"
-# Stacked experts: jaxlora [E, in, out]; HF's fused layout (transformers 5 in memory) [E, out, in] under
-# `hf`, the hub's per-expert layout as torch Linears [out, in] under `parts` (concatenated along `out`).
+from jaxlora.models.decoder_config import DecoderConfig
+from jaxlora.models.families import FAMILIES
+from jaxlora.models.spec import CONV1D, name_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,45 +76,28 @@ class ParamTarget:
     in_features: int
     out_features: int
     experts: int  # E for a stacked [E, in, out] kernel, 0 for a plain [in, out] one (the router)
+    stream: int  # its A is drawn from fold_in(init key, stream) (`models.weights.Entry.stream`)
 
     @property
     def key(self) -> tuple[str, str]:
         return self.path[1], self.path[2]
 
 
-# transformers 4 module names of the MoE weights, which PEFT still accepts in `target_modules` and converts
-# to `target_parameters` (two of them fused into gate_up_proj, whose adapter then has twice the rank).
-# Not qwen2_moe: PEFT 0.21 converts none for it (`gate_proj` etc. then name only the shared expert's
-# linears, and `all-linear` leaves experts and router alone), so jaxlora does the same.
+# model_type -> the transformers 4 module names of its MoE weights PEFT still accepts in `target_modules`
+# (`models.families.Family.moe_v4_names`).
 MOE_V4_NAMES: dict[str, dict[str, str]] = {
-    "mixtral": {"gate": "router", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
-    "qwen3_moe": {
-        "gate": "router",
-        "gate_proj": "gate_up_proj",
-        "up_proj": "gate_up_proj",
-        "down_proj": "down_proj",
-    },
+    mt: dict(fam.moe_v4_names) for mt, fam in FAMILIES.items() if fam.moe_v4_names
 }
 
 
 def param_targets(cfg: DecoderConfig) -> list[ParamTarget]:
     """The weights `target_parameters` can name on this model (none for a dense model), in the order
     transformers defines them on their module (the order PEFT nests its wrappers in)."""
-    if not cfg.num_experts:
-        return []
-    mlp = LAYER + "mlp."
-    f, d = cfg.moe_intermediate_size, cfg.hidden_size
-    return [
-        ParamTarget("router", ("layers", "moe", "router"), mlp + "gate.weight", d, cfg.num_experts, 0),
-        ParamTarget(
-            "gate_up_proj",
-            ("layers", "moe", "gate_up_proj"),
-            mlp + "experts.gate_up_proj",
-            d,
-            2 * f,
-            cfg.num_experts,
-        ),
-        ParamTarget(
-            "down_proj", ("layers", "moe", "down_proj"), mlp + "experts.down_proj", f, d, cfg.num_experts
-        ),
-    ]
+    out = []
+    for e in name_table(cfg):
+        if e.param:
+            *lead, fan_in, fan_out = e.shape(cfg)  # [(E,) in, out]
+            experts = lead[0] if lead else 0
+            peft = e.alias or e.hf  # transformers 5's name (the router's alias)
+            out.append(ParamTarget(e.path[-2], e.path[:-1], peft, fan_in, fan_out, experts, e.stream))
+    return out

@@ -49,7 +49,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxlora.errors import UserError
-from jaxlora.lora.tokens import EXTRA_KEYS
+from jaxlora.lora.tokens import layer_groups
+from jaxlora.lora.trainable import Adapter
 from jaxlora.parallel.collective import LOCAL, Collective, pmap_collective
 from jaxlora.parallel.rules import LINEAR_AXES, param_logical_axes
 from jaxlora.quant import QuantizedTensor
@@ -156,13 +157,13 @@ class Plan:
             fields[name] = None if getattr(q, name) is None else self.replicated
         return dataclasses.replace(q, **fields)
 
-    def lora_shardings(self, lora: dict) -> dict:
-        """A [L, in, r] follows its kernel's `in`, B [L, r, out] its `out`."""
-        out = {}
-        for group, mods in lora.items():
-            if group in EXTRA_KEYS:  # trainable token rows, embedding / LM head copies: replicated
-                out[group] = jax.tree.map(lambda _: self.replicated, mods)
-                continue
+    def lora_shardings(self, lora: dict | Adapter) -> dict | Adapter:
+        """A [L, in, r] follows its kernel's `in`, B [L, r, out] its `out` (an `Adapter`: both halves)."""
+        if isinstance(lora, Adapter):
+            return Adapter.split(self.lora_shardings(lora.tree()))
+        layers = layer_groups(lora)  # token rows, embedding / LM head copies: replicated
+        out = {k: jax.tree.map(lambda _: self.replicated, v) for k, v in lora.items() if k not in layers}
+        for group, mods in layers.items():
             for name, ab in mods.items():
                 *lead, fan_in, fan_out = LINEAR_AXES[(group, name)]  # lead: ("expert",) for MoE experts
                 out.setdefault(group, {})[name] = {
@@ -216,13 +217,15 @@ class Plan:
         """The base weights (host or one device) placed on their `param_shardings`."""
         return self.place(params, self.param_shardings(params))
 
-    def place_train_state(self, lora: dict, opt_init: Callable) -> tuple[dict, Any]:
-        """The LoRA tree placed on its `lora_shardings`, and `opt_init(lora)` built in place: each optimizer
-        leaf (mu, nu, ...) takes its parameter's sharding (`like_shardings`), step counts are replicated."""
-        lora_s = self.lora_shardings(lora)
-        opt_s = self.like_shardings(jax.eval_shape(opt_init, lora), lora, lora_s)
-        lora = self.place(lora, lora_s)
-        return lora, jax.jit(opt_init, out_shardings=opt_s)(lora)
+    def place_train_state(self, adapter: Adapter, opt_init: Callable) -> tuple[Adapter, Any]:
+        """The adapter placed on its `lora_shardings`, and `opt_init(adapter.trainable)` built in place: each
+        optimizer leaf (mu, nu, ...) takes its parameter's sharding (`like_shardings`), step counts are
+        replicated."""
+        adapter_s = self.lora_shardings(adapter)
+        train, train_s = adapter.trainable, adapter_s.trainable
+        opt_s = self.like_shardings(jax.eval_shape(opt_init, train), train, train_s)
+        adapter = self.place(adapter, adapter_s)
+        return adapter, jax.jit(opt_init, out_shardings=opt_s)(adapter.trainable)
 
     def host_loading(self):
         """Context for loading the base model: into host memory when it will be sharded over accelerators

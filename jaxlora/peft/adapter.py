@@ -22,17 +22,10 @@ import jax
 import numpy as np
 
 from jaxlora.errors import UserError
-from jaxlora.lora import LoraConfig, layer_mask, matching_paths
-from jaxlora.lora.adapters import (
-    module_ranks,
-    module_scale_factors,
-    pattern_value,
-)
+from jaxlora.lora import LoraConfig, matching_paths
+from jaxlora.lora.adapters import layout, pattern_value
 from jaxlora.lora.pissa import convert_to_lora, is_base_changing
-from jaxlora.lora.tokens import (
-    EXTRA_KEYS,
-    MODULES,
-)
+from jaxlora.lora.tokens import MODULES, layer_groups
 from jaxlora.models.config import DecoderConfig
 from jaxlora.models.safetensors_io import SafetensorsFile, write_safetensors
 from jaxlora.models.saving import prepare_out_dir
@@ -84,7 +77,7 @@ def _ordered_paths(cfg: DecoderConfig, lora: dict) -> list[tuple[str, str]]:
     """The (group, name) pairs present in `lora`, in name-table order; unknown ones are an error."""
     mods = _modules_by_path(cfg)
     params = {t.key for t in param_targets(cfg)}
-    present = [(g, n) for g, sub in lora.items() if g not in EXTRA_KEYS for n in sub if (g, n) not in params]
+    present = [(g, n) for g, sub in layer_groups(lora).items() for n in sub if (g, n) not in params]
     unknown = [f"{g}.{n}" for g, n in present if (g, n) not in mods]
     if unknown:
         raise UserError(f"LoRA tree has modules {unknown} that this {cfg.model_type} model does not have")
@@ -100,9 +93,9 @@ def peft_adapter_config(
     file without "unexpected keyword" warnings; PEFT fills them with the same defaults.
     """
     layers = None if mask.all() else np.flatnonzero(mask).tolist()
-    init = getattr(lora_cfg, "init", "default")
+    init = lora_cfg.init
     return {
-        "alpha_pattern": dict(getattr(lora_cfg, "alpha_pattern", None) or {}),
+        "alpha_pattern": dict(lora_cfg.alpha_pattern or {}),
         "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path or None,
         "bias": "none",
@@ -117,27 +110,27 @@ def peft_adapter_config(
         "layers_to_transform": layers,
         "loftq_config": {},
         "lora_alpha": lora_cfg.alpha,
-        "lora_bias": bool(getattr(lora_cfg, "lora_bias", False)),
+        "lora_bias": bool(lora_cfg.lora_bias),
         "lora_dropout": float(lora_cfg.dropout),
         "megatron_config": None,
         "megatron_core": "megatron.core",
         "modules_to_save": None,
         "peft_type": "LORA",
         "r": int(lora_cfg.r),
-        "rank_pattern": dict(getattr(lora_cfg, "rank_pattern", None) or {}),
+        "rank_pattern": dict(lora_cfg.rank_pattern or {}),
         "revision": None,
         "target_modules": peft_target_names(cfg, paths),
         "task_type": "CAUSAL_LM",
         "trainable_token_indices": None,
-        "use_dora": bool(getattr(lora_cfg, "use_dora", False)),
-        "use_rslora": bool(getattr(lora_cfg, "use_rslora", False)),
+        "use_dora": bool(lora_cfg.use_dora),
+        "use_rslora": bool(lora_cfg.use_rslora),
     }
 
 
 def save_peft_adapter(
     out_dir,
     lora: dict,
-    lora_cfg,
+    lora_cfg: LoraConfig,
     cfg: DecoderConfig,
     base_model_name_or_path: str | None,
     overwrite: bool = False,
@@ -163,57 +156,19 @@ def save_peft_adapter(
     if not paths and not chosen:
         raise UserError("the LoRA tree is empty: nothing to export")
     if initial_lora is not None:
-        if not is_base_changing(getattr(lora_cfg, "init", "default")):
+        if not is_base_changing(lora_cfg.init):
             raise UserError("initial_lora is only for a PiSSA/OLoRA adapter (lora.init pissa*, olora)")
-        layers_only = {g: v for g, v in jax.device_get(lora).items() if g not in EXTRA_KEYS}
-        lora, lora_cfg = convert_to_lora(
-            layers_only, jax.device_get(initial_lora), module_ranks(cfg, lora_cfg), lora_cfg
+        ranks = layout(cfg, lora_cfg).ranks
+        converted, lora_cfg = convert_to_lora(
+            layer_groups(jax.device_get(lora)), jax.device_get(initial_lora), ranks, lora_cfg
         )
-    mask = layer_mask(cfg, lora_cfg)
-    dims, mods, ranks = linear_dims(cfg), _modules_by_path(cfg), module_ranks(cfg, lora_cfg)
-    dora = bool(getattr(lora_cfg, "use_dora", False))
-    tensors: dict[str, np.ndarray] = {}
-    for group, name in paths:
-        fan_in, fan_out = dims[(group, name)]
-        leaf = lora[group][name]
-        a = np.asarray(jax.device_get(leaf["a"]), np.float32)
-        b = np.asarray(jax.device_get(leaf["b"]), np.float32)
-        r = int(ranks[(group, name)].max()) if (group, name) in ranks else int(lora_cfg.r)
-        want_a, want_b = (cfg.num_layers, fan_in, r), (cfg.num_layers, r, fan_out)
-        if a.shape != want_a or b.shape != want_b:
-            raise UserError(
-                f"LoRA {group}.{name} has A {list(a.shape)} and B {list(b.shape)}, expected {list(want_a)} "
-                f"and {list(want_b)} for this model with r={r}"
-            )
-        if dora != ("m" in leaf):
-            raise UserError(
-                f"LoRA {group}.{name} {'lacks' if dora else 'has'} a DoRA magnitude ('m') but "
-                f"lora.use_dora is {dora}"
-            )
-        if ("bias" in leaf) != bool(getattr(lora_cfg, "lora_bias", False)):
-            raise UserError(
-                f"LoRA {group}.{name} {'has' if 'bias' in leaf else 'lacks'} a lora_bias leaf ('bias') but "
-                f"lora.lora_bias is {getattr(lora_cfg, 'lora_bias', False)}"
-            )
-        for i in np.flatnonzero(mask):
-            r_i = int(ranks[(group, name)][i]) if (group, name) in ranks else r
-            tensors[peft_key(mods[(group, name)], i, "A")] = np.ascontiguousarray(a[i, :, :r_i].T)  # [r, in]
-            tensors[peft_key(mods[(group, name)], i, "B")] = np.ascontiguousarray(b[i, :r_i].T)  # [out, r]
-            if dora:
-                tensors[peft_key(mods[(group, name)], i, "m")] = np.asarray(leaf["m"][i], np.float32)  # [out]
-            if "bias" in leaf:  # PEFT's lora_bias: lora_B.bias [out]
-                tensors[peft_key(mods[(group, name)], i, "b")] = np.asarray(leaf["bias"][i], np.float32)
+        lora = {**lora, **converted}
+    mask = layout(cfg, lora_cfg).mask
+    tensors = _module_tensors(cfg, jax.device_get(lora), lora_cfg, paths)
     config = peft_adapter_config(cfg, lora_cfg, paths, mask, base_model_name_or_path)
     if chosen:  # PEFT's target_parameters: experts and router
         param_config(config, cfg, lora_cfg, chosen)
-        for t in chosen:
-            leaf = lora[t.key[0]][t.key[1]]
-            for i in range(cfg.num_layers):
-                a, b = param_to_peft(
-                    t, np.asarray(leaf["a"][i], np.float32), np.asarray(leaf["b"][i], np.float32)
-                )
-                tensors[param_peft_key(t, chosen, i, "A")] = np.ascontiguousarray(a)
-                tensors[param_peft_key(t, chosen, i, "B")] = np.ascontiguousarray(b)
+        tensors.update(_param_tensors(cfg, lora, chosen))
     extra, extra_config = embedding_tensors(cfg, jax.device_get(lora))  # tokens, copies, a grown vocabulary
     tensors.update(extra)
     config.update(extra_config)
@@ -223,6 +178,63 @@ def save_peft_adapter(
     os.replace(tmp, out / ADAPTER_WEIGHTS)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _module_tensors(cfg: DecoderConfig, lora: dict, lora_cfg: LoraConfig, paths) -> dict[str, np.ndarray]:
+    """PEFT's tensors of the linear modules `paths`, for the layers `lora_cfg` adapts (shapes checked)."""
+    lay = layout(cfg, lora_cfg)
+    dims, mods = linear_dims(cfg), _modules_by_path(cfg)
+    tensors: dict[str, np.ndarray] = {}
+    for path in paths:
+        leaf, module = lora[path[0]][path[1]], mods[path]
+        per_layer = lay.ranks.get(path)
+        r = int(per_layer.max()) if per_layer is not None else int(lora_cfg.r)
+        _check_leaf(leaf, path, dims[path], r, cfg.num_layers, lora_cfg)
+        a, b = np.asarray(leaf["a"], np.float32), np.asarray(leaf["b"], np.float32)
+        for i in np.flatnonzero(lay.mask):
+            r_i = int(per_layer[i]) if per_layer is not None else r
+            tensors[peft_key(module, i, "A")] = np.ascontiguousarray(a[i, :, :r_i].T)  # [r, in]
+            tensors[peft_key(module, i, "B")] = np.ascontiguousarray(b[i, :r_i].T)  # [out, r]
+            if "m" in leaf:  # DoRA's lora_magnitude_vector [out]
+                tensors[peft_key(module, i, "m")] = np.asarray(leaf["m"][i], np.float32)
+            if "bias" in leaf:  # PEFT's lora_bias: lora_B.bias [out]
+                tensors[peft_key(module, i, "b")] = np.asarray(leaf["bias"][i], np.float32)
+    return tensors
+
+
+def _check_leaf(leaf: dict, path, dims: tuple[int, int], r: int, n_layers: int, lora_cfg: LoraConfig) -> None:
+    """One line naming the module whose arrays or leaves do not fit the model and `lora_cfg`."""
+    group, name = path
+    want_a, want_b = (n_layers, dims[0], r), (n_layers, r, dims[1])
+    if np.shape(leaf["a"]) != want_a or np.shape(leaf["b"]) != want_b:
+        raise UserError(
+            f"LoRA {group}.{name} has A {list(np.shape(leaf['a']))} and B {list(np.shape(leaf['b']))}, "
+            f"expected {list(want_a)} and {list(want_b)} for this model with r={r}"
+        )
+    if lora_cfg.use_dora != ("m" in leaf):
+        raise UserError(
+            f"LoRA {group}.{name} {'lacks' if lora_cfg.use_dora else 'has'} a DoRA magnitude ('m') but "
+            f"lora.use_dora is {lora_cfg.use_dora}"
+        )
+    if ("bias" in leaf) != lora_cfg.lora_bias:
+        raise UserError(
+            f"LoRA {group}.{name} {'has' if 'bias' in leaf else 'lacks'} a lora_bias leaf ('bias') but "
+            f"lora.lora_bias is {lora_cfg.lora_bias}"
+        )
+
+
+def _param_tensors(cfg: DecoderConfig, lora: dict, chosen) -> dict[str, np.ndarray]:
+    """PEFT's tensors of the adapted MoE weights (`target_parameters`), every layer."""
+    tensors = {}
+    for t in chosen:
+        leaf = lora[t.key[0]][t.key[1]]
+        for i in range(cfg.num_layers):
+            a, b = param_to_peft(
+                t, np.asarray(leaf["a"][i], np.float32), np.asarray(leaf["b"][i], np.float32)
+            )
+            tensors[param_peft_key(t, chosen, i, "A")] = np.ascontiguousarray(a)
+            tensors[param_peft_key(t, chosen, i, "B")] = np.ascontiguousarray(b)
+    return tensors
 
 
 def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig]:
@@ -237,6 +249,57 @@ def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig
     no linear layer of this model, and shapes that differ from the model's (naming tensor and shapes).
     """
     _refuse_text_tower(cfg, "import")
+    conf, folder, weights = _adapter_files(adapter_dir, cfg)
+    st = SafetensorsFile(weights)
+    params_lora, param_keys = read_param_targets(conf, cfg, st, weights)
+    extras, extra_keys = read_embeddings(conf, cfg, st, weights)  # tokens, copies, a grown vocabulary
+    skip = set(param_keys) | set(extra_keys)
+    found, rank_of = _read_module_tensors(conf, cfg, st, weights, skip)
+    if not found and not params_lora:
+        raise UserError(f"{weights}: no LoRA tensors found")
+    lora, layers_seen = _module_tree(conf, cfg, found, rank_of, weights)
+    for (group, name), leaf in params_lora.items():
+        lora.setdefault(group, {})[name] = leaf
+    if not found:  # only parameter adapters: every layer
+        layers_seen[:] = True
+    lora.update(extras)
+    paths = [p for p in _modules_by_path(cfg) if p in found]
+    try:
+        lora_cfg = LoraConfig(
+            r=int(conf["r"]),
+            alpha=float(conf.get("lora_alpha", 8)),
+            dropout=float(conf.get("lora_dropout") or 0.0),
+            target_modules=tuple(peft_target_names(cfg, paths)),
+            use_rslora=bool(conf.get("use_rslora", False)),
+            init="gaussian" if conf.get("init_lora_weights") == "gaussian" else "default",
+            layers_to_transform=None if layers_seen.all() else tuple(np.flatnonzero(layers_seen).tolist()),
+            use_dora=bool(conf.get("use_dora")),
+            lora_bias=bool(conf.get("lora_bias")),
+            trainable_token_indices=tuple(conf.get("trainable_token_indices") or ()) or None,
+            modules_to_save=tuple(conf["modules_to_save"]) if MODULES in extras else None,
+            rank_pattern=conf.get("rank_pattern") or {},
+            alpha_pattern=conf.get("alpha_pattern") or {},
+            target_parameters=param_target_names([t for t in param_targets(cfg) if t.key in params_lora])
+            or None,
+        )
+    except UserError as err:
+        raise UserError(f"{folder / ADAPTER_CONFIG}: {err}") from None
+    partial = [p for p in found if len(found[p]) != int(layers_seen.sum())]
+    if lora_cfg.use_dora and partial:
+        raise UserError(
+            f"{weights}: DoRA modules {['.'.join(p) for p in partial]} are adapted in only some of the "
+            "adapted layers; jaxlora adapts one set of layers for every DoRA module"
+        )
+    if lora_cfg.rank_pattern or lora_cfg.alpha_pattern:  # per-module scale; 0 where a module is absent
+        for (g, n), s in layout(cfg, lora_cfg).factors.items():
+            present = np.isin(np.arange(cfg.num_layers), list(found[(g, n)]))
+            lora[g][n]["s"] = jax.numpy.asarray(s * present)
+    return lora, lora_cfg
+
+
+def _adapter_files(adapter_dir, cfg: DecoderConfig) -> tuple[dict, Path, Path]:
+    """(adapter_config.json's contents, the folder, its safetensors file), refused in one line when the
+    weights are missing or the config's target_modules match nothing in this model."""
     conf = read_adapter_config(adapter_dir)
     folder = Path(conf.pop("_folder"))
     weights = folder / ADAPTER_WEIGHTS
@@ -252,23 +315,28 @@ def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig
             matching_paths(cfg, conf["target_modules"])
         except UserError as err:
             raise UserError(f"{folder / ADAPTER_CONFIG}: {str(err).removeprefix('lora.')}") from None
-    st = SafetensorsFile(weights)
-    r, n_layers, dims = int(conf["r"]), cfg.num_layers, linear_dims(cfg)
-    dora, rank_pattern = bool(conf.get("use_dora")), conf.get("rank_pattern") or {}
-    lora_bias = bool(conf.get("lora_bias"))
-    where: dict[str, tuple[tuple[str, str], int, str]] = {}
-    rank_of: dict[tuple[tuple[str, str], int], int] = {}  # this layer's r (rank_pattern, else r)
-    for path, m in _modules_by_path(cfg).items():
-        for i in range(n_layers):
-            rank_of[(path, i)] = int(pattern_value(rank_pattern, m.hf_prefix.format(i=i), r))
-            for which in "AB" + ("m" if dora else "") + ("b" if lora_bias else ""):
-                where[peft_key(m, i, which)] = (path, i, which)
+    return conf, folder, weights
 
-    params_lora, param_keys = read_param_targets(conf, cfg, st, weights)
+
+def _which(conf: dict) -> str:
+    """The tensors each adapted layer has: A, B, and DoRA's "m" and lora_bias's "b" when configured."""
+    return "AB" + ("m" if conf.get("use_dora") else "") + ("b" if conf.get("lora_bias") else "")
+
+
+def _read_module_tensors(conf: dict, cfg: DecoderConfig, st: SafetensorsFile, weights: Path, skip: set):
+    """({module key: {layer: {"A"|"B"|"m"|"b": array}}}, {(module key, layer): rank}) of the linear modules'
+    tensors, each shape checked against the model and the layer's rank (rank_pattern, else r)."""
+    r, dims, rank_pattern = int(conf["r"]), linear_dims(cfg), conf.get("rank_pattern") or {}
+    where: dict[str, tuple[tuple[str, str], int, str]] = {}
+    rank_of: dict[tuple[tuple[str, str], int], int] = {}
+    for path, m in _modules_by_path(cfg).items():
+        for i in range(cfg.num_layers):
+            rank_of[(path, i)] = int(pattern_value(rank_pattern, m.hf_prefix.format(i=i), r))
+            for which in _which(conf):
+                where[peft_key(m, i, which)] = (path, i, which)
     found: dict[tuple[str, str], dict[int, dict[str, np.ndarray]]] = {}
-    extras, extra_keys = read_embeddings(conf, cfg, st, weights)  # tokens, copies, a grown vocabulary
     for key in st.names():
-        if key in param_keys or key in extra_keys:
+        if key in skip:
             continue
         if key not in where:
             raise UserError(
@@ -279,80 +347,40 @@ def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig
         fan_in, fan_out = dims[path]
         r_i = rank_of[(path, i)]
         want = {"A": (r_i, fan_in), "B": (fan_out, r_i), "m": (fan_out,), "b": (fan_out,)}[which]
-        got = st.shape(key)
-        if tuple(got) != want:
+        if tuple(st.shape(key)) != want:
             raise UserError(
-                f"{weights}: tensor {key} has shape {list(got)} but this model needs {list(want)} "
+                f"{weights}: tensor {key} has shape {list(st.shape(key))} but this model needs {list(want)} "
                 f"(r={r_i}, {path[1]} is {fan_in} -> {fan_out}): the adapter is for a different base model"
             )
         found.setdefault(path, {}).setdefault(i, {})[which] = st.get(key)
-    if not found and not params_lora:
-        raise UserError(f"{weights}: no LoRA tensors found")
+    return found, rank_of
 
+
+def _module_tree(conf: dict, cfg: DecoderConfig, found: dict, rank_of: dict, weights: Path):
+    """(the LoRA tree of the linear modules found, [L] bool of the layers any module has): stacked
+    [L, ...] arrays, zero for the layers a module lacks, smaller layer ranks zero-padded."""
+    n_layers, dims, mods = cfg.num_layers, linear_dims(cfg), _modules_by_path(cfg)
     lora: dict = {}
     layers_seen = np.zeros(n_layers, bool)
-    for path in [p for p in _modules_by_path(cfg) if p in found]:
+    for path in [p for p in mods if p in found]:
         fan_in, fan_out = dims[path]
-        r_mod = max(rank_of[(path, i)] for i in found[path])  # smaller layer ranks are zero-padded
-        a = np.zeros((n_layers, fan_in, r_mod), np.float32)
-        b = np.zeros((n_layers, r_mod, fan_out), np.float32)
-        m = np.zeros((n_layers, fan_out), np.float32)
-        bias = np.zeros((n_layers, fan_out), np.float32)
-        for i, pair in found[path].items():
-            for which in "AB" + ("m" if dora else "") + ("b" if lora_bias else ""):
-                if which not in pair:
-                    missing = peft_key(_modules_by_path(cfg)[path], i, which)
-                    raise UserError(f"{weights}: tensor {missing} is missing")
+        r_mod = max(rank_of[(path, i)] for i in found[path])
+        arrays = {
+            "A": np.zeros((n_layers, fan_in, r_mod), np.float32),
+            "B": np.zeros((n_layers, r_mod, fan_out), np.float32),
+            "m": np.zeros((n_layers, fan_out), np.float32),
+            "b": np.zeros((n_layers, fan_out), np.float32),
+        }
+        for i, tensors in found[path].items():
+            missing = [w for w in _which(conf) if w not in tensors]
+            if missing:
+                raise UserError(f"{weights}: tensor {peft_key(mods[path], i, missing[0])} is missing")
             r_i = rank_of[(path, i)]
-            a[i, :, :r_i] = np.asarray(pair["A"], np.float32).T
-            b[i, :r_i] = np.asarray(pair["B"], np.float32).T
-            if dora:
-                m[i] = np.asarray(pair["m"], np.float32)
-            if lora_bias:
-                bias[i] = np.asarray(pair["b"], np.float32)
+            arrays["A"][i, :, :r_i] = np.asarray(tensors["A"], np.float32).T
+            arrays["B"][i, :r_i] = np.asarray(tensors["B"], np.float32).T
+            for w in _which(conf)[2:]:
+                arrays[w][i] = np.asarray(tensors[w], np.float32)
             layers_seen[i] = True
-        leaf = {"a": jax.numpy.asarray(a), "b": jax.numpy.asarray(b)}
-        if dora:
-            leaf["m"] = jax.numpy.asarray(m)
-        if lora_bias:
-            leaf["bias"] = jax.numpy.asarray(bias)
-        lora.setdefault(path[0], {})[path[1]] = leaf
-
-    for (group, name), leaf in params_lora.items():
-        lora.setdefault(group, {})[name] = leaf
-    if not found:  # only parameter adapters: every layer
-        layers_seen[:] = True
-    lora.update(extras)
-    paths = [p for p in _modules_by_path(cfg) if p in found]
-    try:
-        lora_cfg = LoraConfig(
-            r=r,
-            alpha=float(conf.get("lora_alpha", 8)),
-            dropout=float(conf.get("lora_dropout") or 0.0),
-            target_modules=tuple(peft_target_names(cfg, paths)),
-            use_rslora=bool(conf.get("use_rslora", False)),
-            init="gaussian" if conf.get("init_lora_weights") == "gaussian" else "default",
-            layers_to_transform=None if layers_seen.all() else tuple(np.flatnonzero(layers_seen).tolist()),
-            use_dora=dora,
-            lora_bias=lora_bias,
-            trainable_token_indices=tuple(conf.get("trainable_token_indices") or ()) or None,
-            modules_to_save=tuple(conf["modules_to_save"]) if MODULES in extras else None,
-            rank_pattern=rank_pattern,
-            alpha_pattern=conf.get("alpha_pattern") or {},
-            target_parameters=param_target_names([t for t in param_targets(cfg) if t.key in params_lora])
-            or None,
-        )
-    except UserError as err:
-        raise UserError(f"{folder / ADAPTER_CONFIG}: {err}") from None
-    partial = [p for p in found if len(found[p]) != int(layers_seen.sum())]
-    if dora and partial:
-        raise UserError(
-            f"{weights}: DoRA modules {['.'.join(p) for p in partial]} are adapted in only some of the "
-            "adapted layers; jaxlora adapts one set of layers for every DoRA module"
-        )
-    if rank_pattern or lora_cfg.alpha_pattern:  # per-module scale; 0 where a module is absent
-        factors = module_scale_factors(cfg, lora_cfg)
-        for (g, n), s in factors.items():
-            present = np.isin(np.arange(n_layers), list(found[(g, n)]))
-            lora[g][n]["s"] = jax.numpy.asarray(s * present)
-    return lora, lora_cfg
+        names = {"A": "a", "B": "b", "m": "m", "b": "bias"}
+        lora.setdefault(path[0], {})[path[1]] = {names[w]: jax.numpy.asarray(arrays[w]) for w in _which(conf)}
+    return lora, layers_seen

@@ -151,27 +151,41 @@ def quantize(
     label = f"{name or 'tensor'} {list(w.shape)}"
     if w.ndim < 2 or not (np.issubdtype(w.dtype, np.floating) or w.dtype == ml_dtypes.bfloat16):
         raise UserError(f"cannot quantize {label} of dtype {w.dtype}: need a float kernel [..., in, out]")
-    n_in, n_out = w.shape[-2:]
-    lead = w.shape[:-2]
+    n_in = w.shape[-2]
     if block_size is not None:
         alternative = "or block_size=None for one scale per output column"
         if method == "nf4":
             alternative = f"or leave the block size unset for {NF4_BLOCK} with zero padding"
         _check_block(int(block_size), n_in, label, alternative)
     if method == "int8":
-        bs = n_in if block_size is None else int(block_size)
-        data = np.empty(w.shape, np.int8)
-        scale = np.empty(lead + (n_in // bs, n_out), np.float32)
-        for idx in np.ndindex(*lead):
-            data[idx], scale[idx] = _int8_slice(np.ascontiguousarray(w[idx], np.float32), bs)
-        return QuantizedTensor(
-            data,
-            scale=scale,
-            method="int8",
-            block_size=bs,
-            kernel_shape=(n_in, n_out),
-            orig_dtype=w.dtype.name,
-        )
+        return _quantize_int8(w, block_size)
+    return _quantize_nf4(w, block_size, label)
+
+
+def _quantize_int8(w: np.ndarray, block_size: int | None) -> QuantizedTensor:
+    """int8 absmax of a checked kernel `w [..., in, out]`, one [in, out] slice at a time."""
+    n_in, n_out = w.shape[-2:]
+    lead = w.shape[:-2]
+    bs = n_in if block_size is None else int(block_size)
+    data = np.empty(w.shape, np.int8)
+    scale = np.empty(lead + (n_in // bs, n_out), np.float32)
+    for idx in np.ndindex(*lead):
+        data[idx], scale[idx] = _int8_slice(np.ascontiguousarray(w[idx], np.float32), bs)
+    return QuantizedTensor(
+        data,
+        scale=scale,
+        method="int8",
+        block_size=bs,
+        kernel_shape=(n_in, n_out),
+        orig_dtype=w.dtype.name,
+    )
+
+
+def _quantize_nf4(w: np.ndarray, block_size: int | None, label: str) -> QuantizedTensor:
+    """NF4 with double-quantized scales of a checked kernel `w [..., in, out]`, one slice at a time; `in`
+    zero-padded to a multiple of the default block when `block_size` is None."""
+    n_in, n_out = w.shape[-2:]
+    lead = w.shape[:-2]
     bs = NF4_BLOCK if block_size is None else int(block_size)
     if bs % 2:
         raise UserError(f"nf4 block size {bs} for {label} must be even (two 4-bit codes per byte)")

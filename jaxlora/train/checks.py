@@ -11,18 +11,20 @@ from pathlib import Path
 from jaxlora.config import Config, TrainSection
 from jaxlora.errors import UserError
 from jaxlora.models import load_tokenizer
-from jaxlora.models.config import config_from_hf, read_hf_config
-from jaxlora.models.loading import resolve_model_path
+from jaxlora.models.config import ModelSource
+from jaxlora.models.loading import model_source
 from jaxlora.train.vocab import add_tokens
 
 # Any one of these makes a folder a tokenizer (fast tokenizers, sentencepiece, BPE, WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
 
-def load_checked_tokenizer(cfg: Config):
+def load_checked_tokenizer(cfg: Config, model: ModelSource | None = None):
     """The run's tokenizer (model.tokenizer, else the model's folder), checked to exist and to fit the
-    model's vocabulary, with `data.add_special_tokens` added."""
-    model_dir = resolve_model_path(cfg.model.path, cfg.model.revision)
+    model's vocabulary, with `data.add_special_tokens` added. `model`: the model's folder and config.json
+    as setup read them (`setup.open_model`); read here when not given."""
+    model = model or model_source(cfg.model.path, cfg.model.revision)
+    model_dir = model.folder
     source = cfg.model.tokenizer or model_dir
     where = "model.tokenizer" if cfg.model.tokenizer else "model.path"
     folder = Path(source).expanduser()
@@ -36,7 +38,7 @@ def load_checked_tokenizer(cfg: Config):
     except (OSError, ValueError, ImportError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"could not load the tokenizer from {where} {source}: {first}") from None
-    vocab = config_from_hf(read_hf_config(model_dir)).vocab_size
+    vocab = model.config.vocab_size
     if len(tokenizer) > vocab:
         raise UserError(
             f"the tokenizer of {where} {source} has {len(tokenizer)} tokens but the model's vocabulary "

@@ -1,9 +1,10 @@
 """`train(cfg)`: LoRA fine-tuning from a `Config`, as a recipe of named steps:
 
-    plan = choose_plan(cfg)                   devices and hosts, checked against the model's config.json
+    model = open_model(cfg)                   the model's folder and config.json, read once (`setup`)
+    plan = choose_plan(cfg, model)            devices and hosts, checked against the model's config.json
     run = open_run(cfg, resume, plan)         output_dir: claim it, resume or start clean (`run_dir`)
-    tokenizer = load_checked_tokenizer(cfg)   the tokenizer, checked against the model (`checks`)
-    base = load_base(cfg, plan, vocab)        the frozen base weights (grown for added tokens), on the devices
+    tokenizer = load_checked_tokenizer(...)   the tokenizer, checked against the model (`checks`)
+    base = load_base(cfg, plan, vocab, model) the frozen base weights (grown for added tokens), on the devices
     data = build_data(cfg, tokenizer, plan)   training batches, validation examples, the number of steps
     run.commit(cfg, plan)                     setup succeeded: config.yaml written, an old run cleaned
     state = build_state(...)                  LoRA and optimizer state, fresh or from a checkpoint (`state`)
@@ -20,7 +21,6 @@ TensorBoard events, run_state.json and the adapter, while checkpoints are writte
 import dataclasses
 import logging
 import math
-import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,18 +29,18 @@ import numpy as np
 import optax
 
 from jaxlora.config import Config
-from jaxlora.errors import note_signal, pending_signal
-from jaxlora.lora import lora_scale
+from jaxlora.lora import Adapter, lora_scale
 from jaxlora.lora.tokens import RESIZED, resized_entry
 from jaxlora.parallel import Plan
 from jaxlora.peft import save_peft_adapter
 from jaxlora.train.checkpoint import Checkpointer, restore_lora, rng_from_array
 from jaxlora.train.checks import check_schedule, load_checked_tokenizer
+from jaxlora.train.memory_plan import preflight, run_step_memory
 from jaxlora.train.optim import make_optimizer
 from jaxlora.train.progress import Progress
-from jaxlora.train.registry import OBJECTIVES
+from jaxlora.train.registry import objective_for
 from jaxlora.train.run_dir import BEST_DIR, RunDir, open_run, write_run_state
-from jaxlora.train.setup import Base, Data, build_data, choose_plan, load_base
+from jaxlora.train.setup import Base, Data, build_data, choose_plan, load_base, open_model
 from jaxlora.train.state import (
     TrainState,
     build_state,
@@ -48,7 +48,8 @@ from jaxlora.train.state import (
     residual_base,
     save_state,
 )
-from jaxlora.train.step import BATCH_KEYS, StepSpec, make_eval_step, make_train_step
+from jaxlora.train.step import BATCH_KEYS, make_eval_step, make_train_step
+from jaxlora.train.stop import SignalRecord, StopSignals
 from jaxlora.train.summary import end_summary, start_summary
 from jaxlora.train.vocab import resolve_token_texts, save_run_vocab
 from jaxlora.train.watch import Watch, curves, open_watch
@@ -70,17 +71,24 @@ class TrainResult:
     eval_history: list = dataclasses.field(default_factory=list)
 
 
-def train(cfg: Config, *, resume: bool = False, on_step=None) -> TrainResult:
+def train(
+    cfg: Config, *, resume: bool = False, on_step=None, signals: SignalRecord | None = None
+) -> TrainResult:
     """Run LoRA fine-tuning as configured; see `docs/configuration.md` and `docs/multi-gpu.md`.
 
     Returns a `TrainResult`. `on_step(step, metrics)` (optional) is called after each logging interval with
-    host metrics. Multi-host: every process calls `train` with the same config.
+    host metrics. SIGTERM/SIGINT stop the run after a checkpoint; `signals` (optional) is where the
+    caller's own handlers record a signal (`jaxlora.cli.signals.RECEIVED`): one recorded before the loop
+    stops it at once (`jaxlora.train.stop`). Multi-host: every process calls `train` with the same config.
     """
-    plan = choose_plan(cfg)
+    model = open_model(cfg)
+    plan = choose_plan(cfg, model)
+    if cfg.train.preflight:  # refuse a plan that does not fit, before any weights are read
+        preflight(cfg, model, plan)
     run = open_run(cfg, resume, plan)  # decides and checks; writes nothing yet
     try:
-        tokenizer = load_checked_tokenizer(cfg)
-        base = load_base(cfg, plan, len(tokenizer))
+        tokenizer = load_checked_tokenizer(cfg, model)
+        base = load_base(cfg, plan, len(tokenizer), model)
         resolved = resolve_token_texts(cfg, tokenizer, base.vocab_before)  # token texts -> ids
         data = build_data(cfg, tokenizer, plan)
         check_schedule(cfg.train, data.total_steps)
@@ -102,9 +110,11 @@ def train(cfg: Config, *, resume: bool = False, on_step=None) -> TrainResult:
             )
         steps = compile_steps(cfg, base, optimizer, state, plan)
         progress = Progress(cfg, run, schedule, data.total_steps, state.step, on_step)
-        progress.say(start_summary(cfg, plan, base, data, state.lora, data.total_steps, state.step))
+        trainable = state.adapter.trainable
+        memory = run_step_memory(cfg, steps, state)  # compiles the train step; its first call reuses it
+        progress.say(start_summary(cfg, plan, base, data, trainable, data.total_steps, state.step, memory))
         watch = open_watch(cfg, run, ckpt, tokenizer, data.val)
-        state, stopped_by = run_loop(cfg, plan, state, steps, data, ckpt, progress, watch)
+        state, stopped_by = run_loop(cfg, plan, state, steps, data, ckpt, progress, watch, signals)
         return finish(
             cfg, run, plan, state, steps, data, ckpt, progress, stopped_by, initial, watch, tokenizer
         )
@@ -122,8 +132,8 @@ class Steps:
 
     plan: Plan
     base: Base
-    train_fn: Callable  # (lora, opt_state, base, batch, rng, scale, *extra) -> (lora, opt_state, metrics)
-    eval_fn: Callable  # (lora, base, batch, scale, *extra) -> (loss_sum, count)
+    train_fn: Callable  # (adapter, opt_state, base, batch, rng, scale, *extra) -> (adapter, opt, metrics)
+    eval_fn: Callable  # (adapter, base, batch, scale, *extra) -> the objective's eval metrics
     scale: jax.Array  # [L] alpha / r on adapted layers, else 0; replicated
     key: jax.Array  # the run's key, replicated
     fold_in: Callable  # (key, step) -> the step's key, replicated
@@ -134,16 +144,16 @@ class Steps:
         """One optimizer step over `micro`, this process's rows of `grad_accum_steps` micro-batches."""
         batch = self.plan.put_batch({k: np.stack([m[k] for m in micro]) for k in self.keys})
         rng = self.fold_in(self.key, state.step)
-        lora, opt_state, metrics = self.train_fn(
-            state.lora, state.opt_state, self.base.params, batch, rng, self.scale, *self.extra
+        adapter, opt_state, metrics = self.train_fn(
+            state.adapter, state.opt_state, self.base.params, batch, rng, self.scale, *self.extra
         )
-        return dataclasses.replace(state, lora=lora, opt_state=opt_state, step=state.step + 1), metrics
+        return dataclasses.replace(state, adapter=adapter, opt_state=opt_state, step=state.step + 1), metrics
 
-    def eval(self, lora: dict, batch: dict):
+    def eval(self, adapter: Adapter, batch: dict):
         """(loss sum, token count), or a dict of sums and "count" (DPO/ORPO), over one validation batch
         (this process's rows of it)."""
         batch = self.plan.put_eval_batch({k: batch[k] for k in self.keys})
-        return self.eval_fn(lora, self.base.params, batch, self.scale, *self.extra)
+        return self.eval_fn(adapter, self.base.params, batch, self.scale, *self.extra)
 
 
 def compile_steps(
@@ -152,15 +162,12 @@ def compile_steps(
     """The one train step and the eval step (`jaxlora.train.step`) compiled for the plan and the shardings
     of `base` and `state`. DPO against its initial adapter passes `state.reference` to both steps as
     their last argument (`ref_lora`), as the plan's `extra`."""
-    model = base.config.with_runtime(packed=cfg.data.packing)  # static: may attention kernels see packing?
-    aux = model.router_aux_loss_coef if cfg.train.moe_aux_loss else 0.0  # MoE load balancing, as HF
-    spec = StepSpec(model, cfg.lora.dropout, cfg.train.loss_chunk_size, aux)
-    objective = OBJECTIVES[cfg.train.objective].make(cfg, spec)
+    objective = objective_for(cfg, base.config)
     train_step = make_train_step(objective, optimizer, plan.collective)
     eval_step, keys = make_eval_step(objective, plan.collective), objective.batch_keys
     extra = () if state.reference is None else (state.reference,)  # DPO's frozen initial adapter
     train_fn, eval_fn = plan.compile_steps(
-        train_step, eval_step, base.params, state.lora, state.opt_state, extra
+        train_step, eval_step, base.params, state.adapter, state.opt_state, extra
     )
     scale = plan.replicate(np.asarray(lora_scale(base.config, cfg.lora), np.float32))
     key = rng_from_array(plan.replicate(state.rng))
@@ -168,7 +175,7 @@ def compile_steps(
     return Steps(plan, base, train_fn, eval_fn, scale, key, fold_in, keys, extra)
 
 
-def evaluate(cfg: Config, steps: Steps, lora: dict, data: Data) -> dict | None:
+def evaluate(cfg: Config, steps: Steps, adapter: Adapter, data: Data) -> dict | None:
     """The validation metrics: `eval/<name>` = the sum of `name` over the batches / the sum of their
     weights; None without validation data.
 
@@ -177,7 +184,7 @@ def evaluate(cfg: Config, steps: Steps, lora: dict, data: Data) -> dict | None:
     "count": ...}`, a preference eval step)."""
     if data.val is None:
         return None
-    outs = jax.device_get([steps.eval(lora, batch) for batch in data.eval_batches(cfg)])
+    outs = jax.device_get([steps.eval(adapter, batch) for batch in data.eval_batches(cfg)])
     sums = [o if isinstance(o, dict) else {"loss": o[0], "count": o[1]} for o in outs]
     count = sum(float(s["count"]) for s in sums)
     if count == 0:
@@ -192,29 +199,6 @@ def evaluate(cfg: Config, steps: Steps, lora: dict, data: Data) -> dict | None:
 # The loop and the end of a run
 
 
-class _StopSignals:
-    """Turn SIGTERM/SIGINT into a flag checked between steps (then save and exit)."""
-
-    def __init__(self):
-        self.received = pending_signal()  # one that arrived earlier and whose exception was swallowed
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-        self.received = self.received or pending_signal()
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signum
-        note_signal(signum)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        note_signal(0)  # handled: the run returns it as `stopped_by`
-
-
 def run_loop(
     cfg: Config,
     plan: Plan,
@@ -224,15 +208,17 @@ def run_loop(
     ckpt: Checkpointer,
     progress: Progress,
     watch: Watch | None = None,
+    signals: SignalRecord | None = None,
 ) -> tuple[TrainState, int]:
     """Train to `data.total_steps`, until SIGTERM/SIGINT or until early stopping; report every
     `logging.every_steps` (raising `TrainingDiverged` at a NaN/Inf step), evaluate every
     `train.eval_every_steps` (samples, the best checkpoint: `watch`) and checkpoint every
-    `checkpoint.every_steps`. Returns the state and the signal that stopped the run (0: none did)."""
+    `checkpoint.every_steps`. Returns the state and the signal that stopped the run (0: none did; one in
+    `signals` before the loop stops it at once)."""
     eval_every, ckpt_every = cfg.train.eval_every_steps, cfg.checkpoint.every_steps
     pending: list[dict] = []  # the metrics (on the devices) of the steps since the last report
     early = False  # early stopping: the eval loss stopped improving
-    with _StopSignals() as stop:
+    with StopSignals(signals) as stop:
         if eval_every is not None and state.step == 0:
             early = _eval_and_watch(cfg, steps, state, data, ckpt, progress, watch)
         progress.start(state.step)
@@ -299,7 +285,7 @@ def finish(
     save_state(ckpt, state, data.loader)
     adapter_from = None
     if not stopped_by:
-        lora = plan.to_host(state.lora)  # a collective when LoRA is sharded over hosts
+        lora = plan.to_host(state.adapter.tree())  # a collective when LoRA is sharded over hosts
         grown = None  # a grown vocabulary: its embedding layers go into the adapter file, as PEFT's
         if steps.base.rows is not None:
             layers = {k: v for k, v in steps.base.params.items() if k in ("embed", "lm_head")}
@@ -335,7 +321,7 @@ def _eval_and_watch(
     cfg: Config, steps: Steps, state: TrainState, data: Data, ckpt: Checkpointer, progress: Progress, watch
 ) -> bool:
     """Evaluate and log, then samples and the best checkpoint (`Watch.after_eval`). True: stop early."""
-    metrics = evaluate(cfg, steps, state.lora, data)
+    metrics = evaluate(cfg, steps, state.adapter, data)
     progress.eval(state.step, metrics)
     if watch is None or metrics is None:
         return False

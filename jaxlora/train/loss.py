@@ -47,7 +47,7 @@ def chunked_cross_entropy(
     h, t, n_valid = compact_targets(hidden.reshape(-1, d), t, n_chunks * chunk)
     live = jnp.arange(n_chunks, dtype=jnp.int32) * chunk < n_valid  # [n_chunks] chunk holds a target
     w = lm_head_kernel(params, cfg)  # [D, V]
-    dt = jnp.dtype(cfg.compute_dtype)
+    dt = jnp.dtype(cfg.runtime.compute_dtype)
 
     def one(hc, tc):  # [C, D], [C] -> NLL summed over the chunk
         logits = jnp.einsum("nd,dv->nv", hc.astype(dt), w, preferred_element_type=jnp.float32)  # [C, V]

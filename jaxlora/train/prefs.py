@@ -111,7 +111,7 @@ def sequence_logps(params, cfg, hidden: jax.Array, targets: jax.Array, nxt: jax.
 
     One row's [T, V] logits at a time (scanned, recomputed in the backward pass)."""
     w = lm_head_kernel(params, cfg)  # [D, V]
-    dt = jnp.dtype(cfg.compute_dtype)
+    dt = jnp.dtype(cfg.runtime.compute_dtype)
 
     @jax.checkpoint
     def row(h, t, n):  # [T, D], [T], [T] -> two scalars

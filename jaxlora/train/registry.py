@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from jaxlora.config import Config
 from jaxlora.data import BatchLoader, PairLoader, build_datasets, build_pairs
+from jaxlora.models.config import DecoderConfig
 from jaxlora.train.objective import Objective, StepSpec
 from jaxlora.train.prefs import Preference, PrefSpec
 from jaxlora.train.sft import Sft
@@ -36,3 +37,12 @@ OBJECTIVES = {
     "dpo": Registered(_preference, _pairs, PairLoader),
     "orpo": Registered(_preference, _pairs, PairLoader),
 }
+
+
+def objective_for(cfg: Config, model: DecoderConfig) -> Objective:
+    """The run's objective on `model` (its `Runtime` set as the run loads it): the step's static parts
+    from the config, as the run compiles them (`jaxlora.train.loop.compile_steps`, `jaxlora plan`)."""
+    model = model.with_runtime(packed=cfg.data.packing)  # static: may attention kernels see packing?
+    aux = model.router_aux_loss_coef if cfg.train.moe_aux_loss else 0.0  # MoE load balancing, as HF
+    spec = StepSpec(model, cfg.lora.dropout, cfg.train.loss_chunk_size, aux)
+    return OBJECTIVES[cfg.train.objective].make(cfg, spec)

@@ -12,8 +12,8 @@ from jaxlora.config import Config
 from jaxlora.data import BatchLoader, PairLoader, Pairs
 from jaxlora.errors import UserError
 from jaxlora.models import DecoderConfig, load_model
-from jaxlora.models.config import config_from_hf, read_hf_config
-from jaxlora.models.loading import resolve_model_path
+from jaxlora.models.config import ModelSource
+from jaxlora.models.loading import model_source
 from jaxlora.parallel import Plan, init_distributed, make_plan
 from jaxlora.quant import make_quantizer
 from jaxlora.train.registry import OBJECTIVES
@@ -22,11 +22,17 @@ from jaxlora.train.vocab import grow_base
 log = logging.getLogger("jaxlora.train")
 
 
-def choose_plan(cfg: Config) -> Plan:
+def open_model(cfg: Config) -> ModelSource:
+    """The model's folder (a hub id downloaded) and its config.json, read once: the plan, the tokenizer
+    check and the loader all take it from here."""
+    return model_source(cfg.model.path, cfg.model.revision)
+
+
+def choose_plan(cfg: Config, model: ModelSource | None = None) -> Plan:
     """Join the run's other processes and build the `Plan`, checked against the model's config.json
-    before any weights are loaded."""
+    (`model`, read here when not given) before any weights are loaded."""
     init_distributed(cfg.parallel.distributed)
-    arch = config_from_hf(read_hf_config(resolve_model_path(cfg.model.path, cfg.model.revision)))
+    arch = (model or open_model(cfg)).config
     if cfg.data.seq_len > arch.max_position_embeddings:
         raise UserError(
             f"data.seq_len {cfg.data.seq_len} is above the model's maximum of {arch.max_position_embeddings} "
@@ -48,15 +54,16 @@ class Base(NamedTuple):
     rows: dict | None = None  # then the rows drawn for them: {"embed": [k, D], "lm_head": [k, D] (untied)}
 
 
-def load_base(cfg: Config, plan: Plan, vocab_size: int = 0) -> Base:
-    """Load (and quantize, with `quant.weights`) the base model, grow its vocabulary to `vocab_size` (the
-    tokenizer's, with `data.add_special_tokens`) when that is larger, then place it as the plan says; the
-    host copy of the weights is dropped."""
+def load_base(cfg: Config, plan: Plan, vocab_size: int = 0, model: ModelSource | None = None) -> Base:
+    """Load (and quantize, with `quant.weights`) the base model (`model`: its folder and config.json as
+    `open_model` read them), grow its vocabulary to `vocab_size` (the tokenizer's, with
+    `data.add_special_tokens`) when that is larger, then place it as the plan says; the host copy of the
+    weights is dropped."""
     q = cfg.quant
     quantizer = None if q.weights == "none" else make_quantizer(q.weights, q.block_size, tuple(q.skip))
     with plan.host_loading():
-        model = load_model(
-            cfg.model.path,
+        loaded = load_model(
+            model or cfg.model.path,
             dtype=cfg.model.dtype,
             compute_dtype=cfg.model.compute_dtype,
             attention=cfg.model.attention,
@@ -66,10 +73,10 @@ def load_base(cfg: Config, plan: Plan, vocab_size: int = 0) -> Base:
             quantizer=quantizer,
             random_init_seed=cfg.seed if cfg.model.random_init else None,
         )
-        before, rows = model.config.vocab_size, None
+        before, rows = loaded.config.vocab_size, None
         if vocab_size > before:
-            model, rows = grow_base(model, vocab_size, cfg.seed)
-    return Base(plan.place_base(model.params), model.config, model.path, model.name_or_path, before, rows)
+            loaded, rows = grow_base(loaded, vocab_size, cfg.seed)
+    return Base(plan.place_base(loaded.params), loaded.config, loaded.path, loaded.name_or_path, before, rows)
 
 
 @dataclasses.dataclass

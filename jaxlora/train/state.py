@@ -1,6 +1,7 @@
 """The training state: what a checkpoint holds and each step advances.
 
-`TrainState` is the LoRA tree and its optimizer state (on the devices, as the plan placed them), the
+`TrainState` is the adapter (`jaxlora.lora.Adapter`: its trainable and frozen leaves) and the optimizer
+state of its trainable half (on the devices, as the plan placed them), the
 run's PRNG key and the number of steps done; a DPO run against its initial adapter also keeps that frozen
 adapter (`reference`, not checkpointed: it is read from `lora.init_from`, on resume too). Step `i` draws
 its dropout key as `fold_in(key, i)`, so the key never changes and a resumed run draws the same masks as
@@ -20,9 +21,9 @@ import yaml
 from jaxlora.config import Config
 from jaxlora.data import BatchLoader
 from jaxlora.errors import UserError
-from jaxlora.lora import LoraConfig, init_lora, lora_scale, unmerge
+from jaxlora.lora import Adapter, LoraConfig, init_lora, lora_scale, unmerge
 from jaxlora.lora.pissa import is_base_changing
-from jaxlora.lora.tokens import EXTRA_KEYS, RESIZED
+from jaxlora.lora.tokens import RESIZED, layer_groups
 from jaxlora.models.config import DecoderConfig
 from jaxlora.parallel import Plan
 from jaxlora.peft import load_peft_adapter
@@ -33,16 +34,17 @@ from jaxlora.train.checkpoint import Checkpointer, restore_lora, rng_to_array
 class TrainState:
     """The LoRA being trained and where the run stands."""
 
-    lora: dict  # {group: {module: {"a": [L, in, r], "b": [L, r, out]}}}
-    opt_state: Any  # the optimizer's state of `lora`
+    adapter: Adapter  # trainable: {group: {module: {"a": [L, in, r], "b": [L, r, out]}}}; frozen: scales, ids
+    opt_state: Any  # the optimizer's state of `adapter.trainable`
     rng: np.ndarray  # the run's key as raw uint32 data (host), as checkpoints hold it
     step: int = 0  # steps done
     reference: dict | None = None  # DPO's frozen reference adapter (prefs.reference: initial_adapter),
-    # shaped and placed like `lora` in buffers of its own (the train step donates `lora`'s); else None
+    # a joined LoRA tree placed in buffers of its own (the train step donates the adapter's); else None
 
     def arrays(self) -> dict:
-        """What a checkpoint saves (the step and the data position go in its metadata)."""
-        return {"lora": self.lora, "opt_state": self.opt_state, "rng": self.rng}
+        """What a checkpoint saves (the step and the data position go in its metadata): the joined LoRA
+        tree, as checkpoints have always held it."""
+        return {"lora": self.adapter.tree(), "opt_state": self.opt_state, "rng": self.rng}
 
 
 def build_state(
@@ -71,14 +73,41 @@ def build_state(
         reference = plan.place(jax.tree.map(np.array, initial), plan.lora_shardings(initial))
     if initial is not None and not resuming:
         lora = initial
-    lora, opt_state = plan.place_train_state(lora, optimizer.init)
-    state = TrainState(lora, opt_state, rng_to_array(key), reference=reference)
+    adapter, opt_state = plan.place_train_state(Adapter.split(lora), optimizer.init)
+    state = TrainState(adapter, opt_state, rng_to_array(key), reference=reference)
     if not resuming:
         return state
     step = ckpt.latest_step()
-    saved, meta = ckpt.restore(step, state.arrays())  # target shardings: this plan's
+    saved, meta = _restore(ckpt, step, state, optimizer, plan)  # target shardings: this plan's
     loader.restore(meta["data"])
-    return TrainState(saved["lora"], saved["opt_state"], np.asarray(saved["rng"]), step, reference)
+    adapter = Adapter.split(saved["lora"])
+    return TrainState(adapter, saved["opt_state"], np.asarray(saved["rng"]), step, reference)
+
+
+def _restore(ckpt: Checkpointer, step: int, state: TrainState, optimizer, plan: Plan) -> tuple[dict, dict]:
+    """`ckpt.restore` into `state`'s arrays; a checkpoint whose optimizer state also covers the adapter's
+    frozen leaves (written before they left the optimizer) is read with that layout, then those
+    moments are dropped: they never moved a weight, so the run resumes exactly."""
+    try:
+        return ckpt.restore(step, state.arrays())
+    except UserError:
+        if not state.adapter.frozen:
+            raise
+    joined = state.adapter.tree()
+    old = plan.like_shardings(jax.eval_shape(optimizer.init, joined), joined, plan.lora_shardings(joined))
+    like = {
+        **state.arrays(),
+        "opt_state": jax.tree.map(_with_sharding, jax.eval_shape(optimizer.init, joined), old),
+    }
+    saved, meta = ckpt.restore(step, like)
+    by_path = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(saved["opt_state"])}
+    want, treedef = jax.tree_util.tree_flatten_with_path(state.opt_state)
+    opt_state = jax.tree_util.tree_unflatten(treedef, [by_path[jax.tree_util.keystr(p)] for p, _ in want])
+    return {**saved, "opt_state": opt_state}, meta
+
+
+def _with_sharding(x: jax.ShapeDtypeStruct, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
 def _wants_reference(cfg: Config) -> bool:
@@ -147,8 +176,7 @@ def initial_adapter(cfg: Config, model: DecoderConfig, base_params: dict) -> dic
 
 def residual_base(base_params: dict, initial: dict, cfg: Config, model: DecoderConfig) -> dict:
     """The base with the initial PiSSA/OLoRA update taken out (`W - scale * A0 @ B0`, as PEFT does)."""
-    layers_only = {k: v for k, v in initial.items() if k not in EXTRA_KEYS}
-    return unmerge(base_params, layers_only, lora_scale(model, cfg.lora))
+    return unmerge(base_params, layer_groups(initial), lora_scale(model, cfg.lora))
 
 
 def save_state(ckpt: Checkpointer, state: TrainState, loader: BatchLoader) -> None:

@@ -1,17 +1,10 @@
 """The console summaries of a run: what it trains (start) and where its results are (end)."""
 
-import math
-
 import jax
 import numpy as np
 
-from jaxlora.quant.tensor import QuantizedTensor
-
-
-def count_params(tree) -> int:
-    """Number of values in a parameter tree (a quantized kernel counts as the dense kernel it stands for)."""
-    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, QuantizedTensor))
-    return sum(math.prod(leaf.shape) for leaf in leaves if hasattr(leaf, "shape"))
+from jaxlora.quant import count_params
+from jaxlora.train.memory_plan import peak_line
 
 
 def data_lines(cfg, examples, loader) -> list[str]:
@@ -41,8 +34,9 @@ def _examples(loader):
     return inner[0].examples if inner else None
 
 
-def start_summary(cfg, plan, base, data, lora, total_steps: int, first_step: int) -> str:
-    """The lines printed once by process 0 before the first step."""
+def start_summary(cfg, plan, base, data, lora, total_steps: int, first_step: int, memory=None) -> str:
+    """The lines printed once by process 0 before the first step; `memory`: the compiled train step's
+    figures (`jaxlora.train.memory_plan.step_memory`), printed as its peak per device."""
     trainable = count_params(lora)
     total = count_params(base.params) + trainable
     t = cfg.train
@@ -62,6 +56,8 @@ def start_summary(cfg, plan, base, data, lora, total_steps: int, first_step: int
         f"({t.batch_size} x {t.grad_accum_steps} accumulation), {jax.device_count()} devices, "
         f"{plan.describe()}",
     ]
+    if memory is not None:
+        lines.append(peak_line(memory))
     if first_step:
         lines.append(f"resuming at step {first_step}")
     return "\n".join(lines)

@@ -32,7 +32,7 @@ class Watch:
         """Generate the samples, keep a new best checkpoint; True: stop early. `steps` gives the base
         (`steps.base.params`, `.config`) and the LoRA scale."""
         if self.prompts:
-            params, lora = with_embeddings(steps.base.params, state.lora)
+            params, lora = with_embeddings(steps.base.params, state.adapter.tree())
             samples = generate_samples(
                 params,
                 steps.base.config,

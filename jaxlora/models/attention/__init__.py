@@ -87,7 +87,7 @@ def attend(
     """
     softcap = cfg.attn_logit_softcap
     if cache is not None:
-        dt = jnp.dtype(cfg.compute_dtype)
+        dt = jnp.dtype(cfg.runtime.compute_dtype)
         ck = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, cache.index, 0, 0))
         cv = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, cache.index, 0, 0))
         mask = attention_mask(positions, segment_ids, cache.positions, cache.segment_ids, window)

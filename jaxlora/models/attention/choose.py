@@ -1,6 +1,6 @@
 """Which attention implementation runs a case: `model.attention` resolved from static facts at trace time.
 
-The facts: the JAX backend, the compute dtype, whether rows are packed (`DecoderConfig.packed`, from
+The facts: the JAX backend, the compute dtype, whether rows are packed (`Runtime.packed`, from
 `data.packing`), the per-layer sliding windows against the sequence length, soft-capping, the head dim.
 
     auto on CPU          xla (the blocked kernel)
@@ -55,7 +55,7 @@ def lacks(impl: str, cfg: DecoderConfig, dtype, t: int, backend: str) -> str | N
         return f"cannot soft-cap attention logits (attn_logit_softcap={cfg.attn_logit_softcap})"
     window = static_window(cfg, t)
     if impl == "cudnn":
-        if cfg.packed:
+        if cfg.runtime.packed:
             return "cannot keep packed examples apart (no segment ids; data.packing=true)"
         if window is None:
             return f"cannot apply sliding windows that differ between layers {cfg.sliding_windows}"
@@ -72,12 +72,12 @@ def lacks(impl: str, cfg: DecoderConfig, dtype, t: int, backend: str) -> str | N
 
 def choose_attention(cfg: DecoderConfig, dtype, t: int, backend: str | None = None) -> str:
     """The implementation `attend` runs for T tokens in `dtype`: one of reference, xla, cudnn, pallas."""
-    backend = backend or cfg.target_backend
-    if cfg.attention != "auto":
-        why = lacks(cfg.attention, cfg, dtype, t, backend)
+    backend = backend or cfg.runtime.target_backend
+    if cfg.runtime.attention != "auto":
+        why = lacks(cfg.runtime.attention, cfg, dtype, t, backend)
         if why:
-            raise UserError(f"model.attention={cfg.attention} {why}; use model.attention=auto or xla")
-        return cfg.attention
+            raise UserError(f"model.attention={cfg.runtime.attention} {why}; use model.attention=auto or xla")
+        return cfg.runtime.attention
     if backend != "gpu":
         return "xla"
     reasons = []

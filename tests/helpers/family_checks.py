@@ -7,13 +7,13 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 from peft import PeftModel
-from test_peft import hf_model, jax_logits, peft_warnings_are_errors, torch_logits
 from transformers import AutoModelForCausalLM
 
 from jaxlora.lora import save_merged
 from jaxlora.models import forward
 from jaxlora.models.generate import generate, left_pad
 from jaxlora.peft import save_peft_adapter
+from tests.helpers.peft_torch import hf_model, jax_logits, peft_warnings_are_errors, torch_logits
 
 
 def kv_cache_gap(model, prompts: list[list[int]], steps: int) -> float:

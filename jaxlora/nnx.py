@@ -3,18 +3,26 @@
 The base weights live in `FrozenWeight` variables and the adapters in `LoraWeight` variables. Neither is
 an `nnx.Param`, so a filter always says which one it means:
 
+    from jaxlora.nnx import CausalLM, LoraWeight
+
     model = CausalLM.from_pretrained("../shared/assets/models/stories260K")
     model.add_lora(LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj")), seed=0)
     logits = model(input_ids)                                    # [B, T, V] float32
     grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, LoraWeight))(model, batch)
 
 The training core (`jaxlora.train`) uses the same two trees as plain pytrees.
+
+Where it sits: a module of its own at the package root, above `jaxlora.lora` in the layers (pyproject's
+import-linter contract) and beside `jaxlora.peft`. It is a facade over the decoder (`jaxlora.models`)
+that attaches adapters (`jaxlora.lora`), so it cannot live in `models/`, which LoRA builds on; nothing
+below it needs it, and it needs neither the PEFT files, the data nor the training loop.
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlora.lora import init_lora, lora_scale
 from jaxlora.models.config import DecoderConfig
 from jaxlora.models.decoder import forward
 from jaxlora.models.loading import Model, load_model
@@ -51,8 +59,6 @@ class CausalLM(nnx.Module):
 
     def add_lora(self, lora_cfg, seed: int = 0, lora: dict | None = None) -> None:
         """Attach adapters: freshly initialized as PEFT does, or the given tree (e.g. an imported one)."""
-        from jaxlora.lora import init_lora, lora_scale
-
         tree = lora if lora is not None else init_lora(self.config, lora_cfg, jax.random.key(seed))
         self.lora = nnx.data(jax.tree.map(LoraWeight, tree))
         self.lora_scale = nnx.data(jnp.asarray(lora_scale(self.config, lora_cfg)))

@@ -1,8 +1,10 @@
-"""Tiny random Hugging Face models of every supported family, built with transformers for the tests."""
+"""Tiny random Hugging Face models of every supported family, built with transformers for the tests,
+and the padded batch the parity tests feed them."""
 
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 FAMILIES = ("llama", "llama_tied_mqa", "mistral", "qwen2", "qwen3", "gpt2")
@@ -249,3 +251,16 @@ def hf_forward(hf: torch.nn.Module, ids, mask, pos, **kw):
             position_ids=torch.tensor(pos, dtype=torch.long),
             **kw,
         )
+
+
+def padded_batch(vocab: int, seq: int = 12):
+    """Three rows: full, right-padded, left-padded; returns ids, mask, positions as numpy."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, vocab, size=(3, seq)).astype(np.int32)
+    mask = np.ones((3, seq), np.int32)
+    mask[1, -4:] = 0
+    mask[2, :5] = 0
+    ids[mask == 0] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    positions[1] = np.arange(seq)
+    return ids, mask, positions

@@ -1,6 +1,6 @@
 """Run several short `train` runs in one process (one JAX start-up) and print their losses as JSON.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/parallel_driver.py runs.json
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/helpers/parallel_driver.py runs.json
 
 `runs.json` is a list of `{"name", "config": <config dict>, "copy_from"?: dir, "keep_up_to"?: step}`.
 With `copy_from`, that run folder is copied to the run's output_dir first, without its checkpoints after
@@ -76,7 +76,7 @@ def moe_losses(folder, steps: int, mesh: dict | None = None, quant: str = "none"
     import numpy as np
     import optax
 
-    from jaxlora.lora import LoraConfig, init_lora, lora_scale
+    from jaxlora.lora import Adapter, LoraConfig, init_lora, lora_scale
     from jaxlora.models import load_model
     from jaxlora.parallel import make_plan
     from jaxlora.quant import make_quantizer
@@ -102,7 +102,7 @@ def moe_losses(folder, steps: int, mesh: dict | None = None, quant: str = "none"
     spec = StepSpec(cfg, aux_loss_coef=cfg.router_aux_loss_coef)
     opt = optax.adamw(1e-2)
     base = plan.place_base(model.params)
-    lora, opt_state = plan.place_train_state(init_lora(cfg, lc, jax.random.key(0)), opt.init)
+    lora, opt_state = plan.place_train_state(Adapter.split(init_lora(cfg, lc, jax.random.key(0))), opt.init)
     step, _ = plan.compile_steps(make_train_step(spec, opt), make_eval_step(spec), base, lora, opt_state)
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(1, 8, 17)).astype(np.int32)
     batch = plan.put_batch(

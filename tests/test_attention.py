@@ -6,6 +6,7 @@ cuDNN's exact arguments run through `jax.nn.dot_product_attention(implementation
 """
 
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -312,3 +313,102 @@ def test_gpu_auto_picks_by_the_rules():
         err = _rel(out * valid, ref * valid)
         print(f"auto -> {want}: rel err {err:.1e}")
         assert err < 1e-2
+
+
+# --- the blocked kernel at longer T: fixed tiles, skipped tiles, O(T) memory --------------------------------
+
+
+LONG_CASES = [  # (rows, T, block, window, softcap, spread): T never a whole number of blocks
+    ("packed", 300, 64, 0, 0.0, 1.0),
+    ("padded", 300, 64, 37, 0.0, 1.0),
+    ("packed", 300, 64, 37, 1.5, 3.0),
+    ("causal", 203, 32, 70, 1.5, 3.0),
+    ("padded", 203, 16, 16, 1.5, 3.0),  # a window of exactly one block
+]
+
+
+@pytest.mark.parametrize("case", LONG_CASES, ids=lambda c: f"{c[0]}-T{c[1]}-b{c[2]}-w{c[3]}-c{c[4]}")
+def test_xla_long_rows_match_reference(case):
+    """Several tiles a row, a ragged last one (padded up to a whole block), windows reaching across
+    blocks and soft-capping: output and gradients equal the reference's, padding queries get zeros."""
+    kind, t, block, window, softcap, spread = case
+    fn = lambda q, k, v, p, s, w, c: causal_attention(q, k, v, p, s, w, block, c)  # noqa: E731
+    out, _ = _compare("xla", fn, kind, window, softcap, spread=spread, t=t)
+    _, seg = _rows(kind, t)
+    assert float(jnp.max(jnp.abs(out * (seg == 0)[:, :, None, None]))) == 0.0
+
+
+@pytest.mark.parametrize("window", [0, 100])
+def test_xla_bfloat16_long_rows_match_float32_reference(window):
+    """bfloat16 q, k, v (float32 accumulation inside) against the float32 reference."""
+    fn = lambda q, k, v, p, s, w, c: causal_attention(q, k, v, p, s, w, 64, c)  # noqa: E731
+    _compare("xla bf16", fn, "packed", window, 2.0, tol=1e-2, spread=3.0, t=333, dtype=jnp.bfloat16)
+
+
+def test_xla_computes_only_live_tiles():
+    """Whole tiles are skipped: keys after their queries, padding, keys out of a window's reach and
+    other packed segments. A causal row computes nb * (nb + 1) / 2 of the nb^2 tiles, a window a band."""
+    from jaxlora.models.attention.blocked import _live_tiles
+
+    def live(seg, pos, window, block=16):
+        blocks = lambda x: jnp.asarray(x, jnp.int32).reshape(1, -1, block).transpose(1, 0, 2)  # noqa: E731
+        return np.asarray(_live_tiles(blocks(pos), blocks(seg), jnp.int32(window)))
+
+    nb, block = 8, 16
+    t = nb * block
+    ar, ones = np.arange(t), np.ones(t)
+    causal = np.tril(np.ones((nb, nb), bool))
+    np.testing.assert_array_equal(live(ones, ar, 0), causal)
+    for window, back in [(40, 3), (32, 2), (17, 1), (16, 1), (1, 0)]:
+        # key block i - d holds a key within `window` of a query of block i iff d * 16 - 15 < window
+        band = causal & ~np.tril(np.ones((nb, nb), bool), -back - 1)
+        np.testing.assert_array_equal(live(ones, ar, window), band, err_msg=f"window {window}")
+    padded = np.where(ar < 5 * block, 1, 0)  # the last 3 blocks are padding: none of their tiles runs
+    want = causal.copy()
+    want[5:], want[:, 5:] = False, False
+    np.testing.assert_array_equal(live(padded, ar, 0), want)
+    packed = np.where(ar < 4 * block, 1, 2)  # two documents of 4 blocks: no tile across them
+    pos = np.where(ar < 4 * block, ar, ar - 4 * block)
+    want = causal.copy()
+    want[4:, :4] = False
+    np.testing.assert_array_equal(live(packed, pos, 0), want)
+
+
+def _fwd_bwd_compiled(t: int, n=8, kh=2, h=16, dtype=jnp.bfloat16):
+    """The compiled forward + backward of `causal_attention` at the block `attention_block_size(T)`."""
+    sd = jax.ShapeDtypeStruct
+
+    def fn(q, k, v, pos, seg, w):
+        loss = lambda q, k, v: jnp.sum(causal_attention(q, k, v, pos, seg, w, attention_block_size(t), 50.0))  # noqa: E731
+        return jax.value_and_grad(loss, (0, 1, 2))(q, k, v)
+
+    args = [sd((1, t, n, h), dtype), sd((1, t, kh, h), dtype), sd((1, t, kh, h), dtype)]
+    args += [sd((1, t), jnp.int32), sd((1, t), jnp.int32), sd((), jnp.int32)]
+    return jax.jit(fn).lower(*args).compile()
+
+
+def test_xla_memory_and_program_are_linear_in_t():
+    """Temp memory at most doubles with T (fixed tiles: no [T, T] or [T/16, T] scores), and the program
+    is the same loops whatever T (no unrolling over blocks)."""
+    small, large = _fwd_bwd_compiled(2048), _fwd_bwd_compiled(8192)
+    ratio = large.memory_analysis().temp_size_in_bytes / small.memory_analysis().temp_size_in_bytes
+    print(f"temp 8192 / 2048 tokens: {ratio:.2f}")
+    assert ratio < 4.4  # two doublings of T at most 2.2x each
+    ops = lambda c: len(re.findall(r"^\s*%?\S+ = ", c.as_text(), re.M))  # noqa: E731
+    assert abs(ops(large) - ops(small)) <= 0.05 * ops(small), (ops(small), ops(large))
+
+
+def test_xla_residuals_are_named_for_the_remat_policy(capsys):
+    """Under `save_only_these_names(RESIDUALS)` (the `lean` policy) the output and log-sum-exp are kept
+    by name: the backward pass does not run the attention forward again."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from jaxlora.models.attention import RESIDUALS
+
+    q, k, v, pos, seg, _, _ = _inputs("packed", 100)
+    policy = jax.checkpoint_policies.save_only_these_names(RESIDUALS)
+    fn = jax.checkpoint(lambda q, k, v: jnp.sum(causal_attention(q, k, v, pos, seg, 5, 32)), policy=policy)
+    capsys.readouterr()
+    print_saved_residuals(fn, q, k, v)
+    saved = capsys.readouterr().out
+    assert saved.count(f"named '{RESIDUALS}'") == 2, saved

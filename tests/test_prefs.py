@@ -74,7 +74,10 @@ def test_dpo_run_learns_the_preferences(dpo_run):
     start, end = evals[0], evals[40]
     # step 0: the adapter (B = 0) is the reference, so every reward is 0 and the loss is log 2
     assert abs(start["eval/loss"] - math.log(2)) < 1e-6
-    assert start["eval/rewards/margins"] == 0.0 and start["eval/rewards/chosen"] == 0.0
+    # Zero up to float32 rounding: the policy (B = 0) and reference passes are two XLA programs, and XLA
+    # may lay out their base matmuls differently, so they agree to rounding, not bit for bit.
+    tol = 1e-6 * abs(start["eval/logps/chosen"])
+    assert abs(start["eval/rewards/margins"]) <= tol and abs(start["eval/rewards/chosen"]) <= tol, start
     assert end["eval/rewards/accuracies"] > 0.5, end
     assert end["eval/rewards/margins"] > start["eval/rewards/margins"] + 0.1, end
     for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
@@ -392,8 +395,8 @@ def test_init_from_a_run_with_the_initial_adapter_as_reference(dpo_run, assets, 
     train(config_from_dict(dpo_config(assets, out, **over)))
     step1 = next(r for r in _records(out) if "train/loss" in r)
     assert step1["step"] == 1
-    assert abs(step1["train/loss"] - math.log(2)) < 1e-6, step1
     tol = 1e-6 * abs(step1["train/logps/chosen"])  # float32 rounding of two summed passes; beta = 0.1
+    assert abs(step1["train/loss"] - math.log(2)) <= tol, step1  # d loss / d margin = -1/2 at 0
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert abs(step1[f"train/{key}"]) <= tol, (key, step1)
     end, _ = restore_lora(out / "checkpoints")  # two small steps on from the first run's adapter

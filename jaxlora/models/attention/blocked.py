@@ -1,17 +1,28 @@
-"""`causal_attention` (model.attention=xla): causal attention in blocks with a flash-style backward pass.
+"""`causal_attention` (model.attention=xla): tiled causal attention with a flash-style backward pass.
 
 Hand-written rather than the dense reference under autodiff or `jax.nn.dot_product_attention(
 implementation="xla")`, for two reasons measured on XLA:CPU (where there is no fused attention kernel):
-- Memory: autodiff keeps three float32 [B, N, T, S] tensors per layer (scores, probabilities, mask) as
-  residuals. The custom VJP keeps only q, k, v, the output and the log-sum-exp per query (FlashAttention's
-  residuals) and recomputes the probabilities block by block in the backward pass.
-- Work: query block i attends to keys 0 .. end of block i only (keys after a query are never attended
-  to), so about half of the [T, S] score matrix is never computed. Every matmul is laid out as
+- Memory, O(T) for a fixed block: the sequence is cut into blocks of `block` queries and as many keys,
+  and no tensor larger than one [block, block] tile of scores is ever built. The forward pass is
+  FlashAttention-2's: for each query block a loop over key blocks keeps a running max, sum and output
+  (online softmax). The custom VJP keeps only q, k, v, the output and the log-sum-exp per query
+  (FlashAttention's residuals); the backward pass loops over key blocks, and for each over the query
+  blocks that see it, recomputes that tile's probabilities from the log-sum-exp and accumulates dq, dk
+  and dv. The loops are `lax.scan`/`lax.fori_loop` over blocks picked by `lax.dynamic_index_in_dim`, so
+  the compiled graph (and the compile time) does not grow with T.
+- Work: a tile is live if one of its (query, key) pairs may be allowed (`_live_tiles`, from per-block
+  ranges of segment ids and positions), and each loop runs from the first live tile to the last: keys
+  after their queries, padding, earlier packed segments and, with a sliding window, keys too far back are
+  skipped by whole tiles, so about half of the [T, S] score matrix (a band of about window + block keys
+  per query with a window) is computed. Every matmul is laid out as
   [batch, M, contract] x [batch, contract, N] with one contracting dimension (query rows m = (t, g)
   flattened), which XLA:CPU runs without transposing the large operand.
 
 Soft-capping (Gemma 2) replaces the scaled score s by c * tanh(s / c); its derivative 1 - tanh^2(s / c)
 multiplies the score gradient in the backward pass.
+
+Shapes: B batch, T queries (= keys S), N query heads, K key/value heads, G = N / K, H head dim; the
+sequence is padded (segment 0) to Tp = nb * bq, nb blocks of bq positions, bm = bq * G query rows a block.
 """
 
 import math
@@ -25,11 +36,17 @@ F32 = jnp.float32
 NEG_INF = float(jnp.finfo(jnp.float32).min)
 TINY = float(jnp.finfo(jnp.float32).tiny)
 RESIDUALS = "attention_residuals"  # checkpoint name of what the attention backward pass reads
+INT_MAX = int(jnp.iinfo(jnp.int32).max)
 
 
 def attention_block_size(t: int) -> int:
-    """Query/key block length for `causal_attention`: 64, or T/16 rounded up to 64 for long sequences."""
-    return max(64, -(-t // 16 // 64) * 64)
+    """Query and key block length of `causal_attention` for T tokens: 64 up to 256, 128 up to 1024, else 256.
+
+    Bounded whatever T, so memory is O(T): a tile of scores is [B, N, block, block] float32. Measured on
+    XLA:CPU (forward + backward, benchmarks/attention_memory.py): short rows with many of them (stories260K,
+    B=8) are fastest in small tiles, long rows in tiles of 256.
+    """
+    return 64 if t <= 256 else 128 if t <= 1024 else 256
 
 
 def _allowed(q_pos, q_seg, q_idx, k_pos, k_seg, k_idx, window) -> jax.Array:
@@ -40,10 +57,6 @@ def _allowed(q_pos, q_seg, q_idx, k_pos, k_seg, k_idx, window) -> jax.Array:
     )
 
 
-def _spans(t: int, block: int) -> list[tuple[int, int]]:
-    return [(i, min(i + block, t)) for i in range(0, t, block)]
-
-
 def _capped(s: jax.Array, softcap: float) -> tuple[jax.Array, jax.Array | None]:
     """(scores after soft-capping, tanh(s / c) for the backward pass, or None when softcap is 0)."""
     if not softcap:
@@ -52,102 +65,176 @@ def _capped(s: jax.Array, softcap: float) -> tuple[jax.Array, jax.Array | None]:
     return softcap * th, th
 
 
+def _live_tiles(pos_b, seg_b, window) -> jax.Array:
+    """Bool [nb, nb], [i, j]: query block i may attend to key block j in some row (never a false no).
+
+    pos_b, seg_b: [nb, B, bq]. Per row and block: the range of segment ids and positions of its real
+    (non-padding) tokens; a tile is live if key block j <= i, both blocks hold real tokens, the segment
+    ranges meet, some key position is <= some query position and, with a window, some key is in reach.
+    """
+    real = seg_b != 0
+    lo = lambda x: jnp.min(jnp.where(real, x, INT_MAX), axis=-1)  # noqa: E731  [nb, B]
+    hi = lambda x: jnp.max(jnp.where(real, x, -1), axis=-1)  # noqa: E731
+    smin, smax, pmin, pmax = lo(seg_b), hi(seg_b), lo(pos_b), hi(pos_b)
+    q, k = (slice(None), None), (None, slice(None))  # [i, j, B] broadcasting of per-block stats
+    nb = seg_b.shape[0]
+    live = (
+        (jnp.arange(nb)[:, None, None] >= jnp.arange(nb)[None, :, None])
+        & jnp.any(real, -1)[q]
+        & jnp.any(real, -1)[k]
+        & (smin[q] <= smax[k])
+        & (smin[k] <= smax[q])
+        & (pmin[k] <= pmax[q])
+        & ((window == 0) | (pmax[k] > pmin[q] - window))
+    )
+    return jnp.any(live, axis=-1)
+
+
+def _span(live: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(first, last) live index along the last axis of `live` [nb, nb]; (0, -1) where none is live."""
+    idx = jnp.arange(live.shape[-1])
+    first = jnp.min(jnp.where(live, idx, live.shape[-1]), axis=-1)
+    last = jnp.max(jnp.where(live, idx, -1), axis=-1)
+    return jnp.where(last >= 0, first, 0), last
+
+
+class _Blocks:
+    """The padded, blocked layout of one call: nb blocks of bq positions, shared by both passes."""
+
+    def __init__(self, q, k, positions, segment_ids, block: int):
+        b, t, n, h = q.shape
+        self.b, self.t, self.h, self.kh = b, t, h, k.shape[2]
+        self.g = n // self.kh
+        self.bq = min(block, t)
+        self.nb = -(-t // self.bq)
+        self.tp = self.nb * self.bq
+        self.pos = self.rows(positions)  # [nb, B, bq]
+        self.seg = self.rows(segment_ids)
+
+    def rows(self, x) -> jax.Array:
+        """[B, T] -> [nb, B, bq], padded with zeros (segment 0: padding)."""
+        x = jnp.pad(x, ((0, 0), (0, self.tp - self.t)))
+        return x.reshape(self.b, self.nb, self.bq).transpose(1, 0, 2)
+
+    def heads(self, x, transposed: bool = False) -> jax.Array:
+        """[B, T, K*G', H] -> [nb, B, K, bq*G', H], or [nb, B, K, H, bq*G'] if `transposed`."""
+        b, t, n, h = x.shape
+        x = jnp.pad(x, ((0, 0), (0, self.tp - t), (0, 0), (0, 0)))
+        x = x.reshape(b, self.nb, self.bq, self.kh, n // self.kh, h)  # [B, nb, bq, K, G', H]
+        perm = (1, 0, 3, 5, 2, 4) if transposed else (1, 0, 3, 2, 4, 5)
+        shape = (h, -1) if transposed else (-1, h)
+        return x.transpose(perm).reshape(self.nb, b, self.kh, *shape)
+
+    def unheads(self, x) -> jax.Array:
+        """[nb, B, K, bq*G', H] -> [B, T, K*G', H]: the inverse of `heads`."""
+        x = x.reshape(self.nb, self.b, self.kh, self.bq, -1, self.h).transpose(1, 0, 3, 2, 4, 5)
+        return x.reshape(self.b, self.tp, -1, self.h)[:, : self.t]
+
+    def mask(self, i, j, window, kv_major: bool = False) -> jax.Array:
+        """Bool [B, K, bm, bk] of query block i against key block j ([B, K, bk, bm] if `kv_major`)."""
+        at = lambda x, a: jax.lax.dynamic_index_in_dim(x, a, keepdims=False)  # noqa: E731
+        qi, ki = i * self.bq + jnp.arange(self.bq), j * self.bq + jnp.arange(self.bq)
+        qp, qs, kp, ks = at(self.pos, i), at(self.seg, i), at(self.pos, j), at(self.seg, j)
+        ok = _allowed(qp[:, :, None], qs[:, :, None], qi[:, None], kp[:, None], ks[:, None], ki[None], window)
+        # Built once as [B, bq, bk]: fused into the [B, K, bm, bk] score loops, XLA:CPU would compute it
+        # again for every head (10-15% of a pass at head dim 64, measured).
+        ok = jax.lax.optimization_barrier(ok.swapaxes(1, 2) if kv_major else ok)
+        b, kh, g, bq = self.b, self.kh, self.g, self.bq
+        if kv_major:  # [B, bk, bq] -> [B, K, bk, bq, G]
+            return jnp.broadcast_to(ok[:, None, :, :, None], (b, kh, bq, bq, g)).reshape(b, kh, bq, bq * g)
+        return jnp.broadcast_to(ok[:, None, :, None], (b, kh, bq, g, bq)).reshape(b, kh, bq * g, bq)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def causal_attention(q, k, v, positions, segment_ids, window, block: int, softcap: float = 0.0) -> jax.Array:
     """Causal grouped-query self-attention with packed segments, an optional sliding window and soft-cap.
 
     q: [B, T, N, H], k/v: [B, T, K, H], positions/segment_ids: [B, T] int32 (segment 0 = padding),
-    window: int32 scalar (0 = none), block: static block length, softcap: static float (0 = none).
-    Returns [B, T, N, H] in q's dtype. Same result as the dense reference for every query that has a key
-    to attend to (a key after its query in the row is never one); a query with none (padding) gets zeros.
+    window: int32 scalar (0 = none), block: static query and key block length (`attention_block_size`;
+    min(block, T) is used), softcap: static float (0 = none). Returns [B, T, N, H] in q's dtype. Same
+    result as the dense reference for every query that has a key to attend to (a key after its query in
+    the row is never one); a query with none (padding) gets zeros. Memory is O(T * block).
     """
     return _attention_fwd(q, k, v, positions, segment_ids, window, block, softcap)[0]
 
 
 def _attention_fwd(q, k, v, positions, segment_ids, window, block, softcap=0.0):
-    b, t, n, h = q.shape
-    kh = k.shape[2]
-    g = n // kh
-    scale = 1.0 / math.sqrt(h)
-    qm = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)  # [B, K, M, H]
-    k_t = k.transpose(0, 2, 3, 1)  # [B, K, H, S]
-    v_s = v.transpose(0, 2, 1, 3)  # [B, K, S, H]
-    pos, seg, idx = positions, segment_ids, jnp.arange(t)
-    outs, lses = [], []
-    for q0, q1 in _spans(t, block):
-        s = jnp.einsum(
-            "bkmh,bkhs->bkms", qm[:, :, q0 * g : q1 * g], k_t[..., :q1], preferred_element_type=F32
-        )
-        ok = _allowed(
-            pos[:, q0:q1, None],
-            seg[:, q0:q1, None],
-            idx[q0:q1, None],
-            pos[:, None, :q1],
-            seg[:, None, :q1],
-            idx[None, :q1],
-            window,
-        )  # [B, bq, S]
-        ok = jnp.broadcast_to(ok[:, None, :, None], (b, kh, q1 - q0, g, q1)).reshape(s.shape)
+    """Online softmax: a scan over query blocks, for each a loop over its live key blocks."""
+    window = jnp.asarray(window, jnp.int32)
+    blk = _Blocks(q, k, positions, segment_ids, block)
+    scale = 1.0 / math.sqrt(blk.h)
+    qm, k_t, v_s = blk.heads(q), blk.heads(k, transposed=True), blk.heads(v)  # [nb, B, K, bm|H, H|bk]
+    first, last = _span(_live_tiles(blk.pos, blk.seg, window))  # [nb]: the key blocks query block i sees
+
+    def key_block(i, q_i, j, carry):
+        m, total, acc = carry  # [B, K, bm, 1], [B, K, bm, 1], [B, K, bm, H] float32
+        k_j, v_j = (jax.lax.dynamic_index_in_dim(x, j, keepdims=False) for x in (k_t, v_s))
+        s = jnp.einsum("bkmh,bkhs->bkms", q_i, k_j, preferred_element_type=F32)  # [B, K, bm, bk]
+        ok = blk.mask(i, j, window)
         s = jnp.where(ok, _capped(s * scale, softcap)[0], NEG_INF)
-        m = jnp.max(s, axis=-1, keepdims=True)
-        p = jnp.where(ok, jnp.exp(s - m), 0.0)
-        total = jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), TINY)
-        o = jnp.einsum("bkms,bksh->bkmh", p.astype(v.dtype), v_s[:, :, :q1], preferred_element_type=F32)
-        outs.append(o / total)
-        lses.append((m + jnp.log(total))[..., 0])
-    o = jnp.concatenate(outs, axis=2).astype(q.dtype)  # [B, K, M, H]
-    out = checkpoint_name(o.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h), RESIDUALS)
-    lse = checkpoint_name(jnp.concatenate(lses, axis=2), RESIDUALS)  # [B, K, M]
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+        p = jnp.where(ok, jnp.exp(s - m_new), 0.0)
+        fix = jnp.exp(m - m_new)
+        pv = jnp.einsum("bkms,bksh->bkmh", p.astype(v.dtype), v_j, preferred_element_type=F32)
+        return m_new, total * fix + jnp.sum(p, axis=-1, keepdims=True), acc * fix + pv
+
+    def query_block(_, xs):
+        i, q_i, lo, hi = xs
+        rows = (blk.b, blk.kh, q_i.shape[2])
+        init = (
+            jnp.full((*rows, 1), NEG_INF, F32),
+            jnp.zeros((*rows, 1), F32),
+            jnp.zeros((*rows, blk.h), F32),
+        )
+        m, total, acc = jax.lax.fori_loop(lo, hi + 1, partial(key_block, i, q_i), init)
+        total = jnp.maximum(total, TINY)
+        return None, ((acc / total).astype(q.dtype), (m + jnp.log(total))[..., 0])
+
+    _, (o, lse) = jax.lax.scan(query_block, None, (jnp.arange(blk.nb), qm, first, last))
+    out = checkpoint_name(blk.unheads(o), RESIDUALS)  # [B, T, N, H]
+    lse = checkpoint_name(lse, RESIDUALS)  # [nb, B, K, bm]
     return out, (q, k, v, positions, segment_ids, window, out, lse)
 
 
 def _attention_bwd(block, softcap, res, d_out):
-    q, k, v, positions, segment_ids, window, out, lse = res  # lse: [B, K, M]
-    b, t, n, h = q.shape
-    kh = k.shape[2]
-    g = n // kh
-    m = t * g
-    scale = 1.0 / math.sqrt(h)
-    q5, do5 = q.reshape(b, t, kh, g, h), d_out.reshape(b, t, kh, g, h)
-    qm, dom = (x.transpose(0, 2, 1, 3, 4).reshape(b, kh, m, h) for x in (q5, do5))  # [B, K, M, H]
-    q_t, do_t = (x.transpose(0, 2, 4, 1, 3).reshape(b, kh, h, m) for x in (q5, do5))  # [B, K, H, M]
-    k_s, v_s = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
-    k_t = k.transpose(0, 2, 3, 1)  # [B, K, H, S]
-    o5 = out.reshape(b, t, kh, g, h).astype(F32)
-    delta = jnp.sum(do5.astype(F32) * o5, axis=-1).transpose(0, 2, 1, 3).reshape(b, kh, m)  # [B, K, M]
-    pos, seg, idx = positions, segment_ids, jnp.arange(t)
-    dks, dvs, dq_t = [], [], jnp.zeros((b, kh, h, m), F32)
-    # Key block j meets the queries from its own start on; everything is computed transposed, [S, M].
-    for k0, k1 in _spans(t, block):
-        rows = slice(k0 * g, m)
-        s_t = jnp.einsum("bksh,bkhm->bksm", k_s[:, :, k0:k1], q_t[..., rows], preferred_element_type=F32)
-        ok = _allowed(
-            pos[:, None, k0:],
-            seg[:, None, k0:],
-            idx[None, k0:],
-            pos[:, k0:k1, None],
-            seg[:, k0:k1, None],
-            idx[k0:k1, None],
-            window,
-        )  # [B, bk, T - k0]
-        ok = jnp.broadcast_to(ok[:, None, :, :, None], (b, kh, k1 - k0, t - k0, g)).reshape(s_t.shape)
+    """A scan over key blocks, for each a loop over the live query blocks that see it: dk and dv
+    accumulate in the loop, dq [nb, B, K, H, bm] float32 in the scan's carry."""
+    q, k, v, positions, segment_ids, window, out, lse = res  # lse: [nb, B, K, bm]
+    blk = _Blocks(q, k, positions, segment_ids, block)
+    scale = 1.0 / math.sqrt(blk.h)
+    qm, q_t, dom, do_t = blk.heads(q), blk.heads(q, True), blk.heads(d_out), blk.heads(d_out, True)
+    delta = blk.heads(jnp.sum(d_out.astype(F32) * out.astype(F32), axis=-1, keepdims=True))[..., 0]
+    first, last = _span(_live_tiles(blk.pos, blk.seg, window).T)  # [nb]: query blocks key block j meets
+    at = lambda x, a: jax.lax.dynamic_index_in_dim(x, a, keepdims=False)  # noqa: E731
+
+    def query_block(j, k_j, k_tj, v_j, i, carry):
+        dq_t, dk, dv = carry
+        s_t = jnp.einsum("bksh,bkhm->bksm", k_j, at(q_t, i), preferred_element_type=F32)  # [B, K, bk, bm]
         s_t, th = _capped(s_t * scale, softcap)
-        p_t = jnp.where(ok, jnp.exp(s_t - lse[:, :, None, rows]), 0.0)
-        dvs.append(
-            jnp.einsum("bksm,bkmh->bksh", p_t.astype(v.dtype), dom[:, :, rows], preferred_element_type=F32)
-        )
-        dp_t = jnp.einsum("bksh,bkhm->bksm", v_s[:, :, k0:k1], do_t[..., rows], preferred_element_type=F32)
-        ds_t = p_t * (dp_t - delta[:, :, None, rows]) * scale
+        ok = blk.mask(i, j, window, kv_major=True)
+        p_t = jnp.where(ok, jnp.exp(s_t - at(lse, i)[:, :, None]), 0.0)
+        dv = dv + jnp.einsum("bksm,bkmh->bksh", p_t.astype(v.dtype), at(dom, i), preferred_element_type=F32)
+        dp_t = jnp.einsum("bksh,bkhm->bksm", v_j, at(do_t, i), preferred_element_type=F32)
+        ds_t = p_t * (dp_t - at(delta, i)[:, :, None]) * scale
         if th is not None:  # d/ds of c * tanh(s / c)
             ds_t = ds_t * (1.0 - th * th)
         ds_t = ds_t.astype(q.dtype)
-        dks.append(jnp.einsum("bksm,bkmh->bksh", ds_t, qm[:, :, rows], preferred_element_type=F32))
-        dq_blk = jnp.einsum("bkhs,bksm->bkhm", k_t[..., k0:k1], ds_t, preferred_element_type=F32)
-        dq_t = dq_t.at[..., rows].add(dq_blk)
-    dq = dq_t.astype(q.dtype).reshape(b, kh, h, t, g).transpose(0, 3, 1, 4, 2).reshape(b, t, n, h)
-    dk = jnp.concatenate(dks, axis=2).astype(k.dtype).transpose(0, 2, 1, 3)
-    dv = jnp.concatenate(dvs, axis=2).astype(v.dtype).transpose(0, 2, 1, 3)
-    return dq, dk, dv, None, None, None
+        dk = dk + jnp.einsum("bksm,bkmh->bksh", ds_t, at(qm, i), preferred_element_type=F32)
+        dq_i = at(dq_t, i) + jnp.einsum("bkhs,bksm->bkhm", k_tj, ds_t, preferred_element_type=F32)
+        return jax.lax.dynamic_update_index_in_dim(dq_t, dq_i, i, 0), dk, dv
+
+    def key_block(dq_t, xs):
+        j, k_j, k_tj, v_j, lo, hi = xs
+        zeros = jnp.zeros(k_j.shape, F32)  # [B, K, bk, H]
+        dq_t, dk, dv = jax.lax.fori_loop(
+            lo, hi + 1, partial(query_block, j, k_j, k_tj, v_j), (dq_t, zeros, zeros)
+        )
+        return dq_t, (dk.astype(k.dtype), dv.astype(v.dtype))
+
+    xs = (jnp.arange(blk.nb), blk.heads(k), blk.heads(k, True), blk.heads(v), first, last)
+    dq_t, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(q_t.shape, F32), xs)
+    dq = blk.unheads(dq_t.astype(q.dtype).swapaxes(-1, -2))
+    return dq, blk.unheads(dk), blk.unheads(dv), None, None, None
 
 
 causal_attention.defvjp(_attention_fwd, _attention_bwd)

@@ -25,11 +25,13 @@ def feature_specs(base: BenchSpec, gpu: bool, groups=FEATURE_GROUPS) -> list[Ben
 
     rows = [("", "default", {})]
     # Unpacked rows: is the default's kernel the fastest? Packed rows (data.packing): which kernel then?
-    # cuDNN cannot keep packed examples apart; auto falls back to pallas, or reference without it.
+    # cuDNN cannot keep packed examples apart; auto then runs jaxlora's Pallas kernel.
     attn = [attention(a, False) for a in ("cudnn", "xla")]
     attn += [attention(a, True) for a in ("xla", "pallas", "reference")]
     rows += [(g, label, {"attention": a, "packed": p}) for g, label, a, p in attn]
-    rows += [("remat", f"remat={r}", {"remat": r}) for r in REMATS if r != base.remat]
+    # minimal is full by another name; offload needs a GPU (the device's features run has one)
+    remats = [r for r in REMATS if r not in (base.remat, "minimal") and (r != "offload" or gpu)]
+    rows += [("remat", f"remat={r}", {"remat": r}) for r in remats]
     attn = [attention("pallas", False), attention("reference", False), attention("cudnn", True)]
     rows += [(g, label, {"attention": a, "packed": p}) for g, label, a, p in attn]
     rows += [

@@ -16,8 +16,8 @@ from jaxlora.errors import UserError
 RESULT_TAG = "JAXLORA_BENCH_RESULT "
 FRAMEWORKS = ("jaxlora", "peft")
 # jaxlora's train.remat policies; PEFT turns on gradient checkpointing for the ones in PEFT_CHECKPOINTING.
-REMATS = ("none", "lean", "dots", "full")
-PEFT_CHECKPOINTING = ("dots", "full")
+REMATS = ("none", "fast", "dots", "lean", "full", "minimal", "offload")
+PEFT_CHECKPOINTING = ("dots", "full", "minimal", "offload")
 # jaxlora.models.config.ATTENTION_IMPLS (not imported: that loads JAX); tests/test_benchmark.py compares.
 ATTENTIONS = ("auto", "reference", "xla", "cudnn", "pallas")
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"

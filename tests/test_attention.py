@@ -24,7 +24,6 @@ from jaxlora.models.attention import (
     pallas_attention,
     reference_attention,
 )
-from jaxlora.models.attention.gpu import pallas_kernel_missing
 from jaxlora.models.config import DecoderConfig
 
 B, N, K, H = 2, 4, 2, 8  # GQA: two query heads per key/value head
@@ -159,28 +158,16 @@ def test_xla_matches_reference(case, block):
     assert float(jnp.max(jnp.abs(out * (seg == 0)[:, :, None, None]))) == 0.0  # padding queries get zeros
 
 
-def test_pallas_kernel_is_there_exactly_below_jax_0_12():
-    """JAX 0.12 removed the example Pallas attention kernel; older JAX has it, and `choose` knows which."""
-    version = tuple(int(p) for p in jax.__version__.split(".")[:2])
-    missing = pallas_kernel_missing()
-    assert (missing is not None) == (version >= (0, 12)), (jax.__version__, missing)
-    if missing:
-        assert "jax.experimental.pallas.ops.gpu.attention" in missing and jax.__version__ in missing
+@pytest.mark.parametrize("kind,window,softcap", [("packed", 5, 1.5)])
+def test_pallas_interpret_matches_reference(kind, window, softcap):
+    """`pallas_attention` (jaxlora's Pallas kernel, `flash`) in interpret mode passes the window and the
+    soft-cap through: tiles of 16 over 24 tokens, padded to 32. tests/test_flash.py checks the kernel
+    itself (GQA, sinks, bfloat16, tile skipping)."""
 
+    def fn(q, k, v, p, s, w, c):
+        return pallas_attention(q, k, v, p, s, w, c, block=16, block_bwd=16, interpret=True)
 
-@pytest.mark.parametrize("kind", ["causal", "packed", "padded"])
-def test_pallas_interpret_matches_reference(kind):
-    """Tiles of 16 over 24 tokens: two tiles after padding to 32. The kernel works in base 2 (exp2 of
-    log2(e)-scaled scores); in float32 that stays within the same 1e-5 as the others. On a JAX without
-    the kernel, the call is refused in one line instead."""
-    fn = lambda q, k, v, p, s, w, c: pallas_attention(q, k, v, p, s, block=16, block_bwd=16, interpret=True)  # noqa: E731
-    if pallas_kernel_missing():
-        q, k, v, pos, seg, _, _ = _inputs(kind)
-        with pytest.raises(UserError, match="model.attention=pallas needs jax.experimental") as err:
-            fn(q, k, v, pos, seg, 0, 0.0)
-        assert "\n" not in str(err.value)
-        return
-    _compare("pallas(interpret)", fn, kind)
+    _compare("pallas(interpret)", fn, kind, window, softcap, spread=3.0)
 
 
 @pytest.mark.parametrize("kind,window", [("causal", 0), ("padded", 0), ("padded", 5), ("causal", 5)])
@@ -205,26 +192,27 @@ def test_kv_cache_path_applies_softcap():
 
 def test_auto_is_xla_on_cpu_and_follows_the_rules_on_gpu(caplog):
     bf16, t = jnp.bfloat16, 2048
-    packed = "reference" if pallas_kernel_missing() else "pallas"  # JAX 0.12 has no Pallas kernel
     assert choose_attention(_config(t), jnp.float32, t, backend="cpu") == "xla"
     assert choose_attention(_config(t, packed=False), bf16, t, backend="cpu") == "xla"
     gpu = [
         ("cudnn", _config(t, packed=False)),
         ("cudnn", _config(t, packed=False, sliding_windows=(512, 512))),
-        (packed, _config(t)),
-        (packed, _config(t, sliding_windows=(0, 4096))),  # a window >= T drops nothing
-        ("reference", _config(t, packed=False, attn_logit_softcap=50.0)),
-        ("reference", _config(t, sliding_windows=(512, 512))),  # packed and windowed: neither kernel
+        ("pallas", _config(t)),  # packed rows: cuDNN cannot keep them apart
+        ("pallas", _config(t, sliding_windows=(0, 4096))),  # a window >= T drops nothing
+        ("pallas", _config(t, packed=False, attn_logit_softcap=50.0)),  # cuDNN has no soft-capping
+        ("pallas", _config(t, packed=False, sliding_windows=(0, 512))),  # windows differ between layers
+        ("pallas", _config(t, sliding_windows=(512, 512))),  # packed and windowed
+        ("reference", _config(t, 512, packed=False)),  # head dim 512: neither kernel
     ]
     for want, cfg in gpu:
         assert choose_attention(cfg, bf16, t, backend="gpu") == want, cfg
-    assert choose_attention(_config(t, packed=False), jnp.float32, t, backend="gpu") == "reference"
+    assert choose_attention(_config(t, packed=False), jnp.float32, t, backend="gpu") == "pallas"
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         for _ in range(2):  # the notice comes once
-            choose_attention(_config(t, sliding_windows=(0, 384)), bf16, t, backend="gpu")
+            choose_attention(_config(t, 512), bf16, t, backend="gpu")
     notice = [r.getMessage() for r in caplog.records if "model.attention=auto" in r.getMessage()]
-    assert len(notice) == 1 and "packed" in notice[0] and "sliding windows" in notice[0], notice
+    assert len(notice) == 1 and "packed" in notice[0] and "head dim of at most 256" in notice[0], notice
 
 
 @pytest.mark.parametrize(
@@ -239,8 +227,7 @@ def test_auto_is_xla_on_cpu_and_follows_the_rules_on_gpu(caplog):
             "gpu",
             "cannot apply sliding windows that differ",
         ),
-        ("pallas", {"sliding_windows": (512, 512)}, "gpu", "cannot apply sliding windows"),
-        ("pallas", {"attn_logit_softcap": 30.0}, "gpu", "cannot soft-cap"),
+        ("pallas", {"head_dim": 512}, "gpu", "needs a head dim of at most 256"),
     ],
 )
 def test_impossible_explicit_request_is_one_line_user_error(impl, runtime, backend, says):
@@ -283,15 +270,21 @@ def test_gpu_cudnn_bfloat16_matches_float32_reference(kind, window):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["causal", "packed", "padded"])
-def test_gpu_pallas_bfloat16_matches_float32_reference(kind):
-    fn = lambda q, k, v, p, s, w, c: pallas_attention(q, k, v, p, s)  # noqa: E731
-    if pallas_kernel_missing():
-        q, k, v, pos, seg, _, _ = _inputs(kind, GPU_T, jnp.bfloat16, head_dim=GPU_H)
-        with pytest.raises(UserError, match="model.attention=pallas needs"):
-            fn(q, k, v, pos, seg, 0, 0.0)
-        return
-    _compare("pallas bf16", fn, kind, tol=1e-2, t=GPU_T, dtype=jnp.bfloat16, head_dim=GPU_H)
+@pytest.mark.parametrize(
+    "kind,window,softcap", [("causal", 0, 0.0), ("packed", 0, 0.0), ("padded", 0, 0.0), ("packed", 64, 30.0)]
+)
+def test_gpu_pallas_bfloat16_matches_float32_reference(kind, window, softcap):
+    _compare(
+        "pallas bf16",
+        pallas_attention,
+        kind,
+        window,
+        softcap,
+        tol=1e-2,
+        t=GPU_T,
+        dtype=jnp.bfloat16,
+        head_dim=GPU_H,
+    )
 
 
 @pytest.mark.gpu
@@ -299,10 +292,8 @@ def test_gpu_auto_picks_by_the_rules():
     t = GPU_T
     picks = {
         "cudnn": _config(t, GPU_H, packed=False),
-        "reference": _config(t, GPU_H, attn_logit_softcap=30.0),
+        "pallas": _config(t, GPU_H, attn_logit_softcap=30.0),
     }
-    if not pallas_kernel_missing():
-        picks["pallas"] = _config(t, GPU_H)
     q, k, v, pos, seg, _, valid = _inputs("padded", t, jnp.bfloat16, head_dim=GPU_H)
     for want, cfg in picks.items():
         assert choose_attention(cfg, jnp.bfloat16, t) == want

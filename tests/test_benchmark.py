@@ -39,7 +39,7 @@ SMALL = {  # q 8x8, k/v 8x4, o 8x8, gate/up 8x12, down 12x8; N*H = 8
 
 def test_flops_match_a_hand_count():
     cfg = config_from_hf(SMALL)
-    f = train_step_flops(cfg, r=2, targets=None, batch=1, seq_len=3)
+    f = train_step_flops(cfg, r=2, targets=None, batch=1, seq_len=3, remat="fast")
     # Frozen weights per layer: 64 + 32 + 32 + 64 + 96 + 96 + 96 = 480; 4 FLOPs each, 2 layers, 3 tokens.
     assert f["frozen"] == 4 * 480 * 2 * 3 == 11520
     # Adapters r*(in+out) per layer: q 32, k 24, v 24, o 32, gate 40, up 40, down 40 = 232; 6 FLOPs each.
@@ -50,6 +50,10 @@ def test_flops_match_a_hand_count():
     assert f["model"] == 11520 + 8352 + 1152 + 960
     # Recomputed: chunked-loss logits 2*80*3, scores QK^T 2*8*12, x @ A: 2 * 2*(6*8 + 12) * 2 layers * 3.
     assert f["recompute"] == 480 + 192 + 1440
+    # lean: every linear but k, v and down again (480 - 32 - 32 - 96 = 320 per layer), their adapters
+    # with B (q 32, o 32, gate 40, up 40), x @ A only for k, v and down (16 + 16 + 24); 2 layers, 3 tokens.
+    lean = train_step_flops(cfg, 2, None, 1, 3)["recompute"]
+    assert lean == 480 + 192 + 2 * 320 * 2 * 3 + 2 * (144 + 56) * 2 * 3
     dots = train_step_flops(cfg, 2, None, 1, 3, remat="dots")["recompute"]
     assert dots == 480 + 192 + 4 * 8 * 12  # the attention forward again, matmul outputs kept
     # Only q/v adapted, on one layer: 6 * (2*16 + 2*12) * 1 layer * 3 tokens.
@@ -79,7 +83,7 @@ def _dot_flops(jaxpr, with_batch_dims: bool) -> int:
     return total
 
 
-@pytest.mark.parametrize("remat", ["none", "dots", "full"])
+@pytest.mark.parametrize("remat", ["none", "fast", "dots", "lean", "full"])
 def test_flops_match_the_matmuls_the_train_step_traces(remat):
     """Linear layers, adapters and LM head (dots without batch dims) in the traced gradient, exactly."""
     cfg = config_from_hf(SMALL).with_runtime(remat=remat)
@@ -92,7 +96,7 @@ def test_flops_match_the_matmuls_the_train_step_traces(remat):
     traced = _dot_flops(jax.make_jaxpr(grad)(lora).jaxpr, with_batch_dims=False)
     f = train_step_flops(cfg, 2, None, 2, 5, remat)
     nh, keys = 8, 2 * 2 * attended_keys(5)
-    attention_recompute = {"none": 2, "dots": 6, "full": 6}[remat] * nh * keys
+    attention_recompute = {"none": 2, "fast": 2, "dots": 6, "lean": 2, "full": 6}[remat] * nh * keys
     pad_logits = 3 * 2 * 8 * 10 * 2  # 2 padded rows of the last loss chunk: forward, recompute, backward
     expected = f["frozen"] + f["adapters"] + f["lm_head"] + f["recompute"] - attention_recompute
     assert traced == expected + pad_logits

@@ -268,21 +268,22 @@ def test_unsupported_model_type_lists_the_families():
     assert "\n" not in msg and all(f in msg for f in NEW_FAMILIES)
 
 
-def test_gpu_attention_falls_back_for_softcap_and_mixed_windows(built, caplog):
+def test_gpu_attention_runs_softcap_and_mixed_windows_in_pallas(built, caplog):
+    """cuDNN has no soft-capping and one window for all layers; jaxlora's Pallas kernel has both."""
     cfg2 = built("gemma2")[2].config.with_runtime(compute_dtype="bfloat16")
     cfg3 = built("gemma3_text")[2].config.with_runtime(compute_dtype="bfloat16")
     bf16 = jnp.bfloat16
     with caplog.at_level("WARNING"):
-        assert choose_attention(cfg2, bf16, 16, backend="gpu") == "reference"  # soft-cap: no kernel has it
-        assert choose_attention(cfg3, bf16, 16, backend="gpu") == "reference"  # windows differ per layer
-    notices = [r.getMessage() for r in caplog.records]
-    assert any("soft-cap" in m for m in notices) and any("sliding windows" in m for m in notices), notices
-    assert all("\n" not in m for m in notices)
+        for packed in (True, False):
+            assert choose_attention(cfg2.with_runtime(packed=packed), bf16, 16, backend="gpu") == "pallas"
+            assert choose_attention(cfg3.with_runtime(packed=packed), bf16, 16, backend="gpu") == "pallas"
+    assert not [r for r in caplog.records if "model.attention=auto" in r.getMessage()]  # no fallback
     # A sequence no longer than the window drops nothing, so unpacked rows may use cuDNN
     assert choose_attention(cfg3.with_runtime(packed=False), bf16, 4, backend="gpu") == "cudnn"
-    for impl in ("cudnn", "pallas"):
-        with pytest.raises(UserError, match="soft-cap"):
-            choose_attention(cfg2.with_runtime(attention=impl, packed=False), bf16, 16, backend="gpu")
+    with pytest.raises(UserError, match="soft-cap") as err:
+        choose_attention(cfg2.with_runtime(attention="cudnn", packed=False), bf16, 16, backend="gpu")
+    assert "\n" not in str(err.value)
+    assert choose_attention(cfg2.with_runtime(attention="pallas"), bf16, 16, backend="gpu") == "pallas"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -23,10 +23,10 @@ import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
 from jaxlora.config import TrainSection
-from jaxlora.errors import UserError
 from jaxlora.lora import Adapter, LoraConfig, init_lora, lora_scale
 from jaxlora.models import load_model
-from jaxlora.models.attention.gpu import pallas_kernel_missing
+from jaxlora.models.attention.flash import flash_tiles
+from jaxlora.models.attention.gpu import pallas_attention
 from jaxlora.models.generate import _prefill, _step, init_cache
 from jaxlora.quant import make_quantizer
 from jaxlora.train.optim import make_optimizer
@@ -35,8 +35,8 @@ from jaxlora.train.step import StepSpec, make_train_step
 
 T = 384  # three Pallas tiles of 128, and no model dim: a dense score tensor shows as ...x384x384x...
 TRITON = "__gpu$xla.gpu.triton"
-# The attention a packed GPU step runs: JAX's Pallas kernel where this JAX has it, else the blocked one.
-PACKED_ATTENTION = "xla" if pallas_kernel_missing() else "pallas"
+PACKED_ATTENTION = "pallas"  # what `auto` runs for packed rows on a GPU (cuDNN cannot keep them apart)
+KERNELS = ["flash_attention_dkv", "flash_attention_dq", "flash_attention_fwd"]  # jaxlora's, sorted
 
 LLAMA = dict(
     model_type="llama",
@@ -102,34 +102,84 @@ def dense_scores(text: str) -> list[str]:
     return sorted(set(re.findall(rf"tensor<[0-9x]*x{T}x{T}x\w+>", text)))
 
 
+def _read_later(lines: list[str], name: str) -> bool:
+    """Whether SSA value `name` (defined just before `lines`) is read before its region closes."""
+    depth = 0
+    for line in lines:
+        line = re.sub(r'"(?:[^"\\]|\\.)*"', '""', line)  # no braces from string attributes
+        if re.search(rf"{re.escape(name)}(?!\w)", line.split(" = ", 1)[-1]):
+            return True
+        depth += line.count("{") - line.count("}")
+        if depth < 0:
+            return False
+    return False
+
+
+def triton_kernels(text: str, live: bool = False) -> list[str]:
+    """The names of the Triton kernels `text` calls, one entry per call site; with `live`, only the calls
+    whose results are read (XLA drops the others: the calls have no side effect)."""
+    lines = text.splitlines()
+    names = []
+    for i, line in enumerate(lines):
+        if f"custom_call @{TRITON}(" not in line:
+            continue
+        assert "has_side_effect" not in line
+        result = line.split("=", 1)[0].strip().split(":")[0]  # e.g. %72 of "%72:2 = ..."
+        if not live or _read_later(lines[i + 1 :], result):
+            names.append(re.search(r'name = "(\w+)"', line).group(1))
+    return names
+
+
 def test_sft_step_with_pallas_attention_lowers_to_triton(tmp_path):
-    """Packed rows, GQA, causal, bf16: the forward and both backward kernels are Triton calls."""
+    """Packed rows, GQA, causal, bf16: jaxlora's forward, dq and dk/dv kernels are Triton calls. Under the
+    `lean` remat policy the forward kernel runs once: its named residuals are kept, not recomputed (JAX
+    0.11 leaves a dead copy of the forward call in the rematerialized backward; nothing reads it)."""
     cfg, params = model(tmp_path, LLAMA, compute_dtype="bfloat16", attention="pallas", packed=True)
-    if pallas_kernel_missing():  # JAX >= 0.12: refused in one line while tracing, nothing lowered
-        with pytest.raises(UserError, match="model.attention=pallas needs jax.experimental") as err:
-            sft_text(cfg, params)
-        assert "\n" not in str(err.value)
-        return
+    assert cfg.runtime.remat == "lean"
     text = sft_text(cfg, params)
-    calls = [line for line in text.splitlines() if f"custom_call @{TRITON}(" in line]
-    # in the layer scan: the forward kernel, the backward's preprocessing and its dq/dk/dv kernel
-    assert len(calls) >= 3, len(calls)
+    # in the layer scan: the forward kernel, then the backward's dq and dk/dv kernels
+    assert sorted(triton_kernels(text, live=True)) == KERNELS, triton_kernels(text)
     assert dense_scores(text) == [], dense_scores(text)
-    # What the kernels are handed: q, k and v [B, T, N, H] with all N heads (the kernel has no GQA: the
-    # key/value heads are repeated first) and segment ids [B, T] for every token.
+    # What the kernels are handed: q [B, T, N, H] and k/v [B, T, K, H] with the K key heads (GQA through
+    # the index maps, never repeated), and segment ids and positions [B, T] for every token.
+    calls = [line for line in text.splitlines() if f"custom_call @{TRITON}(" in line]
     operands = " ".join(line.rsplit(" : (", 1)[1] for line in calls)
     heads = set(re.findall(rf"tensor<2x{T}x(\d+)x64xbf16>", operands))
-    assert heads == {str(cfg.num_heads)}, heads
-    assert set(re.findall(r"tensor<([0-9x]+)xi32>", operands)) == {f"2x{T}"}
+    assert heads == {str(cfg.num_heads), str(cfg.num_kv_heads)}, heads
+    assert f"tensor<2x{T}xi32>" in operands
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_pallas_windows_softcap_and_sinks_lower_to_triton(dtype):
+    """Every feature of the Pallas kernel at once (a traced window, soft-capping, sinks, G = 3 query heads
+    per key head, head dim 80 padded to 128, T = 300 padded to whole tiles), forward and backward with
+    d sinks: three Triton kernels and no dense [T, T] tensor."""
+    b, t, n, kh, h = 2, 300, 6, 2, 80
+
+    def grads(q, k, v, pos, seg, window, sinks):
+        def loss(q, k, v, sinks):
+            out = pallas_attention(q, k, v, pos, seg, window, 30.0, sinks=sinks)
+            return jnp.sum(out.astype(jnp.float32))
+
+        return jax.grad(loss, (0, 1, 2, 3))(q, k, v, sinks)
+
+    s = jax.ShapeDtypeStruct
+    args = [s((b, t, m, h), jnp.dtype(dtype)) for m in (n, kh, kh)]
+    args += [s((b, t), jnp.int32), s((b, t), jnp.int32), s((), jnp.int32), s((n,), jnp.float32)]
+    text = lower(grads, *args)
+    assert sorted(triton_kernels(text)) == KERNELS
+    tp = flash_tiles(t, h, jnp.dtype(dtype).itemsize).length  # T padded to whole tiles
+    for length in (t, tp):
+        assert not re.findall(rf"tensor<[0-9x]*x{length}x{length}x\w+>", text), length
 
 
 def test_auto_on_packed_gpu_rows_lowers_without_dense_scores(tmp_path):
-    """`auto` on a GPU with packing: Pallas where JAX has it, else the notice and the dense reference;
-    the blocked `xla` kernel builds no [T, T] scores either."""
-    cfg, params = model(tmp_path, LLAMA, compute_dtype="bfloat16", attention=PACKED_ATTENTION)
+    """`auto` on a GPU with packing runs the Pallas kernel (cuDNN cannot keep packed examples apart);
+    the dense reference would build [T, T] scores, and the check sees them."""
+    cfg, params = model(tmp_path, LLAMA, compute_dtype="bfloat16", attention="auto")
     text = sft_text(cfg, params)
     assert dense_scores(text) == []
-    assert (TRITON in text) == (PACKED_ATTENTION == "pallas")
+    assert "flash_attention_fwd" in triton_kernels(text)
     ref, _ = model(tmp_path, LLAMA, compute_dtype="bfloat16", attention="reference")
     assert dense_scores(sft_text(ref, params)) != []  # the check sees a dense path when there is one
 
@@ -146,7 +196,7 @@ def test_dpo_step_lowers(tmp_path):
     args = (Adapter.split(lora), optimizer.init(lora), params, data, jax.random.key(1), lora_scale(cfg, lc))
     text = lower(step, *map(shapes, args))
     assert dense_scores(text) == []
-    assert (TRITON in text) == (PACKED_ATTENTION == "pallas")
+    assert "flash_attention_fwd" in triton_kernels(text)
 
 
 def test_moe_step_with_ragged_experts_lowers(tmp_path):

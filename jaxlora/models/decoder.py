@@ -37,38 +37,18 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxlora.models.attention import RESIDUALS, KVCache, attend
+from jaxlora.models.attention import KVCache, attend
 from jaxlora.models.decoder_config import DecoderConfig
 from jaxlora.models.lora_product import dora_factor, dora_weight_norm, lora_product, lora_product_for
 from jaxlora.models.moe import aux_loss as moe_aux_loss
 from jaxlora.models.moe import moe_mlp
+from jaxlora.models.remat import LAYER_INPUT, MLP_TILE, REMAT, TILED_REMATS
 from jaxlora.models.rope import apply_rope, layer_inv_freq
 from jaxlora.models.spec import dropout_stream
 from jaxlora.quant import as_kernel, qmatmul
 
 Params = dict[str, Any]
 F32 = jnp.float32
-
-# --- rematerialization: what each `cfg.runtime.remat` keeps for the backward pass ---------------------------
-#
-# The layer tags its activations with `checkpoint_name` (query, key, value, attention_residuals,
-# mlp_input, mlp_gate, mlp_up, residual); a policy other than "none" wraps each layer in `jax.checkpoint`.
-#
-#   none   no jax.checkpoint: the backward pass reads everything the forward pass computed. Most memory.
-#   lean   the large matmul outputs: q, k, v after RoPE, what the attention kernel keeps for its backward
-#          pass (output and log-sum-exp), the residual stream after attention (mlp_input) and the MLP's
-#          gate and up projections. Recomputes the norms, RoPE, activations, dropout masks and the rank-r
-#          LoRA products x @ A: cheaper than storing them as float32.
-#   dots   every matmul output without batch dimensions (the frozen and LoRA projections); recomputes
-#          the rest, the attention forward included.
-#   full   only the layer's input; recomputes the whole layer.
-LEAN_SAVED = ("query", "key", "value", RESIDUALS, "mlp_input", "mlp_gate", "mlp_up")
-REMAT = {
-    "none": None,
-    "lean": jax.checkpoint_policies.save_only_these_names(*LEAN_SAVED),
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "full": jax.checkpoint_policies.nothing_saveable,
-}
 
 
 class LayerInputs(NamedTuple):
@@ -164,11 +144,14 @@ def _project(cfg: DecoderConfig, p: Params, lora: Params, x: LayerInputs, rate: 
 
 
 def block(cfg: DecoderConfig, p: Params, lora: Params | None, h: jax.Array, x: LayerInputs, lora_dropout=0.0):
-    """One transformer layer. h: [B, T, D] float32 residual stream; p, lora: this layer's.
+    """One transformer layer. h: [B, T, D] residual stream in the compute dtype; p, lora: this layer's.
 
-    Returns (h, (this layer's updated cache (k, v) or None, its router statistics [2, E] or None)).
+    Returns (h in the compute dtype, (this layer's updated cache (k, v) or None, its router statistics
+    [2, E] or None)).
     """
+    dt = jnp.dtype(cfg.runtime.compute_dtype)
     proj = partial(_project, cfg, p, lora or {}, x, lora_dropout)
+    h = checkpoint_name(h, LAYER_INPUT).astype(F32)  # [B, T, D]: sums in float32 inside the layer
     # (pre-)norm -> attention -> (post-norm) -> residual
     a = norm(p["attn_norm"], h, cfg) if cfg.pre_norm else h  # [B, T, D]
     out, new_kv = attention(cfg, p, proj, a, x)
@@ -181,11 +164,11 @@ def block(cfg: DecoderConfig, p: Params, lora: Params | None, h: jax.Array, x: L
     if cfg.num_experts:  # Mixtral, Qwen3-MoE, Qwen2-MoE: routed experts (jaxlora.models.moe)
         out, stats = experts(cfg, p, lora, proj, m, x)
     else:
-        out = mlp(cfg, p, proj, m)
+        out = tiled_mlp(cfg, p, lora or {}, x, lora_dropout, m)
     if cfg.post_norm:
         out = norm(p["mlp_post_norm"], out, cfg)
     h = h + out.astype(F32)  # [B, T, D]
-    return checkpoint_name(h, "residual"), (new_kv, stats)
+    return checkpoint_name(h.astype(dt), "residual"), (new_kv, stats)
 
 
 def attention(cfg: DecoderConfig, p: Params, proj, a: jax.Array, x: LayerInputs):
@@ -233,6 +216,28 @@ def mlp(cfg: DecoderConfig, p: Params, proj, m: jax.Array) -> jax.Array:
     gate = gate.astype(F32)
     act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
     return proj("mlp", "down_proj", (act * up.astype(F32)).astype(dt))
+
+
+def tiled_mlp(cfg: DecoderConfig, p: Params, lora: Params, x: LayerInputs, rate: float, m: jax.Array):
+    """`mlp` on m [B, T, D], over tiles of at most MLP_TILE positions when training long rows under a
+    policy that recomputes the MLP (TILED_REMATS): each tile is rematerialized, so the backward pass holds
+    one tile's [B, tile, F] intermediates at a time instead of [B, T, F]. A tile's LoRA dropout key is the
+    layer's folded with the tile's index. Returns [B, T, D]."""
+    b, t, d = m.shape
+    if x.cache is not None or cfg.runtime.remat not in TILED_REMATS or t <= MLP_TILE:
+        return mlp(cfg, p, partial(_project, cfg, p, lora, x, rate), m)
+    n = -(-t // MLP_TILE)
+    size = -(-t // n)
+    dt = jnp.dtype(cfg.runtime.compute_dtype)
+    tiles = jnp.pad(m.astype(dt), ((0, 0), (0, n * size - t), (0, 0))).reshape(b, n, size, d)
+
+    def one(args):  # tile i: [B, size, D] -> [B, size, D]
+        i, mi = args
+        key = None if x.dropout_rng is None else jax.random.fold_in(x.dropout_rng, i)
+        return mlp(cfg, p, partial(_project, cfg, p, lora, x._replace(dropout_rng=key), rate), mi)
+
+    out = jax.lax.map(jax.checkpoint(one), (jnp.arange(n), tiles.swapaxes(0, 1)))  # [n, B, size, D]
+    return out.swapaxes(0, 1).reshape(b, n * size, -1)[:, :t]
 
 
 def experts(cfg: DecoderConfig, p: Params, lora: Params | None, proj, m: jax.Array, x: LayerInputs):
@@ -325,7 +330,7 @@ def forward(
         positions = default_positions(input_ids)
     if segment_ids is None:
         segment_ids = jnp.ones_like(input_ids)
-    h = embed(params, cfg, input_ids, positions)  # [B, T, D]
+    h = embed(params, cfg, input_ids, positions).astype(cfg.runtime.compute_dtype)  # [B, T, D]
     shared = LayerInputs(positions, segment_ids, None, window=None, lora_scale=None, cache=cache)
     per_layer = layer_stack(params, cfg, positions, lora, lora_scale, dropout_rng, cache)
     h, (new_kv, stats) = run_layers(cfg, h, shared, per_layer, lora_dropout)

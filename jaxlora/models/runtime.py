@@ -12,7 +12,8 @@ import jax
 from jaxlora.errors import UserError
 
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")  # see jaxlora.models.attention
-REMAT_POLICIES = ("none", "lean", "dots", "full")  # what each keeps: `jaxlora.models.decoder.REMAT`
+# What each keeps: `jaxlora.models.remat`; "minimal" is "full" by another name.
+REMAT_POLICIES = ("none", "fast", "dots", "lean", "full", "minimal", "offload")
 LORA_PRODUCTS = ("plain", "cpu", "auto")  # see Runtime.lora_product
 MOE_IMPLS = ("auto", "ragged", "dense")  # see Runtime.moe_impl
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -59,6 +60,12 @@ class Runtime:
             raise UserError(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
         if self.backend not in BACKENDS:
             raise UserError(f"backend must be cpu or gpu (or empty for JAX's own), got {self.backend!r}")
+        if self.remat == "offload" and self.target_backend != "gpu":
+            raise UserError(
+                f"train.remat=offload moves the saved layer inputs to pinned host memory, which needs a GPU; "
+                f"JAX runs on {self.target_backend!r} here: use train.remat=minimal (the same recomputation, "
+                "inputs kept on the device)"
+            )
 
     @property
     def target_backend(self) -> str:

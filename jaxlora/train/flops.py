@@ -18,11 +18,14 @@ What the backward pass recomputes is counted apart (`recompute`), never as usefu
                     the attention scores QK^T (flash-style backward keeps only the output
                     and log-sum-exp)                                                       2*N*H*k
     remat "none"    nothing more (every activation the backward pass reads is kept)
-    remat "lean"    the rank-r products x @ A of every adapter                              2*in*r
+    remat "fast"    the rank-r products x @ A of every adapter                              2*in*r
     remat "dots"    the attention forward (QK^T and PV) again (matmul outputs are kept)    4*N*H*k
+    remat "lean"    the layer's linears again except k, v (kept) and the MLP output projection
+                    (nothing reads its output): 2*in*out, their adapters 2*r*(in+out); for k, v
+                    and the output projection only x @ A (for dB)                          2*in*r
     remat "full"    the layer forward again: frozen weights, adapters and attention, except the MLP
-                    output projection's own product (nothing in the backward pass reads it)
-                                                        2*in*out + 2*r*(in+out) + 4*N*H*k
+    (minimal,       output projection's own product (nothing in the backward pass reads it)
+     offload)                                           2*in*out + 2*r*(in+out) + 4*N*H*k
 
 Mixture of experts (Mixtral, Qwen3-MoE): only the active parameters count. Per token the router [D, E] and
 the k routed experts (gate_up [D, 2F] and down [F, D] each) are the MLP's frozen weights, and an expert
@@ -36,10 +39,10 @@ Embedding lookups and the elementwise work cost no FLOPs here. Example (stories2
 
 import numpy as np
 
-from jaxlora.models.config import DecoderConfig
+from jaxlora.models.config import REMAT_POLICIES, DecoderConfig
 from jaxlora.models.targets import linear_dims, param_targets
 
-REMATS = ("none", "lean", "dots", "full")  # the train.remat policies
+REMATS = REMAT_POLICIES  # the train.remat policies
 
 
 def attended_keys(seq_len: int, window: int = 0) -> int:
@@ -94,14 +97,27 @@ def train_step_flops(
         "lm_head": 4 * dv * tokens,
     }
     recompute = 2 * dv * tokens + 2 * nh * keys
-    if remat == "lean":
+    last = list(active)[-1]  # the MLP output projection (the experts' down_proj in a MoE model)
+    if remat == "fast":
         recompute += 2 * xa * adapted * tokens
     elif remat == "dots":
         recompute += 4 * nh * keys
-    elif remat == "full":
-        last = list(active)[-1]  # the MLP output projection (the experts' down_proj in a MoE model)
-        i_last, o_last, n_last = active[last]
-        w_last, a_last = i_last * o_last * n_last, r * o_last * n_last if last in targets else 0
-        recompute += 2 * (w_frozen - w_last) * layers * tokens + 4 * nh * keys
-        recompute += 2 * (w_adapter - a_last) * adapted * tokens
+    elif remat == "lean":  # k and v are kept, the output projection's product is never read
+        kept = [key for key in active if key in (("attn", "k_proj"), ("attn", "v_proj")) or key == last]
+        recompute += 2 * (w_frozen - sum(_weight(active[key]) for key in kept)) * layers * tokens
+        recompute += 2 * sum(_adapter(active[t], r, t not in kept) for t in targets) * adapted * tokens
+    elif remat in ("full", "minimal", "offload"):
+        recompute += 2 * (w_frozen - _weight(active[last])) * layers * tokens + 4 * nh * keys
+        recompute += 2 * sum(_adapter(active[t], r, t != last) for t in targets) * adapted * tokens
     return {"model": sum(parts.values()), "recompute": recompute, **parts}
+
+
+def _weight(dims: tuple[int, int, int]) -> int:
+    """Multiply-adds per token of a frozen linear (in, out, uses per token)."""
+    return dims[0] * dims[1] * dims[2]
+
+
+def _adapter(dims: tuple[int, int, int], r: int, with_b: bool) -> int:
+    """Multiply-adds per token of an adapter's forward: x @ A, and (x @ A) @ B when `with_b`."""
+    i, o, n = dims
+    return r * (i + (o if with_b else 0)) * n

@@ -52,6 +52,10 @@ from jaxlora.train.step import make_train_step
 
 GIB = 1 << 30
 PEAK_FORMULA = "arguments + temp + outputs - aliased"
+OFFLOAD_NOTE = (
+    "train.remat=offload needs a GPU: planned as minimal less the layer inputs offload keeps in pinned host "
+    "memory ({gib:.2f} GiB); a GPU plans it exactly"
+)
 CPU_NOTE = (
     "the figures are XLA:CPU's: a GPU compiles another program (its fusions and attention kernels), so "
     "plan on the kind of device that will run"
@@ -90,11 +94,23 @@ def config_source(cfg: Config) -> ModelSource:
 
 
 def run_model(cfg: Config, source: ModelSource) -> DecoderConfig:
-    """The model config with the run's Runtime, as `load_base` sets it."""
-    m = cfg.model
+    """The model config with the run's Runtime, as `load_base` sets it (`offload` off a GPU: `minimal`,
+    which `Planner` corrects by the inputs offload would move to the host)."""
+    m, remat = cfg.model, cfg.train.remat
+    if remat == "offload" and jax.default_backend() != "gpu":
+        remat = "minimal"
     return source.config.with_runtime(
-        compute_dtype=m.compute_dtype or m.dtype, attention=m.attention, remat=cfg.train.remat
+        compute_dtype=m.compute_dtype or m.dtype, attention=m.attention, remat=remat
     )
+
+
+def offloaded_bytes(model: DecoderConfig, plan: Plan, batch: int, seq_len: int) -> int:
+    """Per device: the layer inputs `train.remat=offload` moves to host memory, [L, B, T, D] of one
+    micro-batch in the compute dtype."""
+    x = abstract_batch(plan, ("x",), 1, batch, seq_len)["x"]
+    rows = x.shape[-2] if plan.strategy == "pmap" else x.sharding.shard_shape(x.shape)[1]
+    itemsize = np.dtype(model.runtime.compute_dtype).itemsize
+    return model.num_layers * rows * seq_len * model.hidden_size * itemsize
 
 
 def abstract_base(cfg: Config, model: DecoderConfig) -> dict:
@@ -247,6 +263,11 @@ class Planner:
                 self.compiled[seq_len] = figures, round(time.perf_counter() - t0, 2)
             figures, out["compile_s"] = self.compiled[seq_len]
             mem.update(figures)
+            if self.cfg.train.remat != self.state.model.runtime.remat:  # offload, estimated off a GPU
+                moved = offloaded_bytes(self.state.model, self.plan, self.cfg.train.batch_size, seq_len)
+                mem["activations"] -= moved
+                mem["peak"] -= moved
+                out["notes"].append(OFFLOAD_NOTE.format(gib=moved / GIB))
             out["fits"] = mem["peak"] <= mem["capacity"]
             if mem["backend"] == "cpu":
                 out["notes"].insert(0, CPU_NOTE)

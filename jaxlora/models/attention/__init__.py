@@ -8,8 +8,9 @@ and runs the dense reference over the cache. Without one (training, prefill) it 
     xla         `blocked.causal_attention`: causal blocks with a flash-style backward pass (CPU default)
     cudnn       `gpu.cudnn_attention`: cuDNN flash attention through `jax.nn.dot_product_attention`;
                 unpacked right-padded rows, one static sliding window, no soft-capping
-    pallas      `gpu.pallas_attention`: JAX's Pallas (Triton) flash attention with segment ids (packing);
-                no sliding window, no soft-capping; runs on the CPU in interpret mode for the tests
+    pallas      `gpu.pallas_attention`: jaxlora's Pallas (Triton) flash attention (`flash`), forward and
+                backward: segment ids (packing), GQA, per-layer windows, soft-capping and attention sinks;
+                runs on the CPU in interpret mode for the tests
 
 All take (q, k, v, positions, segment_ids, window, softcap) and mean the same thing: causal, GQA, packed
 segments (segment ids with positions restarting at 0; segment 0 = padding, never attended to), a sliding
@@ -97,7 +98,7 @@ def attend(
     if impl == "cudnn":  # cuDNN's window is static: the one all layers share (checked by choose)
         return cudnn_attention(q, k, v, positions, segment_ids, static_window(cfg, t)), None
     if impl == "pallas":
-        return pallas_attention(q, k, v, positions, segment_ids), None
+        return pallas_attention(q, k, v, positions, segment_ids, window, softcap), None
     if impl == "reference":
         return reference_attention(q, k, v, positions, segment_ids, window, softcap), None
     return causal_attention(q, k, v, positions, segment_ids, window, attention_block_size(t), softcap), None

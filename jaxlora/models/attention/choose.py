@@ -4,8 +4,10 @@ The facts: the JAX backend, the compute dtype, whether rows are packed (`Runtime
 `data.packing`), the per-layer sliding windows against the sequence length, soft-capping, the head dim.
 
     auto on CPU          xla (the blocked kernel)
-    auto on GPU          cudnn if it can run the case, else pallas if it can, else reference with a
-                         one-line notice naming the feature that ruled the kernels out
+    auto on GPU          cudnn if it can run the case (half precision, unpacked rows, one window for
+                         all layers, no soft-capping), else pallas (jaxlora's own kernel: packing,
+                         per-layer windows, soft-capping, any dtype; head dims up to 256), else
+                         reference with a one-line notice naming the feature that ruled them out
     explicit request     that implementation, or a one-line UserError naming the feature it lacks
 """
 
@@ -15,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora.errors import UserError
-from jaxlora.models.attention.gpu import pallas_kernel_missing
 from jaxlora.models.config import DecoderConfig
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ def _max_head_dim() -> int:
     return 256 if major >= 9 else 128
 
 
+PALLAS_MAX_HEAD_DIM = 256  # the Pallas kernel's tiles are sized for head dims up to 256 (`flash.flash_tiles`)
+
+
 def lacks(impl: str, cfg: DecoderConfig, dtype, t: int, backend: str) -> str | None:
     """Why `impl` cannot run this case (the words after "model.attention=<impl>"), or None if it can."""
     if impl in ("reference", "xla"):
@@ -49,24 +53,20 @@ def lacks(impl: str, cfg: DecoderConfig, dtype, t: int, backend: str) -> str | N
     kernel = "cuDNN flash attention" if impl == "cudnn" else "the Pallas Triton kernel"
     if backend != "gpu":
         return f"needs an NVIDIA GPU ({kernel}) but JAX runs on {backend!r} here"
+    if impl == "pallas":  # any dtype, packing, windows per layer, soft-capping
+        if cfg.head_dim > PALLAS_MAX_HEAD_DIM:
+            return f"needs a head dim of at most {PALLAS_MAX_HEAD_DIM}, got {cfg.head_dim}"
+        return None
     if jnp.dtype(dtype) not in HALF:
         return f"needs model.compute_dtype bfloat16 or float16, got {jnp.dtype(dtype).name}"
     if cfg.attn_logit_softcap:
         return f"cannot soft-cap attention logits (attn_logit_softcap={cfg.attn_logit_softcap})"
-    window = static_window(cfg, t)
-    if impl == "cudnn":
-        if cfg.runtime.packed:
-            return "cannot keep packed examples apart (no segment ids; data.packing=true)"
-        if window is None:
-            return f"cannot apply sliding windows that differ between layers {cfg.sliding_windows}"
-        if cfg.head_dim % 8 or cfg.head_dim > _max_head_dim():
-            return (
-                f"needs a head dim that is a multiple of 8 and at most {_max_head_dim()}, got {cfg.head_dim}"
-            )
-    elif window != 0:
-        return f"cannot apply sliding windows (model's sliding_windows {cfg.sliding_windows})"
-    elif pallas_kernel_missing():
-        return f"needs {pallas_kernel_missing()}"
+    if cfg.runtime.packed:
+        return "cannot keep packed examples apart (no segment ids; data.packing=true)"
+    if static_window(cfg, t) is None:
+        return f"cannot apply sliding windows that differ between layers {cfg.sliding_windows}"
+    if cfg.head_dim % 8 or cfg.head_dim > _max_head_dim():
+        return f"needs a head dim that is a multiple of 8 and at most {_max_head_dim()}, got {cfg.head_dim}"
     return None
 
 

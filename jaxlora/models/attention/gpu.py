@@ -1,25 +1,22 @@
-"""The GPU kernels: cuDNN flash attention (public JAX API) and JAX's Pallas (Triton) flash attention.
+"""The GPU kernels: cuDNN flash attention (public JAX API) and jaxlora's Pallas (Triton) flash attention.
 
-Both are library kernels wrapped, not written here; `jaxlora.models.attention.choose` says which cases
-each can run. Neither gets a dense [B, 1, T, T] mask:
-- `cudnn_attention`: causal, GQA, one static sliding window (`local_window_size`) and right-padded rows
-  (sequence lengths). No segment ids (packing) and no soft-capping.
-- `pallas_attention`: `jax.experimental.pallas.ops.gpu.attention.mha`, causal with segment ids, so packed
-  rows work. It has no GQA (key/value heads are repeated), no sliding window and no soft-capping. It also
-  runs on the CPU with `interpret=True`, which is how the tests check its numbers. JAX 0.12 removed that
-  example kernel (the Pallas Triton backend stays): `pallas_kernel_missing` says so, `choose` then never
-  picks it, and an explicit request is refused in one line.
+`jaxlora.models.attention.choose` says which cases each can run. Neither gets a dense [B, 1, T, T] mask:
+- `cudnn_attention`: a library kernel wrapped: causal, GQA, one static sliding window
+  (`local_window_size`) and right-padded rows (sequence lengths). No segment ids (packing) and no
+  soft-capping.
+- `pallas_attention`: our own kernel (`flash.flash_attention`; JAX 0.12 removed the example kernel this
+  used to wrap): causal, GQA, packed segments, a traced sliding window, soft-capping and attention sinks.
+  It also runs on the CPU with `interpret=True`, which is how the tests check its numbers.
 """
 
-import importlib
-from functools import cache, partial
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxlora.errors import UserError
 from jaxlora.models.attention.blocked import RESIDUALS
+from jaxlora.models.attention.flash import flash_attention
 
 
 def with_named_residuals(fn):
@@ -87,29 +84,6 @@ def _cudnn_call(q, k, v, lengths, window: int, implementation: str):
 
 # --- Pallas ----------------------------------------------------------------------------------------------
 
-PALLAS_MODULE = "jax.experimental.pallas.ops.gpu.attention"
-
-
-@cache
-def pallas_kernel_missing() -> str | None:
-    """Why this JAX has no Pallas attention kernel (the words after "needs ..."), or None if it has one."""
-    try:
-        importlib.import_module(PALLAS_MODULE)
-    except ImportError:
-        return f"{PALLAS_MODULE}, which jax {jax.__version__} does not ship (JAX 0.12 removed it)"
-    return None
-
-
-def pallas_tiles(t: int, block: int = 128, block_bwd: int = 32) -> tuple[int, int, int]:
-    """(padded length, forward tile, backward tile) for `pallas_attention` on T tokens.
-
-    Triton tiles are powers of two; the kernel needs T to be a multiple of both tiles, so short rows use
-    one tile of next_power_of_2(T) and long rows are padded up to a multiple of `block`.
-    """
-    tile = min(block, 1 << max(t - 1, 1).bit_length())
-    bwd = min(block_bwd, tile)
-    return -(-t // tile) * tile, tile, bwd
-
 
 def pallas_attention(
     q,
@@ -120,40 +94,28 @@ def pallas_attention(
     window=0,
     softcap: float = 0.0,
     *,
-    block: int = 128,
-    block_bwd: int = 32,
+    sinks=None,
+    block: int | None = None,
+    block_bwd: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """Pallas flash attention with packed segments: q [B, T, N, H], k/v [B, T, K, H] -> [B, T, N, H].
+    """Pallas flash attention: q [B, T, N, H], k/v [B, T, K, H] -> [B, T, N, H] in q's dtype.
 
-    The kernel masks by segment equality and by index (key index <= query index), which equals the
-    reference's position mask when positions restart at 0 in each segment and count up by one, as the
-    loader builds them (`positions` is unused). Padding (segment 0) never meets a real segment; padding
-    queries get zeros. `window` and `softcap` must be 0 (the kernel has neither; `choose` never picks
-    it then). T is padded with segment-0 tokens up to a whole number of tiles.
+    positions/segment_ids: [B, T] int32 (segment 0 = padding; padding queries get zeros); window: int32
+    scalar, may be traced (0 = none); softcap: static float (0 = none); sinks: float32 [N] per-head sink
+    logits or None. block/block_bwd: forward/backward tile lengths (powers of two >= 16; None = by head
+    dim). `interpret=True` runs it on the CPU.
     """
-    missing = pallas_kernel_missing()
-    if missing:
-        raise UserError(f"model.attention=pallas needs {missing}; use model.attention=auto, cudnn or xla")
-    pallas_mha = importlib.import_module(PALLAS_MODULE)
-    del positions
-    if softcap or (isinstance(window, int) and window):
-        raise ValueError("the Pallas attention kernel has no sliding window and no soft-capping")
-    b, t, n, h = q.shape
-    g = n // k.shape[2]
-    tp, tile, bwd = pallas_tiles(t, block, block_bwd)
-    sizes = pallas_mha.BlockSizes(
-        block_q=tile, block_k=tile, block_q_dkv=bwd, block_kv_dkv=bwd, block_q_dq=bwd, block_kv_dq=bwd
+    return flash_attention(
+        q,
+        k,
+        v,
+        positions,
+        segment_ids,
+        window,
+        softcap,
+        sinks,
+        block=block,
+        block_bwd=block_bwd,
+        interpret=interpret,
     )
-
-    def call(q, k, v, seg):
-        k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)  # [B, T, N, H]: the kernel has no GQA
-        pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
-        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))  # [B, Tp, N, H]
-        seg = jnp.pad(seg, ((0, 0), (0, tp - t)))  # [B, Tp], padding is segment 0
-        out = pallas_mha.mha(
-            q, k, v, seg, sm_scale=h**-0.5, causal=True, block_sizes=sizes, interpret=interpret
-        )
-        return out[:, :t]
-
-    return _zero_padding(with_named_residuals(call)(q, k, v, segment_ids), segment_ids)

@@ -16,7 +16,8 @@ compute, int8 base unless said), on this machine's backend. No weights are read 
 
 `offload` off a GPU is planned as `minimal` less the layer inputs it keeps in host memory (the plan says
 so in its notes); on a GPU (`benchmarks/gpu_suite.sh`) every figure is that GPU's own. Prints a table and
-writes the JSON (with the command) to `--out`. `--quick`: T = 2k and 8k only, for a smoke run.
+writes the JSON (with the command) to `--out`. `--quick` (the GPU suite's): the lean, full and offload
+policies at T = 2k and 8k, the growth from 4k to 8k, and the longest lengths.
 """
 
 import argparse
@@ -59,9 +60,9 @@ def temp(p: Planner, t: int) -> int:
     return p.report(t)["memory"]["activations"]
 
 
-def policy_rows(lengths: list[int]) -> list[dict]:
+def policy_rows(lengths: list[int], policies=POLICIES) -> list[dict]:
     rows = []
-    for remat in POLICIES:
+    for remat in policies:
         p, half = planner(LLAMA, remat), planner(LLAMA, remat, layers=16)
         row = {"remat": remat, "temp": {t: temp(p, t) for t in lengths}}
         lo, hi = lengths[1], lengths[-1]
@@ -108,10 +109,10 @@ def main() -> None:
         "backend": jax.default_backend(),
         "device_kind": jax.local_devices()[0].device_kind,
         "setup": "Llama-3.1-8B config.json, int8 base, LoRA r16 all-linear, batch 1, bfloat16 compute",
-        "policies": policy_rows(lengths),
+        "policies": policy_rows(lengths, ("lean", "full", "offload") if quick else POLICIES),
         "growth": {"llama-3.1-8b": growth(LLAMA, doubling), "gemma-2-9b": growth(GEMMA2, doubling)},
         "nf4_peak_2k": planner(LLAMA, "lean", quant="nf4").report(2048)["memory"]["peak"],
-        "longest": longest([131072] if quick else [131072, 344064]),
+        "longest": longest([131072, 344064]),
     }
     print(f"nf4 base, lean, T=2048: peak {report['nf4_peak_2k'] / GIB:.2f} GiB")
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")

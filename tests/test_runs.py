@@ -276,9 +276,10 @@ def test_interrupts_exit_130_143_with_one_line(assets, tmp_path, capsys):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
+    stop = f"checkpoint saved and exported to {out / 'adapter'} (marked interrupted); rerun to resume"
     assert error_lines(err) in (
         ["interrupted by SIGTERM; stopped"],
-        ["stopped by signal 15 at step 0; checkpoint saved"],
+        [f"interrupted by SIGTERM at step 0; {stop}"],
     ), err
     assert not (out / ".jaxlora.lock").exists()
     # a signal whose exception was swallowed (here: recorded, never raised) still stops the loop, at once,
@@ -291,7 +292,7 @@ def test_interrupts_exit_130_143_with_one_line(assets, tmp_path, capsys):
     finally:
         handled, RECEIVED.signum = RECEIVED.signum, 0
     assert code == 130 and handled == 0, lines  # the loop cleared the record: it returned the signal
-    assert lines == ["stopped by signal 2 at step 0; checkpoint saved"]  # at once: no step taken
+    assert lines == [f"interrupted by SIGINT at step 0; {stop}"]  # at once: no step taken
     result = train(config_from_dict(tiny_config(assets, out, **{"train.max_steps": 3})))
     assert result.step == 3 and not result.interrupted
 

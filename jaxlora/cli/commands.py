@@ -40,21 +40,46 @@ def train_main(argv=None) -> int:
     args = train_args(argv)
     from jaxlora.cli.signals import RECEIVED
     from jaxlora.config import load_config
+    from jaxlora.models.saving import DiskFull, out_of_space
     from jaxlora.train import TrainingDiverged, train
 
     cfg = load_config(args.config, args.overrides)
     try:
         result = train(cfg, resume=args.resume, signals=RECEIVED)  # a signal swallowed in setup stops it
-    except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (TrainingDiverged, DiskFull) as err:
+        return _failed(str(err))
+    except OSError as err:  # a full disk anywhere else (metrics, config.yaml, the tokenizer beside adapter/)
+        if not out_of_space(err):
+            raise
+        return _failed(f"disk full while writing {err.filename or 'a file'} ({err.strerror})")
     if result.interrupted:
-        print(
-            f"stopped by signal {result.interrupted} at step {result.step}; checkpoint saved", file=sys.stderr
-        )
+        print(stop_line(result), file=sys.stderr)
         return 128 + result.interrupted
+    if result.finished_before:
+        print(f"{result.output_dir}: {FINISHED.format(step=result.step)}")
+        return 0
     print(f"done: {result.step} steps; adapter in {result.output_dir / 'adapter'}")
     return 0
+
+
+FINISHED = "already finished at step {step}; nothing to do (raise train.max_steps to go on)"
+
+
+def stop_line(result) -> str:
+    """What the train command says when a signal stopped the run (`TrainResult.interrupted`); the same
+    words as `jaxlora.cli.cli_main` uses for a signal during setup ("interrupted by SIGINT")."""
+    from jaxlora.train.loop import stop_words
+
+    return (
+        f"{stop_words(result.interrupted)} at step {result.step}; checkpoint saved and exported to "
+        f"{result.output_dir / 'adapter'} (marked interrupted); rerun to resume"
+    )
+
+
+def _failed(message: str) -> int:
+    """One error line and exit code 1 (a run or an export that failed for lack of space, or diverged)."""
+    print(f"error: {message}", file=sys.stderr)
+    return 1
 
 
 def export_args(argv=None):
@@ -90,17 +115,21 @@ def export_args(argv=None):
 def export_main(argv=None) -> int:
     args = export_args(argv)
     from jaxlora.cli.export import run_export
+    from jaxlora.models.saving import DiskFull
 
-    out = run_export(
-        args.adapter,
-        args.model,
-        args.format,
-        args.out,
-        overwrite=args.overwrite,
-        dtype=args.dtype,
-        quant=args.quant,
-        quant_block_size=args.quant_block_size,
-        run=args.run,
-    )
+    try:
+        out = run_export(
+            args.adapter,
+            args.model,
+            args.format,
+            args.out,
+            overwrite=args.overwrite,
+            dtype=args.dtype,
+            quant=args.quant,
+            quant_block_size=args.quant_block_size,
+            run=args.run,
+        )
+    except DiskFull as err:
+        return _failed(str(err))
     print(f"wrote {args.format} export to {out}")
     return 0

@@ -13,8 +13,9 @@ from jaxlora.lora.pissa import is_base_changing
 from jaxlora.lora.tokens import RESIZED, resized_entry
 from jaxlora.models.config import ModelSource, read_source
 from jaxlora.models.loading import DTYPES, load_model, model_source
-from jaxlora.models.saving import TOKENIZER_FILES
+from jaxlora.models.saving import TOKENIZER_FILES, DiskFull, check_out_dir, refuse_text_tower_merge
 from jaxlora.peft import load_peft_adapter, read_adapter_config, save_peft_adapter
+from jaxlora.peft.adapter import check_lora_fits
 from jaxlora.quant import make_quantizer
 from jaxlora.train.checkpoint import restore_lora
 from jaxlora.train.state import initial_adapter, residual_base
@@ -69,12 +70,14 @@ def run_export(
     trained on a quantized base (QLoRA), pass the training's `quant` ("int8"/"nf4") and `quant_block_size`:
     the base is quantized the same way and the update is added to those dequantized weights.
     With `run` (a training output_dir), the model and the quant settings default to the run's config.
+    What the merged export would refuse (a multimodal text tower, a non-empty `out`, an adapter for
+    another model) is refused before any weights load. `DiskFull` when the space runs out.
     """
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    lora = lora_cfg = folder = None
+    lora = lora_cfg = folder = step = None
     if run is not None:
-        run_cfg, lora, _ = lora_from_run(run)
+        run_cfg, lora, step = lora_from_run(run)
         lora_cfg = run_cfg.lora
         model = model or run_cfg.model.path
         if quant is None:
@@ -86,10 +89,21 @@ def run_export(
     if model is None:
         raise UserError("pass --model PATH_OR_ID (the base model the adapter was trained on)")
     quant = quant or "none"
-    if run is not None and (RUN_TOKENIZER_DIR in os.listdir(run) or is_base_changing(lora_cfg.init)):
-        return _export_run_with_base(run, run_cfg, lora, model, fmt, out, overwrite, dtype, quant)
+    try:
+        if run is not None and (RUN_TOKENIZER_DIR in os.listdir(run) or is_base_changing(lora_cfg.init)):
+            return _export_run_with_base(run, run_cfg, lora, model, fmt, out, overwrite, dtype, quant)
+        return _export(
+            adapter, folder, model, fmt, out, overwrite, dtype, quant, quant_block_size, lora, lora_cfg
+        )
+    except DiskFull as err:
+        what = "the adapter" if fmt == "peft" else "the merged model"
+        raise err.said(f"writing {what}" + ("" if step is None else f" of step {step}")) from None
+
+
+def _export(adapter, folder, model, fmt, out, overwrite, dtype, quant, quant_block_size, lora, lora_cfg):
+    """`run_export` of an adapter folder (`lora` None) or of a run's LoRA tree, on the base alone."""
     if fmt == "peft":
-        if quant != "none" and run is None:
+        if quant != "none" and lora is None:  # an adapter folder, not a run
             raise UserError("--quant applies to --format merged only")
         cfg = _model_source(model).config
         if lora is None:
@@ -101,9 +115,14 @@ def run_export(
         return path
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    m = load_model(model, quantizer=make_quantizer(quant, quant_block_size))
+    source = _model_source(model).config  # what the merge would refuse, before the weights load
+    refuse_text_tower_merge(source)
+    check_out_dir(out, overwrite)
     if lora is None:
-        lora, lora_cfg = load_peft_adapter(adapter, m.config)
+        lora, lora_cfg = load_peft_adapter(adapter, source)
+    else:
+        check_lora_fits(source, lora, lora_cfg)
+    m = load_model(model, quantizer=make_quantizer(quant, quant_block_size))
     tokenizer_src = folder if folder is not None and (folder / "tokenizer_config.json").is_file() else None
     return save_merged(out, m, lora, lora_cfg, tokenizer_src, dtype=dtype, overwrite=overwrite)
 
@@ -115,6 +134,15 @@ def _export_run_with_base(run, run_cfg, lora, model: str, fmt, out, overwrite, d
     original base; the merged export adds the adapter to the residual)."""
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    source = _model_source(model).config  # what the export would refuse, before the weights load
+    if fmt == "merged":
+        refuse_text_tower_merge(source)
+    check_out_dir(out, overwrite)
+    if is_base_changing(run_cfg.lora.init) and quant != "none":
+        raise UserError(
+            f"--quant {quant} with a lora.init {run_cfg.lora.init} run: its adapter is computed from the "
+            "float weights, so its export needs them too; export with --quant none"
+        )
     tokenizer, rows = read_run_vocab(Path(run))
     m = load_model(model, quantizer=make_quantizer(quant, run_cfg.quant.block_size))
     before = m.config.vocab_size

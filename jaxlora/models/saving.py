@@ -5,8 +5,12 @@ Every tensor of the family's spec (`models.spec.name_table`) goes out under its 
 dequantized, so the result is a plain float model transformers loads. Tensors are produced one layer at a
 time on the host and written shard by shard (shards planned by `huggingface_hub`), so host memory peaks at
 one shard. config.json, generation_config.json and the tokenizer files are copied from the source folder.
+
+A write that runs out of space (a full disk, a quota, a file size limit) becomes `DiskFull`, one line that
+the command lines print with exit code 1; checkpoints and adapters raise it too.
 """
 
+import errno
 import json
 import shutil
 from collections.abc import Callable
@@ -37,10 +41,55 @@ TOKENIZER_FILES = (
 )
 # (entry, layer, kernel [in, out] float32 on the host) -> the kernel to write, for per-layer LoRA targets.
 KernelHook = Callable[[Entry, int, np.ndarray], np.ndarray]
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: past a file size limit (RLIMIT_FSIZE)
+# the same, as tensorstore (under orbax) words them
+_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "File too large", "os_error_code='28'")
 
 
-def prepare_out_dir(out_dir, overwrite: bool) -> Path:
-    """Create `out_dir`; refuse a non-empty folder (or a file) unless `overwrite`."""
+class DiskFull(Exception):
+    """A write ran out of space: `what` was being written to `folder` and needs about `needed` bytes;
+    `then` says what is intact and what to do. Its text is one line."""
+
+    def __init__(self, what: str, folder, needed: int, then: str = ""):
+        super().__init__(what, str(folder), needed, then)
+        self.what, self.folder, self.needed, self.then = what, Path(folder), int(needed), then
+
+    def __str__(self) -> str:
+        size = about_bytes(self.needed)
+        return f"disk full while {self.what} to {self.folder} (it needs about {size}){self.then}"
+
+    def said(self, what: str | None = None, then: str = "") -> "DiskFull":
+        """The same failure, worded by a caller that knows more (the step, what is intact)."""
+        return DiskFull(what or self.what, self.folder, self.needed, then or self.then)
+
+
+def out_of_space(err: BaseException | None) -> bool:
+    """Whether `err` (or an error it was raised from) is a write that ran out of space."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _FULL_ERRNOS:
+            return True
+        if any(text in str(err) for text in _FULL_TEXTS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def about_bytes(n: int) -> str:
+    """`n` bytes for a person: 512 bytes, 3.4 kB, 1.2 MB, 5.0 GB."""
+    if n < 1000:
+        return f"{n} bytes"
+    for unit in ("kB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError  # unreachable
+
+
+def check_out_dir(out_dir, overwrite: bool) -> Path:
+    """Refuse an `out_dir` that is a file, or a non-empty folder unless `overwrite`; creates nothing
+    (an export checks it before loading any weights)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} exists and is not a folder")
@@ -49,8 +98,23 @@ def prepare_out_dir(out_dir, overwrite: bool) -> Path:
             f"output folder {out} already exists and is not empty; "
             "pass overwrite=True (--overwrite) to write into it"
         )
+    return out
+
+
+def prepare_out_dir(out_dir, overwrite: bool) -> Path:
+    """Create `out_dir`; refuse a non-empty folder (or a file) unless `overwrite`."""
+    out = check_out_dir(out_dir, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def refuse_text_tower_merge(cfg: DecoderConfig) -> None:
+    """A multimodal checkpoint's text tower cannot be written as a merged checkpoint yet."""
+    if cfg.text_tower_of:  # its config.json and vision weights would have to be rebuilt around the text
+        raise UserError(
+            f"merged export is not supported yet for a {cfg.text_tower_of} (multimodal) checkpoint's text "
+            "tower (transformers could not load it); train a text-only (gemma3_text) checkpoint to merge"
+        )
 
 
 def _host_f32(leaf) -> np.ndarray:
@@ -135,12 +199,9 @@ def save_pretrained(
     `dtype`: float32, bfloat16 or float16; default the source config.json's. `kernel_hook` may rewrite each
     LoRA-targetable kernel layer before it is written (a LoRA merge does). An existing non-empty `out_dir`
     is refused unless `overwrite`. Shards above `max_shard_bytes` get a `model.safetensors.index.json`.
+    `DiskFull` when the space runs out (the shards written so far are removed).
     """
-    if cfg.text_tower_of:  # its config.json and vision weights would have to be rebuilt around the text
-        raise UserError(
-            f"merged export is not supported yet for a {cfg.text_tower_of} (multimodal) checkpoint's text "
-            "tower (transformers could not load it); train a text-only (gemma3_text) checkpoint to merge"
-        )
+    refuse_text_tower_merge(cfg)
     source = Path(source)
     dtype = dtype or source_dtype(source)
     if dtype not in DTYPES:
@@ -150,8 +211,16 @@ def save_pretrained(
         tok_src = resolve_model_path(str(tokenizer_src))
     out = prepare_out_dir(out_dir, overwrite)
 
-    _write_shards(out, _tensors(params, cfg, DTYPES[dtype], kernel_hook), max_shard_bytes)
-    _write_configs(out, source, tok_src, dtype, cfg.vocab_size)
+    tensors = _tensors(params, cfg, DTYPES[dtype], kernel_hook)
+    try:
+        _write_shards(out, tensors, max_shard_bytes)
+        _write_configs(out, source, tok_src, dtype, cfg.vocab_size)
+    except OSError as err:
+        if not out_of_space(err):
+            raise
+        for partial in out.glob("model*.safetensors*"):  # free what was written
+            partial.unlink()
+        raise DiskFull("writing the merged model", out, sum(t[0] for t in tensors.values())) from None
     return out
 
 

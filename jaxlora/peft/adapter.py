@@ -14,8 +14,6 @@ vocabulary's embedding layers are the file's embedding side (`jaxlora.peft.embed
 PEFT `target_parameters` (`jaxlora.peft.experts`).
 """
 
-import json
-import os
 from pathlib import Path
 
 import jax
@@ -27,7 +25,7 @@ from jaxlora.lora.adapters import layout, pattern_value
 from jaxlora.lora.pissa import convert_to_lora, is_base_changing
 from jaxlora.lora.tokens import MODULES, layer_groups
 from jaxlora.models.config import DecoderConfig
-from jaxlora.models.safetensors_io import SafetensorsFile, write_safetensors
+from jaxlora.models.safetensors_io import SafetensorsFile
 from jaxlora.models.saving import prepare_out_dir
 from jaxlora.models.targets import LinearModule, linear_dims, linear_modules, param_targets, target_names
 from jaxlora.peft.embeddings import embedding_tensors, read_embeddings
@@ -38,10 +36,9 @@ from jaxlora.peft.experts import (
     param_to_peft,
     read_param_targets,
 )
-from jaxlora.peft.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
+from jaxlora.peft.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config, write_adapter_files
 
 PEFT_PREFIX = "base_model.model."
-# init_lora_weights values whose adapters only make sense with a changed base (not plain LoRA).
 
 
 def _refuse_text_tower(cfg: DecoderConfig, what: str) -> None:
@@ -52,6 +49,23 @@ def _refuse_text_tower(cfg: DecoderConfig, what: str) -> None:
             f"PEFT adapter {what} is not supported yet for a {cfg.text_tower_of} (multimodal) checkpoint's "
             "text tower; train a text-only (gemma3_text) checkpoint to exchange adapters with PEFT"
         )
+
+
+def check_peft_export(cfg: DecoderConfig, lora_cfg: LoraConfig) -> None:
+    """Refuse, from config.json alone, a run whose adapter `save_peft_adapter` could not write: a
+    multimodal text tower, and the LoRA layouts PEFT cannot express (targets that match nothing, layer
+    rules, MoE options; `jaxlora.lora.adapters.layout`). A run calls it before loading any weights."""
+    _refuse_text_tower(cfg, "export")
+    layout(cfg, lora_cfg)
+
+
+def check_lora_fits(cfg: DecoderConfig, lora: dict, lora_cfg: LoraConfig) -> None:
+    """Refuse a LoRA tree (a run's checkpoint) that does not fit model `cfg`: modules it lacks, shapes
+    other than its dimensions; from config.json alone, so before a merged export loads the weights."""
+    ranks, dims = layout(cfg, lora_cfg).ranks, linear_dims(cfg)
+    for path in _ordered_paths(cfg, layer_groups(lora)):
+        r = int(ranks[path].max()) if path in ranks else int(lora_cfg.r)
+        _check_leaf(lora[path[0]][path[1]], path, dims[path], r, cfg.num_layers, lora_cfg)
 
 
 def peft_key(module: LinearModule, layer: int, which: str) -> str:
@@ -135,6 +149,7 @@ def save_peft_adapter(
     base_model_name_or_path: str | None,
     overwrite: bool = False,
     initial_lora: dict | None = None,
+    about: dict[str, str] | None = None,
 ) -> Path:
     """Write `lora` as a PyTorch PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
 
@@ -148,7 +163,9 @@ def save_peft_adapter(
     layer's own r, the padding dropped), and with DoRA `lora_magnitude_vector [out]`.
     `base_model_name_or_path` is recorded for `PeftModel.from_pretrained` users. An existing non-empty
     `out_dir` is refused unless `overwrite` (then the two files are replaced; other files are left
-    alone). Returns the folder.
+    alone). `about` (a training run's: {"step": "3", "state": "interrupted by SIGINT at step 3"}) goes
+    into the safetensors metadata as `jaxlora.<key>` and into a README.md. Returns the folder; `DiskFull`
+    when the space runs out (the partial file removed).
     """
     _refuse_text_tower(cfg, "export")
     paths = _ordered_paths(cfg, lora)
@@ -173,10 +190,7 @@ def save_peft_adapter(
     tensors.update(extra)
     config.update(extra_config)
     out = prepare_out_dir(out_dir, overwrite)
-    tmp = out / (ADAPTER_WEIGHTS + ".tmp")
-    write_safetensors(tmp, tensors, metadata={"format": "pt"})
-    os.replace(tmp, out / ADAPTER_WEIGHTS)
-    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_adapter_files(out, tensors, config, about)
     return out
 
 

@@ -1,5 +1,5 @@
 """An adapter folder, local or on the hub, and its `adapter_config.json` checked to be a LoRA adapter that
-jaxlora runs."""
+jaxlora runs; its files written (`write_adapter_files`: the weights, the config, a README.md)."""
 
 import json
 import os
@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 from jaxlora.errors import UserError
+from jaxlora.models.safetensors_io import write_safetensors
+from jaxlora.models.saving import DiskFull, out_of_space
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -73,3 +75,33 @@ def read_adapter_config(adapter_dir) -> dict:
         raise UserError(f"{path}: r must be a positive integer, got {conf.get('r')!r}")
     conf["_folder"] = str(folder)
     return conf
+
+
+def write_adapter_files(out: Path, tensors: dict, config: dict, about: dict[str, str] | None) -> None:
+    """The weights (replaced atomically), adapter_config.json and, with `about`, README.md."""
+    tmp = out / (ADAPTER_WEIGHTS + ".tmp")
+    meta = {"format": "pt", **{f"jaxlora.{k}": str(v) for k, v in (about or {}).items()}}
+    try:
+        write_safetensors(tmp, tensors, metadata=meta)
+        os.replace(tmp, out / ADAPTER_WEIGHTS)
+        (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if about is not None:
+            (out / "README.md").write_text(_readme(config, about))
+    except OSError as err:
+        if not out_of_space(err):
+            raise
+        tmp.unlink(missing_ok=True)
+        raise DiskFull("writing the adapter", out, sum(t.nbytes for t in tensors.values())) from None
+
+
+def _readme(config: dict, about: dict[str, str]) -> str:
+    """A short model card: what the adapter is for, and where in its training run it comes from."""
+    lines = [
+        "# LoRA adapter (PEFT format), written by jaxlora",
+        "",
+        f"- base model: {config['base_model_name_or_path']}",
+        *(f"- {key}: {value}" for key, value in about.items()),
+        "",
+        "Load it with `peft.PeftModel.from_pretrained(base, this_folder)`.",
+    ]
+    return "\n".join(lines) + "\n"

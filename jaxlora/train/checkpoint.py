@@ -14,6 +14,7 @@ data x tensor mesh.
 """
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlora.errors import UserError
+from jaxlora.models.saving import DiskFull, out_of_space
 
 
 class Checkpointer:
@@ -46,19 +48,55 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: dict, meta: dict) -> None:
-        """Write one checkpoint synchronously (overwrites nothing: steps are unique)."""
+        """Write one checkpoint synchronously (overwrites nothing: steps are unique). A full disk raises
+        `DiskFull` (one line: the step, the space it needs, the last intact checkpoint) and removes the
+        partial step; orbax's threads, which report the failure with tracebacks, are kept quiet."""
         if step in self.manager.all_steps():
             return
-        with _quiet_absl():
-            self.manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, **self.extra_meta})
-                ),
-            )
-            self.manager.wait_until_finished()
+        previous = sys.unraisablehook
+        sys.unraisablehook = _ignore_closed_loop(previous)
+        try:
+            with _quiet_absl(logging.CRITICAL):
+                self.manager.save(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state),
+                        meta=ocp.args.JsonSave({**meta, **self.extra_meta}),
+                    ),
+                )
+                self.manager.wait_until_finished()
+            if jax.process_index() == 0:
+                _write_manifest(self.directory / str(step))
+        except Exception as err:
+            if not out_of_space(err):
+                sys.unraisablehook = previous
+                raise
+        else:
+            sys.unraisablehook = previous
+            return
+        # raised here, once the error (and the writes its frames hold) is let go; the hook stays, as
+        # orbax's abandoned writes may end later, into its closed event loop
+        raise self._disk_full(step, state)
+
+    def _disk_full(self, step: int, state: dict) -> DiskFull:
+        """The `DiskFull` of saving `step`, after removing what was written of it (process 0)."""
+        logging.getLogger("asyncio").addFilter(_not_out_of_space)  # its report of each abandoned write
+        gc.collect()  # orbax's abandoned writes, closed now rather than at exit
         if jax.process_index() == 0:
-            _write_manifest(self.directory / str(step))
+            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            (self.directory / str(step) / (MANIFEST + ".tmp")).unlink(missing_ok=True)
+        last = newest_intact(self.directory, set_aside=False, quiet=True)
+        if last is None:
+            needed = sum(x.nbytes for x in jax.tree.leaves(state))
+            then = "; no checkpoint was saved before it: free some space and rerun"
+        else:
+            needed = sum(p.stat().st_size for p in (self.directory / str(last)).rglob("*") if p.is_file())
+            then = (
+                f"; the last intact checkpoint is step {last} ({self.directory / str(last)}): free some "
+                "space (or move output_dir to a larger disk) and rerun to resume from it"
+            )
+        return DiskFull(f"saving checkpoint step {step}", self.directory, needed, then)
 
     def restore(self, step: int, like: dict) -> tuple[dict, dict]:
         """Restore the state into the structure, dtypes and shardings of `like`, and the metadata.
@@ -224,15 +262,32 @@ def newest_intact(directory: Path, *, set_aside: bool, quiet: bool = False) -> i
     return None
 
 
+def _not_out_of_space(record: logging.LogRecord) -> bool:
+    """A logging filter: drop the records of a write that ran out of space (said once, as `DiskFull`)."""
+    return not (record.exc_info and out_of_space(record.exc_info[1]))
+
+
+def _ignore_closed_loop(previous):
+    """An unraisable hook that drops what orbax's failed writes leave behind: their callbacks into its
+    event loop, closed by then, raise "Event loop is closed" one by one; `previous` gets the rest."""
+
+    def hook(info) -> None:
+        if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed":
+            return
+        previous(info)
+
+    return hook
+
+
 @contextlib.contextmanager
-def _quiet_absl():
+def _quiet_absl(level: int = logging.ERROR):
     absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)
+    old = absl.level
+    absl.setLevel(level)
     try:
         yield
     finally:
-        absl.setLevel(level)
+        absl.setLevel(old)
 
 
 def _abstract(x) -> jax.ShapeDtypeStruct:

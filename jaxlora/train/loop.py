@@ -1,16 +1,19 @@
 """`train(cfg)`: LoRA fine-tuning from a `Config`, as a recipe of named steps:
 
     model = open_model(cfg)                   the model's folder and config.json, read once (`setup`)
+    check_peft_export(model.config, cfg.lora) what the adapter's export would refuse, refused now
     plan = choose_plan(cfg, model)            devices and hosts, checked against the model's config.json
-    run = open_run(cfg, resume, plan)         output_dir: claim it, resume or start clean (`run_dir`)
+    run = open_run(cfg, resume, plan)         output_dir: claim it, resume or start clean (`run_dir`); a
+                                              finished run with nothing left to do returns here
     tokenizer = load_checked_tokenizer(...)   the tokenizer, checked against the model (`checks`)
     base = load_base(cfg, plan, vocab, model) the frozen base weights (grown for added tokens), on the devices
     data = build_data(cfg, tokenizer, plan)   training batches, validation examples, the number of steps
-    run.commit(cfg, plan)                     setup succeeded: config.yaml written, an old run cleaned
+    run.commit(cfg, plan, data.total_steps)   setup succeeded: config.yaml written, an old run cleaned
     state = build_state(...)                  LoRA and optimizer state, fresh or from a checkpoint (`state`)
     steps = compile_steps(...)                the train and eval steps, compiled for the plan
     state, stopped_by = run_loop(...)         steps, logging, evaluation, checkpoints, stop signals
-    finish(...)                               the last checkpoint and evaluation, the PEFT adapter
+    finish(...)                               the last checkpoint and evaluation, the PEFT adapter (also
+                                              after SIGINT/SIGTERM: the checkpoint saved then, so marked)
 
 None of them knows which parallel strategy runs: the `Plan` (`jaxlora.parallel`, docs/multi-gpu.md) places
 the arrays, compiles the steps and assembles each batch. With several processes every process runs this
@@ -21,6 +24,7 @@ TensorBoard events, run_state.json and the adapter, while checkpoints are writte
 import dataclasses
 import logging
 import math
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,8 +35,10 @@ import optax
 from jaxlora.config import Config
 from jaxlora.lora import Adapter, lora_scale
 from jaxlora.lora.tokens import RESIZED, resized_entry
+from jaxlora.models.saving import DiskFull
 from jaxlora.parallel import Plan
 from jaxlora.peft import save_peft_adapter
+from jaxlora.peft.adapter import check_peft_export
 from jaxlora.train.checkpoint import Checkpointer, restore_lora, rng_from_array
 from jaxlora.train.checks import check_schedule, load_checked_tokenizer
 from jaxlora.train.memory_plan import preflight, run_step_memory
@@ -69,6 +75,7 @@ class TrainResult:
     step: int
     interrupted: int = 0  # the signal number that stopped the run, 0 if it finished
     eval_history: list = dataclasses.field(default_factory=list)
+    finished_before: bool = False  # the run had already finished at `step`: nothing was done
 
 
 def train(
@@ -76,16 +83,22 @@ def train(
 ) -> TrainResult:
     """Run LoRA fine-tuning as configured; see `docs/configuration.md` and `docs/multi-gpu.md`.
 
-    Returns a `TrainResult`. `on_step(step, metrics)` (optional) is called after each logging interval with
-    host metrics. SIGTERM/SIGINT stop the run after a checkpoint; `signals` (optional) is where the
-    caller's own handlers record a signal (`jaxlora.cli.signals.RECEIVED`): one recorded before the loop
+    Returns a `TrainResult` (`finished_before`: the run in `output_dir` had already finished and this
+    config leaves it nothing to do; nothing was read or written). `on_step(step, metrics)` (optional) is
+    called after each logging interval with host metrics. SIGTERM/SIGINT stop the run after a checkpoint
+    (exported to adapter/, marked interrupted); `signals` (optional) is where the caller's own handlers
+    record a signal (`jaxlora.cli.signals.RECEIVED`): one recorded before the loop
     stops it at once (`jaxlora.train.stop`). Multi-host: every process calls `train` with the same config.
     """
     model = open_model(cfg)
+    check_peft_export(model.config, cfg.lora)  # what the adapter's export would refuse at the end
     plan = choose_plan(cfg, model)
     if cfg.train.preflight:  # refuse a plan that does not fit, before any weights are read
         preflight(cfg, model, plan)
     run = open_run(cfg, resume, plan)  # decides and checks; writes nothing yet
+    if run.finished is not None:  # a finished run with nothing left to do: read nothing, write nothing
+        run.release()
+        return TrainResult(run.path, run.finished, finished_before=True)
     try:
         tokenizer = load_checked_tokenizer(cfg, model)
         base = load_base(cfg, plan, len(tokenizer), model)
@@ -95,7 +108,7 @@ def train(
     except BaseException:
         run.abandon()  # a failed setup leaves the folder as it found it
         raise
-    run.commit(cfg, plan)  # config.yaml keeps the texts as written
+    run.commit(cfg, plan, data.total_steps)  # config.yaml keeps the texts as written
     cfg = resolved
     if run.main and cfg.data.add_special_tokens:
         save_run_vocab(run.path, tokenizer, base.rows, base.vocab_before)
@@ -274,39 +287,26 @@ def finish(
     watch: Watch | None = None,
     tokenizer=None,
 ) -> TrainResult:
-    """Unless a signal stopped the run, evaluate (once per step); save the last checkpoint; unless a
-    signal stopped the run, export the PEFT adapter from the last step or, with `checkpoint.export`
-    best, from the best checkpoint (a PiSSA/OLoRA one converted against `initial`, so it applies to the
-    original base; with the tokenizer, and a grown vocabulary's embedding layers as PEFT saves them); close
+    """Unless a signal stopped the run, evaluate (once per step); save the last checkpoint; export the
+    PEFT adapter (`export_adapter`): from the last step or, with `checkpoint.export` best and no signal,
+    from the best checkpoint; after a signal from the checkpoint just saved, marked as interrupted. Close
     the run's files and write run_state.json."""
     evaluated = watch is not None and watch.best.last_step == state.step
     if not stopped_by and cfg.train.eval_every_steps is not None and not evaluated:
         _eval_and_watch(cfg, steps, state, data, ckpt, progress, watch)
     save_state(ckpt, state, data.loader)
-    adapter_from = None
-    if not stopped_by:
-        lora = plan.to_host(state.adapter.tree())  # a collective when LoRA is sharded over hosts
-        grown = None  # a grown vocabulary: its embedding layers go into the adapter file, as PEFT's
-        if steps.base.rows is not None:
-            layers = {k: v for k, v in steps.base.params.items() if k in ("embed", "lm_head")}
-            grown = resized_entry(plan.to_host(layers), steps.base.config)
-        adapter_from = f"last step, {state.step}"
-        best_step = watch.best.best_step if watch is not None else None
-        from_best = cfg.checkpoint.export == "best" and best_step is not None and best_step != state.step
-        if from_best:
-            adapter_from = f"best step, {best_step}"
-        if run.main:
-            if from_best:
-                lora, _ = restore_lora(run.path / BEST_DIR)
-            if grown is not None:
-                lora = {**lora, RESIZED: grown}
-            base = steps.base
-            out = run.path / "adapter"
-            save_peft_adapter(
-                out, lora, cfg.lora, base.config, base.name, overwrite=True, initial_lora=initial
-            )
-            if tokenizer is not None:  # beside the adapter, as transformers' Trainer saves it
-                tokenizer.save_pretrained(str(out))
+    best_step = watch.best.best_step if watch is not None else None
+    from_best = cfg.checkpoint.export == "best" and best_step is not None and best_step != state.step
+    from_best = from_best and not stopped_by
+    adapter_from = f"best step, {best_step}" if from_best else f"last step, {state.step}"
+    if stopped_by:
+        adapter_from = f"checkpoint saved at the stop, step {state.step}"
+    about = {"step": str(best_step if from_best else state.step), "from": adapter_from.split(",")[0]}
+    about["state"] = f"finished at step {state.step}"
+    if stopped_by:
+        about["state"] = f"{stop_words(stopped_by)} at step {state.step}"
+        about["note"] = "the run is not finished: this is its checkpoint at the stop (rerun it to resume)"
+    export_adapter(cfg, run, plan, state, steps, initial, tokenizer, from_best, about)
     best = watch.best if watch is not None and cfg.checkpoint.keep_best else None
     progress.say(end_summary(run.path, adapter_from, best, curves(run.path)))
     progress.close()
@@ -315,6 +315,52 @@ def finish(
     write_run_state(run, state.step, finished=not stopped_by)
     plan.barrier("jaxlora-run-done")
     return TrainResult(run.path, state.step, stopped_by, progress.eval_history)
+
+
+def stop_words(signum: int) -> str:
+    """How a stop by `signum` is said, here and by the command lines: "interrupted by SIGINT"."""
+    return f"interrupted by {signal.Signals(signum).name}"
+
+
+def export_adapter(
+    cfg: Config,
+    run: RunDir,
+    plan: Plan,
+    state: TrainState,
+    steps: Steps,
+    initial: dict | None,
+    tokenizer,
+    from_best: bool,
+    about: dict[str, str],
+) -> None:
+    """Write `adapter/` from the last step or the best checkpoint (a PiSSA/OLoRA one converted against
+    `initial`, so it applies to the original base; with the tokenizer, and a grown vocabulary's embedding
+    layers as PEFT saves them); `about` goes into its metadata and README.md. A full disk: `DiskFull`
+    saying that the last checkpoint is intact."""
+    lora = plan.to_host(state.adapter.tree())  # a collective when LoRA is sharded over hosts
+    grown = None  # a grown vocabulary: its embedding layers go into the adapter file, as PEFT's
+    if steps.base.rows is not None:
+        layers = {k: v for k, v in steps.base.params.items() if k in ("embed", "lm_head")}
+        grown = resized_entry(plan.to_host(layers), steps.base.config)
+    if not run.main:
+        return
+    if from_best:
+        lora, _ = restore_lora(run.path / BEST_DIR)
+    if grown is not None:
+        lora = {**lora, RESIZED: grown}
+    base, out = steps.base, run.path / "adapter"
+    try:
+        save_peft_adapter(
+            out, lora, cfg.lora, base.config, base.name, overwrite=True, initial_lora=initial, about=about
+        )
+    except DiskFull as err:
+        raise err.said(
+            f"writing the adapter of step {about['step']}",
+            f"; checkpoint step {state.step} in {run.path / 'checkpoints'} is intact: free some space, then "
+            f"export it with `jaxlora export --run {run.path} --format peft --out DIR`",
+        ) from None
+    if tokenizer is not None:  # beside the adapter, as transformers' Trainer saves it
+        tokenizer.save_pretrained(str(out))
 
 
 def _eval_and_watch(

@@ -6,7 +6,8 @@ Opening a run only decides and checks (nothing is written): the folder is a writ
 being resumed was made with a compatible config (`config_changes`). The run's files are written by
 `RunDir.commit`, once setup (model, tokenizer, data) has succeeded, so a setup that fails leaves nothing
 behind that blocks the corrected rerun. A folder that holds only the files of a run stopped before its
-first checkpoint is such a leftover and is reused. With several processes, every process decides whether
+first checkpoint is such a leftover and is reused. A run that finished, and that this config gives
+nothing more to do (`finished_step`), is left as it is. With several processes, every process decides whether
 to resume before process 0 cleans anything; then only process 0 writes here, except checkpoints/, which
 all processes write together (see `jaxlora.train.checkpoint`).
 """
@@ -14,6 +15,7 @@ all processes write together (see `jaxlora.train.checkpoint`).
 import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from jaxlora.config import Config, config_from_dict, save_config
+from jaxlora.config import Config, config_from_dict
 from jaxlora.errors import UserError
 from jaxlora.parallel import Plan
 from jaxlora.train.checkpoint import newest_intact
@@ -75,14 +77,16 @@ class RunDir:
     clean: bool = False  # commit removes an earlier run's files first (overwrite, or a failed setup's)
     created: bool = False  # this run created the folder (removed again if setup fails)
     locked: bool = False
+    finished: int | None = None  # the step the run being resumed finished at, with nothing left to do
 
-    def commit(self, cfg: Config, plan: Plan) -> None:
-        """Setup succeeded: take the folder (clean an overwritten run, save config.yaml)."""
+    def commit(self, cfg: Config, plan: Plan, total_steps: int) -> None:
+        """Setup succeeded: take the folder (clean an overwritten run, save config.yaml for a run of
+        `total_steps`)."""
         plan.barrier("jaxlora-output-dir-read")
         if self.main:
             if self.clean:
                 _remove_run_files(self.path)
-            save_config(cfg, self.path / "config.yaml")
+            save_run_config(cfg, self.path / "config.yaml", total_steps)
         plan.barrier("jaxlora-output-dir-ready")
 
     def abandon(self) -> None:
@@ -100,6 +104,31 @@ class RunDir:
             self.locked = False
 
 
+def save_run_config(cfg: Config, path: Path, total_steps: int) -> None:
+    """config.yaml: the resolved config (`save_config`), with the warmup written once: the key the run
+    takes it from (`train.warmup_ratio` when set, else `train.warmup_steps`), the other left out, and a
+    comment with the steps it comes to (as `jaxlora.train.optim.learning_rate_schedule` counts them)."""
+    t = cfg.train
+    if t.warmup_ratio is not None:
+        key, warmup = "warmup_ratio", int(t.warmup_ratio * total_steps)
+        source = "train.warmup_ratio"
+    else:
+        key, warmup = "warmup_steps", t.warmup_steps
+        source = "train.warmup_steps" if "warmup_steps" in t.model_fields_set else "the default"
+    if warmup > max(total_steps - 1, 0):
+        warmup, source = max(total_steps - 1, 0), f"{source}, cut to the run's length"
+    unused = "warmup_steps" if key == "warmup_ratio" else "warmup_ratio"
+    data = cfg.to_dict()
+    del data["train"][unused]
+    head, train, rest = yaml.safe_dump(data, sort_keys=False, allow_unicode=True).partition("\ntrain:\n")
+    note = f"  # warmup: {warmup} of the run's {total_steps} steps ({source})"
+    rest = re.sub(rf"^(  {key}: .*)$", lambda m: m.group(1) + note, rest, count=1, flags=re.MULTILINE)
+    text = head + train + rest
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("# jaxlora resolved config\n" + text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def open_run(cfg: Config, resume: bool, plan: Plan) -> RunDir:
     """Claim `cfg.output_dir` for this run and decide whether to resume; writes nothing but the folder
     (when missing) and its lock. Raises UserError for a folder that holds something else (unless
@@ -112,10 +141,32 @@ def open_run(cfg: Config, resume: bool, plan: Plan) -> RunDir:
         if plan.is_main:
             run.locked = _lock(out)
         run.resuming, run.clean = _decide(cfg, out, resume)
+        run.finished = finished_step(cfg, out) if run.resuming else None
+        if run.resuming and run.finished is None:
+            for line in _resume_notes(cfg, out):
+                print(line, file=sys.stderr)
     except BaseException:
         run.abandon()
         raise
     return run
+
+
+def finished_step(cfg: Config, out: Path) -> int | None:
+    """The step a finished run in `out` ended at, when this config leaves it nothing to do: run_state.json
+    says finished, its newest intact checkpoint is that step, and the run's length is unchanged (or a
+    `train.max_steps` at or below that step). None: the run goes on (or resumes after a signal)."""
+    try:
+        state = json.loads((out / "run_state.json").read_text())
+        step, done = int(state["step"]), state["finished"] is True
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not done or newest_intact(out / "checkpoints", set_aside=False, quiet=True) != step:
+        return None
+    saved = _saved_config(out / "config.yaml").get("train", {}) if (out / "config.yaml").is_file() else {}
+    t = cfg.train
+    same = saved.get("max_steps") == t.max_steps and saved.get("num_epochs") == t.num_epochs
+    shorter = t.num_epochs is None and t.max_steps is not None and t.max_steps <= step
+    return step if same or shorter else None
 
 
 def _make_dir(out: Path) -> bool:
@@ -188,7 +239,11 @@ def _decide(cfg: Config, out: Path, resume_flag: bool) -> tuple[bool, bool]:
         )
     if has_ckpt and mode != "never" and not cfg.overwrite:
         newest_intact(out / "checkpoints", set_aside=False, quiet=True)  # UserError if none is intact
-        check_config_changes(cfg, out)
+        check_config_changes(cfg, out)  # refuses an incompatible one
+        if (out / "adapter").exists() and not (out / "adapter").is_dir():  # the export would refuse it
+            raise UserError(
+                f"{out / 'adapter'} is a file; the run writes its PEFT adapter there: move the file away"
+            )
         return True, False
     others = sorted(p.name for p in out.iterdir() if p.name != LOCK)
     if not others:
@@ -237,6 +292,9 @@ def _saved_config(path: Path) -> dict:
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     """(compatible, incompatible) changes between two configs (as dicts), as `key old -> new` texts."""
     a, b = _flat(old), _flat(new)
+    if a.get("train.warmup_ratio") is not None and b.get("train.warmup_ratio") is not None:
+        a.pop("train.warmup_steps", None)  # not used by either run (config.yaml leaves it out)
+        b.pop("train.warmup_steps", None)
     compatible, incompatible = [], []
     for key in sorted(set(a) | set(b)):
         if a.get(key) == b.get(key):
@@ -247,11 +305,11 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     return compatible, incompatible
 
 
-def check_config_changes(cfg: Config, out: Path) -> None:
-    """Refuse to resume a run made with an incompatible config; print one line per compatible change."""
+def check_config_changes(cfg: Config, out: Path) -> list[str]:
+    """Refuse to resume a run made with an incompatible config; the compatible changes, as found."""
     saved = out / "config.yaml"
     if not saved.is_file():
-        return
+        return []
     old = _saved_config(saved)
     compatible, incompatible = config_changes(old, cfg.model_dump(mode="json"))
     if incompatible:
@@ -259,14 +317,21 @@ def check_config_changes(cfg: Config, out: Path) -> None:
             f"output_dir {out} holds a run made with another config ({'; '.join(incompatible)}); "
             "choose a new output_dir, or set overwrite=true to start that run afresh"
         )
-    for change in compatible:
+    return compatible
+
+
+def _resume_notes(cfg: Config, out: Path) -> list[str]:
+    """One line per compatible change of the run being resumed."""
+    lines = []
+    for change in check_config_changes(cfg, out):
         if change.split(" ", 1)[0] in ("output_dir", "overwrite", "checkpoint.resume"):
             continue  # where the run is and how it was found: nothing about the run itself
         note = ""
         if change.startswith(("train.max_steps", "train.num_epochs")):
             note = " (the learning-rate decay is stretched over the new length"
             note += ", and so is the warmup, set as train.warmup_ratio)" if cfg.train.warmup_ratio else ")"
-        print(f"resuming {out} with {change}{note}", file=sys.stderr)
+        lines.append(f"resuming {out} with {change}{note}")
+    return lines
 
 
 def write_run_state(run: RunDir, step: int, finished: bool) -> None:

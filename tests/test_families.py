@@ -1,4 +1,4 @@
-"""[families] Gemma 1/2/3, Phi-3, OLMo 2, SmolLM3 against transformers and PEFT, trained, sharded.
+"""[families] Gemma 1/2/3, Phi-3, OLMo 2, Olmo 3, SmolLM3 against transformers and PEFT, trained, sharded.
 
 One tiny random checkpoint per family (tests/helpers/hf_tiny.py, saved with `save_pretrained`, stories260K's
 tokenizer beside it) is built once per module and serves every check: padded-batch logits, KV cache,
@@ -259,6 +259,63 @@ def test_phi3_transformers4_longrope_layout():
     assert cfg.rope_attention_factor == pytest.approx((1 + np.log(4) / np.log(32)) ** 0.5)
     with pytest.raises(UserError, match="2 values each"):
         config_from_hf({**hf, "rope_scaling": {**hf["rope_scaling"], "short_factor": [1.0]}})
+
+
+def _olmo3(**kw) -> dict:  # the transformers 4 layout: rope_theta and a rope_scaling for the full layers
+    base = dict(
+        model_type="olmo3",
+        vocab_size=64,
+        pad_token_id=1,
+        eos_token_id=2,
+        hidden_size=256,
+        intermediate_size=48,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        max_position_embeddings=65536,
+        rope_theta=500_000.0,
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 8192,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        },
+    )
+    return {**base, **kw}
+
+
+def test_olmo3_transformers4_layout_scales_the_full_layers_as_transformers():
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from jaxlora.models.rope import LayerRope, layer_inv_freq
+
+    old = _olmo3()
+    written = AutoConfig.for_model(**old)  # transformers 5 moves rope_scaling to the full layers
+    cfg = config_from_hf(old)
+    assert cfg == config_from_hf(written.to_dict())
+    assert cfg.layer_rope == ("local", "local", "local", "global") * 2
+    assert cfg.sliding_windows == (4096, 4096, 4096, 0) * 2
+    assert (cfg.rope_type, cfg.rope_theta, cfg.rope_local_theta) == ("yarn", 500_000.0, 500_000.0)
+    rope = layer_inv_freq(cfg, jnp.arange(4)[None])
+    assert isinstance(rope, LayerRope)
+    for kind, i in (("full_attention", 3), ("sliding_attention", 0)):
+        inv, factor = ROPE_INIT_FUNCTIONS.get(written.rope_parameters[kind]["rope_type"], _default_rope)(
+            written, layer_type=kind
+        )
+        np.testing.assert_allclose(np.asarray(rope.inv_freq[i]), inv.numpy(), rtol=1e-6)
+        assert float(rope.factor[i]) == pytest.approx(factor)
+    assert float(rope.factor[3]) == pytest.approx(0.1 * np.log(8) + 1)
+    with pytest.raises(UserError, match="Olmo 3's sliding layers"):
+        config_from_hf(
+            _olmo3(rope_parameters={"full_attention": {}, "sliding_attention": {"rope_type": "linear"}})
+        )
+
+
+def _default_rope(config, layer_type):
+    from transformers.models.olmo3.modeling_olmo3 import Olmo3RotaryEmbedding
+
+    return Olmo3RotaryEmbedding.compute_default_rope_parameters(config, layer_type=layer_type)
 
 
 def test_unsupported_model_type_lists_the_families():

@@ -55,9 +55,9 @@ def transformers_default(mt: str, key: str):
         return f.default_factory() if f.default is dataclasses.MISSING else f.default
     made = cls()  # RoPE settings and Gemma 3's pattern are set when the class is built
     rope = made.rope_parameters or {}
-    if mt == "gemma3_text":
+    if mt in ("gemma3_text", "olmo3"):  # RoPE per layer type
         rope = rope["sliding_attention" if key == "rope_local_base_freq" else "full_attention"]
-        if key == "sliding_window_pattern":
+        if key == "sliding_window_pattern" and mt == "gemma3_text":
             return made._sliding_window_pattern
     elif key == "rope_local_base_freq":
         return MISSING

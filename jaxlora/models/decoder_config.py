@@ -57,10 +57,15 @@ class DecoderConfig:
     # Phi-3 longrope: per-frequency divisors below/above rope_original_max_positions, cos/sin factor.
     rope_short_factor: tuple[float, ...] = ()
     rope_long_factor: tuple[float, ...] = ()
-    rope_attention_factor: float = 1.0
+    rope_attention_factor: float = 1.0  # longrope and YaRN: cos and sin times this (global layers)
+    # YaRN: the ramp between interpolated and original frequencies, over the dims whose rotations in
+    # rope_original_max_positions lie between beta_fast and beta_slow (bounds rounded out with truncate).
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True
     # RoPE turns the first rotary_dim dims of a head only (Phi-3 partial_rotary_factor); 0 = head_dim.
     rotary_dim: int = 0
-    # Gemma 3: the RoPE base of local (sliding) layers, default scaling; 0 = no local RoPE.
+    # Gemma 3, Olmo 3: the RoPE base of local (sliding) layers, default scaling; 0 = no local RoPE.
     rope_local_theta: float = 0.0
     # Per layer: "global" RoPE, "local" RoPE (rope_local_theta) or "none" (SmolLM3's NoPE layers);
     # empty = all global.

@@ -64,6 +64,7 @@ class Family:
 _EXPERTS_V4 = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
 _GEMMA = dict(norm_offset=1.0, embed_scale=True)  # RMSNorm times (1 + w); embeddings times sqrt(D)
 _GEMMA2 = dict(_GEMMA, post_norm=True)
+_OLMO2 = dict(pre_norm=False, post_norm=True, qk_norm_full=True)  # post-norms only, q/k norms over N*H
 
 # model_type -> family; the order is that of the "supported" list in error messages.
 FAMILIES: dict[str, Family] = {
@@ -158,7 +159,14 @@ FAMILIES: dict[str, Family] = {
     "olmo2": Family(  # norms on the outputs only; q/k norms over the whole projection
         w.OLMO2,
         dict(rms_norm_eps=1e-5),
-        switches=dict(pre_norm=False, post_norm=True, qk_norm_full=True),
+        switches=_OLMO2,
+        buffers=(w.ROTARY,),
+    ),
+    "olmo3": Family(  # OLMo 2 with sliding layers (every 4th full) and their own RoPE
+        w.OLMO2,
+        dict(rope_theta=500_000.0, rms_norm_eps=1e-5, sliding_window=4096),
+        switches=_OLMO2,
+        layers=sw.olmo3_layers,
         buffers=(w.ROTARY,),
     ),
     "smollm3": Family(

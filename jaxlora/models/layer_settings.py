@@ -10,7 +10,7 @@ from collections.abc import Callable
 from jaxlora.errors import UserError
 from jaxlora.models.family_defaults import HFConfig
 
-ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 SLIDING, FULL = "sliding_attention", "full_attention"  # the layer types of transformers' `layer_types`
 # A family's layer types when config.json has no `layer_types`: (hf, num_layers) -> one type per layer.
 Pattern = Callable[[HFConfig, int], list[str]]
@@ -47,6 +47,8 @@ def rope_settings(hf: HFConfig, head_dim: int) -> dict:
         out["rope_original_max_positions"] = int(params.get("original_max_position_embeddings", 8192))
     if rope_type == "longrope":
         out.update(longrope(hf, params, rotary))
+    if rope_type == "yarn":
+        out.update(yarn(hf, params))
     return out
 
 
@@ -66,6 +68,34 @@ def longrope(hf: HFConfig, params: dict, rotary: int) -> dict:
         "rope_long_factor": tuple(float(x) for x in long),
         "rope_attention_factor": float(attention),
     }
+
+
+def yarn(hf: HFConfig, params: dict) -> dict:
+    """YaRN: the interpolation factor, the original length, the ramp's rotation bounds and the cos/sin
+    factor (given, else from `factor` and `mscale`/`mscale_all_dim`), read as transformers does."""
+    longest = hf.value("max_position_embeddings")
+    orig = int(params.get("original_max_position_embeddings") or longest)
+    factor = float(params.get("factor") or longest / orig)
+    attention = params.get("attention_factor")
+    if attention is None:
+        mscale, all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        attention = (
+            _mscale(factor, mscale) / _mscale(factor, all_dim) if mscale and all_dim else _mscale(factor)
+        )
+    # transformers reads `truncate` at the top of `rope_parameters`, not inside a layer type's dict
+    top = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    return {
+        "rope_factor": factor,
+        "rope_original_max_positions": orig,
+        "rope_attention_factor": float(attention),
+        "rope_beta_fast": float(params.get("beta_fast") or 32),
+        "rope_beta_slow": float(params.get("beta_slow") or 1),
+        "rope_truncate": bool(top.get("truncate", True)),
+    }
+
+
+def _mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def eos_ids(value) -> tuple[int, ...]:

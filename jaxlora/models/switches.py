@@ -170,6 +170,24 @@ def gemma3_layers(hf: HFConfig) -> dict:
     }
 
 
+def olmo3_layers(hf: HFConfig) -> dict:
+    """Olmo 3: every 4th layer full (without `layer_types`), the others sliding; the full layers take the
+    global RoPE (a 4.x `rope_scaling` such as YaRN applies to them only), the sliding ones default RoPE with
+    `rope_parameters["sliding_attention"]`'s base, else `rope_theta`."""
+    n = hf["num_hidden_layers"]
+    types = layer_types(hf, n, lambda hf, n: every(4, n))
+    _, local = rope_parameters(hf)
+    if local is not None and (local.get("rope_type") or "default") != "default":
+        raise UserError("config.json: only default RoPE is supported for Olmo 3's sliding layers")
+    return {
+        "sliding_windows": sliding_windows(hf, n, types),
+        "layer_rope": tuple("local" if t == SLIDING else "global" for t in types),
+        "rope_local_theta": float((local or {}).get("rope_theta", hf.value("rope_theta"))),
+        # transformers reads YaRN's `truncate` beside the layer types' dicts, where it never is
+        "rope_truncate": True,
+    }
+
+
 def gpt2_layers(hf: HFConfig) -> dict:
     """GPT-2: learned positions, no window."""
     return {"sliding_windows": (0,) * hf["n_layer"]}

@@ -9,7 +9,7 @@ import torch
 
 FAMILIES = ("llama", "llama_tied_mqa", "mistral", "qwen2", "qwen3", "gpt2")
 # The families of tests/test_families.py (one module-scoped model each, not run through every test above).
-NEW_FAMILIES = ("gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3")
+NEW_FAMILIES = ("gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "olmo3", "smollm3")
 # Mixture-of-experts families (tests/test_moe.py): 8 experts, top-2.
 MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
 # stories260K's tokenizer, copied beside a tiny checkpoint that a run trains on
@@ -119,6 +119,22 @@ def _new_family_config(family: str, common: dict):
         )
     if family == "olmo2":  # post-norms only, q/k norms over the whole projection
         return AutoConfig.for_model("olmo2", **common, num_key_value_heads=2)
+    if family == "olmo3":  # 3 sliding layers (window 4) then a full one; YaRN on the full one only
+        return AutoConfig.for_model(
+            "olmo3",
+            **{**common, "num_hidden_layers": 4},
+            num_key_value_heads=2,
+            sliding_window=4,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                "full_attention": {
+                    "rope_type": "yarn",
+                    "rope_theta": 10000.0,
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 32,
+                },
+            },
+        )
     if family == "smollm3":  # layer 1 has no RoPE and a sliding window of 4
         return AutoConfig.for_model(
             "smollm3",

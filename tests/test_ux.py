@@ -75,7 +75,7 @@ def test_start_summary_counts_the_lora_tree(killed_run):
     peft = load_file(out / "adapter" / "adapter_model.safetensors")
     assert trainable == sum(t.size for t in peft.values())
     assert float(match.group(3)) == pytest.approx(100 * trainable / total, abs=1e-4)
-    assert re.search(r"data: 886 examples, [\d,]+ tokens, \d+ at seq_len 256 \(truncated\)", first)
+    assert re.search(r"data: 886 examples, [\d,]+ tokens; \d+ reach data\.seq_len 256 \(truncated\)", first)
     assert "validation: 47 examples" in first
     assert "steps: 6 (" in first and "effective batch 2" in first and "model: " in first
     assert "resuming at step 3" in resumed
@@ -349,11 +349,13 @@ def test_plot_metrics_draws_reward_margins_in_a_middle_panel(tmp_path, capsys, m
     assert done.value.code == 0 and (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_progress_bar_says_compiling_then_shows_loss_lr_speed_and_eta(assets, tmp_path, capsys):
+def test_progress_bar_says_compiling_then_shows_loss_lr_speed_and_eta(assets, tmp_path, capsys, monkeypatch):
     import optax
 
     from jaxlora.train.progress import Progress
     from jaxlora.train.run_dir import RunDir
+
+    monkeypatch.setattr("jaxlora.train.progress.on_terminal", lambda: True)  # the bar is for terminals
 
     cfg = config_from_dict(tiny_config(assets, tmp_path / "run", **{"logging.progress_bar": True}))
     (tmp_path / "run").mkdir()

@@ -7,11 +7,14 @@ of training (`jaxlora.train.samples.render_prompt`) and argument checks.)
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
 import yaml
+from safetensors import SafetensorError, safe_open
 
+from jaxlora.data.templates import CHAT_TEMPLATES, resolve_chat_template
 from jaxlora.errors import UserError
 from jaxlora.lora import lora_scale
 from jaxlora.lora.tokens import with_embeddings
@@ -50,6 +53,99 @@ def resolve_adapter(path: str) -> tuple[Path, dict | None]:
     raise UserError(
         f"--adapter {folder} holds no adapter_config.json; give an adapter folder or a run folder"
     )
+
+
+def run_adapter_notes(path: str) -> list[str]:
+    """What `--adapter RUN` loads, in lines for the console: the step `RUN/adapter/` holds and, when the
+    run has a newer checkpoint (a resumed run that was stopped or crashed), that it is older and how to
+    export the latest. Empty for an adapter folder.
+
+    The step is the one the run recorded in the adapter's metadata (`jaxlora.step`, with where it came
+    from and the run's state). An adapter without it was written right after the checkpoint of its last
+    step: its step is the newest checkpoint written before it (the best step when `checkpoint.export` is
+    best). A checkpoint written after the adapter is newer than it."""
+    run = Path(path).expanduser()
+    adapter = run / "adapter"
+    if (run / "adapter_config.json").is_file() or not (adapter / "adapter_config.json").is_file():
+        return []
+    written = max(f.stat().st_mtime_ns for f in adapter.iterdir() if f.is_file())
+    saved = _checkpoint_times(run / "checkpoints")
+    newer = [s for s, t in saved.items() if t > written]
+    lines = [f"adapter: {adapter} ({_adapter_step(run, written, saved, newer)})"]
+    if newer:
+        lines.append(
+            f"note: {adapter} is older than the run's newest checkpoint (step {max(newer)}); export that "
+            f"one with: python scripts/export.py --run {run} --format peft --out DIR"
+        )
+    return lines
+
+
+def _adapter_step(run: Path, written: int, saved: dict[int, int], newer: list[int]) -> str:
+    """Which step `run/adapter/` holds, in words: "step 300, the run's last step"."""
+    recorded = _recorded(run / "adapter")
+    if "step" in recorded:  # "step 261, from the checkpoint saved at the stop; run interrupted by ..."
+        what = f"step {recorded['step']}"
+        what += f", from the {recorded['from']}" if "from" in recorded else ""
+        return what + (f"; run {recorded['state']}" if "state" in recorded else "")
+    before = [s for s, t in saved.items() if t <= written]
+    step = max(before) if before else None
+    what = "its step is unknown: no older checkpoint is kept" if step is None else f"step {step}"
+    cfg, state = _run_config(run) or {}, _run_state(run)
+    best = _checkpoint_times(run / "best_checkpoint")
+    best_step = max(best) if best and (cfg.get("checkpoint") or {}).get("export") == "best" else None
+    if step is not None and best_step not in (None, step) and best[best_step] <= written:
+        what = f"step {best_step}, the best step (the run was at step {step})"
+    elif step is not None and not newer and state.get("finished") and state.get("step") == step:
+        what += ", the run's last step"
+    return what
+
+
+def _recorded(adapter: Path) -> dict[str, str]:
+    """What the run wrote into the adapter file's metadata (`jaxlora.step`, `.from`, `.state`), or {}."""
+    try:
+        with safe_open(str(adapter / "adapter_model.safetensors"), "np") as f:
+            meta = f.metadata() or {}
+    except (OSError, SafetensorError):
+        return {}
+    return {k.removeprefix("jaxlora."): v for k, v in meta.items() if k.startswith("jaxlora.")}
+
+
+def _checkpoint_times(folder: Path) -> dict[int, int]:
+    """{step: when its checkpoint was complete (ns)}: the mtime of the file list written last."""
+    if not folder.is_dir():
+        return {}
+    out = {}
+    for p in folder.iterdir():
+        done = p / "jaxlora_files.json"
+        if p.name.isdigit() and done.is_file():
+            out[int(p.name)] = done.stat().st_mtime_ns
+    return out
+
+
+def _run_state(run: Path) -> dict:
+    try:
+        return json.loads((run / "run_state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def chat_template_for(tokenizer, name: str | None) -> str:
+    """The chat template for --format chat and --chat: `--chat-template` (a name, Jinja text or a .jinja
+    file), else the run's `data.chat_template`, else the tokenizer's own; the errors name --chat-template."""
+    try:
+        return resolve_chat_template(tokenizer, name)
+    except UserError as err:
+        names = ", ".join(sorted(CHAT_TEMPLATES))
+        if name is None:
+            raise UserError(
+                f"the tokenizer has no chat template; pass --chat-template ({names}, Jinja text or a "
+                ".jinja file)"
+            ) from None
+        if "not found" in str(err):
+            raise UserError(f"--chat-template: file not found: {name}") from None
+        raise UserError(
+            f"--chat-template {name!r} is not a known template; use {names}, Jinja text or a .jinja file"
+        ) from None
 
 
 def _run_config(run: Path | None) -> dict | None:
@@ -132,6 +228,8 @@ def run_generation(
     _check(max_new_tokens, temperature, top_p)
     if fmt != "raw":
         gen = Generator(model, dtype, adapter, quant, allow_pickle)
+        if fmt == "chat":
+            chat_template = chat_template_for(gen.tokenizer, chat_template)
         texts = [render_prompt(fmt, p, gen.tokenizer, chat_template) for p in prompts]
         kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         return gen.complete(texts, max_new_tokens, **kw)
@@ -192,6 +290,7 @@ def chat(
     _check(max_new_tokens, kw.get("temperature", 0.0), kw.get("top_p", 1.0))
     _, chat_template, adapter = _settings("chat", chat_template, adapter)
     gen = Generator(model, dtype, adapter, quant, allow_pickle)
+    chat_template = chat_template_for(gen.tokenizer, chat_template)  # before the first turn is read
     history: list[tuple[str, str]] = []
     while True:
         out.write(prompt)
@@ -245,6 +344,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     """`scripts/generate.py` and `jaxlora generate` (wrap with `cli_main`)."""
     args = parse_args(argv)
+    for line in run_adapter_notes(args.adapter) if args.adapter else ():
+        print(line, file=sys.stderr)  # stdout keeps the generated text alone
     common = dict(dtype=args.dtype, adapter=args.adapter, quant=args.quant, allow_pickle=args.allow_pickle)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.chat:

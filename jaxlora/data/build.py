@@ -22,7 +22,15 @@ import tokenizers
 
 from jaxlora.data.examples import Examples
 from jaxlora.data.formats import RowError, make_renderer, resolve_fields, row_columns
-from jaxlora.data.sources import content_hash, has_mixed_types, load_rows, read_json_rows, resolve_source
+from jaxlora.data.sources import (
+    bars_on_terminal_only,
+    content_hash,
+    has_mixed_types,
+    load_rows,
+    read_json_rows,
+    resolve_source,
+    subset_rows,
+)
 from jaxlora.data.templates import resolve_chat_template
 from jaxlora.data.tokenize import IGNORE, TokenizerInfo, chunk_tokens, encode_rendered, tokenizer_info
 from jaxlora.errors import UserError
@@ -54,8 +62,9 @@ def default_cache_dir() -> Path:
 class _Encoder:
     """The `datasets.map` function: raw rows -> input_ids/labels, checking each row."""
 
-    def __init__(self, name, renderer, tokenizer, info: TokenizerInfo, data_cfg, is_text: bool):
+    def __init__(self, name, renderer, tokenizer, info: TokenizerInfo, data_cfg, is_text: bool, numbers=None):
         self.name, self.renderer, self.tokenizer, self.info = name, renderer, tokenizer, info
+        self.numbers = numbers  # the rows' numbers in the whole source (max_samples), or None: the same
         self.seq_len = data_cfg.seq_len
         self.truncation, self.skip_invalid = data_cfg.truncation, data_cfg.skip_invalid
         self.train_on_inputs = data_cfg.train_on_inputs
@@ -63,6 +72,7 @@ class _Encoder:
 
     def _bad(self, row: int, msg: str) -> None:
         if not self.skip_invalid:
+            row = row if self.numbers is None else int(self.numbers[row])
             raise UserError(f"{self.name}: row {row}: {msg}")
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:
@@ -125,6 +135,8 @@ def _cache_key(source, resolved, data_cfg, info: TokenizerInfo, template: str | 
         "truncation": data_cfg.truncation,
         "train_on_inputs": data_cfg.train_on_inputs,
         "skip_invalid": data_cfg.skip_invalid,
+        "max_samples": source.max_samples,
+        "sample_seed": source.sample_seed,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -169,8 +181,9 @@ def _retyped_rows(resolved, source, tokenizer, template) -> datasets.Dataset:
     return datasets.Dataset.from_list(records)
 
 
-def _tokenize(rows, source, name, data_cfg, tokenizer, info, template, cache_files: str | None):
-    """Run the map(s) over raw rows; `cache_files` is a folder for map outputs (None when streaming).
+def _tokenize(rows, source, name, data_cfg, tokenizer, info, template, cache_files: str | None, numbers=None):
+    """Run the map(s) over raw rows; `cache_files` is a folder for map outputs (None when streaming);
+    `numbers`: the rows' numbers in the whole source when `max_samples` picked them (for error messages).
 
     Returns (tokenized dataset, number of raw rows kept).
     """
@@ -179,7 +192,7 @@ def _tokenize(rows, source, name, data_cfg, tokenizer, info, template, cache_fil
         columns = list(next(iter(rows), None) or [])
     names = resolve_fields(source.format, source.fields, columns)
     renderer = make_renderer(source.format, names, tokenizer, template)
-    encoder = _Encoder(name, renderer, tokenizer, info, data_cfg, source.format == "text")
+    encoder = _Encoder(name, renderer, tokenizer, info, data_cfg, source.format == "text", numbers)
     kwargs = {"batched": True, "remove_columns": columns or None, "features": _FEATURES}
     if cache_files is not None:
         num_proc = data_cfg.num_proc if (data_cfg.num_proc or 1) > 1 else None
@@ -208,6 +221,7 @@ def _tokenize(rows, source, name, data_cfg, tokenizer, info, template, cache_fil
     return out, kept
 
 
+@bars_on_terminal_only()
 def load_source(source, data_cfg, tokenizer, info: TokenizerInfo | None = None):
     """Tokenize one source (cached); returns `Examples`, or a `datasets.IterableDataset` when streaming."""
     if source.format == "preference":
@@ -219,7 +233,9 @@ def load_source(source, data_cfg, tokenizer, info: TokenizerInfo | None = None):
     template = _chat_template(source, data_cfg, tokenizer)
     root = Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else default_cache_dir()
     if getattr(source, "streaming", False):
-        rows = load_rows(resolved, streaming=True, cache_dir=str(root / "hf"))
+        rows, _ = subset_rows(
+            load_rows(resolved, streaming=True, cache_dir=str(root / "hf")), source, resolved.name
+        )
         return _tokenize(rows, source, resolved.name, data_cfg, tokenizer, info, template, None)[0]
 
     rows = None
@@ -240,12 +256,15 @@ def load_source(source, data_cfg, tokenizer, info: TokenizerInfo | None = None):
         rows = load_rows(resolved, streaming=False, cache_dir=str(root / "hf"))
         if resolved.builder == "json" and has_mixed_types(rows.features):
             rows = _retyped_rows(resolved, source, tokenizer, template)
-    meta = _write_cache(final, rows, source, resolved, data_cfg, tokenizer, info, template, t0)
+    rows, numbers = subset_rows(rows, source, resolved.name)
+    meta = _write_cache(final, rows, source, resolved, data_cfg, tokenizer, info, template, t0, numbers)
     _report(resolved.name, meta, cached=False, skip_invalid=data_cfg.skip_invalid)
     return Examples.from_dataset(datasets.load_from_disk(str(final / "data")))
 
 
-def _write_cache(final: Path, rows, source, resolved, data_cfg, tokenizer, info, template, t0: float) -> dict:
+def _write_cache(
+    final: Path, rows, source, resolved, data_cfg, tokenizer, info, template, t0: float, numbers=None
+) -> dict:
     """Tokenize `rows` into a fresh folder beside `final`, then rename it to `final` (a failure or a signal
     leaves no partial cache; when another process finished the same key first, its folder stays); returns
     the cache's meta (rows, kept rows, examples, seconds since `t0`)."""
@@ -253,10 +272,9 @@ def _write_cache(final: Path, rows, source, resolved, data_cfg, tokenizer, info,
     root.mkdir(parents=True, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{key}-", dir=root)
     try:
-        os.makedirs(os.path.join(work, "maps"))
-        out, kept = _tokenize(
-            rows, source, resolved.name, data_cfg, tokenizer, info, template, os.path.join(work, "maps")
-        )
+        maps = os.path.join(work, "maps")
+        os.makedirs(maps)
+        out, kept = _tokenize(rows, source, resolved.name, data_cfg, tokenizer, info, template, maps, numbers)
         seconds = time.perf_counter() - t0
         meta = {"rows": len(rows), "kept_rows": kept, "examples": len(out), "seconds": seconds}
         if len(out) == 0:
@@ -268,7 +286,7 @@ def _write_cache(final: Path, rows, source, resolved, data_cfg, tokenizer, info,
             )
         out.save_to_disk(os.path.join(work, "data"))
         del out
-        shutil.rmtree(os.path.join(work, "maps"), ignore_errors=True)
+        shutil.rmtree(maps, ignore_errors=True)
         Path(work, "meta.json").write_text(json.dumps(meta))
         try:
             os.rename(work, final)

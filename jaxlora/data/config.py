@@ -48,7 +48,8 @@ class DataSource(Section):
 
     path: NonBlank = Field(description="local .json/.jsonl/.parquet file or folder, or HF hub dataset id")
     format: Literal[FORMATS] = Field(
-        description="record layout: alpaca, chat (messages), prompt_completion, text or preference (pairs)"
+        description="record layout: alpaca, chat (messages), prompt_completion, text, preference (pairs) "
+        "or prompt (GRPO: prompts only)"
     )
     split: Str | None = Field(None, description="hub dataset split; null = train")
     subset: Str | None = Field(None, description="hub dataset configuration name; null = the default")
@@ -58,6 +59,17 @@ class DataSource(Section):
         "e.g. {output: answer}",
     )
     streaming: Bool = Field(False, description="stream the dataset instead of downloading it whole")
+    max_samples: Int | None = Field(
+        None,
+        ge=1,
+        description="read only N rows of this source: the first N, or N drawn at random with sample_seed; "
+        "null = every row",
+    )
+    sample_seed: Int | None = Field(
+        None,
+        description="with max_samples: draw the N rows at random with this seed (numpy default_rng, "
+        "kept in file order) instead of taking the first N",
+    )
 
     @field_validator("format", mode="before")
     @classmethod
@@ -69,6 +81,17 @@ class DataSource(Section):
                 valid=", ".join(FORMATS),
             )
         return fmt
+
+    @model_validator(mode="after")
+    def _sample_seed_needs_max_samples(self) -> "DataSource":
+        if self.sample_seed is not None and self.max_samples is None:
+            raise Invalid("{sample_seed} draws max_samples rows at random; set {max_samples} too")
+        if self.sample_seed is not None and self.streaming:
+            raise Invalid(
+                "{sample_seed} needs the whole dataset to draw from; a stream takes its first "
+                "{max_samples} rows: drop sample_seed or set streaming: false"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fields_fit_the_format(self) -> "DataSource":

@@ -24,7 +24,7 @@ from jaxlora.data.build import default_cache_dir
 from jaxlora.data.examples import Examples
 from jaxlora.data.formats import DEFAULT_ROLES, RowError
 from jaxlora.data.loader import BatchLoader
-from jaxlora.data.sources import load_rows, resolve_source
+from jaxlora.data.sources import bars_on_terminal_only, load_rows, resolve_source, subset_rows
 from jaxlora.data.templates import resolve_chat_template
 from jaxlora.data.tokenize import IGNORE
 from jaxlora.errors import UserError
@@ -159,7 +159,8 @@ class PairEncoder:
     def __call__(self, row: Mapping) -> tuple[list[int], list[int], list[int]]:
         prompt, chosen, rejected, in_text = self._texts(row)
         texts = (prompt, chosen, rejected)
-        ids = [self.tokenizer(t, add_special_tokens=not in_text)["input_ids"] for t in texts]
+        # verbose=False: no "longer than the specified maximum sequence length" warning; fit_pair cuts
+        ids = [self.tokenizer(t, add_special_tokens=not in_text, verbose=False)["input_ids"] for t in texts]
         cut = min(_common_prefix(ids[0], ids[1]), _common_prefix(ids[0], ids[2]))
         out = ids[0][:cut], ids[1][cut:], ids[2][cut:]
         for s, resp in zip(SIDES, out[1:], strict=True):
@@ -221,6 +222,7 @@ class Pairs:
         )
 
 
+@bars_on_terminal_only()
 def load_pairs(source, data_cfg, tokenizer, max_prompt_length: int | None = None) -> Pairs:
     """Read and tokenize one `format: preference` source (not cached: pairs sets are small)."""
     if getattr(source, "streaming", False):
@@ -231,6 +233,7 @@ def load_pairs(source, data_cfg, tokenizer, max_prompt_length: int | None = None
     names = resolve_names(source.fields, list(rows.column_names or []))
     if len(rows) == 0:
         raise UserError(f"{resolved.name}: the dataset has no rows")
+    rows, numbers = subset_rows(rows, source, resolved.name)  # max_samples
     try:
         layout = detect_layout(rows[0], names)
     except RowError as err:
@@ -244,7 +247,10 @@ def load_pairs(source, data_cfg, tokenizer, max_prompt_length: int | None = None
             rec_c, rec_r = fit_pair(p, c, r, data_cfg.seq_len, max_prompt_length)
         except RowError as err:
             if not data_cfg.skip_invalid:
-                raise UserError(f"{resolved.name}: row {i}: {err} (or set data.skip_invalid: true)") from None
+                row_number = i if numbers is None else int(numbers[i])
+                raise UserError(
+                    f"{resolved.name}: row {row_number}: {err} (or set data.skip_invalid: true)"
+                ) from None
             skipped += 1
             continue
         same += int(np.array_equal(rec_c["input_ids"], rec_r["input_ids"]))

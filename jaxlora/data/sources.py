@@ -6,19 +6,25 @@ document (for many documents use jsonl with a `text` field).
 """
 
 import codecs
+import contextlib
 import csv
 import glob
 import hashlib
 import io
 import json
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 from datasets.exceptions import DatasetGenerationError
 
 from jaxlora.errors import UserError
+
+log = logging.getLogger("jaxlora.data")
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")  # checked to be UTF-8 before `datasets` reads them
@@ -224,3 +230,40 @@ def load_rows(resolved: ResolvedSource, *, streaming: bool, cache_dir: str | Non
         what = "data files" if resolved.is_local else "hub dataset"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"could not load {what} {resolved.name} (split {resolved.split}): {first}") from err
+
+
+def subset_rows(rows, source, name: str):
+    """The rows a source's `max_samples` keeps: the first N, or N drawn without replacement by
+    `numpy.random.default_rng(sample_seed)` and kept in file order; a stream takes its first N.
+
+    Returns (rows, their row numbers in the whole source as an int64 array, or None when unchanged or
+    streamed), so errors can name the row of the file.
+    """
+    n = getattr(source, "max_samples", None)
+    if n is None:
+        return rows, None
+    if isinstance(rows, datasets.IterableDataset):
+        return rows.take(n), None
+    total = len(rows)
+    seed = getattr(source, "sample_seed", None)
+    if seed is None:
+        index = np.arange(min(n, total))
+    else:
+        index = np.sort(np.random.default_rng(seed).permutation(total)[:n])
+    how = "the first" if seed is None else f"drawn with sample_seed {seed}:"
+    log.info("%s: max_samples %d: %s %d of %d rows", name, n, how, len(index), total)
+    return (rows.select(index) if len(index) < total else rows), index
+
+
+@contextlib.contextmanager
+def bars_on_terminal_only():
+    """Turn `datasets`' progress bars (reading, tokenizing, saving) off while stderr is not a terminal,
+    so a log file gets no carriage-return lines; they come back on afterwards."""
+    if sys.stderr.isatty() or not datasets.is_progress_bar_enabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()

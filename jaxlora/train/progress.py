@@ -1,6 +1,12 @@
 """A run's progress, as it is reported: the trackers (metrics.jsonl, TensorBoard, W&B), `on_step`, the
-progress bar and the console lines (summaries, evaluations; `logging.level` warning silences them)."""
+progress bar and the console lines (summaries, evaluations; `logging.level` warning silences them).
 
+On a terminal the steps show as a progress bar (`logging.progress_bar`). Without one (output to a file,
+under nohup or a scheduler), or without the bar, each logging step prints one plain line instead, as HF
+Trainer and Axolotl logs do: no carriage returns in the file.
+"""
+
+import sys
 import time
 
 import numpy as np
@@ -33,8 +39,9 @@ class Progress:
         self.total_steps = total_steps
         self.compiled_once = False
         self.bar = None
-        if cfg.logging.progress_bar and run.main:
+        if cfg.logging.progress_bar and run.main and on_terminal():
             self.bar = tqdm(total=total_steps, initial=step, desc="compiling", dynamic_ncols=True)
+        self.began = time.perf_counter()
         self.schedule = schedule
         self.on_step = on_step
         self.eval_history: list[tuple[int, float]] = []  # (step, eval loss)
@@ -56,6 +63,9 @@ class Progress:
             self.last_time = time.perf_counter()
             if self.bar is not None:
                 self.bar.set_description_str("train")
+            else:
+                took = _duration(self.last_time - self.began)
+                self.say(f"step {self.last_step + 1} compiled and done, {took} after the start")
 
     def start(self, step: int) -> None:
         """Time the steps after `step` from now (tokens per second, step time)."""
@@ -79,19 +89,14 @@ class Progress:
         self.logger.log(step, scalars)
         if self.on_step is not None:
             self.on_step(step, scalars)
+        shown = _shown(scalars, self.total_steps - step)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(
-                loss=f"{scalars['train/loss']:.4f}",
-                lr=f"{scalars['lr']:.2e}",
-                tok_s=f"{scalars['tokens_per_sec']:.0f}",
-                eta=_duration(scalars["step_time"] * (self.total_steps - step)),
-                **{
-                    k.split("/")[-1]: f"{scalars[f'train/rewards/{k}']:.3f}"
-                    for k in ("accuracies", "margins")
-                    if f"train/rewards/{k}" in scalars
-                },
-            )
+            self.bar.set_postfix({k.replace("/", "_"): v for k, v in shown.items()})  # tok_s=...
+        else:  # a log file: one plain line per logging step
+            fields = ", ".join(f"{k} {v}" for k, v in shown.items() if k != "eta")
+            elapsed = _duration(now - self.began)
+            self.say(f"step {step}/{self.total_steps}: {fields}, elapsed {elapsed}, eta {shown['eta']}")
         self.last_time, self.last_step = now, step
 
     def eval(self, step: int, metrics: dict | None) -> None:
@@ -113,6 +118,26 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
         self.logger.close()
+
+
+def on_terminal() -> bool:
+    """True when stdout and stderr both go to a terminal (the progress bar can redraw its line)."""
+    return all(getattr(f, "isatty", lambda: False)() for f in (sys.stdout, sys.stderr))
+
+
+def _shown(scalars: dict, steps_left: int) -> dict[str, str]:
+    """The figures a bar's postfix or a log line shows: loss, lr, tokens/s, DPO/ORPO's accuracies and
+    margins, and the time left."""
+    shown = {
+        "loss": f"{scalars['train/loss']:.4f}",
+        "lr": f"{scalars['lr']:.2e}",
+        "tok/s": f"{scalars['tokens_per_sec']:,.0f}",
+    }
+    for k in ("accuracies", "margins"):
+        if f"train/rewards/{k}" in scalars:
+            shown[k] = f"{scalars[f'train/rewards/{k}']:.3f}"
+    shown["eta"] = _duration(scalars["step_time"] * steps_left)
+    return shown
 
 
 def _duration(seconds: float) -> str:

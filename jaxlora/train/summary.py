@@ -8,22 +8,34 @@ from jaxlora.train.memory_plan import peak_line
 
 
 def data_lines(cfg, examples, loader) -> list[str]:
-    """Examples and tokens of the training data, and how many were cut to seq_len or packed."""
+    """Examples (or preference pairs) and tokens of the training data, how many reach seq_len and
+    whether longer ones were truncated (always for pairs, as TRL), and how they pack."""
     lengths = getattr(examples, "lengths", None)
     if lengths is None:
         return ["data: streamed (examples and tokens unknown until read)"]
-    pairs = "" if hasattr(loader, "examples") else " (preference pairs: the chosen sides)"
+    pairs = hasattr(loader, "loaders")  # a PairLoader: the lengths are the chosen sides'
     lengths = np.asarray(lengths)
-    at_limit = int(np.sum(lengths >= cfg.data.seq_len))
-    cut = f", {at_limit} at seq_len {cfg.data.seq_len}" + (" (truncated)" if cfg.data.truncation else "")
-    lines = [f"data: {len(lengths):,} examples, {int(lengths.sum()):,} tokens{cut}{pairs}"]
+    what = "preference pairs" if pairs else "examples"
+    tokens = f"{int(lengths.sum()):,} tokens" + (" (chosen sides)" if pairs else "")
+    lines = [f"data: {len(lengths):,} {what}, {tokens}; {_at_limit(lengths, cfg, pairs)}"]
     per_epoch = loader.num_batches_per_epoch
-    if cfg.data.packing and per_epoch:
+    if cfg.data.packing and per_epoch and not pairs:
         rows = per_epoch * cfg.train.batch_size
         lines.append(
             f"packing: {len(lengths):,} examples packed into {rows:,} rows of {cfg.data.seq_len} tokens"
         )
     return lines
+
+
+def _at_limit(lengths: np.ndarray, cfg, pairs: bool) -> str:
+    """ "382 reach data.seq_len 512 (truncated)", or "none reaches data.seq_len 128"."""
+    seq_len = cfg.data.seq_len
+    n = int(np.sum(lengths >= seq_len))
+    if n == 0:
+        return f"none reaches data.seq_len {seq_len}"
+    verb = "reaches" if n == 1 else "reach"
+    truncated = " (truncated)" if pairs or cfg.data.truncation else ""
+    return f"{n:,} {verb} data.seq_len {seq_len}{truncated}"
 
 
 def _examples(loader):
@@ -32,6 +44,14 @@ def _examples(loader):
         return loader.examples
     inner = getattr(loader, "loaders", None)  # a PairLoader: one loader per side
     return inner[0].examples if inner else None
+
+
+def _validation_line(data) -> str:
+    """ "validation: 47 examples" (or preference pairs), or "validation: none"."""
+    if data.val is None or not hasattr(data.val, "__len__"):
+        return "validation: none"
+    what = "preference pairs" if hasattr(data.val, "rejected") else "examples"
+    return f"validation: {len(data.val):,} {what}"
 
 
 def start_summary(cfg, plan, base, data, lora, total_steps: int, first_step: int, memory=None) -> str:
@@ -49,9 +69,7 @@ def start_summary(cfg, plan, base, data, lora, total_steps: int, first_step: int
         f"quant {quant})",
         f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / max(total, 1):.4f}%)",
         *data_lines(cfg, _examples(data.loader), data.loader),
-        f"validation: {len(data.val):,} examples"
-        if data.val is not None and hasattr(data.val, "__len__")
-        else "validation: none",
+        _validation_line(data),
         f"steps: {total_steps:,} ({epochs} epochs), effective batch {effective} "
         f"({t.batch_size} x {t.grad_accum_steps} accumulation), {jax.device_count()} devices, "
         f"{plan.describe()}",

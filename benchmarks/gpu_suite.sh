@@ -14,6 +14,9 @@
 #                                (cuDNN with packed rows, Pallas on a JAX without its kernel) or repeats the
 #                                default row is listed under "skipped" with the reason
 #                                -> <gpu>-llama-3.2-1b-features.json
+#   (e) benchmarks/rollout.py    GRPO rollout speed, Qwen2.5-0.5B architecture in bf16: jaxlora's compiled
+#                                sampler against transformers' generate, 16 prompts x 8 completions of 128
+#                                tokens, in one process -> <gpu>-rollout.json (run before (d))
 #
 # <gpu> names the card: nvidia-smi's name, "NVIDIA H100 80GB HBM3" -> h100, "NVIDIA H200" -> h200, any
 # other -> a lowercase slug of it ("NVIDIA A100-SXM4-80GB" -> a100-sxm4-80gb); JAX's device_kind without
@@ -39,14 +42,17 @@
 #   (b) 1B jaxlora + PEFT, 13 steps each         120              80   two processes, each starts and compiles
 #   (c) 8B int8, then 8B nf4, 7 steps each       100 + 100        160  random 8B weights drawn and
 #                                                                      quantized on the host first
-#   (d) 1B features, 7 steps per variant         BUDGET (530)     195  one start-up, the model loaded once,
+#   (e) rollout, 0.5B, 3 timed calls per row     100 when 145     60   a 0.5B draw on the GPU, two compiles
+#                                                are left
+#   (d) 1B features, 7 steps per variant         BUDGET (530)     135  one start-up, the model loaded once,
 #                                                - elapsed - 5         ~20 s a variant (compile + steps):
-#                                                                      8 to 10 of its 10 rows
+#                                                                      6 to 7 of its 10 rows
 #   (c)'s merge, listing                         -                2
 #
 # Worst case, each fixed step at its limit plus `timeout`'s 5 s of grace: 90 + 105 + 125 + 2 x 105 = 530,
-# so (d) does not start (it needs 40 s; the suite says so and fails) and the suite ends by about 532 s.
-# Otherwise (d)'s limit is what is left of the 530 s less 5; inside it, benchmark.py starts no variant
+# so neither (e) nor (d) starts (they need 145 s and 40 s; the suite says so and fails) and the suite
+# ends by about 532 s. (e) runs when 145 s are left: its 100, 5 of grace and the 40 (d) needs. (d)'s
+# limit is what is left of the 530 s less 5; inside it, benchmark.py starts no variant
 # that would not end by 20 s before the limit (--time-box, counted from its own start) and stops one
 # still running 2 s after that, then writes its JSON: the suite ends by 530 s plus the listing, under 540.
 # (d) runs last because it degrades gracefully: it fills whatever time the fixed steps leave, row by row,
@@ -55,6 +61,8 @@
 #
 # On the device machine (through the device tool), after `bash benchmarks/device_wheels.sh` here:
 #   run  command: bash benchmarks/gpu_suite.sh   carry: [".whl"]   timeout_s: 540 to 560
+# (b) and (c) log to bench.log, (e) to suite.txt: with pytest.log, bench-features.log and four JSON
+# reports the suite writes 8 files, the most the device tool returns.
 # Logs and JSON go to $OUT, or to benchmarks/results/ when OUT is unset (run by hand). GPU_SUITE_BUDGET
 # (seconds, default 530) changes the budget (d) fills.
 #
@@ -104,7 +112,7 @@ if ((SMOKE)); then
 else
   BUDGET=${GPU_SUITE_BUDGET:-530} FEAT_MAX=$BUDGET
   # -rA: every test's outcome in pytest.log (no JUnit file: the device tool returns at most 8 files, and
-  # the suite writes 8: suite.txt, three logs of benchmarks, pytest.log and three JSON reports)
+  # the suite writes 8: suite.txt, two logs of benchmarks, pytest.log and four JSON reports)
   PYTEST=("$PY" -m pytest -m gpu -q -p no:cacheprovider -rA)
   # Tests share the GPU between JAX and PyTorch: JAX must not take 75% of it up front.
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -187,6 +195,8 @@ if ((SMOKE)); then
   BENCH_8B=(--steps 2 --warmup 1)
   BENCH_FEAT=(--preset tiny --steps 2 --warmup 1)
   QUANT=(tiny-int8 tiny-nf4)
+  T_ROLL=60 ROLL=(--arch tiny --prompts 2 --generations 2 --prompt-len 8 --new-tokens 8 --repeats 2
+    --rows jaxlora,transformers)
 else
   if ((GIB >= 120)); then B_1B=8 B_8B=4
   elif ((GIB >= 70)); then B_1B=4 B_8B=4
@@ -199,6 +209,8 @@ else
   BENCH_8B=(--batch "$B_8B" --seq 2048 --steps 5 --warmup 2)
   BENCH_FEAT=(--preset llama-3.2-1b --batch "$B_1B" --seq 2048 --steps 5 --warmup 2)
   QUANT=(llama-3.1-8b-int8 llama-3.1-8b-nf4)
+  T_ROLL=100 ROLL=(--arch qwen2.5-0.5b --dtype bfloat16 --prompts 16 --generations 8 --prompt-len 128
+    --new-tokens 128 --repeats 3 --rows jaxlora,transformers)
 fi
 SIZES=$( ((SMOKE)) && echo "tiny presets" || echo "1B batch $B_1B, 8B batch $B_8B, seq 2048")
 say "device: ${GPU_NAME:-?}, ${GIB} GiB -> file prefix $PREFIX, $SIZES"
@@ -208,18 +220,17 @@ say "assets: ${JAXLORA_ASSETS:-<default ../shared/assets>}; output: $DEST; setup
 step "pytest -m gpu" "$T_TESTS" "$DEST/pytest.log" "${PYTEST[@]}"
 
 # (b) Llama-3.2-1B architecture, jaxlora against transformers + PEFT in the same run
-step "benchmark ${BENCH_1B[1]}" "$T_1B" "$DEST/bench-1b.log" \
+step "benchmark ${BENCH_1B[1]}" "$T_1B" "$DEST/bench.log" \
   "$PY" scripts/benchmark.py "${BENCH_1B[@]}" --out "$DEST/$NAME_1B.json"
 
 # (c) Llama-3.1-8B architecture in int8 and nf4, jaxlora only: one run each (a hang loses one), then merged
 TMP_8B=$(mktemp -d)
 for preset in "${QUANT[@]}"; do
-  step "benchmark $preset" "$T_8B" "$DEST/bench-8b.log" \
+  step "benchmark $preset" "$T_8B" "$TMP_8B/step.log" \
     "$PY" scripts/benchmark.py --preset "$preset" --frameworks jaxlora "${BENCH_8B[@]}" \
     --out "$TMP_8B/$preset.json"
-  cat "$DEST/bench-8b.log" >>"$TMP_8B/all.log"
+  cat "$TMP_8B/step.log" >>"$DEST/bench.log"
 done
-mv "$TMP_8B/all.log" "$DEST/bench-8b.log"
 "$PY" - "$DEST/$NAME_8B.json" "$TMP_8B"/*.json <<'PY' 2>&1 | tee -a "$SUITE_LOG"
 import json
 import sys
@@ -241,6 +252,19 @@ for run in merged["runs"]:
     print(f"{run['spec']['name']}: {r['tokens_per_s']:.0f} tokens/s, peak {r['peak_memory_bytes'] / 2**30:.2f} GiB")
 PY
 rm -rf "$TMP_8B"
+
+# (e) rollout speed, jaxlora against transformers' generate in one process; its table goes to suite.txt
+LEFT=$((BUDGET - SECONDS - 5))
+if ((LEFT >= T_ROLL + 45)); then
+  ROLL_LOG=$(mktemp)
+  step "rollout ${ROLL[1]}" "$T_ROLL" "$ROLL_LOG" "$PY" benchmarks/rollout.py "${ROLL[@]}" \
+    --out "$DEST/$PREFIX-rollout.json"
+  cat "$ROLL_LOG" >>"$SUITE_LOG"
+  rm -f "$ROLL_LOG"
+else
+  say "== rollout ${ROLL[1]}: not run, ${LEFT}s left of the ${BUDGET}s budget"
+  FAILED=1
+fi
 
 # (d) Llama-3.2-1B speed switches, jaxlora only, in one process: what is left of the budget
 LEFT=$((BUDGET - SECONDS - 5))

@@ -362,6 +362,7 @@ CONCEPTS = {
         "Batch": [],
         "Step / iteration": [],
         "LoRA": ["`r`", "`alpha`", "frozen", "rank"],
+        "Reward and GRPO": ["reward", "advantage", "group"],
     },
     "docs/es/conceptos.md": {
         "Conjunto de datos (dataset)": [],
@@ -377,6 +378,7 @@ CONCEPTS = {
         "Lote (batch)": [],
         "Paso / iteración": [],
         "LoRA": ["`r`", "`alpha`", "congelad", "rango"],
+        "Recompensa y GRPO": ["recompensa", "ventaja", "grupo"],
     },
 }
 # Each layer: the library a PyTorch user knows, its JAX counterpart(s), named in the layer's section.

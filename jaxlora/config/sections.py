@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from jaxlora.config.grpo import GrpoSection
 from jaxlora.config.suggest import suggest_key
 from jaxlora.data.config import DataConfig
 from jaxlora.lora.config import LoraConfig
@@ -46,8 +47,9 @@ class ModelSection(Section):
     )
     attention: Literal["auto", "reference", "xla", "cudnn", "pallas"] = Field(
         "auto",
-        description="attention kernel: auto = xla on CPU; on GPU cudnn (unpacked rows), else pallas "
-        "(packed rows), else the dense reference; or name one: reference, xla, cudnn, pallas",
+        description="attention kernel: auto = xla on CPU; on GPU cudnn where it can run (unpacked rows, "
+        "one window, no soft-cap), else pallas (jaxlora's flash kernel: packing, per-layer windows, "
+        "soft-capping), else the dense reference; or name one: reference, xla, cudnn, pallas",
     )
     allow_pickle: Bool = Field(
         False, description="permit loading pytorch_model.bin (pickle; runs code) if no safetensors"
@@ -112,8 +114,10 @@ class TrainSection(Section):
 
     _prefix = "train"
 
-    objective: Literal["sft", "dpo", "orpo"] = Field(
-        "sft", description="sft = next-token loss on responses; dpo, orpo = preference pairs (prefs section)"
+    objective: Literal["sft", "dpo", "orpo", "grpo"] = Field(
+        "sft",
+        description="sft = next-token loss on responses; dpo, orpo = preference pairs (prefs section); "
+        "grpo = online RL on prompts with reward functions (grpo section)",
     )
 
     batch_size: Int = Field(8, ge=1, description="sequences per optimizer micro-step, across all devices")
@@ -151,11 +155,13 @@ class TrainSection(Section):
         description="LoRA+: learning rate of B (and DoRA magnitudes) = this ratio x that of A, as PEFT's "
         "create_loraplus_optimizer; null = one learning rate",
     )
-    remat: Literal["none", "lean", "dots", "full"] = Field(
+    remat: Literal["none", "fast", "dots", "lean", "full", "minimal", "offload"] = Field(
         "lean",
-        description="what the backward pass keeps: none = every intermediate (most memory); lean = matmul "
-        "outputs, recomputing norms, RoPE, activations and the rank-r LoRA products; dots = only matmul "
-        "outputs without batch dims; full = nothing, the whole layer is recomputed",
+        description="what the backward pass keeps per layer (docs/performance.md#memory): none = every "
+        "intermediate (most memory); fast = the large matmul outputs; dots = every matmul output; lean = "
+        "the layer input, k, v and the attention output (about 2.5x the residual stream); full (or "
+        "minimal) = the layer input only, the whole layer recomputed; offload = as full, with the inputs "
+        "in pinned host memory (GPU only)",
     )
     loss_chunk_size: Int = Field(
         1024, ge=1, description="tokens per cross-entropy chunk (bounds the logits memory)"
@@ -179,10 +185,14 @@ class TrainSection(Section):
     early_stopping_patience: Int | None = Field(
         None,
         ge=1,
-        description="stop after this many evaluations in a row without a better eval loss; null = never",
+        description="stop after this many evaluations in a row without progress (see "
+        "early_stopping_min_delta); null = never",
     )
     early_stopping_min_delta: Float = Field(
-        0.0, ge=0, description="an eval loss improves when it falls by more than this below the best"
+        0.0,
+        ge=0,
+        description="early stopping's progress: an eval loss more than this below that of the last "
+        "progress; the best checkpoint is the lowest eval loss whatever this is",
     )
     eval_samples: Int = Field(
         2,
@@ -343,6 +353,7 @@ class Config(Section):
     logging: LoggingSection = Field(default_factory=LoggingSection, description="metrics")
     parallel: ParallelSection = Field(default_factory=ParallelSection, description="devices")
     prefs: PrefsSection = Field(default_factory=PrefsSection, description="preference tuning (DPO, ORPO)")
+    grpo: GrpoSection = Field(default_factory=GrpoSection, description="online RL (GRPO) and its rewards")
 
     @model_validator(mode="after")
     def _has_validation_data(self) -> "Config":
@@ -355,6 +366,14 @@ class Config(Section):
                 "train.eval_every_steps is set but there is no validation data (data.validation is empty and "
                 "data.validation_split is 0); set train.eval_every_steps=null or give validation data"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _grpo_fits_the_batch(self) -> "Config":
+        if self.train.objective == "grpo":
+            self.grpo.check_run(self.train.batch_size, self.train.grad_accum_steps)
+            if self.train.preflight:  # its batch is rollouts: `jaxlora plan` cannot shape it yet
+                raise Invalid("train.preflight is not available for train.objective grpo yet; set it false")
         return self
 
     @model_validator(mode="after")

@@ -27,6 +27,8 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     # DPO/ORPO pairs (jaxlora.data.preference): TRL standard or conversational, or ShareGPT ranking.
     "preference": ("prompt", "chosen", "rejected", "messages", "role", "content", "roles"),
+    # GRPO prompts (jaxlora.data.prompts): a string or a message list; the other columns go to the rewards.
+    "prompt": ("prompt", "role", "content"),
 }
 FORMATS = tuple(FORMAT_FIELDS)
 
@@ -106,6 +108,8 @@ def row_columns(fmt: str, names: Mapping) -> list[str]:
 
 def make_renderer(fmt: str, names: dict, tokenizer=None, chat_template: str | None = None) -> Callable:
     """A function row -> `Rendered` for format `fmt` with resolved field `names`."""
+    if fmt == "prompt":  # no response to learn: the model writes its own (jaxlora.data.prompts)
+        raise UserError("format prompt holds prompts for train.objective grpo, not sft or dpo")
     simple = {"alpaca": _render_alpaca, "prompt_completion": _render_prompt_completion, "text": _render_text}
     if fmt in simple:
         return partial(simple[fmt], names=names)

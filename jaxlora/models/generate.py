@@ -1,10 +1,10 @@
 """Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p), batched prompts.
 
 Prompts are left-padded into one batch; a prefill writes their keys and values into the cache, then one
-jitted step per new token (same shapes every step, so nothing recompiles) appends to it.
+jitted step per new token (same shapes every step, so nothing recompiles) appends to it. `init_cache`,
+`prefill`, `decode_step` and `sample` are the pieces `jaxlora.models.rollout` runs inside one compiled
+loop (many completions per prompt, for RL).
 """
-
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxlora.models.attention import KVCache
 from jaxlora.models.config import DecoderConfig
-from jaxlora.models.decoder import forward
+from jaxlora.models.decoder import forward, logits_from_hidden
 
 
 def init_cache(cfg: DecoderConfig, batch: int, max_len: int) -> KVCache:
@@ -28,17 +28,25 @@ def init_cache(cfg: DecoderConfig, batch: int, max_len: int) -> KVCache:
     )
 
 
-def _extend(params, cfg, cache: KVCache, ids, positions, segments, lora, lora_scale):
+def extend(params, cfg, cache: KVCache, ids, positions, segments, lora, lora_scale):
     """Write a [B, T] chunk into the cache and return the last position's logits [B, V]."""
     idx = cache.index
     cache = cache._replace(
         positions=jax.lax.dynamic_update_slice(cache.positions, positions, (0, idx)),
         segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segments, (0, idx)),
     )
-    logits, cache = forward(
-        params, cfg, ids, positions, segments, lora=lora, lora_scale=lora_scale, cache=cache
-    )
-    return logits[:, -1], cache._replace(index=idx + ids.shape[1])
+    hidden, cache = forward(
+        params,
+        cfg,
+        ids,
+        positions,
+        segments,
+        lora=lora,
+        lora_scale=lora_scale,
+        cache=cache,
+        return_hidden=True,
+    )  # [B, T, D]: the vocabulary projection runs on the last position only
+    return logits_from_hidden(params, cfg, hidden[:, -1]), cache._replace(index=idx + ids.shape[1])
 
 
 def sample(logits: jax.Array, rng, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -58,19 +66,50 @@ def sample(logits: jax.Array, rng, temperature: float, top_k: int, top_p: float)
         logits = (
             jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
         )
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    return categorical(rng, logits)
 
 
-@partial(jax.jit, static_argnames=("cfg",))
-def _prefill(params, cfg, cache, ids, mask, lora, lora_scale):
+def categorical(rng, logits: jax.Array, block: int = 128) -> jax.Array:
+    """One token [B] int32 per row drawn from softmax(logits [B, V]) by inverting its CDF.
+
+    One uniform number per row and one exp per logit: on a CPU about 25 times faster than
+    `jax.random.categorical`'s Gumbel noise (a random number and two logs per logit) at V = 152k. The
+    cumulative sum runs in two levels, blocks of `block` logits then inside the chosen block; a token of
+    probability 0 (a -inf logit) is never drawn.
+    """
+    b, v = logits.shape
+    nb = -(-v // block)
+    logits = jnp.pad(logits.astype(jnp.float32), ((0, 0), (0, nb * block - v)), constant_values=-jnp.inf)
+    w = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)).reshape(b, nb, block)  # [B, nb, block]
+    cum = jnp.cumsum(w.sum(axis=-1), axis=-1)  # [B, nb]: the mass up to the end of each block
+    total = cum[:, -1:]  # [B, 1]
+    target = jnp.minimum(jax.random.uniform(rng, (b, 1)) * total, jnp.nextafter(total, 0.0))  # [0, total)
+    j = jnp.sum(cum <= target, axis=-1, keepdims=True)  # [B, 1]: the block holding the draw
+    before = jnp.where(j > 0, jnp.take_along_axis(cum, jnp.maximum(j - 1, 0), axis=-1), 0.0)  # [B, 1]
+    row = jnp.take_along_axis(w, j[:, :, None], axis=1)[:, 0]  # [B, block]
+    i = jnp.sum(jnp.cumsum(row, axis=-1) <= target - before, axis=-1)  # [B]
+    last = block - 1 - jnp.argmax(jnp.flip(row > 0, axis=-1), axis=-1)  # the block's last drawable token
+    i = jnp.minimum(i, last)  # where rounding left the draw past the block's summed mass
+    return (j[:, 0] * block + i).astype(jnp.int32)
+
+
+def prefill(params, cfg, cache, ids, mask, lora, lora_scale):
+    """Left-padded prompts ids/mask [B, T] into an empty cache -> (last logits [B, V], cache at index T).
+
+    Positions count the real tokens (0 at each row's first one); padding is segment 0, never attended to.
+    """
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-    return _extend(params, cfg, cache, ids, positions, mask.astype(jnp.int32), lora, lora_scale)
+    return extend(params, cfg, cache, ids, positions, mask.astype(jnp.int32), lora, lora_scale)
 
 
-@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _step(params, cfg, cache, token, position, lora, lora_scale):
+def decode_step(params, cfg, cache, token, position, lora, lora_scale):
+    """One new token per row: token, position [B] int32 -> (its logits [B, V], cache one slot further)."""
     seg = jnp.ones_like(token)
-    return _extend(params, cfg, cache, token[:, None], position[:, None], seg[:, None], lora, lora_scale)
+    return extend(params, cfg, cache, token[:, None], position[:, None], seg[:, None], lora, lora_scale)
+
+
+_prefill = jax.jit(prefill, static_argnames=("cfg",))
+_step = jax.jit(decode_step, static_argnames=("cfg",), donate_argnames=("cache",))
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

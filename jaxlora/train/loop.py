@@ -8,6 +8,7 @@
     tokenizer = load_checked_tokenizer(...)   the tokenizer, checked against the model (`checks`)
     base = load_base(cfg, plan, vocab, model) the frozen base weights (grown for added tokens), on the devices
     data = build_data(cfg, tokenizer, plan)   training batches, validation examples, the number of steps
+                                              (GRPO: prompts, and the feed that samples each step's batch)
     run.commit(cfg, plan, data.total_steps)   setup succeeded: config.yaml written, an old run cleaned
     state = build_state(...)                  LoRA and optimizer state, fresh or from a checkpoint (`state`)
     steps = compile_steps(...)                the train and eval steps, compiled for the plan
@@ -45,6 +46,7 @@ from jaxlora.train.memory_plan import preflight, run_step_memory
 from jaxlora.train.optim import make_optimizer
 from jaxlora.train.progress import Progress
 from jaxlora.train.registry import objective_for
+from jaxlora.train.rewards import RewardError
 from jaxlora.train.run_dir import BEST_DIR, RunDir, open_run, write_run_state
 from jaxlora.train.setup import Base, Data, build_data, choose_plan, load_base, open_model
 from jaxlora.train.state import (
@@ -124,9 +126,9 @@ def train(
         steps = compile_steps(cfg, base, optimizer, state, plan)
         progress = Progress(cfg, run, schedule, data.total_steps, state.step, on_step)
         trainable = state.adapter.trainable
-        memory = run_step_memory(cfg, steps, state)  # compiles the train step; its first call reuses it
+        memory = None if data.feed else run_step_memory(cfg, steps, state)  # compiles the train step
         progress.say(start_summary(cfg, plan, base, data, trainable, data.total_steps, state.step, memory))
-        watch = open_watch(cfg, run, ckpt, tokenizer, data.val)
+        watch = open_watch(cfg, run, ckpt, tokenizer, None if data.feed else data.val)
         state, stopped_by = run_loop(cfg, plan, state, steps, data, ckpt, progress, watch, signals)
         return finish(
             cfg, run, plan, state, steps, data, ckpt, progress, stopped_by, initial, watch, tokenizer
@@ -237,8 +239,13 @@ def run_loop(
         progress.start(state.step)
         stopping = plan.agree_to_stop(stop.received, True)
         while state.step < data.total_steps and not stopping and not early:
-            micro = [next(data.loader) for _ in range(cfg.train.grad_accum_steps)]
+            try:
+                micro, fed = data.next_micro(cfg, state, steps)  # GRPO: rollouts, rewards (`grpo_feed`)
+            except RewardError:  # a reward function failed: keep the run's state, then stop
+                save_state(ckpt, state, data.loader)
+                raise
             state, metrics = steps.train(state, micro)
+            metrics = {**metrics, **fed}
             progress.compiled()
             pending.append(metrics)
             step = state.step
@@ -367,6 +374,11 @@ def _eval_and_watch(
     cfg: Config, steps: Steps, state: TrainState, data: Data, ckpt: Checkpointer, progress: Progress, watch
 ) -> bool:
     """Evaluate and log, then samples and the best checkpoint (`Watch.after_eval`). True: stop early."""
+    if data.feed is not None:  # GRPO: the mean reward of completions of the validation prompts
+        metrics, samples = data.feed.evaluate(state, steps)
+        progress.eval(state.step, metrics)
+        progress.samples(state.step, samples)
+        return False
     metrics = evaluate(cfg, steps, state.adapter, data)
     progress.eval(state.step, metrics)
     if watch is None or metrics is None:

@@ -246,6 +246,8 @@ class Planner:
     plan: Plan | None = None  # the run's, when it has chosen one already
 
     def __post_init__(self):
+        if self.cfg.train.objective == "grpo":  # its batch holds rollouts, not [A, B, T] token rows
+            raise UserError("jaxlora plan cannot plan train.objective=grpo yet; plan the model with sft")
         self.source = self.source or config_source(self.cfg)
         self.plan = self.plan or choose_plan(self.cfg, self.source)
         self.state = abstract_state(self.cfg, run_model(self.cfg, self.source))

@@ -21,8 +21,8 @@ owns its loss and its metrics:
 `*extra` are frozen trees the steps take after `lora_scale` (DPO's reference adapter). An objective that
 needs inputs computed outside the gradient each step (GRPO's rollouts, old and reference log-probs)
 names them in its `batch_keys`: the loop computes them and the step only reads them. `updates_per_batch`
-(GRPO's several optimizer steps on one batch of rollouts) is the loop's to honour; SFT, DPO and ORPO
-take 1, and the loop does not read it yet.
+(GRPO's several optimizer steps on one batch of rollouts) is honoured by the run's feed
+(`jaxlora.train.grpo_feed`); SFT, DPO and ORPO take 1.
 `jaxlora.train.registry` maps `train.objective` to the objective, its data builder and its loader.
 """
 

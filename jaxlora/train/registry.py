@@ -6,7 +6,9 @@ from collections.abc import Callable
 
 from jaxlora.config import Config
 from jaxlora.data import BatchLoader, PairLoader, build_datasets, build_pairs
+from jaxlora.data.prompts import PromptLoader, build_prompts
 from jaxlora.models.config import DecoderConfig
+from jaxlora.train.grpo import Grpo, GrpoSpec
 from jaxlora.train.objective import Objective, StepSpec
 from jaxlora.train.prefs import Preference, PrefSpec
 from jaxlora.train.sft import Sft
@@ -16,7 +18,7 @@ from jaxlora.train.sft import Sft
 class Registered:
     make: Callable[[Config, StepSpec], Objective]  # the objective for this run's config
     build_data: Callable  # (cfg, tokenizer) -> (training examples, validation examples or None)
-    loader: type  # BatchLoader or PairLoader: examples -> [B, T] batches
+    loader: type  # BatchLoader or PairLoader: examples -> [B, T] batches (GRPO: prompts, see grpo_feed)
 
 
 def _preference(cfg: Config, spec: StepSpec) -> Preference:
@@ -36,6 +38,12 @@ OBJECTIVES = {
     ),
     "dpo": Registered(_preference, _pairs, PairLoader),
     "orpo": Registered(_preference, _pairs, PairLoader),
+    # GRPO's batches are its own rollouts: `jaxlora.train.grpo_feed` builds them each step
+    "grpo": Registered(
+        lambda cfg, spec: Grpo(spec, GrpoSpec.from_section(cfg.grpo)),
+        lambda cfg, tok: build_prompts(cfg.data, tok, cfg.seed, cfg.grpo.max_prompt_length),
+        PromptLoader,
+    ),
 }
 
 

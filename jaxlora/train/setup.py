@@ -16,6 +16,7 @@ from jaxlora.models.config import ModelSource
 from jaxlora.models.loading import model_source
 from jaxlora.parallel import Plan, init_distributed, make_plan
 from jaxlora.quant import make_quantizer
+from jaxlora.train.grpo_feed import build_grpo_data
 from jaxlora.train.registry import OBJECTIVES
 from jaxlora.train.vocab import grow_base
 
@@ -87,6 +88,13 @@ class Data:
     val: Any  # validation examples (`Pairs` for DPO/ORPO), or None
     rows: tuple[int, int]  # `(index, count)`: the slice of each global batch this process reads
     total_steps: int
+    feed: Any = None  # GRPO: the rollouts that make each step's batch (`jaxlora.train.grpo_feed`)
+
+    def next_micro(self, cfg: Config, state, steps) -> tuple[list[dict], dict]:
+        """The next step's micro-batches (this process's rows) and host metrics to log with the step's."""
+        if self.feed is not None:
+            return self.feed.micro(state, steps)
+        return [next(self.loader) for _ in range(cfg.train.grad_accum_steps)], {}
 
     def eval_batches(self, cfg: Config) -> Iterator[dict]:
         """This process's rows of the validation batches, in order: `train.eval_batches` of them, or all."""
@@ -117,8 +125,11 @@ def build_data(cfg: Config, tokenizer, plan: Plan) -> Data:
     """Tokenize the data sources and open the training batches (the rows of each batch this process's
     devices hold); the number of steps follows `train.max_steps` and `train.num_epochs`."""
     registered = OBJECTIVES[cfg.train.objective]
-    train_ex, val_ex = registered.build_data(cfg, tokenizer)
     index, count = plan.loader_slice()
+    if cfg.train.objective == "grpo":  # prompts, completed by the run itself
+        loader, val, feed, total = build_grpo_data(cfg, tokenizer, (index, count))
+        return Data(loader, val, (index, count), total, feed)
+    train_ex, val_ex = registered.build_data(cfg, tokenizer)
     loader = registered.loader(
         train_ex,
         cfg.train.batch_size,

@@ -1,0 +1,153 @@
+"""The rollout engine for online RL (GRPO): G sampled completions per prompt in one compiled program.
+
+`rollout` prefills each prompt once, repeats its keys and values for the G completions, then decodes
+inside a `lax.while_loop`: one token per row per iteration, finished rows emitting `pad_id`, the loop
+ending when every row has met an EOS token or `max_new_tokens` are out. Nothing runs in Python per
+token, and a second call with the same shapes and settings reuses the compiled program. Prefilling
+once beats prefilling the prompts repeated G times by the G - 1 prefills it skips (`benchmarks/rollout.py`
+measures both, beside transformers' `generate`).
+
+The pieces are generation's (`jaxlora.models.generate`: `init_cache`, `prefill`, `decode_step`,
+`sample`), in the same order and with the same random stream: split the key, sample, then run the step.
+With G = 1 a rollout draws the tokens `generate` draws from `jax.random.key(seed)`.
+
+It is a pure function of arrays: the base may be quantized (int8/NF4 kernels are `QuantizedTensor`s),
+`lora` is the adapter tree the decoder takes, and params, adapter and prompts may arrive sharded (the
+shardings propagate under `jit`; nothing here places data on devices).
+
+Shapes: P prompts, G generations each (rows B = P * G, prompt p's completions at rows p*G .. p*G+G-1, as
+TRL groups them), Tp prompt length, N = max_new_tokens, V vocabulary.
+"""
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxlora.models.attention import KVCache
+from jaxlora.models.config import DecoderConfig
+from jaxlora.models.generate import decode_step, init_cache, prefill, sample
+
+
+class Rollout(NamedTuple):
+    """What `rollout` returns. Rows B = P * G, prompt-major."""
+
+    completions: jax.Array  # [B, N] int32: the sampled tokens, `pad_id` after a row's first EOS
+    mask: jax.Array  # [B, N] int32: 1 up to and including the first EOS (or all N), else 0
+    lengths: jax.Array  # [B] int32: completion length, the EOS counted
+    truncated: jax.Array  # [B] bool: no EOS within N tokens
+
+
+class _Loop(NamedTuple):
+    """The decode loop's carry."""
+
+    n: jax.Array  # int32 scalar: tokens written so far
+    token: jax.Array  # [B] int32: the last sampled token, the next step's input
+    done: jax.Array  # [B] bool: the row has sampled an EOS
+    lengths: jax.Array  # [B] int32: tokens written in the row, its EOS included
+    out: jax.Array  # [B, N] int32
+    cache: KVCache  # [L, B, Tp + N, K, H]
+    position: jax.Array  # [B] int32: the position of `token`
+    rng: jax.Array
+
+
+def repeat_cache(cache: KVCache, g: int, extra: int) -> KVCache:
+    """Each row of a [L, P, S, K, H] cache G times (rows p*G .. p*G+G-1) with `extra` empty slots after
+    its S -> [L, P*G, S + extra, K, H]; positions and segment ids [P*G, S + extra], the index kept."""
+
+    def grow(a, axis):  # repeat rows on `axis`, pad the slot axis after it with zeros (segment 0: empty)
+        a = jnp.repeat(a, g, axis=axis)
+        pad = [(0, 0)] * a.ndim
+        pad[axis + 1] = (0, extra)
+        return jnp.pad(a, pad)
+
+    return cache._replace(
+        k=grow(cache.k, 1),
+        v=grow(cache.v, 1),
+        positions=grow(cache.positions, 0),
+        segment_ids=grow(cache.segment_ids, 0),
+    )
+
+
+# what a call compiles for: the model and every sampling setting
+STATIC = ("cfg", "num_generations", "max_new_tokens", "temperature", "top_p", "top_k", "eos_ids", "pad_id")
+
+
+@partial(jax.jit, static_argnames=STATIC)
+def rollout(
+    params,
+    cfg: DecoderConfig,
+    lora,
+    lora_scale,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    rng: jax.Array,
+    *,
+    num_generations: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_ids: tuple[int, ...] = (),
+    pad_id: int = 0,
+) -> Rollout:
+    """Sample `num_generations` completions of up to `max_new_tokens` tokens for each prompt.
+
+    prompt_ids, prompt_mask: [P, Tp] int32, left-padded (mask 1 on real tokens, at least one per row);
+    rng: a JAX key; lora: the adapter tree or None, scaled by `lora_scale` (scalar or [L]).
+    Sampling is `generate.sample`'s: temperature (0 = greedy), then top-k (0 = off), then top-p (1 = off).
+    A row stops at its first token in `eos_ids` (kept, counted in its length); the loop stops when every
+    row has stopped or N tokens are out. Returns a `Rollout` of [P*G, N] completions and mask, [P*G]
+    lengths and truncated flags. Static: cfg and every keyword argument (a new value compiles anew).
+    """
+    g, new = num_generations, max_new_tokens
+    if g < 1 or new < 1:
+        raise ValueError(f"num_generations and max_new_tokens must be >= 1, got {g} and {new}")
+    logits, cache, position = prefill_groups(params, cfg, lora, lora_scale, prompt_ids, prompt_mask, g, new)
+
+    def pick(logits, rng):  # the next tokens [B] and the key left, as `generate` draws them
+        rng, sub = jax.random.split(rng)
+        return sample(logits, sub, temperature, top_k, top_p), rng
+
+    def step(token, cache, position):  # the logits [B, V] after `token` [B], the cache one slot further
+        return decode_step(params, cfg, cache, token, position, lora, lora_scale)
+
+    s = decode_loop(step, pick, logits, cache, position, rng, jnp.asarray(eos_ids, jnp.int32), new, pad_id)
+    mask = (jnp.arange(new)[None, :] < s.lengths[:, None]).astype(jnp.int32)  # [B, N]
+    return Rollout(s.out, mask, s.lengths, ~s.done)
+
+
+def prefill_groups(params, cfg, lora, lora_scale, prompt_ids, prompt_mask, g: int, new: int):
+    """Prefill the P prompts [P, Tp] once and give each of its G rows a copy of the keys and values.
+
+    Returns the last logits [P*G, V], the cache [L, P*G, Tp + new, K, H] at index Tp and the position [P*G]
+    of the first new token. (Prefilling the prompts repeated G times costs G times the prefill.)
+    """
+    p, tp = prompt_ids.shape
+    logits, cache = prefill(params, cfg, init_cache(cfg, p, tp), prompt_ids, prompt_mask, lora, lora_scale)
+    position = jnp.repeat(prompt_mask.astype(jnp.int32).sum(axis=1), g)
+    return jnp.repeat(logits, g, axis=0), repeat_cache(cache, g, new), position
+
+
+def decode_loop(step, pick, logits, cache: KVCache, position, rng, eos, new: int, pad_id: int) -> _Loop:
+    """Sample from `logits` [B, V], then `step` and sample again until every row has drawn a token of
+    `eos` [E] or `new` tokens are out: one `lax.while_loop`. Returns the final carry (`out` [B, new])."""
+    token, rng = pick(logits, rng)
+    done = jnp.isin(token, eos)  # E = 0: never
+    out = jnp.full((token.shape[0], new), pad_id, jnp.int32).at[:, 0].set(token)
+    state = _Loop(jnp.ones((), jnp.int32), token, done, jnp.ones_like(token), out, cache, position, rng)
+
+    def more(s: _Loop):
+        return (s.n < new) & ~jnp.all(s.done)
+
+    def body(s: _Loop) -> _Loop:
+        logits, cache = step(s.token, s.cache, s.position)
+        token, rng = pick(logits, s.rng)
+        written = jnp.where(s.done, pad_id, token)  # [B]: finished rows emit padding
+        out = jax.lax.dynamic_update_slice(s.out, written[:, None], (0, s.n))
+        lengths = s.lengths + (~s.done).astype(jnp.int32)
+        done = s.done | jnp.isin(token, eos)
+        return _Loop(s.n + 1, token, done, lengths, out, cache, s.position + 1, rng)
+
+    return jax.lax.while_loop(more, body, state)

@@ -1,0 +1,143 @@
+"""The rollout engine (`jaxlora.models.rollout`): greedy completions equal transformers' `generate` token for
+token (left-padded prompts of different lengths, per-row EOS stopping), sampling is `generate`'s, seeded,
+inside top-k and drawn from the softmax, the G completions of a prompt differ, a second call compiles
+nothing, and it runs with LoRA (equal to the merged weights) and with an int8 base. One tiny Qwen2
+checkpoint for the module."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jaxlora.lora import LoraConfig, init_lora, lora_scale, merge
+from jaxlora.models import forward, load_model
+from jaxlora.models.generate import categorical, generate, left_pad
+from jaxlora.models.rollout import rollout
+from jaxlora.quant import make_quantizer
+from tests.helpers.hf_tiny import make_hf_model
+from tests.helpers.peft_torch import randomized
+
+PROMPTS = [[1, 17, 40, 9, 33, 72, 5], [1, 60, 8], [1, 22, 17, 4, 90]]  # lengths 7, 3, 5: left-padded
+NEW = 12
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(folder, torch model, jaxlora model, ids [3, 7], mask [3, 7]) of one tiny random Qwen2."""
+    folder = tmp_path_factory.mktemp("qwen2")
+    hf = make_hf_model("qwen2", folder)
+    ids, mask = left_pad(PROMPTS, PAD)
+    return folder, hf, load_model(folder), ids, mask
+
+
+def run(model, ids, mask, seed=0, lora=None, scale=1.0, params=None, **kw):
+    """`rollout` on numpy prompts (greedy, G = 1 unless told), its result as numpy."""
+    kw = {"num_generations": 1, "max_new_tokens": NEW, "temperature": 0.0, "pad_id": PAD, **kw}
+    params = model.params if params is None else params
+    key = jax.random.key(seed)
+    out = rollout(params, model.config, lora, scale, jnp.asarray(ids), jnp.asarray(mask), key, **kw)
+    return jax.tree.map(np.asarray, out)
+
+
+def hf_greedy(hf, ids, mask, eos: int | None) -> np.ndarray:
+    """transformers' greedy `generate` on the left-padded batch: the new tokens [B, <= NEW], PAD after EOS."""
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            do_sample=False,
+            max_new_tokens=NEW,
+            eos_token_id=eos,
+            pad_token_id=PAD,
+        )
+    return out[:, ids.shape[1] :].numpy()
+
+
+def test_greedy_equals_transformers_generate_with_eos_per_row(tiny):
+    _, hf, model, ids, mask = tiny
+    free = hf_greedy(hf, ids, mask, eos=None)  # no EOS: every row runs NEW tokens
+    assert free.shape == (3, NEW)
+    # as EOS, the token that most rows meet short of all of them (here: one row at its first token, one
+    # midway, one never)
+    rows_hit = {int(t): sum(t in row for row in free) for t in np.unique(free) if t != PAD}
+    eos = max((t for t, n in rows_hit.items() if n < 3), key=lambda t: (rows_hit[t], -t))
+    ref = hf_greedy(hf, ids, mask, eos=eos)
+    for g in (1, 2):  # G = 2: the prompt's cache repeated, both copies equal to transformers'
+        out = run(model, ids, mask, num_generations=g, eos_ids=(eos,))
+        got = out.completions[::g]
+        assert np.array_equal(out.completions[g - 1 :: g], got)  # with G = 2, the second copy too
+        assert np.array_equal(got[:, : ref.shape[1]], ref), (got, ref)
+        assert (got[:, ref.shape[1] :] == PAD).all()
+        hit = [list(r).index(eos) + 1 if eos in r else NEW for r in free]
+        assert out.lengths[::g].tolist() == hit and out.truncated[::g].tolist() == [h == NEW for h in hit]
+        assert np.array_equal(out.mask[::g], np.arange(NEW)[None] < np.array(hit)[:, None])
+    assert min(hit) < NEW and max(hit) == NEW  # the EOS really stopped a row, and not all of them
+
+
+def test_sampling_is_generates_seeded_and_inside_top_k(tiny):
+    _, _, model, ids, mask = tiny
+    kw = dict(temperature=1.0, top_p=0.9, eos_ids=())
+    out = run(model, ids, mask, seed=5, **kw)
+    ref = generate(model.params, model.config, PROMPTS, NEW, seed=5, eos_ids=(), temperature=1.0, top_p=0.9)
+    assert out.completions.tolist() == ref  # G = 1 draws the tokens `generate` draws from the same key
+    # top-k 3 at a high temperature: every token is one of the 3 best at its step, and not always the best
+    a = run(model, ids, mask, seed=7, temperature=5.0, top_k=3, num_generations=4)
+    b = run(model, ids, mask, seed=7, temperature=5.0, top_k=3, num_generations=4)
+    assert np.array_equal(a.completions, b.completions) and a.truncated.all()
+    full = np.concatenate([np.repeat(ids, 4, axis=0), a.completions], axis=1)  # [12, 7 + NEW]
+    full_mask = np.concatenate([np.repeat(mask, 4, axis=0), a.mask], axis=1)
+    pos = np.maximum(np.cumsum(full_mask, axis=1) - 1, 0)
+    logits = np.asarray(
+        forward(model.params, model.config, jnp.asarray(full), jnp.asarray(pos), jnp.asarray(full_mask))
+    )
+    step_logits = logits[:, ids.shape[1] - 1 : -1]  # [12, NEW, V]: the logits each token was drawn from
+    rank = (step_logits > np.take_along_axis(step_logits, a.completions[..., None], -1)).sum(-1)
+    assert rank.max() < 3 and (rank > 0).mean() > 0.2, rank
+    # the G = 4 completions of each prompt differ
+    for p in range(3):
+        assert len({tuple(r) for r in a.completions[4 * p : 4 * p + 4]}) == 4
+
+
+def test_categorical_draws_the_softmax_distribution():
+    """`generate.sample`'s draw (an inverted CDF in blocks): 8 tokens in blocks of 3 (two levels, padding)."""
+    probs = np.array([0.3, 0.0, 0.05, 0.25, 0.1, 0.0, 0.2, 0.1])
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (100_000, 8))
+    draws = np.asarray(categorical(jax.random.key(0), logits, block=3))
+    freq = np.bincount(draws, minlength=8) / len(draws)
+    assert freq[probs == 0].sum() == 0  # a -inf logit is never drawn
+    assert np.abs(freq - probs).max() < 5 * np.sqrt(0.25 / len(draws)), freq
+
+
+def test_second_call_compiles_nothing_and_the_loop_is_one_while(tiny):
+    _, _, model, ids, mask = tiny
+    kw = dict(temperature=1.0, top_k=5, num_generations=2, eos_ids=(2,))
+    run(model, ids, mask, seed=0, **kw)
+    size = rollout._cache_size()
+    other = np.where(mask == 1, (ids + 3) % model.config.vocab_size, PAD)  # new prompt values, same shapes
+    run(model, other, mask, seed=1, **kw)
+    assert rollout._cache_size() == size
+    args = (model.params, model.config, None, 1.0, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0))
+    jaxpr = str(rollout.trace(*args, max_new_tokens=NEW, pad_id=PAD, **kw).jaxpr)
+    assert jaxpr.count("while[") == 1  # the decode loop is in the program, not in Python
+
+
+def test_lora_changes_the_output_as_its_merged_weights(tiny):
+    _, _, model, ids, mask = tiny
+    lc = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    lora = randomized(init_lora(model.config, lc, jax.random.key(0)), seed=1, std=0.3)  # non-zero B
+    scale = jnp.asarray(lora_scale(model.config, lc))
+    adapted = run(model, ids, mask, lora=lora, scale=scale)
+    base = run(model, ids, mask)
+    merged = run(model, ids, mask, params=merge(model.params, lora, scale))
+    assert not np.array_equal(adapted.completions, base.completions)
+    assert np.array_equal(adapted.completions, merged.completions)
+
+
+def test_int8_base_rollout_equals_generate(tiny):
+    folder, _, _, ids, mask = tiny
+    model = load_model(folder, quantizer=make_quantizer("int8"))
+    out = run(model, ids, mask, num_generations=2, eos_ids=())
+    ref = generate(model.params, model.config, PROMPTS, NEW, eos_ids=())
+    assert out.completions[::2].tolist() == out.completions[1::2].tolist() == ref

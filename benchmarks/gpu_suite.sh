@@ -17,6 +17,9 @@
 #   (e) benchmarks/rollout.py    GRPO rollout speed, Qwen2.5-0.5B architecture in bf16: jaxlora's compiled
 #                                sampler against transformers' generate, 16 prompts x 8 completions of 128
 #                                tokens, in one process -> <gpu>-rollout.json (run before (d))
+#   (f) benchmarks/remat_plan.py the Llama-3.1-8B step's memory plans on this card (jaxlora plan, exact
+#                                here): lean, full and offload at 8k tokens, offload at 128k and 342k, into
+#                                suite.txt (run after (e), before (d), when (d) keeps its 40 s)
 #
 # <gpu> names the card: nvidia-smi's name, "NVIDIA H100 80GB HBM3" -> h100, "NVIDIA H200" -> h200, any
 # other -> a lowercase slug of it ("NVIDIA A100-SXM4-80GB" -> a100-sxm4-80gb); JAX's device_kind without
@@ -44,14 +47,17 @@
 #                                                                      quantized on the host first
 #   (e) rollout, 0.5B, 3 timed calls per row     100 when 145     60   a 0.5B draw on the GPU, two compiles
 #                                                are left
+#   (f) plans, five 8B step compilations         90 when 135      60   abstract arrays: nothing is loaded
+#                                                are left
 #   (d) 1B features, 7 steps per variant         BUDGET (530)     135  one start-up, the model loaded once,
 #                                                - elapsed - 5         ~20 s a variant (compile + steps):
 #                                                                      6 to 7 of its 10 rows
 #   (c)'s merge, listing                         -                2
 #
 # Worst case, each fixed step at its limit plus `timeout`'s 5 s of grace: 90 + 105 + 125 + 2 x 105 = 530,
-# so neither (e) nor (d) starts (they need 145 s and 40 s; the suite says so and fails) and the suite
-# ends by about 532 s. (e) runs when 145 s are left: its 100, 5 of grace and the 40 (d) needs. (d)'s
+# so neither (e), (f) nor (d) starts (they need 145, 135 and 40 s; the suite says so and fails) and the
+# suite ends by about 532 s. (e) runs when 145 s are left: its 100, 5 of grace and the 40 (d) needs; (f)
+# likewise when 135 s are left (a skipped (f) does not fail the suite). (d)'s
 # limit is what is left of the 530 s less 5; inside it, benchmark.py starts no variant
 # that would not end by 20 s before the limit (--time-box, counted from its own start) and stops one
 # still running 2 s after that, then writes its JSON: the suite ends by 530 s plus the listing, under 540.
@@ -211,6 +217,7 @@ else
   QUANT=(llama-3.1-8b-int8 llama-3.1-8b-nf4)
   T_ROLL=100 ROLL=(--arch qwen2.5-0.5b --dtype bfloat16 --prompts 16 --generations 8 --prompt-len 128
     --new-tokens 128 --repeats 3 --rows jaxlora,transformers)
+  T_PLAN=90 PLAN_MODEL=$ROOT/benchmarks/presets/llama-3.1-8b
 fi
 SIZES=$( ((SMOKE)) && echo "tiny presets" || echo "1B batch $B_1B, 8B batch $B_8B, seq 2048")
 say "device: ${GPU_NAME:-?}, ${GIB} GiB -> file prefix $PREFIX, $SIZES"
@@ -264,6 +271,21 @@ if ((LEFT >= T_ROLL + 45)); then
 else
   say "== rollout ${ROLL[1]}: not run, ${LEFT}s left of the ${BUDGET}s budget"
   FAILED=1
+fi
+
+# (f) the memory plans of the 8B step on this card (exact here; benchmarks/remat_plan.py --gpu), into
+# suite.txt: lean, full and offload at 8k, offload at 128k and 342k. Skipped when (d) would get under 40 s.
+LEFT=$((BUDGET - SECONDS - 5))
+if ((SMOKE)); then
+  say "== plans: not run in the smoke (five 8B compilations take minutes on a CPU; docs/performance.md has them)"
+elif ((LEFT >= T_PLAN + 45)); then
+  PLAN_LOG=$(mktemp)
+  step "plans ${PLAN_MODEL##*/}" "$T_PLAN" "$PLAN_LOG" "$PY" benchmarks/remat_plan.py --gpu \
+    --model "$PLAN_MODEL" --out -
+  cat "$PLAN_LOG" >>"$SUITE_LOG"
+  rm -f "$PLAN_LOG"
+else
+  say "== plans: not run, ${LEFT}s left of the ${BUDGET}s budget"
 fi
 
 # (d) Llama-3.2-1B speed switches, jaxlora only, in one process: what is left of the budget

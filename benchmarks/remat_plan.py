@@ -16,8 +16,10 @@ compute, int8 base unless said), on this machine's backend. No weights are read 
 
 `offload` off a GPU is planned as `minimal` less the layer inputs it keeps in host memory (the plan says
 so in its notes); on a GPU (`benchmarks/gpu_suite.sh`) every figure is that GPU's own. Prints a table and
-writes the JSON (with the command) to `--out`. `--quick` (the GPU suite's): the lean, full and offload
-policies at T = 2k and 8k, the growth from 4k to 8k, and the longest lengths.
+writes the JSON (with the command) to `--out` (`-`: standard output). `--quick`: the lean, full and offload
+policies at T = 2k and 8k, the growth from 4k to 8k, and the longest lengths. `--gpu` (`gpu_suite.sh`'s
+step (f), five compilations): the peak of lean, full and offload at 8k and of offload at 128k and 342k,
+on `--model` (default the Llama-3.1-8B preset).
 """
 
 import argparse
@@ -51,7 +53,9 @@ def planner(model: Path, remat: str, quant: str = "int8", layers: int | None = N
         config = json.loads((model / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
         model = folder
-    over = [f"model.path={model}", "train.batch_size=1", "train.grad_accum_steps=1", "data.seq_len=2048",
+    limit = json.loads((model / "config.json").read_text()).get("max_position_embeddings", 2048)
+    over = [f"model.path={model}", "train.batch_size=1", "train.grad_accum_steps=1",
+            f"data.seq_len={min(limit, 2048)}",
             f"train.remat={remat}", f"quant.weights={quant}", "parallel.strategy=single"]  # fmt: skip
     return Planner(load_config(RECIPE, over), None)
 
@@ -95,12 +99,36 @@ def longest(lengths: list[int]) -> list[dict]:
     return out
 
 
+def gpu_report(model: Path) -> dict:
+    """The few plans the GPU suite has time for: each policy's temp and peak at 8k, offload's longest."""
+    rows = []
+    for remat, lengths in (("lean", [8192]), ("full", [8192]), ("offload", [8192, 131072, 344064])):
+        p = planner(model, remat)
+        for t in lengths:
+            mem = p.report(t)["memory"]
+            temp, peak = mem["activations"], mem["peak"]
+            fits = peak <= GPU_80GB * GIB
+            rows.append({"remat": remat, "seq_len": t, "temp": temp, "peak": peak, "fits_80gb": fits})
+            print(f"{remat:8s} T={t}: temp {temp / GIB:.2f} GiB, peak {peak / GIB:.2f} GiB", flush=True)
+    return {"plans": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="T = 2k and 8k only")
+    ap.add_argument("--gpu", action="store_true", help="the GPU suite's five plans")
+    ap.add_argument("--model", default=str(LLAMA), help="a folder holding config.json (--gpu)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu-remat-plan.json"))
     args = ap.parse_args()
     quick = args.quick
+    if args.gpu:
+        command = f"python benchmarks/remat_plan.py --gpu --model {args.model}"
+        device = jax.local_devices()[0].device_kind
+        report = {"command": command, "jax": jax.__version__, "device_kind": device}
+        report.update(gpu_report(Path(args.model)))
+        text = json.dumps(report, indent=1)
+        print(text) if args.out == "-" else Path(args.out).write_text(text + "\n")
+        return
     lengths = [2048, 8192] if quick else [2048, 8192, 32768]
     doubling = [4096, 8192] if quick else [4096, 8192, 16384, 32768]
     report = {

@@ -35,6 +35,7 @@ def test_gpu_suite_smoke_writes_its_reports(tmp_path, assets):
     )
     for step in steps:
         assert f"== {step}: ok in" in suite, suite
+    assert "== plans: not run in the smoke" in suite  # (f) is the GPU's: five 8B compilations
     assert "backend cpu" in suite and "devices: cpu" in suite
     assert re.search(r"device: cpu, \d+ GiB -> file prefix smoke-cpu, tiny presets", suite)  # from JAX
     for name in ("orbax-checkpoint", "tensorboardX", "trl"):

@@ -114,9 +114,9 @@ def test_grpo_shaped_objective_runs_on_the_one_step(base):
     )
     assert abs(float(m1["loss"]) - float(m2["loss"])) < 1e-6 and float(m1["clip_ratio"]) == 0.0
     flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])  # noqa: E731
-    np.testing.assert_allclose(
-        flat(l1.tree()) - flat(lora), flat(l2.tree()) - flat(lora), rtol=1e-5, atol=1e-7
-    )
+    d1, d2 = flat(l1.tree()) - flat(lora), flat(l2.tree()) - flat(lora)
+    # float32 sums in another order: entries that nearly cancel are compared against the largest one
+    np.testing.assert_allclose(d1, d2, rtol=1e-5, atol=1e-5 * np.abs(d1).max())
     # ratio 1 at the first step: the surrogate's value is -mean(A) over tokens; its gradient moves lora
     n = np.asarray(batch["targets"] != IGNORE)
     want = -float(np.sum(np.asarray(batch["advantages"])[:, None] * n) / n.sum())

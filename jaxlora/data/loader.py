@@ -283,12 +283,7 @@ class BatchLoader:
 
     def restore(self, state: Mapping[str, int]) -> None:
         """Resume at a position from `state()`: the next batch is the one that would have followed."""
-        try:
-            epoch, step = int(state["epoch"]), int(state["step"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(
-                f"bad data loader state {dict(state)!r}; expected {{'epoch': int, 'step': int}}"
-            ) from None
+        epoch, step = loader_position(state, "data")
         if epoch < 0 or step < 0:
             raise UserError(f"bad data loader state {dict(state)!r}; epoch and step must be >= 0")
         if self.stream is None and step > self.batches_in_epoch(epoch):
@@ -306,3 +301,14 @@ class BatchLoader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def loader_position(state: Mapping[str, int], what: str) -> tuple[int, int]:
+    """(epoch, step) of a loader's saved `state()`; a one-line UserError naming the `what` loader if it is
+    not one."""
+    try:
+        return int(state["epoch"]), int(state["step"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(
+            f"bad {what} loader state {dict(state)!r}; expected {{'epoch': int, 'step': int}}"
+        ) from None

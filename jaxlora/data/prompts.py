@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxlora.data.build import default_cache_dir
+from jaxlora.data.loader import loader_position
 from jaxlora.data.sources import bars_on_terminal_only, load_rows, resolve_source, subset_rows
 from jaxlora.data.templates import resolve_chat_template
 from jaxlora.errors import UserError
@@ -202,12 +203,7 @@ class PromptLoader:
         return {"epoch": int(self._epoch), "step": int(self._step)}
 
     def restore(self, state: Mapping[str, int]) -> None:
-        try:
-            epoch, step = int(state["epoch"]), int(state["step"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(
-                f"bad prompt loader state {dict(state)!r}; expected {{'epoch': int, 'step': int}}"
-            ) from None
+        epoch, step = loader_position(state, "prompt")
         if epoch < 0 or not 0 <= step < self.num_batches_per_epoch:
             raise UserError(
                 f"prompt loader state {dict(state)!r} does not fit {self.num_batches_per_epoch} steps per "

@@ -17,7 +17,7 @@ import yaml
 
 from jaxlora.config import config_from_dict
 from jaxlora.train import train
-from jaxlora.train.memory_plan import plan_memory
+from jaxlora.train.memory_plan import longest_seq_len, plan_memory
 from jaxlora.train.rewards import RewardError
 from tests.helpers.recipes import set_dotted
 
@@ -199,10 +199,8 @@ def test_reference_kl_reuse_and_accumulation(assets, tmp_path):
 def test_bad_grpo_setups_are_one_line(assets, tmp_path):
     from jaxlora.errors import UserError
 
-    with pytest.raises(UserError, match="train.preflight is not available for train.objective grpo"):
-        config_from_dict(grpo_config(assets, tmp_path / "a", **{"train.preflight": True}))
-    with pytest.raises(UserError, match="jaxlora plan cannot plan train.objective=grpo yet"):
-        plan_memory(config_from_dict(grpo_config(assets, tmp_path / "a")))
+    with pytest.raises(UserError, match="--max-seq-len searches data.seq_len; a grpo run's rows are"):
+        longest_seq_len(config_from_dict(grpo_config(assets, tmp_path / "a")))
     sft = grpo_config(assets, tmp_path / "b", **{"train.objective": "sft", "train.max_steps": 1})
     with pytest.raises(UserError, match="format prompt holds prompts for train.objective grpo, not sft"):
         train(config_from_dict(sft))
@@ -210,3 +208,27 @@ def test_bad_grpo_setups_are_one_line(assets, tmp_path):
     alpaca = {"path": str(assets / "data" / "alpaca_100.json"), "format": "alpaca"}
     with pytest.raises(UserError, match="format alpaca has no prompts; GRPO needs format: prompt"):
         train(config_from_dict(grpo_config(assets, tmp_path / "c", **{"data.train": [alpaca]})))
+
+
+def test_plan_counts_the_rollout_and_the_grpo_rows(assets, tmp_path):
+    """`jaxlora plan` on a grpo run: the step compiled on [A, B, P + C] rows, and the rollout, whose temp
+    holds at least its KV cache (k and v, [L, 2 prompts x G 8, P + C, K, H] each) and grows with C as the
+    cache does; the peak is the larger program's, the rollout counted with the optimizer state."""
+    from jaxlora.models import model_source
+
+    def plan(completion: int) -> dict:
+        over = {"grpo.max_prompt_length": 16, "grpo.max_completion_length": completion}
+        return plan_memory(config_from_dict(grpo_config(assets, tmp_path / "a", **over)))
+
+    report, longer = plan(24), plan(88)
+    run, mem = report["run"], report["memory"]
+    assert (run["seq_len"], run["prompt_len"], run["completion_len"]) == (16 + 24, 16, 24)
+    step_peak = mem["arguments"] + mem["activations"] + mem["outputs"] - mem["aliased"]
+    rollout = mem["rollout"]
+    assert rollout["peak_with_optimizer"] == rollout["peak"] + mem["optimizer"]
+    assert mem["peak"] == max(step_peak, rollout["peak_with_optimizer"])
+    model = model_source(str(assets / "models" / "stories260K")).config
+    per_slot = 2 * model.num_layers * 16 * model.num_kv_heads * model.head_dim * 4  # 16 rows, float32
+    assert rollout["activations"] >= per_slot * (16 + 24)
+    assert longer["memory"]["rollout"]["activations"] - rollout["activations"] >= per_slot * 64
+    assert longer["run"]["seq_len"] == 16 + 88 and longer["memory"]["activations"] > mem["activations"]

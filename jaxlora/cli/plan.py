@@ -86,6 +86,12 @@ def format_plan(report: dict) -> str:
             f"  peak         {_bytes(mem['peak'])} = arguments {parts['arguments']} + temp "
             f"{parts['activations']} + outputs {parts['outputs']} - aliased {parts['aliased']}"
         )
+        if "rollout" in mem:  # GRPO: the rollout program, run before the step
+            ro = {k: _bytes(v) for k, v in mem["rollout"].items()}
+            lines.append(
+                f"  rollout      {ro['peak_with_optimizer']} = its peak {ro['peak']} (arguments "
+                f"{ro['arguments']} + temp {ro['activations']} + outputs {ro['outputs']}) + optimizer"
+            )
         lines.append(f"compile: {report['compile_s']:.1f} s")
     where = f"{_bytes(mem['capacity'])} ({mem['capacity_from']})"
     if report["fits"] is None:

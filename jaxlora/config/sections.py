@@ -372,8 +372,6 @@ class Config(Section):
     def _grpo_fits_the_batch(self) -> "Config":
         if self.train.objective == "grpo":
             self.grpo.check_run(self.train.batch_size, self.train.grad_accum_steps)
-            if self.train.preflight:  # its batch is rollouts: `jaxlora plan` cannot shape it yet
-                raise Invalid("train.preflight is not available for train.objective grpo yet; set it false")
         return self
 
     @model_validator(mode="after")

@@ -8,7 +8,8 @@ No weight, tokenizer or data file is read. The run's arrays are built as shapes 
                                                 AdamW's state of its trainable half, DPO's reference
     compiled = compile_step(cfg, state, plan)   the run's one train step (its objective, its plan's
                                                 shardings), lowered from those shapes and a batch of
-                                                [grad_accum, batch_size, seq_len] int32 arrays
+                                                [grad_accum, batch_size, seq_len] arrays; GRPO's rollout
+                                                too (`jaxlora.train.plan_programs`)
 
 and XLA's `memory_analysis()` of the compiled step gives the bytes per device:
 
@@ -46,15 +47,25 @@ from jaxlora.quant import QuantizedTensor, count_params, make_quantizer
 from jaxlora.quant.abstract import abstract_quantize
 from jaxlora.quant.tensor import human_bytes
 from jaxlora.train.optim import make_optimizer
-from jaxlora.train.registry import objective_for
+from jaxlora.train.plan_programs import (
+    abstract_batch,
+    compile_rollout,
+    compile_step,
+    grpo_lengths,
+    run_seq_len,
+    step_memory,
+)
 from jaxlora.train.setup import choose_plan
-from jaxlora.train.step import make_train_step
 
 GIB = 1 << 30
 PEAK_FORMULA = "arguments + temp + outputs - aliased"
 OFFLOAD_NOTE = (
     "train.remat=offload needs a GPU: planned as minimal less the layer inputs offload keeps in pinned host "
     "memory ({gib:.2f} GiB); a GPU plans it exactly"
+)
+ROLLOUT_NOTE = (
+    "grpo: the step's rows are the prompt ({p} tokens, left-padded) and the completion ({c}); the rollout "
+    "(memory.rollout) runs before it, so the peak is the larger of the two"
 )
 CPU_NOTE = (
     "the figures are XLA:CPU's: a GPU compiles another program (its fusions and attention kernels), so "
@@ -152,49 +163,6 @@ def abstract_state(cfg: Config, model: DecoderConfig) -> State:
     return State(model, base, adapter, opt_state, extra, optimizer, trainable)
 
 
-def abstract_batch(plan: Plan, keys, accum: int, batch: int, seq_len: int) -> dict:
-    """The train step's batch argument: {key: [A, B, T] int32}, rows sharded as `Plan.put_batch` shards
-    them (the same sharding lets a later call reuse the compilation); pmap: [devices, A, B / devices, T]."""
-    if plan.strategy == "pmap":
-        n = jax.local_device_count()
-        return {k: jax.ShapeDtypeStruct((n, accum, batch // n, seq_len), np.int32) for k in keys}
-    shape = (accum, batch, seq_len)
-    sharding = plan.sharding((None, "batch", None), shape)
-    return {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=sharding) for k in keys}
-
-
-def compile_step(cfg: Config, state: State, plan: Plan, seq_len: int):
-    """The run's train step compiled for `plan` from `state`'s shapes at `seq_len` (XLA's executable; the
-    plan's shardings are the step's `in_shardings`)."""
-    objective = objective_for(cfg, state.model)
-    step = make_train_step(objective, state.optimizer, plan.collective)
-    lora_s = plan.lora_shardings(state.adapter)
-    opt_s = plan.like_shardings(state.opt_state, state.adapter.trainable, lora_s.trainable)
-    extra_s = tuple(plan.lora_shardings(x) for x in state.extra)
-    fn = plan.compile_train_step(step, lora_s, opt_s, plan.param_shardings(state.base), extra_s)
-    if not hasattr(fn, "lower"):
-        raise UserError("jaxlora plan cannot compile a multi-process pmap step; plan one process's mesh")
-    t = cfg.train
-    batch = abstract_batch(plan, objective.batch_keys, t.grad_accum_steps, t.batch_size, seq_len)
-    rng = jax.eval_shape(lambda: jax.random.key(0))
-    scale = jax.ShapeDtypeStruct((state.model.num_layers,), np.float32)
-    return fn.lower(state.adapter, state.opt_state, state.base, batch, rng, scale, *state.extra).compile()
-
-
-def step_memory(compiled) -> dict:
-    """Bytes per device of a compiled step (`memory_analysis`): arguments, outputs, aliased, temp (as
-    `activations`) and `peak` = arguments + temp + outputs - aliased."""
-    m = compiled.memory_analysis()
-    args, out, alias, temp = (
-        int(m.argument_size_in_bytes),
-        int(m.output_size_in_bytes),
-        int(m.alias_size_in_bytes),
-        int(m.temp_size_in_bytes),
-    )
-    return {"arguments": args, "outputs": out, "aliased": alias, "activations": temp,
-            "peak": args + temp + out - alias}  # fmt: skip
-
-
 def device_bytes(tree, shardings=None) -> int:
     """Bytes one device holds of `tree`'s arrays: each leaf's shard under its sharding (`shardings`, a
     tree like `tree`, or the arrays' own); leaves without one count whole."""
@@ -246,13 +214,13 @@ class Planner:
     plan: Plan | None = None  # the run's, when it has chosen one already
 
     def __post_init__(self):
-        if self.cfg.train.objective == "grpo":  # its batch holds rollouts, not [A, B, T] token rows
-            raise UserError("jaxlora plan cannot plan train.objective=grpo yet; plan the model with sft")
         self.source = self.source or config_source(self.cfg)
         self.plan = self.plan or choose_plan(self.cfg, self.source)
         self.state = abstract_state(self.cfg, run_model(self.cfg, self.source))
         self.capacity, self.capacity_from = device_capacity(self.memory_gib)
         self.compiled: dict[int, tuple[dict, float]] = {}  # seq_len -> (step_memory, seconds)
+        self.rollout: dict | None = None  # GRPO: the rollout's step_memory, compiled once
+        self.rollout_s = 0.0
 
     def report(self, seq_len: int, compile_step_too: bool = True) -> dict:
         """The plan at `seq_len` (a dict: see `plan_memory`); a length is compiled once."""
@@ -270,6 +238,8 @@ class Planner:
                 mem["activations"] -= moved
                 mem["peak"] -= moved
                 out["notes"].append(OFFLOAD_NOTE.format(gib=moved / GIB))
+            if self.cfg.train.objective == "grpo":
+                self._add_rollout(out)
             out["fits"] = mem["peak"] <= mem["capacity"]
             if mem["backend"] == "cpu":
                 out["notes"].insert(0, CPU_NOTE)
@@ -277,6 +247,19 @@ class Planner:
             mem["peak"] = mem["weights"] + mem["trainable"] + mem["adapter_frozen"] + mem["optimizer"]
             out["fits"] = False if mem["peak"] > mem["capacity"] else None
         return out
+
+    def _add_rollout(self, out: dict) -> None:
+        """GRPO: the rollout's figures under memory["rollout"]; the peak is the larger of the step's and
+        the rollout's plus the optimizer state (which stays on the device while the rollout runs)."""
+        if self.rollout is None:
+            t0 = time.perf_counter()
+            self.rollout = step_memory(compile_rollout(self.cfg, self.state, self.plan))
+            self.rollout_s = round(time.perf_counter() - t0, 2)
+        mem = out["memory"]
+        mem["rollout"] = dict(self.rollout, peak_with_optimizer=self.rollout["peak"] + mem["optimizer"])
+        mem["peak"] = max(mem["peak"], mem["rollout"]["peak_with_optimizer"])
+        out["compile_s"] += self.rollout_s
+        out["notes"].append(ROLLOUT_NOTE.format(p=out["run"]["prompt_len"], c=out["run"]["completion_len"]))
 
     def _static(self, seq_len: int) -> dict:
         """What the shapes say without compiling: counts and the per-device bytes of the arguments."""
@@ -305,13 +288,21 @@ class Planner:
                       "dtype": cfg.model.dtype, "quant": cfg.quant.weights},
             "run": {"objective": t.objective, "seq_len": seq_len, "batch_size": t.batch_size,
                     "grad_accum_steps": t.grad_accum_steps, "remat": t.remat, "lora_r": cfg.lora.r,
-                    "parallel": plan.describe(), "devices": plan.mesh.size},
+                    "parallel": plan.describe(), "devices": plan.mesh.size, **_grpo_run(cfg)},
             "params": {"total": count_params(s.base), "trainable": s.trainable},
             "memory": memory,
             "compile_s": None,
             "fits": None,
             "notes": _notes(cfg),
         }  # fmt: skip
+
+
+def _grpo_run(cfg: Config) -> dict:
+    """GRPO's lengths and group size for the plan's "run" entry (nothing for other objectives)."""
+    if cfg.train.objective != "grpo":
+        return {}
+    prompt, completion = grpo_lengths(cfg)
+    return {"prompt_len": prompt, "completion_len": completion, "num_generations": cfg.grpo.num_generations}
 
 
 def _notes(cfg: Config) -> list[str]:
@@ -331,7 +322,7 @@ def plan_memory(cfg: Config, *, compile_step_too: bool = True, memory_gib: float
     activations, outputs and compile_s are None, `peak` is the arguments alone (a lower bound) and `fits`
     is None unless they alone do not fit. `fits`: peak <= `memory_gib` GiB, by default the local device's
     memory (the host's on the CPU). On the CPU, `notes` says that the figures are XLA:CPU's."""
-    return Planner(cfg, memory_gib).report(cfg.data.seq_len, compile_step_too)
+    return Planner(cfg, memory_gib).report(run_seq_len(cfg), compile_step_too)
 
 
 def longest_seq_len(cfg: Config, *, memory_gib: float | None = None, planner: Planner | None = None) -> dict:
@@ -339,6 +330,11 @@ def longest_seq_len(cfg: Config, *, memory_gib: float | None = None, planner: Pl
     the plan at 1 when none does): doubling from `data.seq_len` (halving while it does not fit), then
     bisecting to within 1/16 (multiples of 8 above 64), up to the model's max_position_embeddings.
     `planner`: one already built for `cfg` (its compiled lengths are reused), else a new one."""
+    if cfg.train.objective == "grpo":
+        raise UserError(
+            "--max-seq-len searches data.seq_len; a grpo run's rows are grpo.max_prompt_length + "
+            "grpo.max_completion_length: plan those lengths instead"
+        )
     p = planner or Planner(cfg, memory_gib)
     fits = lambda n: p.report(n)["fits"]  # noqa: E731
     limit = p.state.model.max_position_embeddings
@@ -362,7 +358,7 @@ def longest_seq_len(cfg: Config, *, memory_gib: float | None = None, planner: Pl
 def preflight(cfg: Config, source: ModelSource, plan: Plan) -> dict:
     """`train.preflight`: the plan of the run (its config.json and `Plan`), or a one-line UserError when
     its peak does not fit the device."""
-    report = Planner(cfg, None, source, plan).report(cfg.data.seq_len)
+    report = Planner(cfg, None, source, plan).report(run_seq_len(cfg))
     if not report["fits"]:
         m = report["memory"]
         raise UserError(

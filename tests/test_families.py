@@ -18,10 +18,10 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
 from jaxlora.errors import UserError
-from jaxlora.lora import LoraConfig, init_lora, save_merged
+from jaxlora.lora import LoraConfig, init_lora
 from jaxlora.models import config_from_hf, forward, load_model
 from jaxlora.models.attention import choose_attention
-from jaxlora.peft import load_peft_adapter, save_peft_adapter
+from jaxlora.peft import load_peft_adapter
 from jaxlora.quant import QuantizedTensor, dequantize, make_quantizer
 from tests.helpers.family_checks import kv_cache_gap, merged_export_gap, peft_export_gap
 from tests.helpers.hf_tiny import NEW_FAMILIES, hf_forward, model_cache, padded_batch
@@ -376,14 +376,4 @@ def test_gemma3_multimodal_checkpoint_loads_its_text_tower(tmp_path):
     )
     with pytest.raises(UserError, match="language_model.extra.weight"):
         load_model(mem)
-    # PEFT and merged exports are refused in one line rather than written wrong
-    lora = init_lora(model.config, LORA, jax.random.key(0))
-    for call in (
-        lambda: save_peft_adapter(tmp_path / "adapter", lora, LORA, model.config, str(tmp_path / "saved")),
-        lambda: load_peft_adapter(tmp_path / "adapter", model.config),
-        lambda: save_merged(tmp_path / "merged", model, lora, LORA),
-    ):
-        with pytest.raises(UserError, match="multimodal") as err:
-            call()
-        assert "\n" not in str(err.value)
-    assert not (tmp_path / "adapter").exists() and not (tmp_path / "merged").exists()
+    # its PEFT and merged exports: tests/test_multimodal.py

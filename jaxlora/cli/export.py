@@ -13,7 +13,7 @@ from jaxlora.lora.pissa import is_base_changing
 from jaxlora.lora.tokens import RESIZED, resized_entry
 from jaxlora.models.config import ModelSource, read_source
 from jaxlora.models.loading import DTYPES, load_model, model_source
-from jaxlora.models.saving import TOKENIZER_FILES, DiskFull, check_out_dir, refuse_text_tower_merge
+from jaxlora.models.saving import TOKENIZER_FILES, DiskFull, check_out_dir
 from jaxlora.peft import load_peft_adapter, read_adapter_config, save_peft_adapter
 from jaxlora.peft.adapter import check_lora_fits
 from jaxlora.quant import make_quantizer
@@ -70,8 +70,10 @@ def run_export(
     trained on a quantized base (QLoRA), pass the training's `quant` ("int8"/"nf4") and `quant_block_size`:
     the base is quantized the same way and the update is added to those dequantized weights.
     With `run` (a training output_dir), the model and the quant settings default to the run's config.
-    What the merged export would refuse (a multimodal text tower, a non-empty `out`, an adapter for
-    another model) is refused before any weights load. `DiskFull` when the space runs out.
+    What the merged export would refuse (a non-empty `out`, an adapter for another model) is refused
+    before any weights load. A multimodal checkpoint's text tower exports as the whole model: the adapter
+    loads onto it with PEFT, and the merged checkpoint carries its other towers unchanged. `DiskFull`
+    when the space runs out.
     """
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -116,7 +118,6 @@ def _export(adapter, folder, model, fmt, out, overwrite, dtype, quant, quant_blo
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     source = _model_source(model).config  # what the merge would refuse, before the weights load
-    refuse_text_tower_merge(source)
     check_out_dir(out, overwrite)
     if lora is None:
         lora, lora_cfg = load_peft_adapter(adapter, source)
@@ -134,9 +135,7 @@ def _export_run_with_base(run, run_cfg, lora, model: str, fmt, out, overwrite, d
     original base; the merged export adds the adapter to the residual)."""
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    source = _model_source(model).config  # what the export would refuse, before the weights load
-    if fmt == "merged":
-        refuse_text_tower_merge(source)
+    _model_source(model)  # a model type jaxlora does not load, refused before the weights load
     check_out_dir(out, overwrite)
     if is_base_changing(run_cfg.lora.init) and quant != "none":
         raise UserError(

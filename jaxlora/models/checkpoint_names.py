@@ -1,5 +1,6 @@
 """Which tensors of a checkpoint the model reads: those no spec entry explains (`unexpected_tensors`), and a
-multimodal checkpoint's text-tower names mapped to the decoder's (`text_tower_names`)."""
+multimodal checkpoint's text-tower names mapped to the decoder's (`text_tower_names`, `spec_name`) and back
+(`tower_name`), its other towers' tensors apart (`other_tower_names`)."""
 
 import re
 from collections.abc import Iterable
@@ -27,26 +28,46 @@ def unexpected_tensors(cfg: DecoderConfig, names: Iterable[str]) -> list[str]:
 
 # Multimodal checkpoints (families.TEXT_TOWERS) hold the decoder as a text tower: the hub and transformers'
 # save_pretrained name it `language_model.model.*` / `language_model.lm_head.*`, transformers 5 in memory
-# `model.language_model.*` / `lm_head.*`. The vision tower and the projector are no part of the decoder.
+# (and PEFT's adapters) `model.language_model.*` / `lm_head.*`. Every other tensor (the vision and audio
+# towers, the projectors, a multi-token-prediction head) is no part of the decoder.
 _TOWER_PREFIXES = (
     ("language_model.model.", "model."),
     ("language_model.lm_head.", "lm_head."),
     ("model.language_model.", "model."),
 )
-_OTHER_TOWERS = re.compile(r"(model\.)?(vision_tower|multi_modal_projector)\..*")
+_TEXT = ("language_model.", "model.language_model.", "lm_head.")
+TOWER_MODULES = "model.language_model."  # where transformers 5 puts the decoder's `model.*` modules
+
+
+def is_text_tower(name: str) -> bool:
+    """Whether a multimodal checkpoint's tensor (or module) `name` belongs to its text tower."""
+    return name.startswith(_TEXT) or name == "lm_head"
+
+
+def spec_name(name: str) -> str | None:
+    """A multimodal checkpoint's (or PEFT module's) text-tower `name` under the spec's names (`model.*`,
+    `lm_head.*`), in either naming; None for another tower's, `name` itself for one of neither form."""
+    if not is_text_tower(name):
+        return None
+    for prefix, ours in _TOWER_PREFIXES:
+        if name.startswith(prefix):
+            return ours + name.removeprefix(prefix)
+    return name
+
+
+def tower_name(name: str) -> str:
+    """The spec's `name` (`model.layers.0.self_attn.q_proj`) as transformers 5 names it in a multimodal
+    model (`model.language_model.layers.0.self_attn.q_proj`); `lm_head.*` is the same in both."""
+    return TOWER_MODULES + name.removeprefix("model.") if name.startswith("model.") else name
 
 
 def text_tower_names(names: Iterable[str]) -> dict[str, str]:
-    """The spec's name -> the checkpoint's name for the tensors of a multimodal checkpoint, less those of the
-    vision tower and projector; other names are kept as they are (so the loader reports them)."""
-    out = {}
-    for name in names:
-        if _OTHER_TOWERS.fullmatch(name):
-            continue
-        spec_name = name
-        for prefix, ours in _TOWER_PREFIXES:
-            if name.startswith(prefix):
-                spec_name = ours + name.removeprefix(prefix)
-                break
-        out[spec_name] = name
-    return out
+    """The spec's name -> the checkpoint's name for the tensors of a multimodal checkpoint's text tower;
+    other towers' tensors are left out, text-tower names of neither form kept as they are (so the loader
+    reports them)."""
+    return {spec: name for name in names if (spec := spec_name(name)) is not None}
+
+
+def other_tower_names(names: Iterable[str]) -> list[str]:
+    """The tensors of a multimodal checkpoint outside its text tower (vision, audio, projectors)."""
+    return [name for name in names if not is_text_tower(name)]

@@ -5,6 +5,8 @@ Every tensor of the family's spec (`models.spec.name_table`) goes out under its 
 dequantized, so the result is a plain float model transformers loads. Tensors are produced one layer at a
 time on the host and written shard by shard (shards planned by `huggingface_hub`), so host memory peaks at
 one shard. config.json, generation_config.json and the tokenizer files are copied from the source folder.
+For the text tower of a multimodal checkpoint, the vision and audio towers and the projectors are copied
+through from the source unchanged, so transformers loads the result as the source's class.
 
 A write that runs out of space (a full disk, a quota, a file size limit) becomes `DiskFull`, one line that
 the command lines print with exit code 1; checkpoints and adapters raise it too.
@@ -21,9 +23,10 @@ import numpy as np
 from huggingface_hub import split_state_dict_into_shards_factory
 
 from jaxlora.errors import UserError
+from jaxlora.models.checkpoint_names import other_tower_names, text_tower_names, tower_name
 from jaxlora.models.config import DecoderConfig, read_hf_config
 from jaxlora.models.loading import DTYPES, resolve_model_path
-from jaxlora.models.safetensors_io import write_safetensors
+from jaxlora.models.safetensors_io import CheckpointReader, write_safetensors
 from jaxlora.models.spec import CONV1D, EXPERTS, LINEAR, Entry, hf_shape, name_table, part_shape
 from jaxlora.quant import QuantizedTensor, dequantize
 
@@ -108,15 +111,6 @@ def prepare_out_dir(out_dir, overwrite: bool) -> Path:
     return out
 
 
-def refuse_text_tower_merge(cfg: DecoderConfig) -> None:
-    """A multimodal checkpoint's text tower cannot be written as a merged checkpoint yet."""
-    if cfg.text_tower_of:  # its config.json and vision weights would have to be rebuilt around the text
-        raise UserError(
-            f"merged export is not supported yet for a {cfg.text_tower_of} (multimodal) checkpoint's text "
-            "tower (transformers could not load it); train a text-only (gemma3_text) checkpoint to merge"
-        )
-
-
 def _host_f32(leaf) -> np.ndarray:
     """A float32 host copy of a dense or quantized (dequantized) leaf."""
     if isinstance(leaf, QuantizedTensor):
@@ -199,9 +193,9 @@ def save_pretrained(
     `dtype`: float32, bfloat16 or float16; default the source config.json's. `kernel_hook` may rewrite each
     LoRA-targetable kernel layer before it is written (a LoRA merge does). An existing non-empty `out_dir`
     is refused unless `overwrite`. Shards above `max_shard_bytes` get a `model.safetensors.index.json`.
-    `DiskFull` when the space runs out (the shards written so far are removed).
+    `DiskFull` when the space runs out (the shards written so far are removed). The text tower of a
+    multimodal checkpoint is written with the rest of `source` (`_with_other_towers`), for its class.
     """
-    refuse_text_tower_merge(cfg)
     source = Path(source)
     dtype = dtype or source_dtype(source)
     if dtype not in DTYPES:
@@ -212,6 +206,8 @@ def save_pretrained(
     out = prepare_out_dir(out_dir, overwrite)
 
     tensors = _tensors(params, cfg, DTYPES[dtype], kernel_hook)
+    if cfg.text_tower_of:
+        tensors = _with_other_towers(tensors, source)
     try:
         _write_shards(out, tensors, max_shard_bytes)
         _write_configs(out, source, tok_src, dtype, cfg.vocab_size)
@@ -221,6 +217,18 @@ def save_pretrained(
         for partial in out.glob("model*.safetensors*"):  # free what was written
             partial.unlink()
         raise DiskFull("writing the merged model", out, sum(t[0] for t in tensors.values())) from None
+    return out
+
+
+def _with_other_towers(tensors: dict, source: Path) -> dict:
+    """A multimodal checkpoint's tensors ({name: (bytes, produce)}): the text tower's `tensors` under the
+    names `source` gives them, and its other towers (vision, audio, projectors) as they are there, byte for
+    byte, read through a memory map when their shard is written."""
+    reader = CheckpointReader(source)
+    names = text_tower_names(reader.names())
+    out = {names.get(n, tower_name(n)): t for n, t in tensors.items()}
+    for name in other_tower_names(reader.names()):
+        out[name] = (int(reader.get(name).nbytes), lambda name=name: reader.get(name))
     return out
 
 
@@ -243,15 +251,16 @@ def _write_shards(out: Path, tensors: dict, max_shard_bytes: int) -> None:
 
 
 def _write_configs(out: Path, source: Path, tok_src: Path, dtype: str, vocab_size: int) -> None:
-    """config.json (the source's, with the written dtype, no quantization and the vocabulary's size),
-    generation_config.json and the tokenizer files beside the weights."""
+    """config.json (the source's, with the written dtype, no quantization and the vocabulary's size; in a
+    multimodal one's text_config too), generation_config.json and the tokenizer files beside the weights."""
     conf = read_hf_config(source)
-    for key in ("dtype", "torch_dtype"):
-        if key in conf:
-            conf[key] = dtype
     conf.pop("quantization_config", None)
-    if conf.get("vocab_size") not in (None, vocab_size):  # tokens were added
-        conf["vocab_size"] = vocab_size
+    for part in (conf, conf.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            if key in part:
+                part[key] = dtype
+        if part.get("vocab_size") not in (None, vocab_size):  # tokens were added
+            part["vocab_size"] = vocab_size
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
     if (source / "generation_config.json").is_file():
         shutil.copyfile(source / "generation_config.json", out / "generation_config.json")

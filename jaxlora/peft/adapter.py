@@ -36,26 +36,22 @@ from jaxlora.peft.experts import (
     param_to_peft,
     read_param_targets,
 )
-from jaxlora.peft.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config, write_adapter_files
+from jaxlora.peft.folder import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    peft_adapter_config,
+    read_adapter_config,
+    write_adapter_files,
+)
+from jaxlora.peft.text_tower import TowerAdapterFile, tower_adapter, tower_matches
 
 PEFT_PREFIX = "base_model.model."
 
 
-def _refuse_text_tower(cfg: DecoderConfig, what: str) -> None:
-    """PEFT names a multimodal model's modules under `language_model` and would match its vision tower's
-    too; adapters for such a model are not written or read yet."""
-    if cfg.text_tower_of:
-        raise UserError(
-            f"PEFT adapter {what} is not supported yet for a {cfg.text_tower_of} (multimodal) checkpoint's "
-            "text tower; train a text-only (gemma3_text) checkpoint to exchange adapters with PEFT"
-        )
-
-
 def check_peft_export(cfg: DecoderConfig, lora_cfg: LoraConfig) -> None:
-    """Refuse, from config.json alone, a run whose adapter `save_peft_adapter` could not write: a
-    multimodal text tower, and the LoRA layouts PEFT cannot express (targets that match nothing, layer
-    rules, MoE options; `jaxlora.lora.adapters.layout`). A run calls it before loading any weights."""
-    _refuse_text_tower(cfg, "export")
+    """Refuse, from config.json alone, a run whose adapter `save_peft_adapter` could not write: the LoRA
+    layouts PEFT cannot express (targets that match nothing, layer rules, MoE options;
+    `jaxlora.lora.adapters.layout`). A run calls it before loading any weights."""
     layout(cfg, lora_cfg)
 
 
@@ -98,49 +94,6 @@ def _ordered_paths(cfg: DecoderConfig, lora: dict) -> list[tuple[str, str]]:
     return [p for p in mods if p in present]
 
 
-def peft_adapter_config(
-    cfg: DecoderConfig, lora_cfg, paths, mask: np.ndarray, base_model_name_or_path: str | None
-) -> dict:
-    """The `adapter_config.json` contents: the keys PEFT 0.21 writes, with their defaults where unused.
-
-    Keys added in recent PEFT releases that default to null are left out, so older PEFT versions load the
-    file without "unexpected keyword" warnings; PEFT fills them with the same defaults.
-    """
-    layers = None if mask.all() else np.flatnonzero(mask).tolist()
-    init = lora_cfg.init
-    return {
-        "alpha_pattern": dict(lora_cfg.alpha_pattern or {}),
-        "auto_mapping": None,
-        "base_model_name_or_path": base_model_name_or_path or None,
-        "bias": "none",
-        "corda_config": None,
-        "eva_config": None,
-        "exclude_modules": None,
-        "fan_in_fan_out": any(m.fan_in_fan_out for m in linear_modules(cfg)),
-        "inference_mode": True,
-        "init_lora_weights": True if init == "default" else init,
-        "layer_replication": None,
-        "layers_pattern": None,
-        "layers_to_transform": layers,
-        "loftq_config": {},
-        "lora_alpha": lora_cfg.alpha,
-        "lora_bias": bool(lora_cfg.lora_bias),
-        "lora_dropout": float(lora_cfg.dropout),
-        "megatron_config": None,
-        "megatron_core": "megatron.core",
-        "modules_to_save": None,
-        "peft_type": "LORA",
-        "r": int(lora_cfg.r),
-        "rank_pattern": dict(lora_cfg.rank_pattern or {}),
-        "revision": None,
-        "target_modules": peft_target_names(cfg, paths),
-        "task_type": "CAUSAL_LM",
-        "trainable_token_indices": None,
-        "use_dora": bool(lora_cfg.use_dora),
-        "use_rslora": bool(lora_cfg.use_rslora),
-    }
-
-
 def save_peft_adapter(
     out_dir,
     lora: dict,
@@ -165,9 +118,9 @@ def save_peft_adapter(
     `out_dir` is refused unless `overwrite` (then the two files are replaced; other files are left
     alone). `about` (a training run's: {"step": "3", "state": "interrupted by SIGINT at step 3"}) goes
     into the safetensors metadata as `jaxlora.<key>` and into a README.md. Returns the folder; `DiskFull`
-    when the space runs out (the partial file removed).
+    when the space runs out (the partial file removed). For the text tower of a multimodal checkpoint the
+    adapter is written for the whole model (`jaxlora.peft.text_tower`).
     """
-    _refuse_text_tower(cfg, "export")
     paths = _ordered_paths(cfg, lora)
     chosen = [t for t in param_targets(cfg) if t.key[1] in lora.get(t.key[0], {})]
     if not paths and not chosen:
@@ -189,6 +142,8 @@ def save_peft_adapter(
     extra, extra_config = embedding_tensors(cfg, jax.device_get(lora))  # tokens, copies, a grown vocabulary
     tensors.update(extra)
     config.update(extra_config)
+    if cfg.text_tower_of:  # names under model.language_model, targets that miss the other towers
+        tensors = tower_adapter(cfg, tensors, config, paths, mask)
     out = prepare_out_dir(out_dir, overwrite)
     write_adapter_files(out, tensors, config, about)
     return out
@@ -261,10 +216,12 @@ def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig
     serves for generation and for further training alike. Use `lora_scale(cfg, lora_cfg)` with it.
     Raises UserError (one line) for missing files, non-LoRA or unsupported adapters, tensors that belong to
     no linear layer of this model, and shapes that differ from the model's (naming tensor and shapes).
+    A multimodal checkpoint's text tower reads an adapter made for the whole model, less other towers'.
     """
-    _refuse_text_tower(cfg, "import")
     conf, folder, weights = _adapter_files(adapter_dir, cfg)
     st = SafetensorsFile(weights)
+    if cfg.text_tower_of:
+        st = TowerAdapterFile(st, weights)
     params_lora, param_keys = read_param_targets(conf, cfg, st, weights)
     extras, extra_keys = read_embeddings(conf, cfg, st, weights)  # tokens, copies, a grown vocabulary
     skip = set(param_keys) | set(extra_keys)
@@ -324,7 +281,13 @@ def _adapter_files(adapter_dir, cfg: DecoderConfig) -> tuple[dict, Path, Path]:
                 "save_pretrained(..., safe_serialization=True) to get adapter_model.safetensors"
             )
         raise UserError(f"{folder}: no {ADAPTER_WEIGHTS} found")
-    if conf.get("target_modules"):
+    if cfg.text_tower_of and conf.get("target_modules"):  # names in the multimodal model
+        if not tower_matches(cfg, conf["target_modules"]):
+            raise UserError(
+                f"{folder / ADAPTER_CONFIG}: target_modules {conf['target_modules']!r} matches no linear "
+                f"layer of this {cfg.text_tower_of} model's language model"
+            )
+    elif conf.get("target_modules"):
         try:
             matching_paths(cfg, conf["target_modules"])
         except UserError as err:

@@ -1,14 +1,19 @@
 """An adapter folder, local or on the hub, and its `adapter_config.json` checked to be a LoRA adapter that
-jaxlora runs; its files written (`write_adapter_files`: the weights, the config, a README.md)."""
+jaxlora runs; its files written (`peft_adapter_config`, `write_adapter_files`: the weights, the config, a
+README.md)."""
 
 import json
 import os
 import re
 from pathlib import Path
 
+import numpy as np
+
 from jaxlora.errors import UserError
+from jaxlora.models.config import DecoderConfig
 from jaxlora.models.safetensors_io import write_safetensors
 from jaxlora.models.saving import DiskFull, out_of_space
+from jaxlora.models.targets import linear_modules, target_names
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -75,6 +80,50 @@ def read_adapter_config(adapter_dir) -> dict:
         raise UserError(f"{path}: r must be a positive integer, got {conf.get('r')!r}")
     conf["_folder"] = str(folder)
     return conf
+
+
+def peft_adapter_config(
+    cfg: DecoderConfig, lora_cfg, paths, mask: np.ndarray, base_model_name_or_path: str | None
+) -> dict:
+    """The `adapter_config.json` contents: the keys PEFT 0.21 writes, with their defaults where unused;
+    `paths` the adapted (group, name) modules, `mask` [L] bool the adapted layers.
+
+    Keys added in recent PEFT releases that default to null are left out, so older PEFT versions load the
+    file without "unexpected keyword" warnings; PEFT fills them with the same defaults.
+    """
+    layers = None if mask.all() else np.flatnonzero(mask).tolist()
+    init = lora_cfg.init
+    return {
+        "alpha_pattern": dict(lora_cfg.alpha_pattern or {}),
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path or None,
+        "bias": "none",
+        "corda_config": None,
+        "eva_config": None,
+        "exclude_modules": None,
+        "fan_in_fan_out": any(m.fan_in_fan_out for m in linear_modules(cfg)),
+        "inference_mode": True,
+        "init_lora_weights": True if init == "default" else init,
+        "layer_replication": None,
+        "layers_pattern": None,
+        "layers_to_transform": layers,
+        "loftq_config": {},
+        "lora_alpha": lora_cfg.alpha,
+        "lora_bias": bool(lora_cfg.lora_bias),
+        "lora_dropout": float(lora_cfg.dropout),
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": int(lora_cfg.r),
+        "rank_pattern": dict(lora_cfg.rank_pattern or {}),
+        "revision": None,
+        "target_modules": target_names(cfg, paths),
+        "task_type": "CAUSAL_LM",
+        "trainable_token_indices": None,
+        "use_dora": bool(lora_cfg.use_dora),
+        "use_rslora": bool(lora_cfg.use_rslora),
+    }
 
 
 def write_adapter_files(out: Path, tensors: dict, config: dict, about: dict[str, str] | None) -> None:

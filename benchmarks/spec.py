@@ -78,6 +78,8 @@ PRESETS = {
     "qwen2.5-0.5b-8k": BenchSpec("qwen2.5-0.5b-8k", "qwen2.5-0.5b", batch=2, seq=8192),
     # Mixture of experts (30.5B parameters, about 3B active per token); not in a suite yet, no GPU run.
     "qwen3-30b-a3b-nf4": BenchSpec("qwen3-30b-a3b-nf4", "qwen3-30b-a3b", batch=1, seq=2048, quant="nf4"),
+    # gpt-oss-20b (20.9B parameters, 32 experts top-4, attention sinks); not in a suite yet, no GPU run.
+    "gpt-oss-20b-nf4": BenchSpec("gpt-oss-20b-nf4", "gpt-oss-20b", batch=1, seq=2048, quant="nf4"),
 }
 SUITES = {
     "cpu": ["tiny", "stories260k"],

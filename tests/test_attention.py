@@ -32,6 +32,7 @@ B, N, K, H = 2, 4, 2, 8  # GQA: two query heads per key/value head
 def _config(t=24, head_dim=H, **runtime) -> DecoderConfig:
     windows = runtime.pop("sliding_windows", (0, 0))
     softcap = runtime.pop("attn_logit_softcap", 0.0)
+    sinks = runtime.pop("attn_sinks", False)
     cfg = DecoderConfig(
         model_type="llama",
         vocab_size=32,
@@ -45,6 +46,7 @@ def _config(t=24, head_dim=H, **runtime) -> DecoderConfig:
         norm_eps=1e-6,
         sliding_windows=windows,
         attn_logit_softcap=softcap,
+        attn_sinks=sinks,
     )
     return cfg.with_runtime(**runtime)
 
@@ -170,6 +172,44 @@ def test_pallas_interpret_matches_reference(kind, window, softcap):
     _compare("pallas(interpret)", fn, kind, window, softcap, spread=3.0)
 
 
+@pytest.mark.parametrize("kind,window", [("packed", 0), ("padded", 5)])
+def test_sinks_in_reference_xla_pallas_and_kv_cache_agree(kind, window):
+    """Attention sinks (gpt-oss): the blocked kernel (tiles of 8 over 24 tokens) and Pallas in interpret
+    mode (checked against transformers' gpt-oss attention in tests/test_flash.py) against the reference,
+    output and dq, dk, dv, d sinks; the KV-cache path (`attend` with a cache) against the reference."""
+    q, k, v, pos, seg, cot, valid = _inputs(kind)
+    sinks = jnp.asarray(np.random.default_rng(1).normal(size=(N,)) * 2, jnp.float32)
+    w = jnp.int32(window)
+
+    def run(fn):
+        def loss(*args):
+            return jnp.sum(fn(*args).astype(jnp.float32) * cot)
+
+        return jax.jit(lambda *a: (fn(*a), jax.grad(loss, (0, 1, 2, 3))(*a)))(q, k, v, sinks)
+
+    ref = run(lambda q, k, v, s: reference_attention(q, k, v, pos, seg, w, 0.0, s))
+    kernels = {
+        "xla": lambda q, k, v, s: causal_attention(q, k, v, pos, seg, w, 8, 0.0, s),
+        "pallas": lambda q, k, v, s: pallas_attention(
+            q, k, v, pos, seg, w, sinks=s, block=16, block_bwd=16, interpret=True
+        ),
+    }
+    for name, fn in kernels.items():
+        got = run(fn)
+        errors = [_rel(got[0] * valid, ref[0] * valid)]
+        errors += [_rel(a, b) for a, b in zip(got[1], ref[1], strict=True)]
+        print(
+            f"{name} sinks {kind} window={window}: out/dq/dk/dv/dsinks rel err "
+            + " ".join(f"{e:.1e}" for e in errors)
+        )
+        assert max(errors) < 1e-5, errors
+    cache = KVCache(jnp.zeros_like(k), jnp.zeros_like(v), pos, seg, jnp.int32(0))  # one layer's slice
+    cached, _ = attend(q, k, v, _config(attn_sinks=True), pos, seg, w, cache, sinks)
+    assert _rel(cached * valid, ref[0] * valid) < 1e-6
+    no_sinks = reference_attention(q, k, v, pos, seg, w)
+    assert _rel(ref[0] * valid, no_sinks * valid) > 1e-2  # the sinks did change the output
+
+
 @pytest.mark.parametrize("kind,window", [("causal", 0), ("padded", 0), ("padded", 5), ("causal", 5)])
 def test_cudnn_arguments_match_reference_via_xla(kind, window):
     """cuDNN's exact arguments (sequence lengths, `local_window_size`), run by JAX's XLA implementation."""
@@ -200,6 +240,7 @@ def test_auto_is_xla_on_cpu_and_follows_the_rules_on_gpu(caplog):
         ("pallas", _config(t)),  # packed rows: cuDNN cannot keep them apart
         ("pallas", _config(t, sliding_windows=(0, 4096))),  # a window >= T drops nothing
         ("pallas", _config(t, packed=False, attn_logit_softcap=50.0)),  # cuDNN has no soft-capping
+        ("pallas", _config(t, packed=False, attn_sinks=True)),  # nor attention sinks (gpt-oss)
         ("pallas", _config(t, packed=False, sliding_windows=(0, 512))),  # windows differ between layers
         ("pallas", _config(t, sliding_windows=(512, 512))),  # packed and windowed
         ("reference", _config(t, 512, packed=False)),  # head dim 512: neither kernel

@@ -57,7 +57,8 @@ class LoraConfig(Section):
     target_parameters: listing(Str) | None = Field(
         None,
         description="MoE weights adapted as PEFT's target_parameters: mlp.experts.gate_up_proj, "
-        "mlp.experts.down_proj, mlp.gate.weight (the router); a rank-r pair per expert",
+        "mlp.experts.down_proj, the router (mlp.gate.weight; gpt-oss: mlp.router.weight); a rank-r pair per "
+        "expert",
     )
     use_rslora: Bool = Field(False, description="rank-stabilized LoRA: scale by alpha / sqrt(r)")
     init: Str = Field(

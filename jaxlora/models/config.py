@@ -36,6 +36,7 @@ __all__ = [
 def config_from_hf(hf: dict) -> DecoderConfig:
     """Map a Hugging Face `config.json` dict to a `DecoderConfig` (with the default `Runtime`)."""
     mt = hf.get("model_type")
+    _check_quantization(hf)
     if mt in TEXT_TOWERS:
         return dataclasses.replace(config_from_hf(_text_config(hf)), text_tower_of=mt)
     if mt not in FAMILIES:
@@ -49,6 +50,18 @@ def config_from_hf(hf: dict) -> DecoderConfig:
         pad_token_id=hf.get("pad_token_id"),
         **FAMILIES[mt].fields(hf),
     )
+
+
+def _check_quantization(hf: dict) -> None:
+    """A pre-quantized checkpoint loads only as MXFP4 (gpt-oss; its `X_blocks` / `X_scales` are
+    dequantized by `safetensors_io`); other quant methods' tensors are not read, so they are refused."""
+    qc = hf.get("quantization_config")
+    method = qc.get("quant_method") if isinstance(qc, dict) else qc
+    if qc is not None and method != "mxfp4":
+        raise UserError(
+            f"config.json: quantization_config with quant_method {method!r} is not supported (only mxfp4 "
+            "checkpoints load); use the unquantized checkpoint and quant.weights: int8 or nf4"
+        )
 
 
 def _text_config(hf: dict) -> dict:

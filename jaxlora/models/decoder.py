@@ -11,11 +11,13 @@ run with `jax.lax.scan`, so compile time does not grow with depth (`cfg.runtime.
         "attn_post_norm"?, "mlp_post_norm"?: {"scale": [L, D]},  (Gemma 2/3, OLMo 2)
         "attn": {"q_proj" | "k_proj" | "v_proj" | "o_proj" | "c_attn" | "c_proj" | "qkv_proj":
                      {"kernel": [L, in, out], "bias"?},
-                 "q_norm"?, "k_norm"?: {"scale": [L, H]} ([L, N*H], [L, K*H] in OLMo 2)},
+                 "q_norm"?, "k_norm"?: {"scale": [L, H]} ([L, N*H], [L, K*H] in OLMo 2),
+                 "sinks"?: {"logit": [L, N]} (gpt-oss)},
         "mlp": {"gate_proj" | "up_proj" | "down_proj" | "c_fc" | "c_proj" | "gate_up_proj":
                      {"kernel": [L, in, out], "bias"?}},
-        "moe"?: {"router": {"kernel": [L, D, E]}, "gate_up_proj" | "down_proj": {"kernel": [L, E, in, out]}}
-                 (Mixtral, Qwen3-MoE, Qwen2-MoE: instead of "mlp"; see `jaxlora.models.moe`),
+        "moe"?: {"router": {"kernel": [L, D, E], "bias"?},
+                 "gate_up_proj" | "down_proj": {"kernel": [L, E, in, out], "bias"?: [L, E, out]}}
+                 (Mixtral, Qwen3-MoE, Qwen2-MoE, gpt-oss: instead of "mlp"; see `jaxlora.models.moe`),
         "shared_expert"?: {"gate_proj" | "up_proj" | "down_proj": {"kernel": [L, in, out]},
                            "router": {"kernel": [L, D, 1]}}   (Qwen2-MoE; "router" = shared_expert_gate)
       },
@@ -24,7 +26,8 @@ run with `jax.lax.scan`, so compile time does not grow with depth (`cfg.runtime.
 
 A linear `kernel` may also be a `jaxlora.quant.QuantizedTensor`; `lora` mirrors the targeted linear
 layers with `{"a": [L, in, r], "b": [L, r, out]}` and is added as `base(x) + scale * B(A(dropout(x)))`.
-Norms, softmax and logits run in float32; matmuls in `cfg.runtime.compute_dtype`. Attention lives in
+Norms, softmax and logits run in float32; matmuls in `cfg.runtime.compute_dtype`. The linear layer, norms
+and dropout live in `jaxlora.models.layer_ops`; attention in
 `jaxlora.models.attention`. Shapes: B batch, T tokens, D hidden, N/K query/key-value heads, H head dim,
 F MLP width, r LoRA rank.
 """
@@ -39,13 +42,14 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxlora.models.attention import KVCache, attend
 from jaxlora.models.decoder_config import DecoderConfig
-from jaxlora.models.lora_product import dora_factor, dora_weight_norm, lora_product, lora_product_for
+from jaxlora.models.layer_ops import linear, norm
+from jaxlora.models.lora_product import lora_product_for
 from jaxlora.models.moe import aux_loss as moe_aux_loss
 from jaxlora.models.moe import moe_mlp
 from jaxlora.models.remat import LAYER_INPUT, MLP_TILE, REMAT, TILED_REMATS
 from jaxlora.models.rope import apply_rope, layer_inv_freq
 from jaxlora.models.spec import dropout_stream
-from jaxlora.quant import as_kernel, qmatmul
+from jaxlora.quant import as_kernel
 
 Params = dict[str, Any]
 F32 = jnp.float32
@@ -63,70 +67,7 @@ class LayerInputs(NamedTuple):
     cache: KVCache | None = None  # this layer's slice of the KV cache (generation); None = training
 
 
-# --- building blocks ----------------------------------------------------------------------------------------
-
-
-def dropout(x: jax.Array, key: jax.Array, rate: float) -> jax.Array:
-    """Inverted dropout: zero each element with probability `rate`, scale the rest by 1 / (1 - rate)."""
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-def linear(
-    p: Params,
-    x: jax.Array,
-    dtype,
-    lora: Params | None = None,
-    lora_scale=None,
-    dropout_key: jax.Array | None = None,
-    dropout_rate: float = 0.0,
-    product=lora_product,
-) -> jax.Array:
-    """`x @ kernel + bias`, plus `lora_scale * B(A(dropout(x)))` when `lora` holds {"a", "b"}.
-
-    x: [..., in] -> [..., out] in `dtype`. `lora_scale` is alpha/r (times a 0/1 per-layer mask);
-    `product` computes `(x @ A) @ B` (`lora_product` or `lora_product_cpu`). Optional adapter leaves:
-    "s" (scalar, not trained) multiplies `lora_scale` for this module (PEFT's rank/alpha patterns);
-    "bias" [out] is PEFT's lora_B bias (inside the scale); "m" [out] makes it DoRA, as PEFT:
-    `y + (f - 1) * (W dropout(x)) + f * scale * B A dropout(x)` with `f = m / ||W + scale B A||` (the norm
-    per output column, detached).
-    """
-    y = qmatmul(x, p["kernel"], dtype)  # [..., out]
-    if "bias" in p:
-        y = y + p["bias"].astype(dtype)
-    if lora is None:
-        return y
-    if "s" in lora:
-        lora_scale = lora_scale * jax.lax.stop_gradient(lora["s"])
-    if dropout_key is not None:
-        x = dropout(x, dropout_key, dropout_rate)
-    a = lora["a"]
-    xab = product(x.astype(a.dtype), a, lora["b"])  # [..., out] float32
-    if "bias" in lora:  # PEFT's lora_bias: lora_B's own bias
-        xab = xab + lora["bias"]
-    delta = xab * lora_scale
-    if "m" not in lora:
-        return (y.astype(F32) + delta).astype(dtype)
-    w = as_kernel(p["kernel"], F32)  # [in, out]
-    f = dora_factor(lora["m"], dora_weight_norm(w, a, lora["b"], lora_scale), lora_scale)  # [out]
-    if dropout_key is None:
-        base = y.astype(F32) - (p["bias"].astype(F32) if "bias" in p else 0.0)
-    else:
-        base = qmatmul(x, p["kernel"], dtype).astype(F32)  # W dropout(x), as PEFT in training
-    return (y.astype(F32) + (f - 1.0) * base + f * delta).astype(dtype)
-
-
-def norm(p: Params, x: jax.Array, cfg: DecoderConfig) -> jax.Array:
-    """RMSNorm (scale `w + cfg.norm_offset`: Gemma's 1 + w) or LayerNorm (per `cfg.norm`) over the last
-    axis, computed and returned in float32."""
-    x = x.astype(F32)
-    if cfg.norm == "rms":
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps)
-        return x * (p["scale"].astype(F32) + cfg.norm_offset)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    x = (x - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
-    return x * p["scale"].astype(F32) + p["bias"].astype(F32)
+# --- the projections of a layer ------------------------------------------------------------------------
 
 
 def _project(cfg: DecoderConfig, p: Params, lora: Params, x: LayerInputs, rate: float, group, name, inp):
@@ -161,7 +102,7 @@ def block(cfg: DecoderConfig, p: Params, lora: Params | None, h: jax.Array, x: L
     # (pre-)norm -> MLP or experts -> (post-norm) -> residual
     m = norm(p["mlp_norm"], h, cfg) if cfg.pre_norm else h  # [B, T, D]
     stats = None
-    if cfg.num_experts:  # Mixtral, Qwen3-MoE, Qwen2-MoE: routed experts (jaxlora.models.moe)
+    if cfg.num_experts:  # Mixtral, Qwen3-MoE, Qwen2-MoE, gpt-oss: routed experts (jaxlora.models.moe)
         out, stats = experts(cfg, p, lora, proj, m, x)
     else:
         out = tiled_mlp(cfg, p, lora or {}, x, lora_dropout, m)
@@ -196,7 +137,8 @@ def attention(cfg: DecoderConfig, p: Params, proj, a: jax.Array, x: LayerInputs)
     if cfg.attn_scale:  # every kernel divides the scores by sqrt(H): fold the wanted scale into q
         q = (q.astype(F32) * (cfg.attn_scale * math.sqrt(cfg.head_dim))).astype(q.dtype)
     q, k, v = checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
-    out, new_kv = attend(q, k, v, cfg, x.positions, x.segment_ids, x.window, x.cache)  # [B, T, N, H]
+    sinks = p["attn"]["sinks"]["logit"] if cfg.attn_sinks else None  # [N]
+    out, new_kv = attend(q, k, v, cfg, x.positions, x.segment_ids, x.window, x.cache, sinks)  # [B, T, N, H]
     o_name = "c_proj" if "c_proj" in p["attn"] else "o_proj"
     return proj("attn", o_name, out.reshape(b, t, cfg.q_dim)), new_kv  # [B, T, D]
 

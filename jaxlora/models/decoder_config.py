@@ -78,6 +78,8 @@ class DecoderConfig:
     final_logit_softcap: float = 0.0
     # Attention score scale; 0 = 1 / sqrt(head_dim). Gemma 2/3: query_pre_attn_scalar ** -0.5.
     attn_scale: float = 0.0
+    # gpt-oss: a learned logit per query head (`self_attn.sinks` [N]) joins each softmax's denominator.
+    attn_sinks: bool = False
     # Mixture of experts (Mixtral, Qwen3-MoE, Qwen2-MoE): 0 experts = the dense MLP. Each token goes to its
     # top `experts_per_token` experts by router softmax, weights renormalized to sum 1 with
     # `norm_topk_prob`; each expert is a SwiGLU MLP of width `moe_intermediate_size`.
@@ -86,6 +88,11 @@ class DecoderConfig:
     norm_topk_prob: bool = True
     moe_intermediate_size: int = 0
     router_aux_loss_coef: float = 0.0  # HF's load-balancing loss weight (used when training asks for it)
+    # gpt-oss experts (swiglu_alpha > 0): gate/up columns interleaved (gate = [..., ::2]) and the clamped
+    # SwiGLU: gate <= limit, -limit <= up <= limit, (up + 1) * gate * sigmoid(alpha * gate). 0 = Mixtral's
+    # SwiGLU, gate columns first. (Expert biases are used where the checkpoint has them.)
+    swiglu_alpha: float = 0.0
+    swiglu_limit: float = 0.0
     # Qwen2-MoE: a SwiGLU shared expert of this width on every token, its output times
     # sigmoid(shared_expert_gate(x)), added to the routed experts'; 0 = none.
     shared_expert_intermediate_size: int = 0

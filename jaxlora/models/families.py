@@ -224,6 +224,27 @@ FAMILIES: dict[str, Family] = {
         reads=(sw.qkv_bias, sw.qwen_experts, sw.shared_expert),
         buffers=(w.ROTARY,),
     ),
+    "gpt_oss": Family(  # sinks, alternating sliding/full layers, YaRN, biased experts with a clamped SwiGLU
+        w.GPT_OSS,
+        dict(
+            rope_theta=150_000.0,
+            head_dim=64,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+            original_max_position_embeddings=4096,  # its default YaRN's (`switches.GPT_OSS_ROPE`)
+            rms_norm_eps=1e-5,
+            attention_bias=True,
+            sliding_window=128,
+            num_experts=128,
+            num_experts_per_tok=4,
+            swiglu_alpha=1.702,
+            swiglu_limit=7.0,
+        ),
+        read=sw.gpt_oss,
+        layers=sw.gpt_oss_layers,
+        reads=(sw.gpt_oss_experts,),
+        buffers=(w.ROTARY,),
+    ),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Multimodal model_type -> the model_type of its text tower (`text_config`).

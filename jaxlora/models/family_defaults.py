@@ -41,6 +41,8 @@ GENERIC = {
     "norm_topk_prob": False,
     "router_aux_loss_coef": 0.001,
     "shared_expert_intermediate_size": None,
+    "swiglu_alpha": None,  # gpt-oss's clamped SwiGLU
+    "swiglu_limit": None,
     "original_max_position_embeddings": None,  # Phi-3 longrope
     "activation_function": "gelu_new",  # GPT-2
     "n_inner": None,

@@ -2,7 +2,9 @@
 
 Tensors go from the memory-mapped safetensors straight into JAX arrays in the requested dtype, one
 parameter at a time: per-layer tensors are stacked into one preallocated host buffer that is freed as
-soon as it is on the device, so host memory never holds two copies of the weights.
+soon as it is on the device, so host memory never holds two copies of the weights. An MXFP4 checkpoint
+(gpt-oss) reads the same way: the reader (`safetensors_io`) dequantizes each `X_blocks` / `X_scales` pair
+to float32 as that one tensor of one layer is read, and `quant.weights` then applies as to any float weight.
 """
 
 import dataclasses
@@ -211,7 +213,9 @@ def _load_stack(reader, entry: Entry, cfg: DecoderConfig, np_dtype) -> jax.Array
     """Fill one preallocated [L, ...] host buffer layer by layer, then move it to the device."""
     first = _read_entry(reader, entry, cfg, 0)
     buf = np.empty((cfg.num_layers, *first.shape), np_dtype)
-    for i in range(cfg.num_layers):
+    buf[0] = first  # read once: an MXFP4 tensor is dequantized on every read
+    del first
+    for i in range(1, cfg.num_layers):
         buf[i] = _read_entry(reader, entry, cfg, i)
     return jnp.asarray(buf)
 

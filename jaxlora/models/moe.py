@@ -1,15 +1,19 @@
-"""The mixture-of-experts MLP (Mixtral, Qwen3-MoE, Qwen2-MoE): a softmax top-k router and dropless SwiGLU
-experts. (Qwen2-MoE's shared expert is an ordinary gated MLP, computed beside this one by the decoder.)
+"""The mixture-of-experts MLP (Mixtral, Qwen3-MoE, Qwen2-MoE, gpt-oss): a softmax top-k router and dropless
+SwiGLU experts. (Qwen2-MoE's shared expert is an ordinary gated MLP, computed beside this one by the decoder.)
 
-    params["layers"]["moe"] = {"router": {"kernel": [L, D, E]},
-                               "gate_up_proj": {"kernel": [L, E, D, 2F]},   gate columns first, then up
-                               "down_proj": {"kernel": [L, E, F, D]}}
+    params["layers"]["moe"] = {"router": {"kernel": [L, D, E], "bias"?: [L, E]},
+                               "gate_up_proj": {"kernel": [L, E, D, 2F], "bias"?: [L, E, 2F]},
+                               "down_proj": {"kernel": [L, E, F, D], "bias"?: [L, E, D]}}
+
+gate_up_proj holds the gate columns first, then up; gpt-oss (`cfg.swiglu_alpha` > 0) interleaves them (gate
+= [..., ::2], up = [..., 1::2]), has the biases, and clamps its SwiGLU (`expert_activation`).
     lora["moe"] (optional) = {"router": {"a": [L, D, r], "b": [L, r, E]},
                               "gate_up_proj" | "down_proj": {"a": [L, E, in, r], "b": [L, E, r, out]}}
 
 Each token goes to its top-k experts by router softmax (weights renormalized to sum 1 when
-`norm_topk_prob`, as transformers), and every routed token is computed: no capacity, no dropped tokens, so
-the output equals transformers'. Two ways to compute the experts, same result:
+`norm_topk_prob`, as transformers; gpt-oss's softmax over the top-k logits is that renormalization),
+and every routed token is computed: no capacity, no dropped tokens, so the output equals transformers'.
+Two ways to compute the experts, same result:
 
   ragged  the N*k (token, expert) pairs sorted by expert, one grouped matmul per projection
           (`jax.lax.ragged_dot`, group sizes = tokens per expert); work grows with k, not E.
@@ -65,6 +69,27 @@ def aux_loss(cfg: DecoderConfig, stats: jax.Array, mask: jax.Array) -> jax.Array
     return cfg.num_experts * jnp.sum(per_expert[0] * per_expert[1])
 
 
+def expert_activation(cfg: DecoderConfig, gu: jax.Array) -> jax.Array:
+    """gate_up outputs [..., 2F] float32 -> [..., F] float32: silu(gate) * up, or gpt-oss's clamped SwiGLU
+    on interleaved columns, (clip(up, -l, l) + 1) * g * sigmoid(alpha * g) with g = min(gate, l)."""
+    if not cfg.swiglu_alpha:
+        f = gu.shape[-1] // 2
+        return jax.nn.silu(gu[..., :f]) * gu[..., f:]
+    limit = cfg.swiglu_limit
+    gate = jnp.minimum(gu[..., ::2], limit)
+    up = jnp.clip(gu[..., 1::2], -limit, limit)
+    return (up + 1.0) * gate * jax.nn.sigmoid(gate * cfg.swiglu_alpha)
+
+
+def _bias(p: dict, rows: jax.Array | None = None):
+    """A projection's expert biases [E, out] float32, taken at expert ids `rows` ([M] -> [M, out]), or
+    broadcastable over [E, N, out] when `rows` is None; 0 where the experts have none."""
+    if "bias" not in p:
+        return 0.0
+    b = p["bias"].astype(F32)
+    return b[:, None, :] if rows is None else jnp.take(b, rows, axis=0)
+
+
 def _scale(lora: dict, scale):
     """The layer's LoRA scale times the adapter's own factor "s" (rank/alpha patterns), if it has one."""
     return scale * jax.lax.stop_gradient(lora["s"]) if "s" in lora else scale
@@ -107,22 +132,23 @@ def moe_mlp(cfg: DecoderConfig, p: dict, lora: dict | None, m: jax.Array, scale,
     w_gu = as_kernel(p["gate_up_proj"]["kernel"], dt)  # [E, D, 2F]
     w_down = as_kernel(p["down_proj"]["kernel"], dt)  # [E, F, D]
     lo_gu, lo_down = lora.get("gate_up_proj"), lora.get("down_proj")
-    f = cfg.moe_intermediate_size
     k = cfg.experts_per_token
+    p_gu, p_down = p["gate_up_proj"], p["down_proj"]
     if use_ragged(cfg):
         flat = experts.reshape(-1)  # [N*k]
         order = jnp.argsort(flat, stable=True)  # pairs sorted by expert
         sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)  # [E]
+        ids = jnp.take(flat, order)  # [N*k]: each sorted pair's expert
         xs = jnp.take(x, order // k, axis=0)  # [N*k, D]
-        gu = checkpoint_name(_expert_ragged(xs, w_gu, lo_gu, scale, sizes, dt), "mlp_up")  # [N*k, 2F]
-        act = (jax.nn.silu(gu[:, :f]) * gu[:, f:]).astype(dt)
-        y = _expert_ragged(act, w_down, lo_down, scale, sizes, dt)  # [N*k, D]
+        gu = _expert_ragged(xs, w_gu, lo_gu, scale, sizes, dt) + _bias(p_gu, ids)
+        act = expert_activation(cfg, checkpoint_name(gu, "mlp_up")).astype(dt)  # [N*k, F]
+        y = _expert_ragged(act, w_down, lo_down, scale, sizes, dt) + _bias(p_down, ids)  # [N*k, D]
         y = y * jnp.take(weights.reshape(-1), order)[:, None]
         out = jnp.zeros((b * t, d), F32).at[order // k].add(y)  # each token's k results summed
     else:
-        gu = checkpoint_name(_expert_dense(x, w_gu, lo_gu, scale, dt), "mlp_up")  # [E, N, 2F]
-        act = (jax.nn.silu(gu[..., :f]) * gu[..., f:]).astype(dt)
-        y = _expert_dense(act, w_down, lo_down, scale, dt)  # [E, N, D]
+        gu = _expert_dense(x, w_gu, lo_gu, scale, dt) + _bias(p_gu)  # [E, N, 2F]
+        act = expert_activation(cfg, checkpoint_name(gu, "mlp_up")).astype(dt)  # [E, N, F]
+        y = _expert_dense(act, w_down, lo_down, scale, dt) + _bias(p_down)  # [E, N, D]
         gates = jnp.sum(jax.nn.one_hot(experts, cfg.num_experts, dtype=F32) * weights[..., None], axis=1)
         out = jnp.einsum("end,ne->nd", y, gates)  # [N, D]
     return out.reshape(b, t, d).astype(dt), stats

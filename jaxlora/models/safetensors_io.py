@@ -5,6 +5,9 @@ The format is an 8-byte little-endian header length, a JSON header mapping names
 converted is ever paged in; bfloat16 comes through `ml_dtypes`. The header is checked before anything
 is mapped or allocated (its length against the file's size, then each tensor's dtype, shape and offsets),
 so a truncated or corrupt file gives one line naming the file and the tensor.
+
+`CheckpointReader` also reads MXFP4 checkpoints (gpt-oss): a pair `X_blocks` / `X_scales` is seen as the
+one tensor `X`, dequantized to float32 when it is read (`jaxlora.quant.mxfp4`), one tensor at a time.
 """
 
 import json
@@ -15,6 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxlora.errors import UserError
+from jaxlora.quant.mxfp4 import dequantize_mxfp4, mxfp4_shape
 
 _DTYPES = {
     "F64": np.float64,
@@ -119,17 +123,47 @@ class CheckpointReader:
         else:
             raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json found")
         self.folder = folder
+        self._packed = self._mxfp4_pairs()
+
+    def _mxfp4_pairs(self) -> dict[str, tuple]:
+        """X -> ((file, X_blocks), (file, X_scales)) for each uint8 MXFP4 pair whose X is not stored
+        itself; the pair's two names are replaced by X in `names()`. Shapes are checked here, before any
+        read."""
+        packed = {}
+        for name in list(self._where):
+            x = name.removesuffix("_blocks")
+            scales = x + "_scales"
+            if x == name or scales not in self._where or x in self._where:
+                continue
+            pair = ((self._where[name], name), (self._where[scales], scales))
+            if any(f.header[n]["dtype"] != "U8" for f, n in pair):
+                continue
+            try:
+                mxfp4_shape(pair[0][0].shape(name), pair[1][0].shape(scales), x)
+            except UserError as err:
+                raise UserError(f"{self.folder}: {err}") from None
+            packed[x] = pair
+        for (_, blocks), (_, scales) in packed.values():
+            del self._where[blocks], self._where[scales]
+        return packed
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return name in self._where or name in self._packed
 
     def names(self) -> list[str]:
-        return list(self._where)
+        return [*self._where, *self._packed]
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._packed:
+            (fb, blocks), (fs, scales) = self._packed[name]
+            return mxfp4_shape(fb.shape(blocks), fs.shape(scales), name)
         return self._where[name].shape(name)
 
     def get(self, name: str) -> np.ndarray:
+        """One tensor; an MXFP4 one dequantized to float32 (`quant.mxfp4.dequantize_mxfp4`)."""
+        if name in self._packed:
+            (fb, blocks), (fs, scales) = self._packed[name]
+            return dequantize_mxfp4(fb.get(blocks), fs.get(scales), name)
         return self._where[name].get(name)
 
 

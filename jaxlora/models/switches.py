@@ -188,6 +188,31 @@ def olmo3_layers(hf: HFConfig) -> dict:
     }
 
 
+def gpt_oss(hf: HFConfig) -> dict:
+    """gpt-oss: Llama's keys; without `rope_parameters`/`rope_scaling`, transformers' default YaRN
+    (factor 32 over 4096 positions, `truncate` off)."""
+    if not (hf.get("rope_parameters") or hf.get("rope_scaling")):
+        hf = HFConfig({**hf, "rope_parameters": dict(GPT_OSS_ROPE)}, hf.defaults)
+    return decoder(hf)
+
+
+GPT_OSS_ROPE = dict(
+    rope_type="yarn",
+    factor=32.0,
+    beta_fast=32.0,
+    beta_slow=1.0,
+    truncate=False,
+    original_max_position_embeddings=4096,
+)
+
+
+def gpt_oss_layers(hf: HFConfig) -> dict:
+    """gpt-oss: without `layer_types`, sliding and full layers alternating from a sliding one."""
+    n = hf["num_hidden_layers"]
+    types = layer_types(hf, n, lambda hf, n: every(2, n))
+    return {"sliding_windows": sliding_windows(hf, n, types), "layer_rope": ("global",) * n}
+
+
 def gpt2_layers(hf: HFConfig) -> dict:
     """GPT-2: learned positions, no window."""
     return {"sliding_windows": (0,) * hf["n_layer"]}
@@ -232,6 +257,20 @@ def shared_expert(hf: HFConfig) -> dict:
     if not isinstance(shared, int) or shared < 1:
         raise UserError(f"config.json: qwen2_moe needs shared_expert_intermediate_size >= 1, got {shared!r}")
     return {"shared_expert_intermediate_size": shared}
+
+
+def gpt_oss_experts(hf: HFConfig) -> dict:
+    """gpt-oss: experts `intermediate_size` wide; top-k of the router logits, softmax over those k (the
+    renormalized top-k of the full softmax); the clamped SwiGLU (`swiglu_alpha`, `swiglu_limit`)."""
+    experts = _experts(hf, dense_ok=True)
+    return {
+        **experts,
+        "norm_topk_prob": True,
+        "moe_intermediate_size": int(hf["intermediate_size"]),
+        "swiglu_alpha": float(hf.value("swiglu_alpha")),
+        "swiglu_limit": float(hf.value("swiglu_limit")),
+        "attn_sinks": True,
+    }
 
 
 def _experts(hf: HFConfig, dense_ok: bool) -> dict:

@@ -7,10 +7,11 @@ stream of its adapter), and whether it stays in float when the base is quantized
 (`LLAMA`, `GPT2`, ...) lists its weights in checkpoint order; `models.families` gives each `model_type`
 its table, and `models.spec` derives the rest.
 
-Layouts: LINEAR (torch `nn.Linear` [out, in], transposed on load), CONV1D (GPT-2's Conv1D, already
-[in, out]), VECTOR (norms, biases), EMBEDDING ([rows, D] on both sides). Fused HF tensors stay fused
-(GPT-2's `c_attn`, Phi-3's `qkv_proj` and `gate_up_proj`): the decoder splits their outputs, and LoRA
-targets them under their own names, as PEFT does.
+Layouts: LINEAR (torch `nn.Linear` [out, in], transposed on load), CONV1D (stored as jaxlora keeps it,
+[in, out], never transposed: GPT-2's Conv1D and gpt-oss's stacked experts [E, in, out]), VECTOR (norms,
+biases), EMBEDDING ([rows, D] on both sides). Fused HF tensors stay fused (GPT-2's `c_attn`, Phi-3's
+`qkv_proj` and `gate_up_proj`): the decoder splits their outputs, and LoRA targets them under their own
+names, as PEFT does.
 """
 
 import dataclasses
@@ -285,6 +286,58 @@ QWEN2_MOE = (
     *_QKVO,
     *_moe("mlp", "gate_proj", "up_proj", "down_proj"),
     *_SHARED,
+    _HEAD,
+)
+
+
+def _sinks(cfg: DecoderConfig) -> bool:
+    return cfg.attn_sinks
+
+
+N = attrgetter("num_heads")
+# gpt-oss: Llama's attention with biases and a sink logit per head; its own MoE block. The router
+# (mlp.router, a Parameter pair, not an nn.Linear) has a bias; the experts are stored [E, in, out] (no
+# transpose: CONV1D), gate and up columns interleaved, with a bias per expert. LoRA adapts router and
+# experts as PEFT's `target_parameters` (transformers' names), as for Mixtral.
+GPT_OSS = (
+    _EMBED,
+    _FINAL,
+    *_PRE_NORMS,
+    *_QKVO,
+    _entry(_A + "sinks", "attn.sinks.logit", VECTOR, (N, None), when=_sinks),
+    _entry(
+        _M + "router.weight",
+        "moe.router.kernel",
+        LINEAR,
+        (D, "embed"),
+        (E, None),
+        param=True,
+        stream=1001,
+        keep_float=True,
+    ),
+    _entry(_M + "router.bias", "moe.router.bias", VECTOR, (E, None)),
+    _entry(
+        _M + "experts.gate_up_proj",
+        "moe.gate_up_proj.kernel",
+        CONV1D,
+        (E, "expert"),
+        (D, "embed"),
+        (FE2, "mlp"),
+        param=True,
+        stream=1002,
+    ),
+    _entry(_M + "experts.gate_up_proj_bias", "moe.gate_up_proj.bias", VECTOR, (E, "expert"), (FE2, "mlp")),
+    _entry(
+        _M + "experts.down_proj",
+        "moe.down_proj.kernel",
+        CONV1D,
+        (E, "expert"),
+        (FE, "mlp"),
+        (D, "embed"),
+        param=True,
+        stream=1003,
+    ),
+    _entry(_M + "experts.down_proj_bias", "moe.down_proj.bias", VECTOR, (E, "expert"), (D, "embed")),
     _HEAD,
 )
 

@@ -2,7 +2,8 @@
 
 `tensor` holds the storage (`QuantizedTensor`, `quantize`, the NF4 code and its packing; the layouts are
 documented there), `quantizer` the loader's hook (`make_quantizer`), `matmul` the device side
-(`dequantize`, `qmatmul`) and `memory` the byte and weight counts. A leaf of the package: it imports only
+(`dequantize`, `qmatmul`) and `memory` the byte and weight counts; `mxfp4` decodes the MXFP4 expert
+weights of gpt-oss checkpoints, which load dequantized. A leaf of the package: it imports only
 `jaxlora.errors`.
 """
 

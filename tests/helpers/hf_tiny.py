@@ -9,7 +9,7 @@ import torch
 
 FAMILIES = ("llama", "llama_tied_mqa", "mistral", "qwen2", "qwen3", "gpt2")
 # The families of tests/test_families.py (one module-scoped model each, not run through every test above).
-NEW_FAMILIES = ("gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "olmo3", "smollm3")
+NEW_FAMILIES = ("gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "gpt_oss")
 # Mixture-of-experts families (tests/test_moe.py): 8 experts, top-2.
 MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
 # stories260K's tokenizer, copied beside a tiny checkpoint that a run trains on
@@ -145,6 +145,25 @@ def _new_family_config(family: str, common: dict):
             use_sliding_window=True,
             sliding_window=4,
         )
+    if family == "gpt_oss":  # sinks, sliding (window 4) then full, YaRN, 8 biased experts top-2
+        return AutoConfig.for_model(
+            "gpt_oss",
+            **{**common, "intermediate_size": 24},
+            num_key_value_heads=2,
+            head_dim=8,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=4,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 32,
+            },
+        )
     if family == "mixtral":  # renormalized top-2 of 8, GQA, a sliding window of 4
         return AutoConfig.for_model(
             "mixtral",
@@ -202,6 +221,10 @@ def make_hf_model(family: str, folder: Path, seed: int = 0, **overrides):
         setattr(config, key, value)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     randomize_(model, seed)
+    if family == "gpt_oss":  # gate/up pre-activations past swiglu_limit (7), so the clamps matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mlp.experts.gate_up_proj.mul_(6.0)
     model.eval()
     model.save_pretrained(folder)
     return model

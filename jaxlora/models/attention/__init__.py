@@ -7,7 +7,7 @@ and runs the dense reference over the cache. Without one (training, prefill) it 
     reference   `reference_attention`: dense XLA, float32 softmax; the ground truth every other is tested on
     xla         `blocked.causal_attention`: causal blocks with a flash-style backward pass (CPU default)
     cudnn       `gpu.cudnn_attention`: cuDNN flash attention through `jax.nn.dot_product_attention`;
-                unpacked right-padded rows, one static sliding window, no soft-capping
+                unpacked right-padded rows, one static sliding window, no soft-capping, no sinks
     pallas      `gpu.pallas_attention`: jaxlora's Pallas (Triton) flash attention (`flash`), forward and
                 backward: segment ids (packing), GQA, per-layer windows, soft-capping and attention sinks;
                 runs on the CPU in interpret mode for the tests
@@ -15,8 +15,9 @@ and runs the dense reference over the cache. Without one (training, prefill) it 
 All take (q, k, v, positions, segment_ids, window, softcap) and mean the same thing: causal, GQA, packed
 segments (segment ids with positions restarting at 0; segment 0 = padding, never attended to), a sliding
 window (int32 scalar, 0 = none: a query sees keys with 0 <= delta < window) and logit soft-capping
-`c * tanh(s / c)` of the scaled scores (Gemma 2; 0 = none). Padding queries' outputs are unspecified
-(zeros except in the reference); nothing reads them.
+`c * tanh(s / c)` of the scaled scores (Gemma 2; 0 = none). Attention sinks (gpt-oss; None = none) are a
+float32 logit per query head [N] that joins each query's softmax denominator and adds no value. Padding
+queries' outputs are unspecified (zeros except in the reference); nothing reads them.
 
 Candidates not built yet: cuDNN's packed layout (`q_offsets`/`kv_offsets`, Hopper, a private JAX API),
 which would run packed rows through cuDNN; and splitting a packed batch by segment into unpacked rows.
@@ -80,28 +81,33 @@ def attend(
     segment_ids: jax.Array,
     window: jax.Array,
     cache: KVCache | None = None,
+    sinks: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Self-attention of one layer: q [B, T, N, H], k/v [B, T, K, H] -> [B, T, N, H].
 
-    positions, segment_ids: [B, T] int32 of the queries; window: int32 scalar (0 = no sliding window).
-    With `cache` (this layer's slice) returns the cache's updated (k, v) too, else None.
+    positions, segment_ids: [B, T] int32 of the queries; window: int32 scalar (0 = no sliding window);
+    sinks: [N] sink logits or None. With `cache` (this layer's slice) returns the cache's updated (k, v)
+    too, else None.
     """
     softcap = cfg.attn_logit_softcap
+    if sinks is not None:
+        sinks = sinks.astype(F32)
     if cache is not None:
         dt = jnp.dtype(cfg.runtime.compute_dtype)
         ck = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, cache.index, 0, 0))
         cv = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, cache.index, 0, 0))
         mask = attention_mask(positions, segment_ids, cache.positions, cache.segment_ids, window)
-        return dot_attention(q, ck.astype(dt), cv.astype(dt), mask, softcap=softcap), (ck, cv)
+        return dot_attention(q, ck.astype(dt), cv.astype(dt), mask, softcap=softcap, sinks=sinks), (ck, cv)
     t = q.shape[1]
     impl = choose_attention(cfg, q.dtype, t)
     if impl == "cudnn":  # cuDNN's window is static: the one all layers share (checked by choose)
         return cudnn_attention(q, k, v, positions, segment_ids, static_window(cfg, t)), None
     if impl == "pallas":
-        return pallas_attention(q, k, v, positions, segment_ids, window, softcap), None
+        return pallas_attention(q, k, v, positions, segment_ids, window, softcap, sinks=sinks), None
     if impl == "reference":
-        return reference_attention(q, k, v, positions, segment_ids, window, softcap), None
-    return causal_attention(q, k, v, positions, segment_ids, window, attention_block_size(t), softcap), None
+        return reference_attention(q, k, v, positions, segment_ids, window, softcap, sinks), None
+    block = attention_block_size(t)
+    return causal_attention(q, k, v, positions, segment_ids, window, block, softcap, sinks), None
 
 
 # --- the reference ------------------------------------------------------------------------------------------
@@ -119,11 +125,14 @@ def attention_mask(q_pos, q_seg, kv_pos, kv_seg, window) -> jax.Array:
     return (same & causal & in_window)[:, None]
 
 
-def dot_attention(q, k, v, mask, cfg: DecoderConfig | None = None, softcap: float = 0.0) -> jax.Array:
+def dot_attention(
+    q, k, v, mask, cfg: DecoderConfig | None = None, softcap: float = 0.0, sinks=None
+) -> jax.Array:
     """Dense grouped-query attention with a float32 softmax (the KV-cache path and the reference).
 
     q: [B, T, N, H], k/v: [B, S, K, H], mask: [B, 1, T, S] -> [B, T, N, H]. softcap: 0 = none, else
     the scaled scores become softcap * tanh(scores / softcap); `cfg`, if given, supplies it when 0.
+    sinks: [N] logits or None: one more softmax entry per query head whose probability is dropped.
     """
     softcap = softcap or (cfg.attn_logit_softcap if cfg is not None else 0.0)
     b, t, n, h = q.shape
@@ -133,15 +142,22 @@ def dot_attention(q, k, v, mask, cfg: DecoderConfig | None = None, softcap: floa
     if softcap:
         scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask[:, :, None], scores, NEG_INF)  # [B, K, G, T, S]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    else:  # the sink is one more column of the softmax, then dropped
+        sink = jnp.broadcast_to(sinks.astype(F32).reshape(1, kh, n // kh, 1, 1), (*scores.shape[:-1], 1))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1].astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)  # [B, T, K, G, H]
     return out.reshape(b, t, n, h)
 
 
-def reference_attention(q, k, v, positions, segment_ids, window, softcap: float = 0.0) -> jax.Array:
+def reference_attention(
+    q, k, v, positions, segment_ids, window, softcap: float = 0.0, sinks=None
+) -> jax.Array:
     """The ground truth: `dot_attention` under the dense `attention_mask`, differentiated by autodiff.
 
-    q: [B, T, N, H], k/v: [B, T, K, H], positions/segment_ids: [B, T], window: int32 scalar -> [B, T, N, H].
+    q: [B, T, N, H], k/v: [B, T, K, H], positions/segment_ids: [B, T], window: int32 scalar, sinks: [N]
+    or None -> [B, T, N, H].
     """
     mask = attention_mask(positions, segment_ids, positions, segment_ids, window)
-    return dot_attention(q, k, v, mask, softcap=softcap)
+    return dot_attention(q, k, v, mask, softcap=softcap, sinks=sinks)

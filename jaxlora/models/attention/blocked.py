@@ -19,7 +19,10 @@ implementation="xla")`, for two reasons measured on XLA:CPU (where there is no f
   flattened), which XLA:CPU runs without transposing the large operand.
 
 Soft-capping (Gemma 2) replaces the scaled score s by c * tanh(s / c); its derivative 1 - tanh^2(s / c)
-multiplies the score gradient in the backward pass.
+multiplies the score gradient in the backward pass. Attention sinks (gpt-oss: a logit per query head that
+joins the softmax denominator) start each query's online softmax at (max = sink, sum = 1), so the
+log-sum-exp includes them; the backward pass is unchanged but for the sinks' own gradient,
+-sum over queries of p_sink * delta.
 
 Shapes: B batch, T queries (= keys S), N query heads, K key/value heads, G = N / K, H head dim; the
 sequence is padded (segment 0) to Tp = nb * bq, nb blocks of bq positions, bm = bq * G query rows a block.
@@ -116,6 +119,11 @@ class _Blocks:
         x = jnp.pad(x, ((0, 0), (0, self.tp - self.t)))
         return x.reshape(self.b, self.nb, self.bq).transpose(1, 0, 2)
 
+    def sink_rows(self, sinks) -> jax.Array:
+        """Sink logits [N] -> [K, bm], one per query row (t, g) of a block (row m = t * G + g)."""
+        per_head = sinks.astype(F32).reshape(self.kh, 1, self.g)
+        return jnp.broadcast_to(per_head, (self.kh, self.bq, self.g)).reshape(self.kh, self.bq * self.g)
+
     def heads(self, x, transposed: bool = False) -> jax.Array:
         """[B, T, K*G', H] -> [nb, B, K, bq*G', H], or [nb, B, K, H, bq*G'] if `transposed`."""
         b, t, n, h = x.shape
@@ -146,19 +154,23 @@ class _Blocks:
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def causal_attention(q, k, v, positions, segment_ids, window, block: int, softcap: float = 0.0) -> jax.Array:
-    """Causal grouped-query self-attention with packed segments, an optional sliding window and soft-cap.
+def causal_attention(
+    q, k, v, positions, segment_ids, window, block: int, softcap: float = 0.0, sinks=None
+) -> jax.Array:
+    """Causal grouped-query self-attention with packed segments, an optional sliding window, soft-cap
+    and attention sinks.
 
     q: [B, T, N, H], k/v: [B, T, K, H], positions/segment_ids: [B, T] int32 (segment 0 = padding),
     window: int32 scalar (0 = none), block: static query and key block length (`attention_block_size`;
-    min(block, T) is used), softcap: static float (0 = none). Returns [B, T, N, H] in q's dtype. Same
-    result as the dense reference for every query that has a key to attend to (a key after its query in
-    the row is never one); a query with none (padding) gets zeros. Memory is O(T * block).
+    min(block, T) is used), softcap: static float (0 = none), sinks: [N] logits or None. Returns
+    [B, T, N, H] in q's dtype. Same result as the dense reference for every query that has a key to attend
+    to (a key after its query in the row is never one); a query with none (padding) gets zeros. Memory is
+    O(T * block).
     """
-    return _attention_fwd(q, k, v, positions, segment_ids, window, block, softcap)[0]
+    return _attention_fwd(q, k, v, positions, segment_ids, window, block, softcap, sinks)[0]
 
 
-def _attention_fwd(q, k, v, positions, segment_ids, window, block, softcap=0.0):
+def _attention_fwd(q, k, v, positions, segment_ids, window, block, softcap=0.0, sinks=None):
     """Online softmax: a scan over query blocks, for each a loop over its live key blocks."""
     window = jnp.asarray(window, jnp.int32)
     blk = _Blocks(q, k, positions, segment_ids, block)
@@ -186,6 +198,9 @@ def _attention_fwd(q, k, v, positions, segment_ids, window, block, softcap=0.0):
             jnp.zeros((*rows, 1), F32),
             jnp.zeros((*rows, blk.h), F32),
         )
+        if sinks is not None:  # the sink is the softmax's first entry: max = sink, sum = exp(0)
+            sink = jnp.broadcast_to(blk.sink_rows(sinks)[None, :, :, None], (*rows, 1))
+            init = (sink, jnp.ones((*rows, 1), F32), init[2])
         m, total, acc = jax.lax.fori_loop(lo, hi + 1, partial(key_block, i, q_i), init)
         total = jnp.maximum(total, TINY)
         return None, ((acc / total).astype(q.dtype), (m + jnp.log(total))[..., 0])
@@ -193,13 +208,13 @@ def _attention_fwd(q, k, v, positions, segment_ids, window, block, softcap=0.0):
     _, (o, lse) = jax.lax.scan(query_block, None, (jnp.arange(blk.nb), qm, first, last))
     out = checkpoint_name(blk.unheads(o), RESIDUALS)  # [B, T, N, H]
     lse = checkpoint_name(lse, RESIDUALS)  # [nb, B, K, bm]
-    return out, (q, k, v, positions, segment_ids, window, out, lse)
+    return out, (q, k, v, positions, segment_ids, window, out, lse, sinks)
 
 
 def _attention_bwd(block, softcap, res, d_out):
     """A scan over key blocks, for each a loop over the live query blocks that see it: dk and dv
     accumulate in the loop, dq [nb, B, K, H, bm] float32 in the scan's carry."""
-    q, k, v, positions, segment_ids, window, out, lse = res  # lse: [nb, B, K, bm]
+    q, k, v, positions, segment_ids, window, out, lse, sinks = res  # lse: [nb, B, K, bm]
     blk = _Blocks(q, k, positions, segment_ids, block)
     scale = 1.0 / math.sqrt(blk.h)
     qm, q_t, dom, do_t = blk.heads(q), blk.heads(q, True), blk.heads(d_out), blk.heads(d_out, True)
@@ -234,7 +249,12 @@ def _attention_bwd(block, softcap, res, d_out):
     xs = (jnp.arange(blk.nb), blk.heads(k), blk.heads(k, True), blk.heads(v), first, last)
     dq_t, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(q_t.shape, F32), xs)
     dq = blk.unheads(dq_t.astype(q.dtype).swapaxes(-1, -2))
-    return dq, blk.unheads(dk), blk.unheads(dv), None, None, None
+    d_sinks = None
+    if sinks is not None:  # d lse / d sink = p_sink; d loss / d sink = -sum over queries of p_sink * delta
+        p_sink = jnp.exp(blk.sink_rows(sinks)[None, None] - lse)  # [nb, B, K, bm]
+        per_row = -jnp.sum(p_sink * delta, axis=(0, 1)).reshape(blk.kh, blk.bq, blk.g)
+        d_sinks = jnp.sum(per_row, axis=1).reshape(-1).astype(sinks.dtype)  # [N]
+    return dq, blk.unheads(dk), blk.unheads(dv), None, None, None, d_sinks
 
 
 causal_attention.defvjp(_attention_fwd, _attention_bwd)

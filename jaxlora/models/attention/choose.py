@@ -5,8 +5,9 @@ The facts: the JAX backend, the compute dtype, whether rows are packed (`Runtime
 
     auto on CPU          xla (the blocked kernel)
     auto on GPU          cudnn if it can run the case (half precision, unpacked rows, one window for
-                         all layers, no soft-capping), else pallas (jaxlora's own kernel: packing,
-                         per-layer windows, soft-capping, any dtype; head dims up to 256), else
+                         all layers, no soft-capping, no attention sinks), else pallas (jaxlora's own
+                         kernel: packing, per-layer windows, soft-capping, sinks, any dtype; head dims up
+                         to 256), else
                          reference with a one-line notice naming the feature that ruled them out
     explicit request     that implementation, or a one-line UserError naming the feature it lacks
 """
@@ -53,7 +54,7 @@ def lacks(impl: str, cfg: DecoderConfig, dtype, t: int, backend: str) -> str | N
     kernel = "cuDNN flash attention" if impl == "cudnn" else "the Pallas Triton kernel"
     if backend != "gpu":
         return f"needs an NVIDIA GPU ({kernel}) but JAX runs on {backend!r} here"
-    if impl == "pallas":  # any dtype, packing, windows per layer, soft-capping
+    if impl == "pallas":  # any dtype, packing, windows per layer, soft-capping, sinks
         if cfg.head_dim > PALLAS_MAX_HEAD_DIM:
             return f"needs a head dim of at most {PALLAS_MAX_HEAD_DIM}, got {cfg.head_dim}"
         return None
@@ -61,6 +62,8 @@ def lacks(impl: str, cfg: DecoderConfig, dtype, t: int, backend: str) -> str | N
         return f"needs model.compute_dtype bfloat16 or float16, got {jnp.dtype(dtype).name}"
     if cfg.attn_logit_softcap:
         return f"cannot soft-cap attention logits (attn_logit_softcap={cfg.attn_logit_softcap})"
+    if cfg.attn_sinks:
+        return "cannot add attention sinks (gpt-oss's per-head sink logits)"
     if cfg.runtime.packed:
         return "cannot keep packed examples apart (no segment ids; data.packing=true)"
     if static_window(cfg, t) is None:

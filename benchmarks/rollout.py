@@ -6,19 +6,23 @@ on the same model, the same prompts and the same sampling settings, side by side
 
 The model is the architecture of `benchmarks/presets/<arch>/config.json` with random weights (drawn by
 transformers, saved once to a temporary folder and loaded by jaxlora from there: the same weights). Both
-sample at temperature 1 with top-k and top-p off and EOS disabled, so every row generates exactly
-`--new-tokens` tokens; the prompts are random token ids, left-padded, their lengths spread between half
-of `--prompt-len` and all of it. Rows measured, each after one untimed warm-up call (compilation):
+sample at temperature 1 with top-k and top-p off (`--top-k`, `--top-p` set them) and EOS disabled, so
+every row generates exactly `--new-tokens` tokens; the prompts are random token ids, left-padded, their
+lengths spread between half of `--prompt-len` and all of it. Rows measured, each after one untimed
+warm-up call (compilation):
 
-    jaxlora                   `rollout`: each prompt prefilled once, its cache repeated for the G rows
+    jaxlora                   `rollout`: each prompt prefilled once, its cache repeated for the G rows,
+                              decoding on per-layer weights and cache (`split_layers`, its CPU default)
+    jaxlora scanned layers    the same decoding with the layer scan over the stacked weights (the GPU way)
     jaxlora repeated prefill  `rollout` with G = 1 on the prompts repeated G times (what transformers does)
     transformers              `generate(num_return_sequences=G, do_sample=True)` with its default attention
                               (sdpa), in the model's dtype, on the GPU when there is one
 
 The repeats are interleaved (one call of each row per round) and each row reports the median wall time.
 The JSON (`--out`) holds the command, the settings, the device and versions, the machine's load average
-before and after, and per row every repeat's seconds, the median, the completion tokens/s and the first
-call's time; `speedup` is transformers' median over jaxlora's.
+before and after, and per row every repeat's wall and process CPU seconds (both engines use every core:
+on a busy machine the CPU seconds compare better), the median, the completion tokens/s and the first
+call's time; `speedup` is transformers' median over jaxlora's, `cpu_speedup` the same in CPU seconds.
 """
 
 import argparse
@@ -31,7 +35,7 @@ import time
 from pathlib import Path
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-ROWS = ("jaxlora", "jaxlora repeated prefill", "transformers")
+ROWS = ("jaxlora", "jaxlora scanned layers", "jaxlora repeated prefill", "transformers")
 
 
 def parse_args(argv=None):
@@ -42,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--generations", type=int, default=4, help="G, completions per prompt")
     p.add_argument("--prompt-len", type=int, default=64, help="the longest prompt (tokens)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per completion")
+    p.add_argument("--top-k", type=int, default=0, help="sampling's top-k (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampling's top-p (1: off)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls of each row (median reported)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
     p.add_argument("--out", help="write the JSON report here")
@@ -77,7 +83,7 @@ def make_prompts(p: int, length: int, vocab: int, seed: int = 0):
     return ids, mask
 
 
-def jaxlora_call(model, ids, mask, g: int, new: int, repeated: bool):
+def jaxlora_call(model, ids, mask, g: int, new: int, top: tuple[int, float], repeated: bool, split: bool):
     """A function of a seed running one rollout to completion; returns the completions [P*G, new]."""
     import jax
     import jax.numpy as jnp
@@ -92,14 +98,15 @@ def jaxlora_call(model, ids, mask, g: int, new: int, repeated: bool):
     def call(seed: int):
         out = rollout(
             model.params, model.config, None, 1.0, ids, mask, jax.random.key(seed),
-            num_generations=g, max_new_tokens=new, temperature=1.0, top_p=1.0, top_k=0, eos_ids=(),
+            num_generations=g, max_new_tokens=new, temperature=1.0, top_k=top[0], top_p=top[1], eos_ids=(),
+            split_layers=split,
         )  # fmt: skip
         return np.asarray(out.completions)
 
     return call
 
 
-def transformers_call(hf, ids, mask, g: int, new: int):
+def transformers_call(hf, ids, mask, g: int, new: int, top: tuple[int, float]):
     """The same with transformers' `generate` (EOS off: no eos_token_id, every row runs `new` tokens)."""
     import torch
     from transformers import GenerationConfig
@@ -108,8 +115,8 @@ def transformers_call(hf, ids, mask, g: int, new: int):
     ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
     mask_t = torch.tensor(mask, device=dev)
     gen = GenerationConfig(
-        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new, num_return_sequences=g,
-        eos_token_id=None, pad_token_id=0,
+        do_sample=True, temperature=1.0, top_k=top[0], top_p=top[1], max_new_tokens=new,
+        num_return_sequences=g, eos_token_id=None, pad_token_id=0,
     )  # fmt: skip
     hf.generation_config.eos_token_id = None  # no fallback to the model's own EOS
 
@@ -124,26 +131,31 @@ def transformers_call(hf, ids, mask, g: int, new: int):
     return call
 
 
-def timed(call, seed: int, want: tuple[int, int]) -> float:
-    t0 = time.perf_counter()
+def timed(call, seed: int, want: tuple[int, int]) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of one call."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = call(seed)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     if out.shape != want:
         raise SystemExit(f"expected completions of shape {want}, got {out.shape}")
-    return seconds
+    return seconds, cpu
 
 
 def measure(calls: dict, repeats: int, want: tuple[int, int], log) -> dict:
     """One warm-up call of each row, then `repeats` rounds of one call each; seconds per row."""
-    results = {name: {"first_call_s": timed(call, 0, want), "repeats_s": []} for name, call in calls.items()}
+    results = {name: {"first_call_s": timed(call, 0, want)[0], "repeats_s": [], "repeats_cpu_s": []}
+               for name, call in calls.items()}  # fmt: skip
     log("warm-up: " + ", ".join(f"{n} {r['first_call_s']:.3g}s" for n, r in results.items()))
     for i in range(repeats):
         for name, call in calls.items():
-            results[name]["repeats_s"].append(timed(call, i + 1, want))
+            wall, cpu = timed(call, i + 1, want)
+            results[name]["repeats_s"].append(wall)
+            results[name]["repeats_cpu_s"].append(cpu)
         log(f"round {i + 1}: " + ", ".join(f"{n} {r['repeats_s'][-1]:.3g}s" for n, r in results.items()))
     tokens = want[0] * want[1]
     for r in results.values():
         r["median_s"] = statistics.median(r["repeats_s"])
+        r["median_cpu_s"] = statistics.median(r["repeats_cpu_s"])
         r["completion_tokens_per_s"] = tokens / r["median_s"]
     return results
 
@@ -173,7 +185,8 @@ def table(report: dict) -> str:
         lines.append(f"{name:26s} {speed:9.1f} {median:9.3g} {first:8.1f}  {reps}")
     if "speedup" in report:
         lines.append(
-            f"jaxlora vs transformers: {report['speedup']:.2f}x (transformers median / jaxlora median)"
+            f"jaxlora vs transformers: {report['speedup']:.2f}x (transformers median / jaxlora median), "
+            f"{report['cpu_speedup']:.2f}x in CPU seconds"
         )
     return "\n".join(lines)
 
@@ -188,13 +201,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         hf, model = make_models(args.arch, args.dtype, folder)
         ids, mask = make_prompts(args.prompts, args.prompt_len, model.config.vocab_size)
-        g, new = args.generations, args.new_tokens
+        g, new, top = args.generations, args.new_tokens, (args.top_k, args.top_p)
         calls = {}
         for row in rows:
             if row == "transformers":
-                calls[row] = transformers_call(hf, ids, mask, g, new)
+                calls[row] = transformers_call(hf, ids, mask, g, new, top)
             else:
-                calls[row] = jaxlora_call(model, ids, mask, g, new, repeated=row != "jaxlora")
+                repeated, split = row == "jaxlora repeated prefill", row != "jaxlora scanned layers"
+                calls[row] = jaxlora_call(model, ids, mask, g, new, top, repeated, split)
         results = measure(calls, args.repeats, (args.prompts * g, new), log)
     report = {
         "command": " ".join(["python", "benchmarks/rollout.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -207,7 +221,7 @@ def main(argv=None) -> int:
             "prompt_lengths": mask.sum(axis=1).tolist(),
             "new_tokens": new,
             "repeats": args.repeats,
-            "sampling": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "eos": None},
+            "sampling": {"temperature": 1.0, "top_k": args.top_k, "top_p": args.top_p, "eos": None},
         },
         **environment(),
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
@@ -215,6 +229,7 @@ def main(argv=None) -> int:
     }
     if "jaxlora" in results and "transformers" in results:
         report["speedup"] = results["transformers"]["median_s"] / results["jaxlora"]["median_s"]
+        report["cpu_speedup"] = results["transformers"]["median_cpu_s"] / results["jaxlora"]["median_cpu_s"]
     print(table(report))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -50,23 +50,54 @@ def extend(params, cfg, cache: KVCache, ids, positions, segments, lora, lora_sca
 
 
 def sample(logits: jax.Array, rng, temperature: float, top_k: int, top_p: float) -> jax.Array:
-    """Pick the next token [B] from logits [B, V]; temperature 0 means greedy."""
+    """Pick the next token [B] from logits [B, V]; temperature 0 means greedy, else a draw from `warp`."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return categorical(rng, warp(logits, temperature, top_k, top_p))
+
+
+def warp(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """The logits [B, V] sampling draws from, as transformers' warpers in their order: divided by the
+    temperature, then -inf below the k-th best (top_k 0 = off; ties with it kept), then -inf outside
+    the nucleus (top_p 1 = off): best first (ties by index), the tokens whose better ones hold less
+    than `top_p` of the mass."""
     logits = logits / temperature
     if top_k > 0:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1.0:
+        logits = nucleus(logits, top_p, max(top_k, TOP_P_CANDIDATES))
+    return logits
+
+
+TOP_P_CANDIDATES = 1024  # top-p looks among this many best tokens first; a full sort where too few
+
+
+def nucleus(logits: jax.Array, top_p: float, candidates: int) -> jax.Array:
+    """Top-p: logits [B, V] with -inf outside each row's nucleus, the rest unchanged.
+
+    The nucleus is what sorting the whole row gives (best first, ties by index: `lax.top_k`'s order
+    too), found among the `candidates` best tokens when they hold at least `top_p` of every row's mass
+    (then no token after them can be kept), else by sorting the rows (`lax.cond`: one program).
+    """
+    b, v = logits.shape
+    rows = jnp.arange(b)[:, None]
+
+    def cut(best, order):  # best [B, C] in order: kept where the mass before it is under top_p
+        probs = jnp.exp(best - jax.nn.logsumexp(logits, axis=-1, keepdims=True))  # of the whole row
+        before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(before >= top_p, -jnp.inf, best)
+        return jnp.full_like(logits, -jnp.inf).at[rows, order].set(kept), probs.sum(axis=-1)
+
+    def full(_):
         order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
-        sorted_logits = jnp.where(before >= top_p, -jnp.inf, sorted_logits)
-        logits = (
-            jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
-        )
-    return categorical(rng, logits)
+        return cut(jnp.take_along_axis(logits, order, axis=-1), order)[0]
+
+    if candidates >= v:
+        return full(None)
+    best, order = jax.lax.top_k(logits, candidates)  # [B, C]
+    out, mass = cut(best, order)
+    return jax.lax.cond(jnp.all(mass >= top_p), lambda _: out, full, None)
 
 
 def categorical(rng, logits: jax.Array, block: int = 128) -> jax.Array:

@@ -9,7 +9,10 @@ measures both, beside transformers' `generate`).
 
 The pieces are generation's (`jaxlora.models.generate`: `init_cache`, `prefill`, `decode_step`,
 `sample`), in the same order and with the same random stream: split the key, sample, then run the step.
-With G = 1 a rollout draws the tokens `generate` draws from `jax.random.key(seed)`.
+With G = 1 a rollout draws the tokens `generate` draws from `jax.random.key(seed)`. On a CPU the decode
+step runs the layers unrolled on per-layer copies of the weights and cache (`layered_decoder`: a scan
+over the stacked weights would copy each layer's slice at every token), the same tokens about 1.3 times
+faster, for one more copy of the layer weights while the rollout runs.
 
 It is a pure function of arrays: the base may be quantized (int8/NF4 kernels are `QuantizedTensor`s),
 `lora` is the adapter tree the decoder takes, and params, adapter and prompts may arrive sharded (the
@@ -27,6 +30,7 @@ import jax.numpy as jnp
 
 from jaxlora.models.attention import KVCache
 from jaxlora.models.config import DecoderConfig
+from jaxlora.models.decoder import LayerInputs, block, embed, layer_stack, logits_from_hidden, norm
 from jaxlora.models.generate import decode_step, init_cache, prefill, sample
 
 
@@ -47,7 +51,7 @@ class _Loop(NamedTuple):
     done: jax.Array  # [B] bool: the row has sampled an EOS
     lengths: jax.Array  # [B] int32: tokens written in the row, its EOS included
     out: jax.Array  # [B, N] int32
-    cache: KVCache  # [L, B, Tp + N, K, H]
+    cache: KVCache | tuple  # [L, B, Tp + N, K, H], or `layered_decoder`'s per-layer cache
     position: jax.Array  # [B] int32: the position of `token`
     rng: jax.Array
 
@@ -71,7 +75,10 @@ def repeat_cache(cache: KVCache, g: int, extra: int) -> KVCache:
 
 
 # what a call compiles for: the model and every sampling setting
-STATIC = ("cfg", "num_generations", "max_new_tokens", "temperature", "top_p", "top_k", "eos_ids", "pad_id")
+STATIC = (
+    "cfg", "num_generations", "max_new_tokens", "temperature", "top_p", "top_k", "eos_ids", "pad_id",
+    "split_layers",
+)  # fmt: skip
 
 
 @partial(jax.jit, static_argnames=STATIC)
@@ -91,6 +98,7 @@ def rollout(
     top_k: int = 0,
     eos_ids: tuple[int, ...] = (),
     pad_id: int = 0,
+    split_layers: bool | None = None,
 ) -> Rollout:
     """Sample `num_generations` completions of up to `max_new_tokens` tokens for each prompt.
 
@@ -100,6 +108,7 @@ def rollout(
     A row stops at its first token in `eos_ids` (kept, counted in its length); the loop stops when every
     row has stopped or N tokens are out. Returns a `Rollout` of [P*G, N] completions and mask, [P*G]
     lengths and truncated flags. Static: cfg and every keyword argument (a new value compiles anew).
+    `split_layers` (None: on a CPU) decodes with `layered_step` instead of the scanned `decode_step`.
     """
     g, new = num_generations, max_new_tokens
     if g < 1 or new < 1:
@@ -110,8 +119,14 @@ def rollout(
         rng, sub = jax.random.split(rng)
         return sample(logits, sub, temperature, top_k, top_p), rng
 
-    def step(token, cache, position):  # the logits [B, V] after `token` [B], the cache one slot further
-        return decode_step(params, cfg, cache, token, position, lora, lora_scale)
+    if split_layers is None:
+        split_layers = jax.default_backend() == "cpu"
+    if split_layers:  # each layer's weights and cache as arrays of their own (see `layered_step`)
+        step, cache = layered_decoder(params, cfg, lora, lora_scale, cache)
+    else:
+
+        def step(token, cache, position):  # the logits [B, V] after `token` [B], the cache a slot further
+            return decode_step(params, cfg, cache, token, position, lora, lora_scale)
 
     s = decode_loop(step, pick, logits, cache, position, rng, jnp.asarray(eos_ids, jnp.int32), new, pad_id)
     mask = (jnp.arange(new)[None, :] < s.lengths[:, None]).astype(jnp.int32)  # [B, N]
@@ -151,3 +166,50 @@ def decode_loop(step, pick, logits, cache: KVCache, position, rng, eos, new: int
         return _Loop(s.n + 1, token, done, lengths, out, cache, s.position + 1, rng)
 
     return jax.lax.while_loop(more, body, state)
+
+
+def layered_decoder(params, cfg: DecoderConfig, lora, lora_scale, cache: KVCache):
+    """`layered_step` on copies of each layer's weights, adapter and cache, made once before the loop.
+
+    A decode step inside a loop that scans the stacked [L, ...] weights copies every layer's slice out
+    of them at each token on a CPU (XLA fuses no dynamic slice into a CPU dot), and scanning the stacked
+    cache copies it too: with its own arrays per layer, a step reads each weight once and writes one
+    slot of the cache in place. The cost: one more copy of the layer weights while the rollout runs.
+    Returns (step(token, cache, position) -> (logits [B, V], cache), the per-layer cache to start from).
+    """
+    take = lambda tree, i: None if tree is None else jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+    n = cfg.num_layers
+    weights = [take(params["layers"], i) for i in range(n)]
+    adapters = [take(lora, i) for i in range(n)]
+    kv = tuple((cache.k[i], cache.v[i]) for i in range(n))
+    start = (kv, cache.positions, cache.segment_ids, cache.index)
+
+    def step(token, state, position):
+        return layered_step(params, cfg, weights, adapters, lora_scale, state, token, position)
+
+    return step, start
+
+
+def layered_step(params, cfg, weights, adapters, lora_scale, state, token, position):
+    """`generate.decode_step` with the layers unrolled on per-layer weights, adapters and cache.
+
+    weights, adapters: L trees of one layer's arrays (adapters may be None); state: (((k, v) [B, S, K, H])
+    per layer, cache positions and segment ids [B, S], index); token, position: [B] int32.
+    Returns (the logits [B, V] after `token`, the state one slot further).
+    """
+    kv, positions, segments, index = state
+    pos, seg = position[:, None], jnp.ones_like(token)[:, None]  # [B, 1]
+    positions = jax.lax.dynamic_update_slice(positions, pos, (0, index))
+    segments = jax.lax.dynamic_update_slice(segments, seg, (0, index))
+    _, _, inv_freq, windows, scales, _, _ = layer_stack(params, cfg, pos, None, lora_scale, None, None)
+    h = embed(params, cfg, token[:, None], pos).astype(cfg.runtime.compute_dtype)  # [B, 1, D]
+    new_kv = []
+    for i, (k, v) in enumerate(kv):
+        x = LayerInputs(
+            pos, seg, jax.tree.map(lambda a, i=i: a[i], inv_freq), windows[i], scales[i],
+            cache=KVCache(k, v, positions, segments, index),
+        )  # fmt: skip
+        h, (layer_kv, _) = block(cfg, weights[i], adapters[i], h, x)
+        new_kv.append(layer_kv)
+    logits = logits_from_hidden(params, cfg, norm(params["final_norm"], h[:, -1], cfg))  # [B, V]
+    return logits, (tuple(new_kv), positions, segments, index + 1)

@@ -179,14 +179,22 @@ def test_prompt_rows_gsm8k_and_conversational(assets, stories_dir, tmp_path):
     assert p.prompts[0] == [{"role": "user", "content": "Tell a story."}] and p.columns == {"n": [1]}
 
 
-def test_reference_kl_reuse_and_accumulation(assets, tmp_path):
+REUSE = {"train.max_steps": 4, "train.eval_every_steps": None, "train.batch_size": 8,
+         "train.grad_accum_steps": 2, "grpo.beta": 0.04, "grpo.num_iterations": 2}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reuse_run(assets, tmp_path_factory):
+    """4 steps of 2 rollouts (num_iterations 2), with reference log-probs and accumulation, uninterrupted."""
+    out = tmp_path_factory.mktemp("reuse") / "run"
+    train(config_from_dict(grpo_config(assets, out, **REUSE)))
+    return out
+
+
+def test_reference_kl_reuse_and_accumulation(reuse_run):
     """beta > 0 (reference log-probs, `kl`), num_iterations 2 (one batch of answers serves two steps,
     ratios to the sampler's log-probs) and 2 accumulated micro-batches of 8 answers."""
-    over = {"train.max_steps": 4, "train.eval_every_steps": None, "train.batch_size": 8,
-            "train.grad_accum_steps": 2, "grpo.beta": 0.04, "grpo.num_iterations": 2}  # fmt: skip
-    out = tmp_path / "run"
-    train(config_from_dict(grpo_config(assets, out, **over)))
-    steps = {r["step"]: r for r in records(out) if "train/loss" in r}
+    steps = {r["step"]: r for r in records(reuse_run) if "train/loss" in r}
     assert sorted(steps) == [1, 2, 3, 4]
     assert steps[1]["train/kl"] == 0.0  # the adapter starts at B = 0: the policy is the reference
     assert steps[2]["train/kl"] > 0.0 and steps[2]["train/clip_ratio/region_mean"] >= 0.0
@@ -194,6 +202,44 @@ def test_reference_kl_reuse_and_accumulation(assets, tmp_path):
         assert steps[a]["train/reward"] == steps[b]["train/reward"]
     assert steps[1]["train/reward"] != steps[3]["train/reward"]
     assert abs(steps[1]["train/loss"]) < 1e-6 and abs(steps[2]["train/loss"]) > 1e-6  # ratio 1, then not
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_inside_a_rollout_reuses_its_batch(reuse_run, assets, tmp_path):
+    """num_iterations 2, crashed during step 4 (after checkpoint 3, between the two steps of rollout 1),
+    resumed: checkpoint 3 carries rollout 1's batch, so step 4 has the uninterrupted run's metrics and the
+    final adapter is its adapter, bit for bit."""
+    from safetensors.numpy import load_file
+
+    def crash(step, _):
+        if step == 4:
+            raise Crash
+
+    out = tmp_path / "run"
+    cfg = config_from_dict(grpo_config(assets, out, **REUSE, **{"checkpoint.every_steps": 1}))
+    with pytest.raises(Crash):
+        train(cfg, on_step=crash)
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["2", "3"]
+    assert (ckpts / "3" / "carry").is_dir() and not (ckpts / "2" / "carry").exists()  # only inside a rollout
+    train(cfg, resume=True)
+    assert [r["step"] for r in records(out) if "train/loss" in r].count(1) == 1  # resumed, not restarted
+    ref = {r["step"]: r for r in records(reuse_run) if "train/loss" in r}
+    got = {r["step"]: r for r in records(out) if "train/loss" in r}  # step 4: the resumed run's
+    keys = [k for k in ref[4] if k.startswith("train/")]
+    assert "train/kl" in keys and "train/reward" in keys and "train/clip_ratio/region_mean" in keys
+    for s in (1, 2, 3, 4):
+        assert {k: got[s][k] for k in keys} == {k: ref[s][k] for k in keys}, s
+    want, have = (
+        load_file(reuse_run / "adapter" / "adapter_model.safetensors"),
+        load_file(out / "adapter" / "adapter_model.safetensors"),
+    )
+    assert want.keys() == have.keys()
+    for name in want:
+        np.testing.assert_array_equal(have[name], want[name], err_msg=name)
 
 
 def test_bad_grpo_setups_are_one_line(assets, tmp_path):

@@ -11,6 +11,10 @@ collective; each writes or reads the shards it holds, process 0 the metadata), s
 on a filesystem all hosts share. The layout does not depend on the mesh: `restore` reads into whatever
 shardings the targets carry, so a run saved on 4 devices with FSDP resumes on 1 device or on a
 data x tensor mesh.
+
+A step may also carry what the run needs beyond its state to go on exactly (`Checkpointer.carry`: GRPO's
+batch of answers in progress): host arrays in the step's item `carry`, and JSON under the metadata's
+"carry", in the same step folder, so rotation, the file list and `best/` treat them as the rest.
 """
 
 import contextlib
@@ -21,6 +25,7 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -37,6 +42,8 @@ class Checkpointer:
     def __init__(self, directory: Path, keep: int):
         self.directory = Path(directory).absolute()
         self.extra_meta: dict = {}  # merged into every save's metadata (the best-model tracker's state)
+        self.carry: Callable[[int], tuple[dict, dict] | None] | None = None  # step -> (host arrays, JSON)
+        # saved with that step beside the state (one process), or None: nothing (`read_carry`)
         newest_intact(self.directory, set_aside=jax.process_index() == 0)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False
@@ -55,15 +62,14 @@ class Checkpointer:
             return
         previous = sys.unraisablehook
         sys.unraisablehook = _ignore_closed_loop(previous)
+        items = {"state": ocp.args.StandardSave(state)}
+        meta = {**meta, **self.extra_meta}
+        carried = None if self.carry is None else self.carry(step)
+        if carried is not None:
+            items["carry"], meta = ocp.args.StandardSave(carried[0]), {**meta, "carry": carried[1]}
         try:
             with _quiet_absl(logging.CRITICAL):
-                self.manager.save(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardSave(state),
-                        meta=ocp.args.JsonSave({**meta, **self.extra_meta}),
-                    ),
-                )
+                self.manager.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)))
                 self.manager.wait_until_finished()
             if jax.process_index() == 0:
                 _write_manifest(self.directory / str(step))
@@ -125,6 +131,16 @@ class Checkpointer:
         with _quiet_absl():
             out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out["meta"])
+
+    def read_carry(self, step: int) -> tuple[dict, dict] | None:
+        """(host arrays, JSON) that `carry` saved with `step`, or None if it saved nothing there."""
+        if not (self.directory / str(step) / "carry").is_dir():
+            return None
+        with _quiet_absl():
+            out = self.manager.restore(
+                step, args=ocp.args.Composite(carry=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+            )
+        return dict(out["carry"]), out["meta"]["carry"]
 
     def keep_as_best(self, step: int, best_dir: Path) -> None:
         """Make `best_dir/<step>` the only step under `best_dir`: hard links to the saved step's files

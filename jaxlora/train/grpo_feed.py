@@ -11,11 +11,15 @@ Per rollout (every `num_iterations` optimizer steps, which reuse its batch):
     advantages  group-relative (`jaxlora.train.advantages`)
     batch       `grpo_batch`, plus old_logps (num_iterations > 1) and ref_logps (beta > 0)
 
+A checkpoint saved between the steps of one rollout carries its batch (`carry`, `attach`): a resumed run
+goes on with the same answers, advantages, old log-probs and metrics as an uninterrupted one.
+
 Shapes: B = P * G completions, Tp the longest prompt of the data, N = max_completion_length; the batch's
 arrays are [A, batch_size, ...] split into `grad_accum_steps` micro-batches.
 """
 
 import dataclasses
+import sys
 
 import jax
 import numpy as np
@@ -105,6 +109,38 @@ class GrpoFeed:
         if self._cached is None or self._cached[0] != k:
             self._cached = (k, *self._rollout(state, steps, k))
         return self._cached[1], self._cached[2]
+
+    def carry(self, step: int) -> tuple[dict, dict] | None:
+        """What a checkpoint at `step` holds besides the state when `step` falls inside a rollout's
+        steps: its micro-batches stacked ([A, batch_size, ...] per key) and {rollout, metrics}; else None."""
+        k = step // self.cfg.grpo.num_iterations
+        if step % self.cfg.grpo.num_iterations == 0 or self._cached is None or self._cached[0] != k:
+            return None
+        micro, metrics = self._cached[1:]
+        arrays = {key: np.stack([m[key] for m in micro]) for key in micro[0]}
+        return arrays, {"rollout": k, "metrics": {name: float(v) for name, v in metrics.items()}}
+
+    def attach(self, ckpt, step: int) -> None:
+        """Save `carry` with each of `ckpt`'s steps; a run resumed at `step` inside a rollout's steps takes
+        that rollout's batch back from its checkpoint (one saved without it, by an older version: a
+        warning, and the run samples a fresh batch)."""
+        ckpt.carry = self.carry
+        if step % self.cfg.grpo.num_iterations == 0:
+            return
+        saved = ckpt.read_carry(step)
+        if saved is None:
+            print(
+                f"warning: checkpoint step {step} holds no GRPO batch in progress (saved by an older "
+                "version): sampling a fresh one, so the run will not match an uninterrupted one exactly",
+                file=sys.stderr,
+            )
+            return
+        arrays, info = saved
+        micro = [
+            {key: np.asarray(v[i]) for key, v in arrays.items()}
+            for i in range(self.cfg.train.grad_accum_steps)
+        ]
+        self._cached = (int(info["rollout"]), micro, dict(info["metrics"]))
 
     def _rollout(self, state, steps, k: int) -> tuple[list[dict], dict]:
         g, t = self.cfg.grpo, self.cfg.train

@@ -118,6 +118,8 @@ def train(
         optimizer, schedule = make_optimizer(cfg.train, data.total_steps)
         ckpt = Checkpointer(run.path / "checkpoints", cfg.checkpoint.keep)
         state = build_state(cfg, base.config, optimizer, plan, ckpt, data.loader, run.resuming, base.params)
+        if data.feed is not None:  # GRPO: checkpoints carry the batch in progress, and give it back
+            data.feed.attach(ckpt, state.step)
         initial = initial_adapter(cfg, base.config, base.params)  # PiSSA/OLoRA: step 0's adapter, else None
         if initial is not None:  # train on the residual base, as PEFT does
             base = base._replace(

@@ -49,10 +49,12 @@ def _match_matrix(cfg: DecoderConfig, targets) -> dict[LinearModule, np.ndarray]
     mods = linear_modules(cfg)
     layers = range(cfg.num_layers)
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        return {m: np.ones(cfg.num_layers, bool) for m in mods}
+        return {m: np.isin(layers, m.layers) for m in mods}
     if isinstance(targets, str):
         return {
-            m: np.array([re.fullmatch(targets, m.hf_prefix.format(i=i)) is not None for i in layers])
+            m: np.array(
+                [i in m.layers and re.fullmatch(targets, m.hf_prefix.format(i=i)) is not None for i in layers]
+            )
             for m in mods
         }
     names = tuple(targets)
@@ -60,7 +62,7 @@ def _match_matrix(cfg: DecoderConfig, targets) -> dict[LinearModule, np.ndarray]
     def hit(full: str) -> bool:
         return any(full == t or full.endswith("." + t) for t in names)
 
-    return {m: np.array([hit(m.hf_prefix.format(i=i)) for i in layers]) for m in mods}
+    return {m: np.array([i in m.layers and hit(m.hf_prefix.format(i=i)) for i in layers]) for m in mods}
 
 
 def _no_match(cfg: DecoderConfig, targets) -> UserError:
@@ -192,14 +194,15 @@ def _select(cfg: DecoderConfig, lora_cfg: LoraConfig) -> tuple[list[LinearModule
                 f"lora.target_modules {targets!r} matches no module in lora.layers_to_transform {layers}"
             )
         chosen = {m: sel for m, sel in chosen.items() if sel.any()}
-    sets = {tuple(np.flatnonzero(sel)) for sel in chosen.values()}
-    if len(sets) > 1:
+    # one set of layers; a hybrid model's mixer module agrees with it on the layers it exists on
+    mask = np.logical_or.reduce(list(chosen.values()))
+    if any((sel != mask)[list(m.layers)].any() for m, sel in chosen.items()):
         detail = ", ".join(f"{m.suffix}: {np.flatnonzero(s).tolist()}" for m, s in chosen.items())
         raise UserError(
             f"lora.target_modules selects different layers for different modules ({detail}); jaxlora adapts "
             "one set of layers for every targeted module: target by name and use lora.layers_to_transform"
         )
-    return list(chosen), next(iter(chosen.values()))
+    return list(chosen), mask
 
 
 def target_paths(cfg: DecoderConfig, lora_cfg: LoraConfig) -> list[tuple[str, str]]:
@@ -277,6 +280,8 @@ def _layout(cfg: DecoderConfig, lora_json: str) -> Layout:
         alphas = _layer_values(m, mask, lora_cfg.alpha_pattern, lora_cfg.alpha)
         s = np.zeros(len(mask), np.float32)
         for i in np.flatnonzero(mask):
+            if i not in m.layers:
+                continue
             r = ranks[m.key][i]
             s[i] = float(alphas[i]) / (math.sqrt(r) if rslora else r) / base
         factors[m.key] = _frozen(s)
@@ -288,7 +293,8 @@ def _layout(cfg: DecoderConfig, lora_json: str) -> Layout:
 def _layer_values(m: LinearModule, mask: np.ndarray, patterns, default) -> list:
     """Per layer: the pattern value for module `m` (PEFT's full-name match), 0 where not adapted."""
     return [
-        pattern_value(patterns, m.hf_prefix.format(i=i), default) if mask[i] else 0 for i in range(len(mask))
+        pattern_value(patterns, m.hf_prefix.format(i=i), default) if mask[i] and i in m.layers else 0
+        for i in range(len(mask))
     ]
 
 

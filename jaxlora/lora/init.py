@@ -43,6 +43,15 @@ def init_lora(cfg: DecoderConfig, lora_cfg: LoraConfig, rng: jax.Array, params: 
         raise UserError(
             f"lora.init must be one of {', '.join(INITS)}, pissa, pissa_niter_N or olora, got {init!r}"
         )
+    if cfg.mixers:  # hybrid layers: these variants assume one [L] stack per module (not yet checked)
+        flags = {"lora.use_dora": lora_cfg.use_dora, "lora.lora_bias": lora_cfg.lora_bias}
+        flags[f"lora.init {init}"] = base_changing
+        unsupported = [name for name, on in flags.items() if on]
+        if unsupported:
+            raise UserError(
+                f"{unsupported[0]} is not supported yet for {cfg.model_type} (hybrid layers); "
+                "train plain LoRA"
+            )
     lay = layout(cfg, lora_cfg)  # refuses targets that match nothing, and what PEFT cannot express
     mods, mask = list(lay.modules), lay.mask
     if base_changing:
@@ -80,9 +89,12 @@ def _init_modules(cfg: DecoderConfig, lora_cfg: LoraConfig, rng: jax.Array, mods
     tree: dict = {}
     for m in [m for m in every if m in mods]:
         a, b = next(arrays)
+        rows = list(m.layers)  # a hybrid model's mixer: the rows of its layers, [L_kind]
+        if len(rows) != cfg.num_layers:
+            a, b = a[np.asarray(rows)], b[np.asarray(rows)]
         leaf = {"a": a, "b": b}
         if patterned:
-            per_layer = lay.ranks[m.key]  # [L]
+            per_layer = lay.ranks[m.key][rows]  # [L]
             r_mod = int(per_layer.max())
             keep = (np.arange(r_mod)[None, :] < per_layer[:, None]).astype(np.float32)  # [L, r]
             if init == "gaussian":  # N(0, 1/r_draw^2) -> N(0, 1/r_layer^2)
@@ -90,7 +102,7 @@ def _init_modules(cfg: DecoderConfig, lora_cfg: LoraConfig, rng: jax.Array, mods
             leaf = {
                 "a": a[:, :, :r_mod] * keep[:, None, :],
                 "b": b[:, :r_mod],
-                "s": jnp.asarray(lay.factors[m.key]),
+                "s": jnp.asarray(lay.factors[m.key][rows]),
             }
         tree.setdefault(m.key[0], {})[m.key[1]] = leaf
     return tree
@@ -152,12 +164,18 @@ def _init_from_base(cfg, lora_cfg, rng, params, mods, mask) -> dict:
     for k, m in enumerate(mods):
         group, name = m.key
         kernel = params["layers"][group][name]["kernel"]
+        rows = list(m.layers)  # [L], or a hybrid model's mixer's [L_kind]
         a, b = init_from_base(
-            kernel, ranks[m.key], base * factors[m.key], init, jax.random.fold_in(rng, k), m.hf_prefix
+            kernel,
+            ranks[m.key][rows],
+            base * factors[m.key][rows],
+            init,
+            jax.random.fold_in(rng, k),
+            m.hf_prefix,
         )
         leaf = {"a": a, "b": b}
         if has_patterns(lora_cfg):
-            leaf["s"] = jnp.asarray(factors[m.key])
+            leaf["s"] = jnp.asarray(factors[m.key][rows])
         tree.setdefault(group, {})[name] = leaf
     return tree
 

@@ -19,7 +19,7 @@ from jaxlora.lora.tokens import layer_groups, with_embeddings
 from jaxlora.models.loading import Model
 from jaxlora.models.lora_product import dora_factor
 from jaxlora.models.saving import MAX_SHARD_BYTES, save_pretrained
-from jaxlora.models.spec import Entry
+from jaxlora.models.spec import Entry, layer_ids
 from jaxlora.quant import QuantizedTensor, dequantize
 
 
@@ -162,9 +162,10 @@ def save_merged(
         ab = lora.get(entry.path[1], {}).get(entry.path[2])
         if ab is None:
             return kernel
-        a, b = np.asarray(ab["a"][layer]), np.asarray(ab["b"][layer])
-        m = None if "m" not in ab else np.asarray(ab["m"][layer])
-        s = scale[layer] * (np.asarray(ab["s"][layer]) if "s" in ab else 1.0)
+        row = layer_ids(entry, cfg).index(layer)  # its row in the stack (a hybrid model's mixers: [L_kind])
+        a, b = np.asarray(ab["a"][row]), np.asarray(ab["b"][row])
+        m = None if "m" not in ab else np.asarray(ab["m"][row])
+        s = scale[layer] * (np.asarray(ab["s"][row]) if "s" in ab else 1.0)
         return np.asarray(merge_kernel(kernel, a, b, s, magnitude=m))
 
     return save_pretrained(

@@ -34,7 +34,8 @@ def peft_trainable_count(cfg: DecoderConfig, lora_cfg: LoraConfig, tree: dict) -
         leaf = tree[m.key[0]][m.key[1]]
         per_layer = m.in_features + m.out_features
         extra = m.out_features * (("m" in leaf) + ("bias" in leaf))
-        total += sum(int(lay.ranks[m.key][i]) * per_layer + extra for i in np.flatnonzero(lay.mask))
+        adapted = [i for i in np.flatnonzero(lay.mask) if i in m.layers]
+        total += sum(int(lay.ranks[m.key][i]) * per_layer + extra for i in adapted)
     for target, _, _ in lay.params:
         leaf = tree[target.key[0]][target.key[1]]
         total += _size(leaf["a"]) + _size(leaf["b"])

@@ -6,18 +6,17 @@ import re
 from collections.abc import Iterable
 
 from jaxlora.models.decoder_config import DecoderConfig
-from jaxlora.models.spec import checkpoint_names, family, name_table
+from jaxlora.models.spec import checkpoint_names, family, layer_ids, name_table
 
 
 def unexpected_tensors(cfg: DecoderConfig, names: Iterable[str]) -> list[str]:
     """The checkpoint tensors in `names` that no entry reads, less the family's known buffers and the LM
     head a tied model does not use (some tied checkpoints still carry it)."""
     fam = family(cfg)
-    layers = range(cfg.num_layers)
     expected = {
         n
         for e in name_table(cfg)
-        for i in (layers if e.per_layer else [None])
+        for i in (layer_ids(e, cfg) if e.per_layer else [None])
         for n in checkpoint_names(e, cfg, i)
     }
     skip = [re.compile(p) for p in fam.buffers]

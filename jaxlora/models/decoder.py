@@ -42,6 +42,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxlora.models.attention import KVCache, attend
 from jaxlora.models.decoder_config import DecoderConfig
+from jaxlora.models.hybrid_layers import linear_attention, run_hybrid
 from jaxlora.models.layer_ops import linear, norm
 from jaxlora.models.lora_product import lora_product_for
 from jaxlora.models.moe import aux_loss as moe_aux_loss
@@ -95,7 +96,10 @@ def block(cfg: DecoderConfig, p: Params, lora: Params | None, h: jax.Array, x: L
     h = checkpoint_name(h, LAYER_INPUT).astype(F32)  # [B, T, D]: sums in float32 inside the layer
     # (pre-)norm -> attention -> (post-norm) -> residual
     a = norm(p["attn_norm"], h, cfg) if cfg.pre_norm else h  # [B, T, D]
-    out, new_kv = attention(cfg, p, proj, a, x)
+    if "linear_attn" in p:  # Qwen3.5's Gated DeltaNet layers (jaxlora.models.hybrid_layers)
+        out, new_kv = linear_attention(cfg, p, proj, a, x.segment_ids), None
+    else:
+        out, new_kv = attention(cfg, p, proj, a, x)
     if cfg.post_norm:
         out = norm(p["attn_post_norm"], out, cfg)
     h = checkpoint_name(h + out.astype(F32), "mlp_input")
@@ -122,6 +126,8 @@ def attention(cfg: DecoderConfig, p: Params, proj, a: jax.Array, x: LayerInputs)
         q, k, v = jnp.split(qkv, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
     else:
         q, k, v = proj("attn", "q_proj", a), proj("attn", "k_proj", a), proj("attn", "v_proj", a)
+    if cfg.attn_output_gate:  # Qwen3.5: q_proj emits [query; gate] per head
+        q, gate = jnp.split(q.reshape(b, t, cfg.num_heads, 2 * cfg.head_dim), 2, axis=-1)  # [B, T, N, H] each
     if cfg.qk_norm_full:  # OLMo 2: over the whole projection, before the split into heads
         q = norm(p["attn"]["q_norm"], q, cfg).astype(dt)
         k = norm(p["attn"]["k_norm"], k, cfg).astype(dt)
@@ -139,6 +145,8 @@ def attention(cfg: DecoderConfig, p: Params, proj, a: jax.Array, x: LayerInputs)
     q, k, v = checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
     sinks = p["attn"]["sinks"]["logit"] if cfg.attn_sinks else None  # [N]
     out, new_kv = attend(q, k, v, cfg, x.positions, x.segment_ids, x.window, x.cache, sinks)  # [B, T, N, H]
+    if cfg.attn_output_gate:
+        out = (out.astype(F32) * jax.nn.sigmoid(gate.astype(F32))).astype(dt)
     o_name = "c_proj" if "c_proj" in p["attn"] else "o_proj"
     return proj("attn", o_name, out.reshape(b, t, cfg.q_dim)), new_kv  # [B, T, D]
 
@@ -320,6 +328,8 @@ def run_layers(cfg: DecoderConfig, h: jax.Array, shared: LayerInputs, per_layer:
         )
         return layer(p, lo, h, x)
 
+    if cfg.mixers:  # Qwen3.5: scanned over groups of one period of the layer pattern
+        return run_hybrid(cfg, one_layer, h, per_layer)
     if rt.scan_layers:
         return jax.lax.scan(one_layer, h, per_layer)
     outs = []  # one copy of the layer per layer in the program: static slices, no stacked residuals

@@ -96,6 +96,15 @@ class DecoderConfig:
     # Qwen2-MoE: a SwiGLU shared expert of this width on every token, its output times
     # sigmoid(shared_expert_gate(x)), added to the routed experts'; 0 = none.
     shared_expert_intermediate_size: int = 0
+    # Qwen3.5's hybrid layers: per layer "linear_attention" (Gated DeltaNet, `models.deltanet`) or
+    # "full_attention"; empty = attention everywhere. Each kind's mixer weights are stacked apart
+    # (`models.hybrid`). The DeltaNet sizes: key/value heads, their head dims, the conv width.
+    mixers: tuple[str, ...] = ()
+    linear_heads: tuple[int, int] = (0, 0)
+    linear_head_dims: tuple[int, int] = (0, 0)
+    linear_conv_kernel: int = 4
+    # Qwen3.5's attention: q_proj emits [query; gate] per head, the output is times sigmoid(gate).
+    attn_output_gate: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None

@@ -14,6 +14,7 @@ from functools import cached_property
 from typing import Any
 
 from jaxlora.errors import UserError
+from jaxlora.models import hybrid_weights as hw
 from jaxlora.models import switches as sw
 from jaxlora.models import weights as w
 from jaxlora.models.decoder_config import DecoderConfig
@@ -244,6 +245,24 @@ FAMILIES: dict[str, Family] = {
         layers=sw.gpt_oss_layers,
         reads=(sw.gpt_oss_experts,),
         buffers=(w.ROTARY,),
+    ),
+    "qwen3_5_text": Family(  # hybrid: Gated DeltaNet and gated attention layers (`models.hybrid_weights`)
+        hw.QWEN3_5,
+        dict(
+            head_dim=256,
+            num_key_value_heads=4,
+            max_position_embeddings=32768,
+            partial_rotary_factor=0.25,
+            linear_conv_kernel_dim=4,
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+            linear_num_key_heads=16,
+            linear_num_value_heads=32,
+        ),
+        switches=dict(_GEMMA, embed_scale=False, qk_norm=True, attn_output_gate=True),
+        layers=sw.hybrid_layers,
+        buffers=(w.ROTARY, hw.MTP),
+        multimodal=("qwen3_5",),
     ),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)

@@ -65,7 +65,7 @@ class HFConfig(dict):
     def value(self, key: str):
         if key in self:
             return self[key]
-        return self.defaults.get(key, GENERIC[key])
+        return self.defaults[key] if key in self.defaults else GENERIC[key]  # a family's own keys: no GENERIC
 
     @property
     def model_type(self) -> str:

@@ -24,7 +24,17 @@ from jaxlora.models.checkpoint_names import text_tower_names, unexpected_tensors
 from jaxlora.models.config import DecoderConfig, ModelSource, read_source
 from jaxlora.models.random_weights import init_params
 from jaxlora.models.safetensors_io import CheckpointReader
-from jaxlora.models.spec import EXPERTS, LINEAR, Entry, hf_shape, name_table, part_shape, quantized
+from jaxlora.models.spec import (
+    DEPTHWISE,
+    EXPERTS,
+    LINEAR,
+    Entry,
+    hf_shape,
+    layer_ids,
+    name_table,
+    part_shape,
+    quantized,
+)
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -128,6 +138,8 @@ class _TextTowerReader:
 
 
 def _to_jax_layout(arr: np.ndarray, entry: Entry) -> np.ndarray:
+    if entry.layout == DEPTHWISE:  # [C, 1, W] -> [W, C]
+        return arr[:, 0].T
     return arr.T if entry.layout == LINEAR else arr
 
 
@@ -210,13 +222,15 @@ def _check_consumed(reader, cfg: DecoderConfig) -> None:
 
 
 def _load_stack(reader, entry: Entry, cfg: DecoderConfig, np_dtype) -> jax.Array:
-    """Fill one preallocated [L, ...] host buffer layer by layer, then move it to the device."""
-    first = _read_entry(reader, entry, cfg, 0)
-    buf = np.empty((cfg.num_layers, *first.shape), np_dtype)
+    """Fill one preallocated [L, ...] host buffer layer by layer ([L_kind, ...] for a hybrid model's mixer
+    weight: the layers of its kind), then move it to the device."""
+    ids = layer_ids(entry, cfg)
+    first = _read_entry(reader, entry, cfg, ids[0])
+    buf = np.empty((len(ids), *first.shape), np_dtype)
     buf[0] = first  # read once: an MXFP4 tensor is dequantized on every read
     del first
-    for i in range(1, cfg.num_layers):
-        buf[i] = _read_entry(reader, entry, cfg, i)
+    for row, i in enumerate(ids[1:], 1):
+        buf[row] = _read_entry(reader, entry, cfg, i)
     return jnp.asarray(buf)
 
 
@@ -226,17 +240,17 @@ def _load_quantized_stack(reader, entry: Entry, cfg: DecoderConfig, quantizer: Q
 
     Returns None when the quantizer skips this tensor.
     """
-    stack = None
-    for i in range(cfg.num_layers):
+    stack, ids = None, layer_ids(entry, cfg)
+    for row, i in enumerate(ids):
         q = quantizer(entry.hf, _host_f32(_read_entry(reader, entry, cfg, i)))
         if q is None:
             return None
         if stack is None:
-            stack = jax.tree.map(lambda a: np.empty((cfg.num_layers, *a.shape), a.dtype), q)
+            stack = jax.tree.map(lambda a: np.empty((len(ids), *a.shape), a.dtype), q)
         leaves, treedef = jax.tree.flatten(q)
         assert treedef == jax.tree.structure(stack), f"layer {i} of {entry.hf} quantized differently"
         for buf, a in zip(jax.tree.leaves(stack), leaves, strict=True):
-            buf[i] = a
+            buf[row] = a
     return jax.tree.map(jnp.asarray, stack)
 
 
@@ -287,7 +301,7 @@ def quantize_loaded(params: dict, cfg: DecoderConfig, quantizer: Quantizer) -> d
             continue
         w = entry.get(params)
         if entry.per_layer:
-            parts = [quantizer(entry.hf, np.asarray(w[i], np.float32)) for i in range(cfg.num_layers)]
+            parts = [quantizer(entry.hf, np.asarray(row, np.float32)) for row in w]
             if parts[0] is not None:
                 entry.put(params, jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *parts))
         else:

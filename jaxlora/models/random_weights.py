@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora.models.config import DecoderConfig
-from jaxlora.models.spec import VECTOR, name_table
+from jaxlora.models.spec import VECTOR, name_table, stack_rows
 
 
 def init_params(cfg: DecoderConfig, seed: int = 0, dtype: str = "float32", std: float = 0.02) -> dict:
@@ -13,9 +13,9 @@ def init_params(cfg: DecoderConfig, seed: int = 0, dtype: str = "float32", std: 
     key = jax.random.key(seed)
     params: dict = {}
     for n, e in enumerate(name_table(cfg)):
-        shape = ((cfg.num_layers,) if e.per_layer else ()) + e.shape(cfg)
-        if e.layout == VECTOR:
-            zero = e.path[-1] == "bias" or cfg.norm_offset == 1.0  # Gemma's norms scale by 1 + w
+        shape = ((stack_rows(e, cfg),) if e.per_layer else ()) + e.shape(cfg)
+        if e.layout == VECTOR:  # Gemma's norms scale by 1 + w (not Qwen3.5's gated DeltaNet norm)
+            zero = e.path[-1] == "bias" or (cfg.norm_offset == 1.0 and "linear_attn" not in e.path)
             value = jnp.zeros(shape, dtype) if zero else jnp.ones(shape, dtype)
         else:
             value = (jax.random.normal(jax.random.fold_in(key, n), shape, jnp.float32) * std).astype(dtype)

@@ -27,7 +27,17 @@ from jaxlora.models.checkpoint_names import other_tower_names, text_tower_names,
 from jaxlora.models.config import DecoderConfig, read_hf_config
 from jaxlora.models.loading import DTYPES, resolve_model_path
 from jaxlora.models.safetensors_io import CheckpointReader, write_safetensors
-from jaxlora.models.spec import CONV1D, EXPERTS, LINEAR, Entry, hf_shape, name_table, part_shape
+from jaxlora.models.spec import (
+    CONV1D,
+    DEPTHWISE,
+    EXPERTS,
+    LINEAR,
+    Entry,
+    hf_shape,
+    layer_ids,
+    name_table,
+    part_shape,
+)
 from jaxlora.quant import QuantizedTensor, dequantize
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default shard size
@@ -129,16 +139,17 @@ def _tensors(params: dict, cfg: DecoderConfig, np_dtype, hook: KernelHook | None
             out.update(_expert_tensors(leaf, entry, cfg, np_dtype, hook if hooked else None))
             continue
 
-        def produce(layer, leaf=leaf, entry=entry, shape=shape, hooked=hooked):
-            arr = _host_f32(leaf if layer is None else jax.tree.map(lambda x: x[layer], leaf))
+        def produce(row, layer, leaf=leaf, entry=entry, shape=shape, hooked=hooked):  # row: in the stack
+            arr = _host_f32(leaf if row is None else jax.tree.map(lambda x: x[row], leaf))
             if hooked:
                 arr = hook(entry, layer, arr)
             arr = arr.T if entry.layout == LINEAR else arr
+            arr = arr.T[:, None] if entry.layout == DEPTHWISE else arr  # [W, C] -> [C, 1, W]
             assert arr.shape == shape, (entry.hf_name(layer), arr.shape, shape)
             return np.ascontiguousarray(arr.astype(np_dtype))
 
-        for i in range(cfg.num_layers) if entry.per_layer else [None]:
-            out[entry.hf_name(i)] = (int(np.prod(shape)) * itemsize, lambda p=produce, i=i: p(i))
+        for row, i in enumerate(layer_ids(entry, cfg)) if entry.per_layer else [(None, None)]:
+            out[entry.hf_name(i)] = (int(np.prod(shape)) * itemsize, lambda p=produce, r=row, i=i: p(r, i))
     return out
 
 

@@ -14,8 +14,10 @@ so that code reading the spec has one module to import.
 
 from jaxlora.models.decoder_config import DecoderConfig
 from jaxlora.models.families import FAMILIES, Family, family
+from jaxlora.models.hybrid_weights import layer_ids, stack_rows
 from jaxlora.models.weights import (
     CONV1D,
+    DEPTHWISE,
     EMBEDDING,
     EXPERTS,
     LAYER,
@@ -30,6 +32,7 @@ from jaxlora.models.weights import (
 
 __all__ = [
     "CONV1D",
+    "DEPTHWISE",
     "EMBEDDING",
     "EXPERTS",
     "LAYER",
@@ -41,10 +44,12 @@ __all__ = [
     "dropout_stream",
     "family",
     "hf_shape",
+    "layer_ids",
     "logical_axes",
     "name_table",
     "part_shape",
     "quantized",
+    "stack_rows",
 ]
 
 

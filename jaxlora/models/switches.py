@@ -129,6 +129,26 @@ def qwen_layers(hf: HFConfig) -> dict:
     return {"sliding_windows": sliding_windows(hf, n, types, gated=True), "layer_rope": ("global",) * n}
 
 
+def hybrid_layers(hf: HFConfig) -> dict:
+    """Qwen3.5: `layer_types` of linear_attention (Gated DeltaNet) and full_attention layers (default: every
+    `full_attention_interval`-th full), RoPE on the attention layers, no window; the DeltaNet's sizes."""
+    n, period = hf["num_hidden_layers"], hf.get("full_attention_interval") or 4
+    default = ["linear_attention" if (i + 1) % period else FULL for i in range(n)]
+    mixers = tuple(layer_types(hf, n, lambda hf, n: default))
+    if len(mixers) != n or not set(mixers) <= {"linear_attention", FULL}:
+        raise UserError(
+            f"config.json: layer_types must list {n} layers, each linear_attention or full_attention"
+        )
+    return {
+        "mixers": mixers,
+        "sliding_windows": (0,) * n,
+        "layer_rope": ("global",) * n,
+        "linear_heads": (hf.value("linear_num_key_heads"), hf.value("linear_num_value_heads")),
+        "linear_head_dims": (hf.value("linear_key_head_dim"), hf.value("linear_value_head_dim")),
+        "linear_conv_kernel": hf.value("linear_conv_kernel_dim"),
+    }
+
+
 def qwen2_moe_layers(hf: HFConfig) -> dict:
     """Qwen2-MoE: transformers 5's default layer_types, the even layers below `max_window_layers`."""
     n, last = hf["num_hidden_layers"], hf.value("max_window_layers")

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from jaxlora.models.decoder_config import DecoderConfig
 from jaxlora.models.families import FAMILIES
-from jaxlora.models.spec import CONV1D, name_table
+from jaxlora.models.spec import CONV1D, layer_ids, name_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +20,9 @@ class LinearModule:
     fan_in_fan_out: bool  # HF stores the base weight [in, out] (GPT-2 Conv1D)
     in_features: int
     out_features: int
+    # The HF layers that have it, in the order of its stack's rows: every layer, or those of its kind in a
+    # hybrid model (Qwen3.5: `models.hybrid_weights`), whose adapters are stacked on [L_kind] likewise.
+    layers: tuple[int, ...] = ()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -40,7 +43,8 @@ def linear_modules(cfg: DecoderConfig) -> list[LinearModule]:
             fan_in, fan_out = e.shape(cfg)
             prefix = e.hf.removesuffix(".weight")
             name = prefix.rpartition(".")[2]  # the params key differs for Qwen2-MoE's shared_expert_gate
-            out.append(LinearModule(name, e.path[:-1], prefix, e.layout == CONV1D, fan_in, fan_out))
+            layers = layer_ids(e, cfg)
+            out.append(LinearModule(name, e.path[:-1], prefix, e.layout == CONV1D, fan_in, fan_out, layers))
     return out
 
 

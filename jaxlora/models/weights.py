@@ -21,6 +21,7 @@ from operator import attrgetter
 from jaxlora.models.decoder_config import DecoderConfig
 
 LINEAR, CONV1D, VECTOR, EMBEDDING = "linear", "conv1d", "vector", "embedding"
+DEPTHWISE = "depthwise"  # a depthwise conv's weight: HF [C, 1, W], jaxlora [W, C] (Gated DeltaNet's conv1d)
 # Stacked experts: jaxlora [E, in, out]; HF's fused layout (transformers 5 in memory) [E, out, in] under
 # `hf`, the hub's per-expert layout as torch Linears [out, in] under `parts` (concatenated along `out`).
 EXPERTS = "experts"
@@ -49,6 +50,7 @@ class Entry:
     # depend on which other modules are targeted.
     stream: int | None = None
     keep_float: bool = False  # never quantized (the MoE routers: see `quantized`)
+    kind: str = ""  # on the layers of this kind only (a hybrid model: `models.hybrid_weights`); "": all
 
     def __post_init__(self):
         assert (self.lora or self.param) == (self.stream is not None), f"{self.hf}: streams are for targets"
@@ -371,6 +373,8 @@ def hf_shape(entry: Entry, cfg: DecoderConfig) -> tuple[int, ...]:
     shape = entry.shape(cfg)
     if entry.layout == EXPERTS:  # transformers 5's fused [E, out, in]
         return (shape[0], shape[2], shape[1])
+    if entry.layout == DEPTHWISE:
+        return (shape[1], 1, shape[0])
     return shape[::-1] if entry.layout == LINEAR else shape
 
 

@@ -7,7 +7,10 @@ weight); `RULES` maps logical names to mesh axes (names not listed are replicate
 
 from jaxlora.models.spec import logical_axes
 
-# Logical dimension name -> mesh axis (or axes); names not listed are replicated.
+# Logical dimension name -> mesh axis (or axes); names not listed are replicated. Qwen3.5's Gated DeltaNet
+# dims are replicated on purpose: "linear_conv" (in_proj_qkv's output, [q; k; v] side by side, and the conv's
+# channels), "linear_v" (Hv * Dv: in_proj_z's output, out_proj's input) and "linear_heads" (Hv); its
+# kernels are still split along "embed" (fsdp).
 RULES: dict[str, str | tuple[str, ...]] = {
     "batch": ("data", "fsdp", "expert"),
     "expert": "expert",

@@ -61,7 +61,8 @@ def check_lora_fits(cfg: DecoderConfig, lora: dict, lora_cfg: LoraConfig) -> Non
     ranks, dims = layout(cfg, lora_cfg).ranks, linear_dims(cfg)
     for path in _ordered_paths(cfg, layer_groups(lora)):
         r = int(ranks[path].max()) if path in ranks else int(lora_cfg.r)
-        _check_leaf(lora[path[0]][path[1]], path, dims[path], r, cfg.num_layers, lora_cfg)
+        rows = len(_modules_by_path(cfg)[path].layers)  # L, or a hybrid model's mixer's L_kind
+        _check_leaf(lora[path[0]][path[1]], path, dims[path], r, rows, lora_cfg)
 
 
 def peft_key(module: LinearModule, layer: int, which: str) -> str:
@@ -158,16 +159,18 @@ def _module_tensors(cfg: DecoderConfig, lora: dict, lora_cfg: LoraConfig, paths)
         leaf, module = lora[path[0]][path[1]], mods[path]
         per_layer = lay.ranks.get(path)
         r = int(per_layer.max()) if per_layer is not None else int(lora_cfg.r)
-        _check_leaf(leaf, path, dims[path], r, cfg.num_layers, lora_cfg)
+        _check_leaf(leaf, path, dims[path], r, len(module.layers), lora_cfg)
         a, b = np.asarray(leaf["a"], np.float32), np.asarray(leaf["b"], np.float32)
-        for i in np.flatnonzero(lay.mask):
+        for row, i in enumerate(module.layers):  # row: in the stack; i: the HF layer
+            if not lay.mask[i]:
+                continue
             r_i = int(per_layer[i]) if per_layer is not None else r
-            tensors[peft_key(module, i, "A")] = np.ascontiguousarray(a[i, :, :r_i].T)  # [r, in]
-            tensors[peft_key(module, i, "B")] = np.ascontiguousarray(b[i, :r_i].T)  # [out, r]
+            tensors[peft_key(module, i, "A")] = np.ascontiguousarray(a[row, :, :r_i].T)  # [r, in]
+            tensors[peft_key(module, i, "B")] = np.ascontiguousarray(b[row, :r_i].T)  # [out, r]
             if "m" in leaf:  # DoRA's lora_magnitude_vector [out]
-                tensors[peft_key(module, i, "m")] = np.asarray(leaf["m"][i], np.float32)
+                tensors[peft_key(module, i, "m")] = np.asarray(leaf["m"][row], np.float32)
             if "bias" in leaf:  # PEFT's lora_bias: lora_B.bias [out]
-                tensors[peft_key(module, i, "b")] = np.asarray(leaf["bias"][i], np.float32)
+                tensors[peft_key(module, i, "b")] = np.asarray(leaf["bias"][row], np.float32)
     return tensors
 
 
@@ -263,8 +266,8 @@ def load_peft_adapter(adapter_dir, cfg: DecoderConfig) -> tuple[dict, LoraConfig
         )
     if lora_cfg.rank_pattern or lora_cfg.alpha_pattern:  # per-module scale; 0 where a module is absent
         for (g, n), s in layout(cfg, lora_cfg).factors.items():
-            present = np.isin(np.arange(cfg.num_layers), list(found[(g, n)]))
-            lora[g][n]["s"] = jax.numpy.asarray(s * present)
+            rows = list(_modules_by_path(cfg)[(g, n)].layers)  # [L], or a hybrid mixer's [L_kind]
+            lora[g][n]["s"] = jax.numpy.asarray(s[rows] * np.isin(rows, list(found[(g, n)])))
     return lora, lora_cfg
 
 
@@ -307,7 +310,7 @@ def _read_module_tensors(conf: dict, cfg: DecoderConfig, st: SafetensorsFile, we
     where: dict[str, tuple[tuple[str, str], int, str]] = {}
     rank_of: dict[tuple[tuple[str, str], int], int] = {}
     for path, m in _modules_by_path(cfg).items():
-        for i in range(cfg.num_layers):
+        for i in m.layers:
             rank_of[(path, i)] = int(pattern_value(rank_pattern, m.hf_prefix.format(i=i), r))
             for which in _which(conf):
                 where[peft_key(m, i, which)] = (path, i, which)
@@ -342,21 +345,22 @@ def _module_tree(conf: dict, cfg: DecoderConfig, found: dict, rank_of: dict, wei
     for path in [p for p in mods if p in found]:
         fan_in, fan_out = dims[path]
         r_mod = max(rank_of[(path, i)] for i in found[path])
+        rows = len(mods[path].layers)  # L, or a hybrid model's mixer's L_kind
         arrays = {
-            "A": np.zeros((n_layers, fan_in, r_mod), np.float32),
-            "B": np.zeros((n_layers, r_mod, fan_out), np.float32),
-            "m": np.zeros((n_layers, fan_out), np.float32),
-            "b": np.zeros((n_layers, fan_out), np.float32),
+            "A": np.zeros((rows, fan_in, r_mod), np.float32),
+            "B": np.zeros((rows, r_mod, fan_out), np.float32),
+            "m": np.zeros((rows, fan_out), np.float32),
+            "b": np.zeros((rows, fan_out), np.float32),
         }
         for i, tensors in found[path].items():
             missing = [w for w in _which(conf) if w not in tensors]
             if missing:
                 raise UserError(f"{weights}: tensor {peft_key(mods[path], i, missing[0])} is missing")
-            r_i = rank_of[(path, i)]
-            arrays["A"][i, :, :r_i] = np.asarray(tensors["A"], np.float32).T
-            arrays["B"][i, :r_i] = np.asarray(tensors["B"], np.float32).T
+            r_i, row = rank_of[(path, i)], mods[path].layers.index(i)
+            arrays["A"][row, :, :r_i] = np.asarray(tensors["A"], np.float32).T
+            arrays["B"][row, :r_i] = np.asarray(tensors["B"], np.float32).T
             for w in _which(conf)[2:]:
-                arrays[w][i] = np.asarray(tensors[w], np.float32)
+                arrays[w][row] = np.asarray(tensors[w], np.float32)
             layers_seen[i] = True
         names = {"A": "a", "B": "b", "m": "m", "b": "bias"}
         lora.setdefault(path[0], {})[path[1]] = {names[w]: jax.numpy.asarray(arrays[w]) for w in _which(conf)}

@@ -59,7 +59,7 @@ def tower_adapter(cfg: DecoderConfig, tensors: dict, config: dict, paths, mask: 
 def tower_matches(cfg: DecoderConfig, targets) -> bool:
     """Whether PEFT `target_modules` (a regex, a list of names, all-linear) select any linear module of the
     text tower under its name in the multimodal model."""
-    names = [tower_name(m.hf_prefix.format(i=i)) for m in linear_modules(cfg) for i in range(cfg.num_layers)]
+    names = [tower_name(m.hf_prefix.format(i=i)) for m in linear_modules(cfg) for i in m.layers]
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         return True
     if isinstance(targets, str):

@@ -41,7 +41,7 @@ from jaxlora.lora.peft_count import peft_trainable_count
 from jaxlora.models.config import DecoderConfig, ModelSource, read_source
 from jaxlora.models.loading import resolve_model_path
 from jaxlora.models.random_weights import init_params
-from jaxlora.models.spec import name_table, quantized
+from jaxlora.models.spec import name_table, quantized, stack_rows
 from jaxlora.parallel import Plan
 from jaxlora.quant import QuantizedTensor, count_params, make_quantizer
 from jaxlora.quant.abstract import abstract_quantize
@@ -135,7 +135,7 @@ def abstract_base(cfg: Config, model: DecoderConfig) -> dict:
     for entry in name_table(model):
         if quantized(entry) and quantizer.wants(entry.hf):
             *lead, n_in, n_out = entry.shape(model)
-            lead = ((model.num_layers,) if entry.per_layer else ()) + tuple(lead)
+            lead = ((stack_rows(entry, model),) if entry.per_layer else ()) + tuple(lead)
             entry.put(params, abstract_quantize(lead, (n_in, n_out), q.weights, q.block_size, entry.hf))
     return params
 

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 import transformers
 
-from tests.helpers.hf_tiny import make_hf_gemma3
+from tests.helpers.hf_tiny import make_hf_gemma3, make_hf_qwen3_5
 
 # multimodal model_type -> builder(folder) -> the saved torch model (models.families.TEXT_TOWERS)
-BUILDERS = {"gemma3": make_hf_gemma3}
+BUILDERS = {"gemma3": make_hf_gemma3, "qwen3_5": make_hf_qwen3_5}
 
 
 def hf_class(folder: Path):

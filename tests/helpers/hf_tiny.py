@@ -58,7 +58,7 @@ def hf_config(family: str):
         return Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True)
     if family == "qwen3":  # q/k RMSNorm, explicit head_dim
         return Qwen3Config(**common, num_key_value_heads=2, head_dim=16)
-    if family in NEW_FAMILIES or family in MOE_FAMILIES:
+    if family in NEW_FAMILIES or family in MOE_FAMILIES or family == "qwen3_5_text":
         return _new_family_config(family, common)
     if family == "gpt2":
         return GPT2Config(
@@ -184,6 +184,19 @@ def _new_family_config(family: str, common: dict):
             moe_intermediate_size=24,
             norm_topk_prob=False,
         )
+    if family == "qwen3_5_text":  # hybrid: 2 DeltaNet layers, 1 gated attention, twice; partial RoPE
+        return AutoConfig.for_model(
+            "qwen3_5_text",
+            **{**common, "num_hidden_layers": 6},
+            layer_types=["linear_attention", "linear_attention", "full_attention"] * 2,
+            num_key_value_heads=2,
+            head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_conv_kernel_dim=4,
+        )
     if family == "qwen2_moe":  # q/k/v biases, top-2 of 8 unrenormalized, a gated shared expert of width 40
         return AutoConfig.for_model(
             "qwen2_moe",
@@ -225,9 +238,20 @@ def make_hf_model(family: str, folder: Path, seed: int = 0, **overrides):
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.mlp.experts.gate_up_proj.mul_(6.0)
+    if family == "qwen3_5_text":
+        one_plus_w_(model)
     model.eval()
     model.save_pretrained(folder)
     return model
+
+
+def one_plus_w_(model: torch.nn.Module) -> None:
+    """Qwen3.5's RMSNorms scale by (1 + w): shift their weights to near 0 (as trained checkpoints hold them)
+    so that the scales stay near 1, like the other families'; the DeltaNet's gated norm uses w as is."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and "linear_attn" not in name:
+                p.sub_(1.0)
 
 
 def make_hf_gemma3(folder: Path, seed: int = 0):
@@ -250,6 +274,27 @@ def make_hf_gemma3(folder: Path, seed: int = 0):
     config._attn_implementation = "eager"
     model = Gemma3ForConditionalGeneration(config)
     randomize_(model, seed)
+    model.eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def make_hf_qwen3_5(folder: Path, seed: int = 0):
+    """A tiny `Qwen3_5ForConditionalGeneration` (model_type qwen3_5): the qwen3_5_text config above as its
+    text tower plus a one-block vision tower, randomized and saved; returns the torch model."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = hf_config("qwen3_5_text")
+    vision = dict(
+        depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=text.hidden_size,
+        patch_size=14, num_position_embeddings=16,
+    )  # fmt: skip
+    config = Qwen3_5Config(text_config=text.to_dict(), vision_config=vision)
+    config._attn_implementation = "eager"
+    model = Qwen3_5ForConditionalGeneration(config)
+    randomize_(model, seed)
+    one_plus_w_(model.model.language_model)
     model.eval()
     model.save_pretrained(folder)
     return model

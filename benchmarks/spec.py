@@ -80,10 +80,9 @@ PRESETS = {
     "qwen3-30b-a3b-nf4": BenchSpec("qwen3-30b-a3b-nf4", "qwen3-30b-a3b", batch=1, seq=2048, quant="nf4"),
     # gpt-oss-20b (20.9B parameters, 32 experts top-4, attention sinks); not in a suite yet, no GPU run.
     "gpt-oss-20b-nf4": BenchSpec("gpt-oss-20b-nf4", "gpt-oss-20b", batch=1, seq=2048, quant="nf4"),
-    # Qwen3.5 dense (Gated DeltaNet and gated attention, 3:1); transformers' default shape; no GPU run.
-    "qwen3.5-default-nf4": BenchSpec(
-        "qwen3.5-default-nf4", "qwen3.5-default", batch=1, seq=2048, quant="nf4"
-    ),
+    # Qwen3.5 dense (Gated DeltaNet and gated attention, 3:1), the 27B's and the 0.8B's shapes; no GPU run.
+    "qwen3.5-27b-nf4": BenchSpec("qwen3.5-27b-nf4", "qwen3.5-27b", batch=1, seq=2048, quant="nf4"),
+    "qwen3.5-0.8b": BenchSpec("qwen3.5-0.8b", "qwen3.5-0.8b", batch=8, seq=2048),
 }
 SUITES = {
     "cpu": ["tiny", "stories260k"],

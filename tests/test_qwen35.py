@@ -216,3 +216,29 @@ def test_quantized_bases_load(kind, built):
     # the tiny random hybrid model amplifies weight errors: int8's 0.5% per kernel moves its logits ~22%,
     # nf4's ~7% by ~100%; so only int8's is bounded
     assert exact < 1e-4 and (kind == "nf4" or rel < 0.5)
+
+
+@pytest.mark.parametrize("preset", ["qwen3.5-27b", "qwen3.5-0.8b"])
+def test_real_shapes_plan_as_transformers_and_peft_count(preset, tmp_path):
+    """The published Qwen3.5-27B and 0.8B text shapes (benchmarks/presets): the plan's parameter count
+    equals transformers' model on the meta device, and its trainable count PEFT's all-linear on it."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks" / "presets" / preset
+    raw = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"path": str(folder), "dtype": "bfloat16"},
+        "data": {"train": [{"path": str(tmp_path / "none.jsonl"), "format": "alpaca"}], "seq_len": 16},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        "train": {"batch_size": 1},
+    }
+    counts = plan_memory(config_from_dict(raw), compile_step_too=False)["params"]
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    total = hf.num_parameters()
+    peft = get_peft_model(hf, PeftLoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    print(f"{preset}: {counts['total']:,} parameters, {counts['trainable']:,} trainable")
+    assert counts["total"] == total
+    assert counts["trainable"] == peft.get_nb_trainable_parameters()[0]

@@ -102,6 +102,28 @@ def test_flops_match_the_matmuls_the_train_step_traces(remat):
     assert traced == expected + pad_logits
 
 
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_hybrid_flops_match_the_traced_matmuls(remat):
+    """Qwen3.5's hybrid layers (tests/helpers/hf_tiny.py: 4 DeltaNet and 2 attention layers): each mixer's
+    linears count in its own layers only, exactly as the traced gradient runs them."""
+    from tests.helpers.hf_tiny import hf_config
+
+    cfg = config_from_hf(hf_config("qwen3_5_text").to_dict()).with_runtime(remat=remat)
+    lora_cfg = LoraConfig(r=2, alpha=4.0, dropout=0.0, target_modules="all-linear")
+    lora = init_lora(cfg, lora_cfg, jax.random.key(0))
+    batch = {k: jnp.ones((2, 5), jnp.int32) for k in ("input_ids", "targets", "positions", "segment_ids")}
+    spec = StepSpec(cfg, 0.0, 5)  # 2 loss chunks of 5: no padded rows
+    params, scale = init_params(cfg), jnp.asarray(lora_scale(cfg, lora_cfg))
+    grad = jax.grad(lambda lo: loss_and_count(lo, params, batch, scale, None, spec)[0])
+    traced = _dot_flops(jax.make_jaxpr(grad)(lora).jaxpr, with_batch_dims=False)
+    f = train_step_flops(cfg, 2, None, 2, 5, remat)
+    nh, keys = cfg.num_heads * cfg.head_dim, 2 * 2 * attended_keys(5)  # 2 attention layers, 2 rows
+    delta = 6 * 4 * 8 * 8 * 4 * 10  # 4 value heads of 8 x 8, 4 DeltaNet layers, 10 tokens
+    assert f["attention"] == 12 * nh * keys + 3 * delta
+    mixing = {"none": 2 * nh * keys, "full": 6 * nh * keys + delta}[remat]
+    assert traced == f["frozen"] + f["adapters"] + f["lm_head"] + f["recompute"] - mixing
+
+
 def test_benchmark_attention_choices_are_the_configs():
     sys.path.insert(0, str(ROOT))  # benchmarks/ sits at the repository root, outside the package
     from benchmarks.spec import ATTENTIONS, BenchSpec

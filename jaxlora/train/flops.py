@@ -32,6 +32,13 @@ the k routed experts (gate_up [D, 2F] and down [F, D] each) are the MLP's frozen
 adapter (`target_parameters`) costs its rank-r work k times; the E - k idle experts cost nothing, so MFU
 is not inflated by weights no token uses.
 
+Hybrid layers (Qwen3.5): a linear layer of a token mixer counts in the layers that have that mixer only
+(the DeltaNet's projections in the `linear_attention` layers, q/k/v/o in the `full_attention` ones), and
+attention runs in the full layers only. The gated delta rule of a DeltaNet layer counts as its recurrent
+form per token and value head, reading, updating and applying the [dk, dv] state: forward 6*dk*dv, backward
+twice that (18*dk*dv in all, in `attention`, the token mixing); its chunked form's intra-chunk products and
+the causal conv are left out. `full` remat recomputes its forward (6*dk*dv).
+
 Embedding lookups and the elementwise work cost no FLOPs here. Example (stories260K, r=8 all-linear):
 
     train_step_flops(cfg, r=8, targets=None, batch=8, seq_len=256)["model"]
@@ -40,6 +47,7 @@ Embedding lookups and the elementwise work cost no FLOPs here. Example (stories2
 import numpy as np
 
 from jaxlora.models.config import REMAT_POLICIES, DecoderConfig
+from jaxlora.models.hybrid_layers import MIXER_GROUPS
 from jaxlora.models.targets import linear_dims, param_targets
 
 REMATS = REMAT_POLICIES  # the train.remat policies
@@ -82,18 +90,26 @@ def train_step_flops(
     adapted = layers if adapted_layers is None else adapted_layers
     tokens = batch * seq_len
 
-    active = {**{k: (i, o, 1) for k, (i, o) in dims.items()}, **moe}  # (in, out, uses per token)
+    share = _layer_share(cfg)
+    # (in, out, uses per token averaged over the layers: a hybrid mixer's modules in its share of them)
+    active = {k: (i, o, n * share.get(k[0], 1.0)) for k, (i, o, n) in _uses(dims, moe).items()}
     w_frozen = sum(i * o * n for i, o, n in active.values())  # active weights of one layer, per token
     w_adapter = sum(r * (active[t][0] + active[t][1]) * active[t][2] for t in targets)  # per token
     xa = sum(r * active[t][0] * active[t][2] for t in targets)  # the A products x @ A of one layer
     nh = cfg.num_heads * cfg.head_dim
-    keys = sum(attended_keys(seq_len, w) for w in cfg.sliding_windows) * batch  # over layers and rows
+    kinds = cfg.mixers or ("full_attention",) * layers
+    windows = [w for w, kind in zip(cfg.sliding_windows, kinds, strict=True) if kind != "linear_attention"]
+    keys = sum(attended_keys(seq_len, w) for w in windows) * batch  # over attention layers and rows
     dv = cfg.hidden_size * cfg.vocab_size
+    delta = 0  # the gated delta rule's forward over every DeltaNet layer and token
+    if "linear_attention" in kinds:
+        (_, hv), (dk, dvh) = cfg.linear_heads, cfg.linear_head_dims
+        delta = 6 * hv * dk * dvh * kinds.count("linear_attention") * tokens
 
     parts = {
-        "frozen": 4 * w_frozen * layers * tokens,
-        "adapters": 6 * w_adapter * adapted * tokens,
-        "attention": 12 * nh * keys,
+        "frozen": round(4 * w_frozen * layers * tokens),
+        "adapters": round(6 * w_adapter * adapted * tokens),
+        "attention": 12 * nh * keys + 3 * delta,
         "lm_head": 4 * dv * tokens,
     }
     recompute = 2 * dv * tokens + 2 * nh * keys
@@ -107,9 +123,21 @@ def train_step_flops(
         recompute += 2 * (w_frozen - sum(_weight(active[key]) for key in kept)) * layers * tokens
         recompute += 2 * sum(_adapter(active[t], r, t not in kept) for t in targets) * adapted * tokens
     elif remat in ("full", "minimal", "offload"):
-        recompute += 2 * (w_frozen - _weight(active[last])) * layers * tokens + 4 * nh * keys
+        recompute += 2 * (w_frozen - _weight(active[last])) * layers * tokens + 4 * nh * keys + delta
         recompute += 2 * sum(_adapter(active[t], r, t != last) for t in targets) * adapted * tokens
-    return {"model": sum(parts.values()), "recompute": recompute, **parts}
+    return {"model": sum(parts.values()), "recompute": round(recompute), **parts}
+
+
+def _uses(dims: dict, moe: dict) -> dict[tuple[str, str], tuple[int, int, int]]:
+    """Every per-layer weight -> (in, out, uses per token): the linears once, MoE weights as `moe` says."""
+    return {**{k: (i, o, 1) for k, (i, o) in dims.items()}, **moe}
+
+
+def _layer_share(cfg: DecoderConfig) -> dict[str, float]:
+    """A hybrid decoder's token-mixer groups -> the fraction of the layers holding one; {} otherwise."""
+    if not cfg.mixers:
+        return {}
+    return {group: cfg.mixers.count(kind) / cfg.num_layers for group, kind in MIXER_GROUPS.items()}
 
 
 def _weight(dims: tuple[int, int, int]) -> int:

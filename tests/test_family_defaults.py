@@ -101,7 +101,7 @@ def _minimal(mt: str) -> dict:
     hf = dict(
         vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=30, num_attention_heads=4
     )
-    return {**hf, "moe_intermediate_size": 32} if mt in ("qwen3_moe", "qwen2_moe") else hf
+    return {**hf, "moe_intermediate_size": 32} if mt in ("qwen3_moe", "qwen2_moe", "qwen3_5_moe_text") else hf
 
 
 def _no_token_ids(cfg):  # jaxlora leaves absent token ids to the tokenizer (see family_defaults)

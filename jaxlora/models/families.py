@@ -264,6 +264,30 @@ FAMILIES: dict[str, Family] = {
         buffers=(w.ROTARY, hw.MTP),
         multimodal=("qwen3_5",),
     ),
+    "qwen3_5_moe_text": Family(  # Qwen3.5's hybrid layers with Qwen2-MoE's experts and shared expert
+        hw.QWEN3_5_MOE,
+        dict(
+            head_dim=256,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            partial_rotary_factor=0.25,
+            linear_conv_kernel_dim=4,
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+            linear_num_key_heads=16,
+            linear_num_value_heads=32,
+            num_experts=256,
+            num_experts_per_tok=8,
+            shared_expert_intermediate_size=512,
+        ),
+        # the top-k weights always renormalized (its config has no norm_topk_prob)
+        switches=dict(_GEMMA, embed_scale=False, qk_norm=True, attn_output_gate=True, norm_topk_prob=True),
+        read=sw.sparse_decoder,
+        layers=sw.hybrid_layers,
+        reads=(sw.qwen_experts, sw.shared_expert),
+        buffers=(w.ROTARY, hw.MTP),
+        multimodal=("qwen3_5_moe",),
+    ),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Multimodal model_type -> the model_type of its text tower (`text_config`).

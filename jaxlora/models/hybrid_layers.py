@@ -71,7 +71,8 @@ def _layer(tree, j: int, kinds: tuple[str, ...]):
 
 def run_hybrid(cfg: DecoderConfig, one_layer, h: jax.Array, per_layer: tuple):
     """Every layer on h [B, T, D]: `one_layer(h, (weights, adapters, inv_freq, window, scale, rng, kv))` of
-    `decoder.run_layers`, over groups of one period of the pattern. Returns (h, (None, None))."""
+    `decoder.run_layers`, over groups of one period of the pattern. Returns (h, (None, the router statistics
+    [L, 2, E] of a MoE model, in layer order, or None))."""
     params, lora, *rest = per_layer
     if rest[-1] is not None:
         raise UserError(
@@ -85,19 +86,21 @@ def run_hybrid(cfg: DecoderConfig, one_layer, h: jax.Array, per_layer: tuple):
         *(jax.tree.map(lambda a: a.reshape(groups, size, *a.shape[1:]), r) for r in rest),
     )
 
-    def body(h, xs):  # one group: P layers, unrolled
+    def body(h, xs):  # one group: P layers, unrolled; -> (h, router statistics [P, 2, E] or None)
         params, lora, *rest = xs
+        stats = []
         for j in range(size):
             x = (
                 _layer(params, j, kinds),
                 _layer(lora, j, kinds),
                 *(jax.tree.map(lambda a, j=j: a[j], r) for r in rest),
             )
-            h, _ = one_layer(h, x)
-        return h, None
+            h, (_, st) = one_layer(h, x)
+            stats.append(st)
+        return h, (jax.numpy.stack(stats) if cfg.num_experts else None)
 
     if cfg.runtime.scan_layers:
-        h, _ = jax.lax.scan(body, h, xs)
+        h, stats = jax.lax.scan(body, h, xs)  # [G, P, 2, E]
     else:
-        h, _ = body(h, jax.tree.map(lambda a: a[0], xs))
-    return h, (None, None)
+        h, stats = body(h, jax.tree.map(lambda a: a[0], xs))  # [L, 2, E]
+    return h, (None, None if stats is None else stats.reshape(cfg.num_layers, *stats.shape[-2:]))

@@ -1,4 +1,5 @@
-"""Hybrid layer patterns (Qwen3.5): which layers hold each weight, and Qwen3.5's weight table.
+"""Hybrid layer patterns (Qwen3.5): which layers hold each weight, and the weight tables of Qwen3.5 and
+Qwen3.5-MoE.
 
 Qwen3.5's layers are `linear_attention` (Gated DeltaNet, `jaxlora.models.deltanet`) or `full_attention`
 (attention with an output gate), per `DecoderConfig.mixers`. The weights every layer has (the two norms,
@@ -99,3 +100,14 @@ _GATED_ATTN = _kind(
     ),
 )
 QWEN3_5 = (w._EMBED, w._FINAL, *w._PRE_NORMS, *_LINEAR_ATTN, *_GATED_ATTN, *w._GATE_UP_DOWN, w._HEAD)
+# Qwen3.5-MoE: the same layers with Qwen2-MoE's MLP in every layer (routed experts and a gated shared expert).
+QWEN3_5_MOE = (
+    w._EMBED,
+    w._FINAL,
+    *w._PRE_NORMS,
+    *_LINEAR_ATTN,
+    *_GATED_ATTN,
+    *w._moe("mlp", "gate_proj", "up_proj", "down_proj"),
+    *w._SHARED,
+    w._HEAD,
+)

@@ -46,6 +46,12 @@ def decoder(hf: HFConfig) -> dict:
     )
 
 
+def sparse_decoder(hf: HFConfig) -> dict:
+    """`decoder` for Qwen3.5-MoE, whose config has no dense MLP width (every layer is a mixture of experts):
+    intermediate_size 0."""
+    return decoder(HFConfig({**hf, "intermediate_size": 0}, hf.defaults))
+
+
 def gpt2(hf: HFConfig) -> dict:
     """GPT-2's keys (n_embd, n_head, ...): LayerNorm, learned positions, fused c_attn, biases everywhere."""
     if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
@@ -272,10 +278,12 @@ def qwen_experts(hf: HFConfig) -> dict:
 
 
 def shared_expert(hf: HFConfig) -> dict:
-    """Qwen2-MoE's shared expert: its width."""
+    """Qwen2-MoE's and Qwen3.5-MoE's shared expert: its width."""
     shared = hf.value("shared_expert_intermediate_size")
     if not isinstance(shared, int) or shared < 1:
-        raise UserError(f"config.json: qwen2_moe needs shared_expert_intermediate_size >= 1, got {shared!r}")
+        raise UserError(
+            f"config.json: {hf.model_type} needs shared_expert_intermediate_size >= 1, got {shared!r}"
+        )
     return {"shared_expert_intermediate_size": shared}
 
 

@@ -12,6 +12,8 @@ FAMILIES = ("llama", "llama_tied_mqa", "mistral", "qwen2", "qwen3", "gpt2")
 NEW_FAMILIES = ("gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "gpt_oss")
 # Mixture-of-experts families (tests/test_moe.py): 8 experts, top-2.
 MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
+# Hybrid (Gated DeltaNet + gated attention) families: tests/test_qwen35.py, tests/test_qwen35_moe.py.
+HYBRID_FAMILIES = ("qwen3_5_text", "qwen3_5_moe_text")
 # stories260K's tokenizer, copied beside a tiny checkpoint that a run trains on
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -58,7 +60,7 @@ def hf_config(family: str):
         return Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True)
     if family == "qwen3":  # q/k RMSNorm, explicit head_dim
         return Qwen3Config(**common, num_key_value_heads=2, head_dim=16)
-    if family in NEW_FAMILIES or family in MOE_FAMILIES or family == "qwen3_5_text":
+    if family in NEW_FAMILIES or family in MOE_FAMILIES or family in HYBRID_FAMILIES:
         return _new_family_config(family, common)
     if family == "gpt2":
         return GPT2Config(
@@ -197,6 +199,23 @@ def _new_family_config(family: str, common: dict):
             linear_value_head_dim=8,
             linear_conv_kernel_dim=4,
         )
+    if family == "qwen3_5_moe_text":  # DeltaNet then gated attention, twice; 4 experts top-2, shared expert
+        return AutoConfig.for_model(
+            "qwen3_5_moe_text",
+            **{**common, "num_hidden_layers": 4},
+            layer_types=["linear_attention", "full_attention"] * 2,
+            num_key_value_heads=2,
+            head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_conv_kernel_dim=4,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+        )
     if family == "qwen2_moe":  # q/k/v biases, top-2 of 8 unrenormalized, a gated shared expert of width 40
         return AutoConfig.for_model(
             "qwen2_moe",
@@ -238,7 +257,7 @@ def make_hf_model(family: str, folder: Path, seed: int = 0, **overrides):
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.mlp.experts.gate_up_proj.mul_(6.0)
-    if family == "qwen3_5_text":
+    if family in HYBRID_FAMILIES:
         one_plus_w_(model)
     model.eval()
     model.save_pretrained(folder)
@@ -293,6 +312,27 @@ def make_hf_qwen3_5(folder: Path, seed: int = 0):
     config = Qwen3_5Config(text_config=text.to_dict(), vision_config=vision)
     config._attn_implementation = "eager"
     model = Qwen3_5ForConditionalGeneration(config)
+    randomize_(model, seed)
+    one_plus_w_(model.model.language_model)
+    model.eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def make_hf_qwen3_5_moe(folder: Path, seed: int = 0):
+    """A tiny `Qwen3_5MoeForConditionalGeneration` (model_type qwen3_5_moe): the qwen3_5_moe_text config
+    above as its text tower plus a one-block vision tower, randomized and saved; returns the torch model."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = hf_config("qwen3_5_moe_text")
+    vision = dict(
+        depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=text.hidden_size,
+        patch_size=14, num_position_embeddings=16,
+    )  # fmt: skip
+    config = Qwen3_5MoeConfig(text_config=text.to_dict(), vision_config=vision)
+    config._attn_implementation = "eager"
+    model = Qwen3_5MoeForConditionalGeneration(config)
     randomize_(model, seed)
     one_plus_w_(model.model.language_model)
     model.eval()

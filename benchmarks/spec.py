@@ -83,6 +83,10 @@ PRESETS = {
     # Qwen3.5 dense (Gated DeltaNet and gated attention, 3:1), the 27B's and the 0.8B's shapes; no GPU run.
     "qwen3.5-27b-nf4": BenchSpec("qwen3.5-27b-nf4", "qwen3.5-27b", batch=1, seq=2048, quant="nf4"),
     "qwen3.5-0.8b": BenchSpec("qwen3.5-0.8b", "qwen3.5-0.8b", batch=8, seq=2048),
+    # Qwen3.5-MoE (Qwen3.5-35B-A3B's text tower: 34.7B parameters, 256 experts top-8); no GPU run.
+    "qwen3.5-35b-a3b-nf4": BenchSpec(
+        "qwen3.5-35b-a3b-nf4", "qwen3.5-35b-a3b", batch=1, seq=2048, quant="nf4"
+    ),
 }
 SUITES = {
     "cpu": ["tiny", "stories260k"],

@@ -21,12 +21,14 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
+from jaxlora.config import config_from_dict
 from jaxlora.lora import LoraConfig, init_lora
 from jaxlora.models import config_from_hf, forward, load_model
 from jaxlora.models.random_weights import init_params
 from jaxlora.models.targets import linear_modules
 from jaxlora.peft import load_peft_adapter
 from jaxlora.quant import QuantizedTensor, count_params, dequantize, make_quantizer
+from jaxlora.train.memory_plan import plan_memory
 from tests.helpers.family_checks import merged_export_gap, peft_export_gap
 from tests.helpers.hf_tiny import hf_forward, model_cache, padded_batch
 from tests.helpers.parallel_runs import _drive
@@ -114,6 +116,30 @@ def test_expert_and_router_lora_round_trip_peft_and_merge(built, tmp_path):
         f"qwen3.5-moe experts+router: to PEFT {exported:.2e}, from PEFT {imported:.2e}, merged {merged:.2e}"
     )
     assert max(exported, imported, merged) < 1e-4
+
+
+def test_plan_counts_equal_transformers_and_peft(built, tmp_path):
+    """`jaxlora plan`'s parameter counts with all-linear plus the experts: transformers' total, PEFT's
+    trainable."""
+    folder, hf, _ = built
+    raw = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"path": str(folder)},
+        "data": {"train": [{"path": str(tmp_path / "none.jsonl"), "format": "alpaca"}], "seq_len": 16},
+        "lora": {
+            "r": 8,
+            "alpha": 16,
+            "dropout": 0.0,
+            "target_modules": "all-linear",
+            "target_parameters": PARAMS,
+        },
+        "train": {"batch_size": 2},
+        "quant": {"weights": "nf4"},
+    }
+    counts = plan_memory(config_from_dict(raw), compile_step_too=False)["params"]
+    lc = PeftLoraConfig(r=8, lora_alpha=16, target_modules="all-linear", target_parameters=PARAMS)
+    assert counts["total"] == hf.num_parameters()
+    assert counts["trainable"] == get_peft_model(hf_model(folder), lc).get_nb_trainable_parameters()[0]
 
 
 def test_quantized_bases_and_expert_mesh_train(built, tmp_path):

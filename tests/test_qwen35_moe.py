@@ -143,25 +143,25 @@ def test_plan_counts_equal_transformers_and_peft(built, tmp_path):
 
 
 def test_quantized_bases_and_expert_mesh_train(built, tmp_path):
-    """int8 and NF4 quantize the experts and the shared expert (the routers stay in float) and are exactly
-    the model of their dequantized weights; in one 4-device process, LoRA on q/v/o and the experts (with
+    """int8 and NF4 quantize the experts and the shared expert (the routers stay in float); NF4 is exactly
+    the model of its dequantized weights; in one 4-device process, LoRA on q/v/o and the experts (with
     the load-balancing loss) trains STEPS steps on an int8 base on one device (dense experts) and on
     tensor=2 x expert=2 (ragged experts: the same losses), and on an NF4 base: the losses fall."""
     folder, _, model = built
     ids = jnp.asarray(token_ids(model.config.vocab_size))
-    for kind in ("int8", "nf4"):
+    for kind in ("int8", "nf4"):  # q: the NF4 base after the loop
         q = load_model(folder, quantizer=make_quantizer(kind))
         layers = q.params["layers"]
         assert isinstance(layers["moe"]["gate_up_proj"]["kernel"], QuantizedTensor)
         assert isinstance(layers["shared_expert"]["down_proj"]["kernel"], QuantizedTensor)
         assert not isinstance(layers["moe"]["router"]["kernel"], QuantizedTensor)
         assert not isinstance(layers["shared_expert"]["router"]["kernel"], QuantizedTensor)
-        deq = jax.tree.map(
-            lambda x: jnp.asarray(dequantize(x, np.float32)) if isinstance(x, QuantizedTensor) else x,
-            q.params,
-            is_leaf=lambda x: isinstance(x, QuantizedTensor),
-        )
-        assert float(jnp.abs(forward(deq, q.config, ids) - forward(q.params, q.config, ids)).max()) < 1e-4
+    deq = jax.tree.map(  # NF4 (the coarser one) is exactly the model of its dequantized weights
+        lambda x: jnp.asarray(dequantize(x, np.float32)) if isinstance(x, QuantizedTensor) else x,
+        q.params,
+        is_leaf=lambda x: isinstance(x, QuantizedTensor),
+    )
+    assert float(jnp.abs(forward(deq, q.config, ids) - forward(q.params, q.config, ids)).max()) < 1e-4
     f = str(folder)
     int8 = {"moe": f, "steps": STEPS, "quant": "int8"}
     runs = [

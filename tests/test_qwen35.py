@@ -19,7 +19,6 @@ from jaxlora.config import config_from_dict
 from jaxlora.errors import UserError
 from jaxlora.lora import LoraConfig, init_lora, target_paths
 from jaxlora.models import forward, load_model
-from jaxlora.models.generate import generate
 from jaxlora.models.hybrid_layers import period
 from jaxlora.peft import load_peft_adapter
 from jaxlora.quant import QuantizedTensor, dequantize, make_quantizer
@@ -128,12 +127,6 @@ def test_plan_counts_equal_transformers_and_peft(quant, built, tmp_path):
     peft = get_peft_model(hf_model(folder), PeftLoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     assert counts["total"] == hf.num_parameters()
     assert counts["trainable"] == peft.get_nb_trainable_parameters()[0]
-
-
-def test_generation_is_refused_in_one_line(built):
-    _, _, model = built
-    with pytest.raises(UserError, match="not supported for qwen3_5_text"):
-        generate(model.params, model.config, [[1, 5, 9]], 2, temperature=0.0, eos_ids=())
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxlora.models import hybrid_cache
 from jaxlora.models.attention import KVCache, attend
 from jaxlora.models.decoder_config import DecoderConfig
 from jaxlora.models.hybrid_layers import linear_attention, run_hybrid
@@ -65,7 +66,7 @@ class LayerInputs(NamedTuple):
     window: jax.Array  # int32 scalar: this layer's sliding window, 0 = full attention
     lora_scale: jax.Array  # float32 scalar: alpha/r for this layer, 0 where it is not adapted
     dropout_rng: jax.Array | None = None  # this layer's LoRA dropout key; None = no dropout
-    cache: KVCache | None = None  # this layer's slice of the KV cache (generation); None = training
+    cache: KVCache | None = None  # this layer's slice of the KV cache (generation; Qwen3.5: a `HybridCache`)
 
 
 # --- the projections of a layer ------------------------------------------------------------------------
@@ -88,8 +89,8 @@ def _project(cfg: DecoderConfig, p: Params, lora: Params, x: LayerInputs, rate: 
 def block(cfg: DecoderConfig, p: Params, lora: Params | None, h: jax.Array, x: LayerInputs, lora_dropout=0.0):
     """One transformer layer. h: [B, T, D] residual stream in the compute dtype; p, lora: this layer's.
 
-    Returns (h in the compute dtype, (this layer's updated cache (k, v) or None, its router statistics
-    [2, E] or None)).
+    Returns (h in the compute dtype, (this layer's updated cache (k, v), a DeltaNet layer's `DeltaNetState`,
+    or None; its router statistics [2, E] or None)).
     """
     dt = jnp.dtype(cfg.runtime.compute_dtype)
     proj = partial(_project, cfg, p, lora or {}, x, lora_dropout)
@@ -97,7 +98,7 @@ def block(cfg: DecoderConfig, p: Params, lora: Params | None, h: jax.Array, x: L
     # (pre-)norm -> attention -> (post-norm) -> residual
     a = norm(p["attn_norm"], h, cfg) if cfg.pre_norm else h  # [B, T, D]
     if "linear_attn" in p:  # Qwen3.5's Gated DeltaNet layers (jaxlora.models.hybrid_layers)
-        out, new_kv = linear_attention(cfg, p, proj, a, x.segment_ids), None
+        out, new_kv = linear_attention(cfg, p, proj, a, x.segment_ids, x.cache)
     else:
         out, new_kv = attention(cfg, p, proj, a, x)
     if cfg.post_norm:
@@ -295,7 +296,7 @@ def forward(
             aux = moe_aux_loss(cfg, stats, segment_ids > 0) if cfg.num_experts else jnp.zeros((), F32)
             return out, aux
         return out
-    return out, cache._replace(k=new_kv[0], v=new_kv[1])
+    return out, new_kv if cfg.mixers else cache._replace(k=new_kv[0], v=new_kv[1])  # hybrid: the whole cache
 
 
 def layer_stack(params: Params, cfg: DecoderConfig, positions, lora, lora_scale, dropout_rng, cache) -> tuple:
@@ -326,14 +327,14 @@ def run_layers(cfg: DecoderConfig, h: jax.Array, shared: LayerInputs, per_layer:
 
     def one_layer(h, xs):
         p, lo, inv_freq, window, scale, rng, kv = xs
-        layer_cache = None if kv is None else cache._replace(k=kv[0], v=kv[1])
+        layer_cache = None if kv is None else hybrid_cache.layer_cache(cache, kv)
         x = shared._replace(
             inv_freq=inv_freq, window=window, lora_scale=scale, dropout_rng=rng, cache=layer_cache
         )
         return layer(p, lo, h, x)
 
     if cfg.mixers:  # Qwen3.5: scanned over groups of one period of the layer pattern
-        return run_hybrid(cfg, one_layer, h, per_layer)
+        return run_hybrid(cfg, one_layer, h, per_layer, cache)
     if rt.scan_layers:
         return jax.lax.scan(one_layer, h, per_layer)
     outs = []  # one copy of the layer per layer in the program: static slices, no stacked residuals

@@ -13,10 +13,14 @@ import numpy as np
 from jaxlora.models.attention import KVCache
 from jaxlora.models.config import DecoderConfig
 from jaxlora.models.decoder import forward, logits_from_hidden
+from jaxlora.models.hybrid_cache import HybridCache, init_hybrid_cache
 
 
-def init_cache(cfg: DecoderConfig, batch: int, max_len: int) -> KVCache:
-    """An empty cache: k/v [L, B, S, K, H] in the compute dtype, positions/segment_ids [B, S], index 0."""
+def init_cache(cfg: DecoderConfig, batch: int, max_len: int) -> KVCache | HybridCache:
+    """An empty cache: k/v [L, B, S, K, H] in the compute dtype, positions/segment_ids [B, S], index 0
+    (a hybrid model's: `jaxlora.models.hybrid_cache`)."""
+    if cfg.mixers:
+        return init_hybrid_cache(cfg, batch, max_len)
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     dt = jnp.dtype(cfg.runtime.compute_dtype)
     return KVCache(

@@ -32,6 +32,8 @@ from jaxlora.models.attention import KVCache
 from jaxlora.models.config import DecoderConfig
 from jaxlora.models.decoder import LayerInputs, block, embed, layer_stack, logits_from_hidden, norm
 from jaxlora.models.generate import decode_step, init_cache, prefill, sample
+from jaxlora.models.hybrid_cache import layer_view, mixer_stacks, repeat_states
+from jaxlora.models.hybrid_layers import layer_slices
 
 
 class Rollout(NamedTuple):
@@ -66,12 +68,13 @@ def repeat_cache(cache: KVCache, g: int, extra: int) -> KVCache:
         pad[axis + 1] = (0, extra)
         return jnp.pad(a, pad)
 
-    return cache._replace(
+    cache = cache._replace(
         k=grow(cache.k, 1),
         v=grow(cache.v, 1),
         positions=grow(cache.positions, 0),
         segment_ids=grow(cache.segment_ids, 0),
     )
+    return repeat_states(cache, g)  # a hybrid model's DeltaNet states: rows repeated, no slots
 
 
 # what a call compiles for: the model and every sampling setting
@@ -179,9 +182,13 @@ def layered_decoder(params, cfg: DecoderConfig, lora, lora_scale, cache: KVCache
     """
     take = lambda tree, i: None if tree is None else jax.tree.map(lambda a: a[i], tree)  # noqa: E731
     n = cfg.num_layers
-    weights = [take(params["layers"], i) for i in range(n)]
-    adapters = [take(lora, i) for i in range(n)]
-    kv = tuple((cache.k[i], cache.v[i]) for i in range(n))
+    if cfg.mixers:  # hybrid: mixer weights and states stacked by kind (a DeltaNet layer's: `DeltaNetState`)
+        weights, adapters = layer_slices(params["layers"], cfg.mixers), layer_slices(lora, cfg.mixers)
+        kv = tuple(next(iter(part.values())) for part in layer_slices(mixer_stacks(cache), cfg.mixers))
+    else:
+        weights = [take(params["layers"], i) for i in range(n)]
+        adapters = [take(lora, i) for i in range(n)]
+        kv = tuple((cache.k[i], cache.v[i]) for i in range(n))
     start = (kv, cache.positions, cache.segment_ids, cache.index)
 
     def step(token, state, position):
@@ -193,8 +200,9 @@ def layered_decoder(params, cfg: DecoderConfig, lora, lora_scale, cache: KVCache
 def layered_step(params, cfg, weights, adapters, lora_scale, state, token, position):
     """`generate.decode_step` with the layers unrolled on per-layer weights, adapters and cache.
 
-    weights, adapters: L trees of one layer's arrays (adapters may be None); state: (((k, v) [B, S, K, H])
-    per layer, cache positions and segment ids [B, S], index); token, position: [B] int32.
+    weights, adapters: L trees of one layer's arrays (adapters may be None); state: (((k, v) [B, S, K, H]
+    or a DeltaNet layer's `DeltaNetState`) per layer, cache positions and segment ids [B, S], index); token,
+    position: [B] int32.
     Returns (the logits [B, V] after `token`, the state one slot further).
     """
     kv, positions, segments, index = state
@@ -204,10 +212,10 @@ def layered_step(params, cfg, weights, adapters, lora_scale, state, token, posit
     _, _, inv_freq, windows, scales, _, _ = layer_stack(params, cfg, pos, None, lora_scale, None, None)
     h = embed(params, cfg, token[:, None], pos).astype(cfg.runtime.compute_dtype)  # [B, 1, D]
     new_kv = []
-    for i, (k, v) in enumerate(kv):
+    for i, part in enumerate(kv):
         x = LayerInputs(
             pos, seg, jax.tree.map(lambda a, i=i: a[i], inv_freq), windows[i], scales[i],
-            cache=KVCache(k, v, positions, segments, index),
+            cache=layer_view(part, positions, segments, index),
         )  # fmt: skip
         h, (layer_kv, _) = block(cfg, weights[i], adapters[i], h, x)
         new_kv.append(layer_kv)

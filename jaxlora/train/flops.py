@@ -97,14 +97,8 @@ def train_step_flops(
     w_adapter = sum(r * (active[t][0] + active[t][1]) * active[t][2] for t in targets)  # per token
     xa = sum(r * active[t][0] * active[t][2] for t in targets)  # the A products x @ A of one layer
     nh = cfg.num_heads * cfg.head_dim
-    kinds = cfg.mixers or ("full_attention",) * layers
-    windows = [w for w, kind in zip(cfg.sliding_windows, kinds, strict=True) if kind != "linear_attention"]
-    keys = sum(attended_keys(seq_len, w) for w in windows) * batch  # over attention layers and rows
+    keys, delta = _token_mixing(cfg, batch, seq_len)
     dv = cfg.hidden_size * cfg.vocab_size
-    delta = 0  # the gated delta rule's forward over every DeltaNet layer and token
-    if "linear_attention" in kinds:
-        (_, hv), (dk, dvh) = cfg.linear_heads, cfg.linear_head_dims
-        delta = 6 * hv * dk * dvh * kinds.count("linear_attention") * tokens
 
     parts = {
         "frozen": round(4 * w_frozen * layers * tokens),
@@ -126,6 +120,18 @@ def train_step_flops(
         recompute += 2 * (w_frozen - _weight(active[last])) * layers * tokens + 4 * nh * keys + delta
         recompute += 2 * sum(_adapter(active[t], r, t != last) for t in targets) * adapted * tokens
     return {"model": sum(parts.values()), "recompute": round(recompute), **parts}
+
+
+def _token_mixing(cfg: DecoderConfig, batch: int, seq_len: int) -> tuple[int, int]:
+    """(keys attended over the attention layers and rows, the gated delta rule's forward FLOPs over the
+    DeltaNet layers and tokens; 0 without any)."""
+    kinds = cfg.mixers or ("full_attention",) * cfg.num_layers
+    windows = [w for w, kind in zip(cfg.sliding_windows, kinds, strict=True) if kind != "linear_attention"]
+    keys = sum(attended_keys(seq_len, w) for w in windows) * batch
+    if "linear_attention" not in kinds:
+        return keys, 0
+    (_, hv), (dk, dv) = cfg.linear_heads, cfg.linear_head_dims
+    return keys, 6 * hv * dk * dv * kinds.count("linear_attention") * batch * seq_len
 
 
 def _uses(dims: dict, moe: dict) -> dict[tuple[str, str], tuple[int, int, int]]:

@@ -3,11 +3,12 @@ and the conv and recurrent states of the Gated DeltaNet layers (`jaxlora.models.
 
 One tiny random `Qwen3_5ForCausalLM` (tests/helpers/hf_tiny.py: 2 DeltaNet layers then 1 attention layer,
 twice) and three left-padded prompts of different lengths serve every check: greedy generation equals
-transformers' `generate` token for token, with the layer scan and unrolled; its logits equal a full forward
+transformers' `generate` token for token; its logits equal a full forward
 over the generated text (recomputed, no cache) and a float64 transformers forward; a GRPO rollout (G = 2,
 the prompt's cache and states repeated; the period scan) equals transformers' greedy completions, a sampled
 rollout with an adapter (per-layer decode) samples `generate`'s tokens, and the training forward's log-probs
-of its completions (`completion_logps`) equal the ones generation sampled from.
+of its completions (`completion_logps`) equal the ones generation sampled from. The multimodal checkpoint
+(`qwen3_5`) generates from its text tower as transformers does (layers unrolled).
 """
 
 import jax
@@ -18,12 +19,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from jaxlora.lora import LoraConfig, init_lora, lora_scale
-from jaxlora.models import forward
+from jaxlora.models import forward, load_model
 from jaxlora.models.generate import generate, left_pad
 from jaxlora.models.rollout import rollout
 from jaxlora.train.grpo import completion_logps, grpo_batch
 from jaxlora.train.objective import StepSpec
-from tests.helpers.hf_tiny import model_cache
+from tests.helpers.hf_tiny import make_hf_qwen3_5, model_cache
 from tests.helpers.peft_torch import randomized
 
 PROMPTS = [[1, 5, 9, 33, 40, 7, 11], [1, 60], [1, 22, 17, 4]]  # lengths 7, 2, 4: left-padded
@@ -52,10 +53,8 @@ def gen(tmp_path_factory):
 
 
 def test_greedy_equals_transformers_generate(gen):
-    _, model, _, _, ref, new, _ = gen
+    _, _, _, _, ref, new, _ = gen
     assert np.array_equal(new, ref), (new, ref)
-    unrolled = generate(model.params, model.config.with_runtime(scan_layers=False), PROMPTS, NEW, eos_ids=())
-    assert np.array_equal(np.asarray(unrolled), ref)
 
 
 def test_kv_cache_logits_equal_recompute_and_float64_transformers(gen):
@@ -112,7 +111,20 @@ def test_sampled_rollout_logps_equal_the_training_forward(gen):
     n = logits.shape[1]
     picked = np.take_along_axis(jax.nn.log_softmax(logits / temp), comp[:, :n, None], axis=-1)[..., 0]
     batch = {k: jnp.asarray(v) for k, v in grpo_batch(ids, mask, comp, cmask).items()}
-    logps, _, _ = completion_logps(lora, model.params, batch, scale, StepSpec(cfg), temp)
+    logps = jax.jit(completion_logps, static_argnums=(4, 5))(
+        lora, model.params, batch, scale, StepSpec(cfg), temp
+    )[0]
     gap = float(np.abs((np.asarray(logps)[:, :n] - picked) * cmask[:, :n]).max())
     print(f"qwen3.5 rollout: lengths {out.lengths.tolist()}, |training - sampled log-probs| {gap:.2e}")
     assert gap < 1e-4
+
+
+def test_multimodal_qwen3_5_text_tower_generates_as_transformers(gen, tmp_path):
+    """A `Qwen3_5ForConditionalGeneration` checkpoint (model_type qwen3_5) generates from its text tower as
+    transformers' `generate` does on the same left-padded text prompts; here with the layers unrolled
+    (`scan_layers` off)."""
+    _, _, ids, mask, _, _, _ = gen
+    hf = make_hf_qwen3_5(tmp_path)
+    model = load_model(tmp_path)
+    new = generate(model.params, model.config.with_runtime(scan_layers=False), PROMPTS, NEW, eos_ids=())
+    assert np.array_equal(np.asarray(new), hf_greedy(hf, ids, mask))

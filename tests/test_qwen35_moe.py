@@ -5,8 +5,9 @@ One tiny random `Qwen3_5MoeForCausalLM` (tests/helpers/hf_tiny.py: 4 layers, Del
 twice; 4 experts top-2 and a shared expert) is built once per module and serves every check: padded-batch
 logits and the load-balancing loss (scanned over the period and unrolled; dense and ragged experts),
 PEFT's all-linear selection, expert and router LoRA (`target_parameters`) to PEFT and back, the merged
-export, int8/NF4 bases, and training on one device and on tensor=2 x expert=2. The multimodal
-`qwen3_5_moe` tower is checked in tests/test_multimodal.py; the real Qwen3.5-35B-A3B config here.
+export, greedy generation with the hybrid cache, int8/NF4 bases, and training on one device and on
+tensor=2 x expert=2. The multimodal `qwen3_5_moe` tower is checked in tests/test_multimodal.py; the real
+Qwen3.5-35B-A3B config here.
 """
 
 import dataclasses
@@ -71,6 +72,23 @@ def test_logits_and_aux_loss_match_transformers(scan, impl, built):
         f"qwen3.5-moe scan={scan} {impl}: max logits diff {worst:.2e}, aux {float(aux):.6f} ({aux_diff:.1e})"
     )
     assert worst < 1e-4 and aux_diff < 1e-5 and float(aux) > 0
+
+
+def test_greedy_generation_equals_transformers(built):
+    """The hybrid cache (tests/test_qwen35_generate.py) with experts: greedy tokens on left-padded prompts
+    of lengths 6 and 2 equal transformers' `generate`."""
+    from jaxlora.models.generate import generate, left_pad
+
+    _, hf, model = built
+    prompts, new = [[1, 5, 9, 33, 40, 7], [1, 60]], 8
+    ids, mask = left_pad(prompts, 0)
+    with torch.no_grad():
+        ref = hf.generate(
+            input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+            do_sample=False, max_new_tokens=new, eos_token_id=None, pad_token_id=0,
+        )[:, ids.shape[1] :].numpy()  # fmt: skip
+    ours = np.asarray(generate(model.params, model.config, prompts, new, eos_ids=()))
+    assert np.array_equal(ours, ref), (ours, ref)
 
 
 def test_all_linear_is_what_peft_selects(built):

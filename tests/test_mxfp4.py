@@ -4,13 +4,11 @@ tiny Qwen3-MoE and a tiny gpt-oss whose experts are stored as MXFP4, loaded in f
 transformers and as int8 / NF4 bases."""
 
 import json
-import shutil
 import tracemalloc
 
 import jax
 import numpy as np
 import pytest
-import torch
 
 from jaxlora.errors import UserError
 from jaxlora.models import load_model
@@ -22,8 +20,8 @@ from tests.helpers.hf_tiny import make_hf_model
 from tests.helpers.mxfp4_ckpt import (
     encode_mxfp4,
     make_gpt_oss,
+    pack_saved_experts,
     transformers_dequantized,
-    write_mxfp4_checkpoint,
     write_random_gpt_oss_mxfp4,
 )
 from tests.helpers.peft_torch import jax_logits, token_ids, torch_logits
@@ -130,19 +128,7 @@ def built(tmp_path_factory):
             else:
                 hf = make_hf_model(family, root / "float", hidden_size=D, moe_intermediate_size=F // 2)
                 drop = ".mlp.experts."
-            params = {
-                f"model.layers.{i}.mlp.experts.{proj}": getattr(layer.mlp.experts, proj)
-                for i, layer in enumerate(hf.model.layers)
-                for proj in ("gate_up_proj", "down_proj")
-            }
-            floats = {k: p.detach().numpy().copy() for k, p in params.items()}
-            deq = write_mxfp4_checkpoint(root / "float", root / "packed", floats, drop)
-            with torch.no_grad():
-                for k, p in params.items():
-                    p.copy_(torch.from_numpy(deq[k]))
-            hf.save_pretrained(root / "ref")
-            shutil.rmtree(root / "float")
-            cache[family] = root / "packed", root / "ref", hf
+            cache[family] = (*pack_saved_experts(hf, root, drop), hf)
         return cache[family]
 
     return get

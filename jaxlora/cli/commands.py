@@ -15,7 +15,7 @@ Writes checkpoints, TensorBoard events, metrics.jsonl and the PEFT adapter under
 EXPORT_USAGE = """Export a LoRA adapter as a PEFT adapter folder or as a merged Hugging Face checkpoint.
 
     jaxlora export --adapter DIR --model PATH_OR_ID --format peft|merged --out DIR
-        [--dtype float32|bfloat16|float16] [--quant none|int8|nf4] [--quant-block-size N] [--overwrite]
+        [--dtype float32|bfloat16|float16] [--quant none|int8|nf4|mxfp4] [--quant-block-size N] [--overwrite]
     jaxlora export --run OUTPUT_DIR --format peft|merged --out DIR
 
 `--run` exports a training run's latest checkpoint; `--model` and `--quant` then default to the run's.
@@ -101,7 +101,7 @@ def export_args(argv=None):
     p.add_argument(
         "--quant",
         default=None,
-        choices=["none", "int8", "nf4"],
+        choices=["none", "int8", "nf4", "mxfp4"],
         help="merged: quantize the base as in training (QLoRA) and merge into the dequantized weights "
         "(default: none, or the run's quant.weights with --run)",
     )

@@ -219,7 +219,8 @@ def run_generation(
 ) -> list[str]:
     """Load a model (and optionally a PEFT adapter), generate for each prompt, return the text.
 
-    quant: "none", "int8" or "nf4" quantizes the base's linear weights while loading (`make_quantizer`).
+    quant: "none", "int8", "nf4" or "mxfp4" quantizes the base's linear weights while loading
+    (`make_quantizer`).
     fmt: raw returns each prompt followed by its completion; alpaca or chat render each prompt as training
     did (`render_prompt`) and return the response alone. `adapter` may be a run folder; then fmt (when
     None) and chat_template (when None) follow the run's config.
@@ -332,7 +333,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder, or a training run's folder")
     p.add_argument(
-        "--quant", default="none", choices=["none", "int8", "nf4"], help="quantize the base weights"
+        "--quant", default="none", choices=["none", "int8", "nf4", "mxfp4"], help="quantize the base weights"
     )
     p.add_argument("--allow-pickle", action="store_true", help="permit loading pytorch_model.bin")
     args = p.parse_args(argv)

@@ -66,11 +66,16 @@ class QuantSection(Section):
 
     _prefix = "quant"
 
-    weights: Literal["none", "int8", "nf4"] = Field(
-        "none", description="quantize frozen base weights: none, int8 or 4-bit NormalFloat"
+    weights: Literal["none", "int8", "nf4", "mxfp4"] = Field(
+        "none",
+        description="quantize frozen base weights: none, int8, 4-bit NormalFloat or MXFP4 (keeps a "
+        "checkpoint's MXFP4 tensors as shipped)",
     )
     block_size: Int | None = Field(
-        None, ge=1, description="values per quantization scale; null = per output channel (int8) or 64 (nf4)"
+        None,
+        ge=1,
+        description="values per quantization scale; null = per output channel (int8), 64 (nf4), 32 (mxfp4, "
+        "the only size)",
     )
     skip: listing(Str) = Field(("lm_head", "embed_tokens"), description="module names kept unquantized")
 

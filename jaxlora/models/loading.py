@@ -4,7 +4,9 @@ Tensors go from the memory-mapped safetensors straight into JAX arrays in the re
 parameter at a time: per-layer tensors are stacked into one preallocated host buffer that is freed as
 soon as it is on the device, so host memory never holds two copies of the weights. An MXFP4 checkpoint
 (gpt-oss) reads the same way: the reader (`safetensors_io`) dequantizes each `X_blocks` / `X_scales` pair
-to float32 as that one tensor of one layer is read, and `quant.weights` then applies as to any float weight.
+to float32 as that one tensor of one layer is read, and `quant.weights` then applies as to any float weight;
+with `quant.weights: mxfp4` a pair whose blocks run along the kernel's `in` (gpt-oss's experts, stored
+[E, in, out]) is kept as it is instead (`_quantize_layer`).
 """
 
 import dataclasses
@@ -25,6 +27,7 @@ from jaxlora.models.config import DecoderConfig, ModelSource, read_source
 from jaxlora.models.random_weights import init_params
 from jaxlora.models.safetensors_io import CheckpointReader
 from jaxlora.models.spec import (
+    CONV1D,
     DEPTHWISE,
     EXPERTS,
     LINEAR,
@@ -242,7 +245,7 @@ def _load_quantized_stack(reader, entry: Entry, cfg: DecoderConfig, quantizer: Q
     """
     stack, ids = None, layer_ids(entry, cfg)
     for row, i in enumerate(ids):
-        q = quantizer(entry.hf, _host_f32(_read_entry(reader, entry, cfg, i)))
+        q = _quantize_layer(reader, entry, cfg, i, quantizer)
         if q is None:
             return None
         if stack is None:
@@ -252,6 +255,20 @@ def _load_quantized_stack(reader, entry: Entry, cfg: DecoderConfig, quantizer: Q
         for buf, a in zip(jax.tree.leaves(stack), leaves, strict=True):
             buf[row] = a
     return jax.tree.map(jnp.asarray, stack)
+
+
+def _quantize_layer(reader, entry: Entry, cfg: DecoderConfig, layer: int, quantizer: Quantizer):
+    """One layer's quantized leaf: an MXFP4 pair kept bit for bit when the quantizer keeps MXFP4
+    (`WeightQuantizer.keeps_mxfp4`) and the HF tensor is the kernel without a transpose (CONV1D, so the
+    blocks run along `in`); otherwise the float32 tensor through the quantizer."""
+    name = entry.hf_name(layer)
+    pair = reader.packed(name) if hasattr(reader, "packed") and entry.layout == CONV1D else None
+    if pair is not None and getattr(quantizer, "keeps_mxfp4", lambda _: False)(entry.hf):
+        got, want = reader.shape(name), hf_shape(entry, cfg)
+        if tuple(got) != want:
+            raise UserError(f"tensor {name} has shape {list(got)}, expected {list(want)} from config.json")
+        return quantizer.from_mxfp4(entry.hf, *pair)
+    return quantizer(entry.hf, _host_f32(_read_entry(reader, entry, cfg, layer)))
 
 
 def _host_f32(arr: np.ndarray) -> np.ndarray:

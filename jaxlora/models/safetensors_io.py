@@ -7,7 +7,8 @@ is mapped or allocated (its length against the file's size, then each tensor's d
 so a truncated or corrupt file gives one line naming the file and the tensor.
 
 `CheckpointReader` also reads MXFP4 checkpoints (gpt-oss): a pair `X_blocks` / `X_scales` is seen as the
-one tensor `X`, dequantized to float32 when it is read (`jaxlora.quant.mxfp4`), one tensor at a time.
+one tensor `X`, dequantized to float32 when it is read (`jaxlora.quant.mxfp4`), one tensor at a time;
+`packed(X)` gives the pair itself, memory-mapped (the `mxfp4` base keeps it as it is).
 """
 
 import json
@@ -158,6 +159,14 @@ class CheckpointReader:
             (fb, blocks), (fs, scales) = self._packed[name]
             return mxfp4_shape(fb.shape(blocks), fs.shape(scales), name)
         return self._where[name].shape(name)
+
+    def packed(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The uint8 (blocks [*P, R, G, 16], scales [*P, R, G]) of an MXFP4 tensor, memory-mapped; None
+        for a tensor stored otherwise."""
+        if name not in self._packed:
+            return None
+        (fb, blocks), (fs, scales) = self._packed[name]
+        return fb.get(blocks), fs.get(scales)
 
     def get(self, name: str) -> np.ndarray:
         """One tensor; an MXFP4 one dequantized to float32 (`quant.mxfp4.dequantize_mxfp4`)."""

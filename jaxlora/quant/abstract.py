@@ -9,6 +9,8 @@ import jax
 import numpy as np
 
 from jaxlora.errors import UserError
+from jaxlora.quant.mxfp4 import BLOCK as MXFP4_BLOCK
+from jaxlora.quant.mxfp4 import check_block_size
 from jaxlora.quant.tensor import NF4_BLOCK, SCALE_GROUP, QuantizedTensor, _check_block
 
 
@@ -31,8 +33,19 @@ def abstract_quantize(
             block_size=bs,
             kernel_shape=(n_in, n_out),
         )
+    if method == "mxfp4":
+        check_block_size(block_size)
+        n_pad = n_in + (-n_in % MXFP4_BLOCK)
+        return QuantizedTensor(
+            _sds((*lead, n_pad // 2, n_out), np.uint8),
+            scale=_sds((*lead, n_pad // MXFP4_BLOCK, n_out), np.uint8),
+            method="mxfp4",
+            block_size=MXFP4_BLOCK,
+            kernel_shape=(n_in, n_out),
+            pad=n_pad - n_in,
+        )
     if method != "nf4":
-        raise UserError(f"quantization method {method!r} for {name or 'tensor'}: choose int8 or nf4")
+        raise UserError(f"quantization method {method!r} for {name or 'tensor'}: choose int8, nf4 or mxfp4")
     bs = NF4_BLOCK if block_size is None else int(block_size)
     if block_size is not None:
         _check_block(bs, n_in, label, f"or leave the block size unset for {NF4_BLOCK} with zero padding")

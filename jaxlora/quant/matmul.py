@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora.errors import UserError
+from jaxlora.quant.mxfp4 import FP4_E2M1, POW2
 from jaxlora.quant.tensor import METHODS, NF4_CODE, QuantizedTensor, unpack_nf4
 
 
@@ -32,6 +33,12 @@ def dequantize(q: QuantizedTensor, dtype=None) -> jax.Array:
         s = s.reshape(lead + (-1,))[..., : nb * n_out] + jnp.asarray(q.scale_mean)
         s = s.reshape(lead + (nb, 1, n_out))
         vals = jnp.asarray(NF4_CODE)[unpack_nf4(q.data)]  # [..., in, out] in [-1, 1]
+        w = vals.reshape(lead + (nb, bs, n_out)) * s
+    elif q.method == "mxfp4":
+        # e2m1 values [..., P, out] times 2 ** (s - 127) [..., nb, 1, out]: exact in float32 and bfloat16
+        # (2 significant bits, an 8-bit exponent) unless the product is subnormal, where XLA may flush
+        s = jnp.asarray(POW2)[jnp.asarray(q.scale)][..., :, None, :]
+        vals = jnp.asarray(FP4_E2M1)[unpack_nf4(q.data)]
         w = vals.reshape(lead + (nb, bs, n_out)) * s
     else:
         raise UserError(f"unknown quantization method {q.method!r}: choose one of {', '.join(METHODS)}")

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 
 from jaxlora.errors import UserError
-from jaxlora.quant.tensor import METHODS, QuantizedTensor, quantize
+from jaxlora.quant.tensor import METHODS, QuantizedTensor, from_mxfp4, quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,15 +32,27 @@ class WeightQuantizer:
             return None
         return quantize(w, self.method, self.block_size, name=name.replace("{i}", "*"))
 
+    def keeps_mxfp4(self, name: str) -> bool:
+        """Whether a tensor the checkpoint stores as MXFP4 is kept as it is (`from_mxfp4`, no float round
+        trip): with method "mxfp4", unless skipped. The loader asks only where the blocks run along the
+        kernel's `in` (gpt-oss's experts); elsewhere it dequantizes and calls the quantizer."""
+        return self.method == "mxfp4" and self.wants(name)
+
+    def from_mxfp4(self, name: str, blocks: np.ndarray, scales: np.ndarray) -> QuantizedTensor:
+        """One layer's checkpoint pair, blocks [*P, R, G, 16] and scales [*P, R, G], as the base's kernel
+        [*P, G * 32, R] (`jaxlora.quant.tensor.from_mxfp4`)."""
+        return from_mxfp4(blocks, scales, name.replace("{i}", "*"))
+
 
 def make_quantizer(
     weights: str, block_size: int | None = None, skip: tuple[str, ...] = ("lm_head", "embed_tokens")
 ) -> "WeightQuantizer | None":
     """The quantizer for `load_model(..., quantizer=...)`, from the `quant:` config section.
 
-    weights: "none" (returns None: load in float), "int8" or "nf4". block_size: values per scale (None =
-    one scale per output column for int8, 64 with zero padding of `in` for nf4); an explicit size must
-    divide the input dim of every quantized kernel (UserError naming the tensor otherwise). skip: HF
+    weights: "none" (returns None: load in float), "int8", "nf4" or "mxfp4" (a checkpoint's MXFP4 tensors
+    kept as they are, see `keeps_mxfp4`). block_size: values per scale (None = one scale per output column
+    for int8, 64 with zero padding of `in` for nf4, always 32 for mxfp4); an explicit size must divide the
+    input dim of every quantized kernel (UserError naming the tensor otherwise). skip: HF
     module names (`lm_head`, `down_proj`) or substrings of HF tensor names (`layers.{i}.mlp`) left in float;
     per-layer tensors are matched by their template with `{i}`, so a skip applies to all layers.
     Every per-layer linear kernel and an untied LM head is quantized unless skipped; embeddings, norms and

@@ -1,4 +1,4 @@
-"""Frozen base weights in int8 or NF4, and the matmul that reads them (QLoRA's storage, written for XLA).
+"""Frozen base weights in int8, NF4 or MXFP4, and the matmul that reads them (QLoRA's storage, for XLA).
 
 A linear kernel is stored in JAX orientation, `kernel[..., in, out]` with `y = x @ kernel`, possibly stacked
 over layers (`[L, in, out]`, run with `lax.scan`). `quantize` turns one such kernel into a `QuantizedTensor`
@@ -14,10 +14,13 @@ or `jax.tree.map(lambda a: a[i], q)` gives a valid per-layer `QuantizedTensor`):
         scale_codes  int8    [..., S, 256]   absmax of each 64-block along `in`, double-quantized (below)
         scale_absmax float32 [..., S]        absmax of each 256-group of centred block scales
         scale_mean   float32 [..., 1]        mean of the block scales (subtracted before the 8-bit step)
+  mxfp4 data  uint8   [..., P // 2, out]     two e2m1 codes per byte, packed as nf4's (`jaxlora.quant.mxfp4`)
+        scale uint8   [..., P // 32, out]    e8m0 exponent of each 32-block along `in`: 2 ** (s - 127)
 
 Padding: with the default NF4 block (64) an `in` that 64 does not divide (stories260K's `down_proj` has
-in = 172) is padded with zero rows up to P = the next multiple of 64 before quantizing; `pad = P - in` is
-static metadata and `dequantize` slices the zero rows off, so the dense kernel is [..., in, out] again.
+in = 172) is padded with zero rows up to P = the next multiple of 64 (MXFP4: of 32) before quantizing;
+`pad = P - in` is static metadata and `dequantize` slices the zero rows off, so the dense kernel is
+[..., in, out] again.
 Zero rows cost nothing in accuracy (they quantize exactly to the code 0.0). A block size the user chose
 explicitly must divide `in` (a UserError names the tensor otherwise): padding then would silently change
 what that choice means. int8's default (one scale per column) never needs padding.
@@ -29,8 +32,12 @@ and zero-padded after centring to `S * 256`) have their mean subtracted and are 
 float32 absmax per group of 256. QLoRA uses an 8-bit float there; symmetric int8 on the centred scales is
 simpler and its error (<= absmax/254 of the group deviation) is far below NF4's own.
 
-Bytes per weight: int8 1 + 4/in (per-channel); nf4 0.5 + 1/64 + 4/(64*256) ~= 0.516, i.e. 0.50x and 0.26x
-of bfloat16.
+MXFP4 (the OCP microscaling format gpt-oss ships its experts in): w = e2m1[code] * 2 ** (s - 127). A
+checkpoint's MXFP4 tensors are kept bit for bit (`from_mxfp4`); other kernels are encoded by the OCP rule
+(`jaxlora.quant.mxfp4.encode`). No double quantization: the scale is already one byte.
+
+Bytes per weight: int8 1 + 4/in (per-channel); nf4 0.5 + 1/64 + 4/(64*256) ~= 0.516; mxfp4 0.5 + 1/32 =
+0.531 (4.25 bits), i.e. 0.50x, 0.26x and 0.27x of bfloat16.
 """
 
 import dataclasses
@@ -44,8 +51,9 @@ import ml_dtypes
 import numpy as np
 
 from jaxlora.errors import UserError
+from jaxlora.quant import mxfp4
 
-METHODS = ("none", "int8", "nf4")
+METHODS = ("none", "int8", "nf4", "mxfp4")
 NF4_BLOCK = 64  # default NF4 block along `in`
 SCALE_GROUP = 256  # NF4 double quantization: block scales per 8-bit group
 _CHUNK = 1 << 21  # elements per host-side work chunk (bounds numpy temporaries)
@@ -135,7 +143,8 @@ def quantize(
 
     method: "int8" (symmetric absmax; per output column over all of `in` when `block_size` is None, else per
     block of `block_size` rows), "nf4" (block_size default 64; `in` is zero-padded to a multiple of 64 when
-    the default is used) or "none" (returns `w` unchanged).
+    the default is used), "mxfp4" (blocks of 32, block_size None or 32; `in` zero-padded to a multiple of
+    32) or "none" (returns `w` unchanged).
     Returns a `QuantizedTensor` whose leaves are numpy arrays (the loader device_puts them; jnp code also
     accepts them as they are). Works slice by slice over the leading dims, so host memory peaks near the
     input, the output and one float32 slice. `name` only labels errors.
@@ -152,6 +161,10 @@ def quantize(
     if w.ndim < 2 or not (np.issubdtype(w.dtype, np.floating) or w.dtype == ml_dtypes.bfloat16):
         raise UserError(f"cannot quantize {label} of dtype {w.dtype}: need a float kernel [..., in, out]")
     n_in = w.shape[-2]
+    if method == "mxfp4":
+        mxfp4.check_block_size(block_size)
+        codes, scales, pad = mxfp4.encode(w)
+        return _mxfp4_tensor(codes, scales, (n_in, w.shape[-1]), w.dtype.name, pad)
     if block_size is not None:
         alternative = "or block_size=None for one scale per output column"
         if method == "nf4":
@@ -215,6 +228,25 @@ def _quantize_nf4(w: np.ndarray, block_size: int | None, label: str) -> Quantize
         block_size=bs,
         kernel_shape=(n_in, n_out),
         orig_dtype=w.dtype.name,
+        pad=pad,
+    )
+
+
+def from_mxfp4(blocks: np.ndarray, scales: np.ndarray, name: str = "") -> QuantizedTensor:
+    """The mxfp4 base's kernel [*P, G * 32, R] from a checkpoint's MXFP4 pair, blocks uint8 [*P, R, G, 16]
+    and scales uint8 [*P, R, G], codes and scales kept bit for bit (`jaxlora.quant.mxfp4.packed_kernel`)."""
+    codes, s = mxfp4.packed_kernel(blocks, scales, name)
+    return _mxfp4_tensor(codes, s, (codes.shape[-2] * 2, codes.shape[-1]), "float32", 0)
+
+
+def _mxfp4_tensor(codes, scales, kernel: tuple[int, int], orig_dtype: str, pad: int) -> QuantizedTensor:
+    return QuantizedTensor(
+        codes,
+        scale=scales,
+        method="mxfp4",
+        block_size=mxfp4.BLOCK,
+        kernel_shape=(int(kernel[0]), int(kernel[1])),
+        orig_dtype=orig_dtype,
         pad=pad,
     )
 

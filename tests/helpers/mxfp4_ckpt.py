@@ -152,3 +152,23 @@ def make_gpt_oss(folder: Path, seed: int = 0):
     model.eval()
     model.save_pretrained(folder)
     return model
+
+
+def pack_saved_experts(hf, root: Path, drop: str = "") -> tuple[Path, Path]:
+    """A tiny MoE model `hf` saved to `root / "float"` -> `root / "packed"` (its experts' fused
+    gate_up_proj and down_proj rewritten as MXFP4, tensors containing `drop` left out) and `root / "ref"`
+    (float, the experts holding transformers' dequantization of those blocks). `hf`'s experts are set to
+    the same dequantized values, and the float folder is removed."""
+    params = {
+        f"model.layers.{i}.mlp.experts.{proj}": getattr(layer.mlp.experts, proj)
+        for i, layer in enumerate(hf.model.layers)
+        for proj in ("gate_up_proj", "down_proj")
+    }
+    floats = {k: p.detach().numpy().copy() for k, p in params.items()}
+    deq = write_mxfp4_checkpoint(root / "float", root / "packed", floats, drop)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(torch.from_numpy(deq[k]))
+    hf.save_pretrained(root / "ref")
+    shutil.rmtree(root / "float")
+    return root / "packed", root / "ref"

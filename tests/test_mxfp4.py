@@ -176,3 +176,16 @@ def test_loading_holds_one_float32_expert_tensor_at_a_time(tmp_path):
     assert peak < stack_f32 / 2, (
         f"peak {peak / 2**20:.2f} MiB; gate_up_proj in float32 {stack_f32 / 2**20} MiB"
     )
+
+
+def test_mxfp4_base_reencodes_pairs_blocked_along_out(built):
+    """Qwen3-MoE's fused experts are stored [E, out, in], so their MXFP4 blocks run along `out`: with
+    quant.weights mxfp4 they cannot be kept as stored and are dequantized and encoded along `in`, giving
+    the base of the float checkpoint holding the same values, bit for bit."""
+    packed, ref, _ = built("qwen3_moe")
+    a = load_model(packed, quantizer=make_quantizer("mxfp4"))
+    b = load_model(ref, quantizer=make_quantizer("mxfp4"))
+    assert jax.tree.structure(a.params) == jax.tree.structure(b.params)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    assert a.params["layers"]["moe"]["gate_up_proj"]["kernel"].method == "mxfp4"

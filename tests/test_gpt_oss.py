@@ -83,13 +83,14 @@ def test_all_linear_is_attention_only_as_in_peft(built):
 
 
 def test_quantized_bases_and_expert_mesh_train(built, tmp_path):
-    """int8 and NF4 bases quantize the experts (router, sinks and biases stay in float) and are exactly the
-    model of their dequantized weights; in one 4-device process, LoRA on q/v/o and the experts trains
-    STEPS steps on an int8 base on one device (dense experts) and on tensor=2 x expert=2 (ragged experts:
-    the same losses), and on an NF4 base: the losses fall."""
+    """int8, NF4 and MXFP4 bases quantize the experts (router, sinks and biases stay in float) and are
+    exactly the model of their dequantized weights; in one 4-device process, LoRA on q/v/o and the experts
+    trains STEPS steps on an int8 base on one device (dense experts) and on tensor=2 x expert=2 (ragged
+    experts: the same losses), on an NF4 base, and on an MXFP4 base on tensor=2 x expert=2: the losses
+    fall."""
     folder, _, model = built
     ids = jnp.asarray(token_ids(model.config.vocab_size))
-    for kind in ("int8", "nf4"):
+    for kind in ("int8", "nf4", "mxfp4"):
         q = load_model(folder, quantizer=make_quantizer(kind))
         moe = q.params["layers"]["moe"]
         assert isinstance(moe["gate_up_proj"]["kernel"], QuantizedTensor)
@@ -107,13 +108,14 @@ def test_quantized_bases_and_expert_mesh_train(built, tmp_path):
         {"name": "int8", **int8},
         {"name": "t2e2", **int8, "mesh": {"tensor": 2, "expert": 2}, "impl": "ragged"},
         {"name": "nf4", "moe": f, "steps": STEPS, "quant": "nf4"},
+        {"name": "mxfp4", "moe": f, "steps": STEPS, "quant": "mxfp4", "mesh": {"tensor": 2, "expert": 2}},
     ]
     got = _drive(runs, 4, tmp_path / "runs.json")
     one = got["int8"]["losses"]
     diff = max(abs(one[s] - got["t2e2"]["losses"][s]) for s in range(1, STEPS + 1))
     print(f"gpt_oss tensor=2 x expert=2 (ragged) vs one device (dense): max loss diff {diff:.2e}")
     assert diff < 1e-4
-    for name in ("int8", "nf4"):
+    for name in ("int8", "nf4", "mxfp4"):
         losses = got[name]["losses"]
         print(f"gpt_oss {name}: losses", [round(losses[s], 3) for s in range(1, STEPS + 1)])
         assert losses[STEPS] < 0.9 * losses[1]

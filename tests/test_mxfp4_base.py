@@ -144,7 +144,7 @@ def test_mxfp4_base_finetune_and_merged_export(assets, tmp_path):
     padded): the eval loss falls, and the merged export (the adapter added to the dequantized mxfp4 base,
     as for nf4) gives in transformers the logits of the trained adapter on the mxfp4 base in jaxlora."""
     out = tmp_path / "run"
-    over = {"train.max_steps": 30, "train.eval_every_steps": 30, "train.eval_batches": 2}
+    over = {"train.max_steps": 20, "train.eval_every_steps": 20, "train.eval_batches": 2}
     over.update({"checkpoint.every_steps": None, "quant.weights": "mxfp4"})
     result = train(config_from_dict(run_config(assets, out, **over)))
     before, after = result.eval_history[0][1], result.eval_history[-1][1]

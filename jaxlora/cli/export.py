@@ -67,9 +67,9 @@ def run_export(
     "peft": re-save the adapter in normalized PEFT form (explicit target list, float32 tensors, only the
     adapted layers), checked against the model's dimensions; only config.json is read. "merged": load the
     model, merge the adapter and write a full HF checkpoint (`dtype` as in `save_merged`). For an adapter
-    trained on a quantized base (QLoRA), pass the training's `quant` ("int8"/"nf4") and `quant_block_size`:
-    the base is quantized the same way and the update is added to those dequantized weights.
-    With `run` (a training output_dir), the model and the quant settings default to the run's config.
+    trained on a quantized base (QLoRA), pass the training's `quant` ("int8"/"nf4"/"mxfp4") and
+    `quant_block_size`: the base is quantized the same way and the update is added to those dequantized
+    weights. With `run` (a training output_dir), the model and the quant settings default to the run's config.
     What the merged export would refuse (a non-empty `out`, an adapter for another model) is refused
     before any weights load. A multimodal checkpoint's text tower exports as the whole model: the adapter
     loads onto it with PEFT, and the merged checkpoint carries its other towers unchanged. `DiskFull`

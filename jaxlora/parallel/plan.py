@@ -29,6 +29,7 @@ A dimension the mesh axis does not divide stays replicated (e.g. a vocabulary of
 Quantized kernels (`jaxlora.quant.QuantizedTensor`): int8 `data` is sharded like the dense kernel and
 its per-column `scale` along `out`; NF4 packed `data` [L, in/2, out] likewise (whole bytes, so `in`
 splits stay on byte boundaries); NF4's double-quantized block scales (1/64 of the weights) are replicated.
+MXFP4's packed codes [L, in/2, out] shard as NF4's, its uint8 block scales [L, in/32, out] as int8's scale.
 
 Multi-host: `init_distributed` calls `jax.distributed.initialize` from the config or the environment
 (SLURM, Open MPI, `JAX_COORDINATOR_ADDRESS`); each process loads the rows of every global batch that its

@@ -1,10 +1,10 @@
-"""Frozen base weights in int8 or NF4, and the matmul that reads them (QLoRA's storage, written for XLA).
+"""Frozen base weights in int8, NF4 or MXFP4, and the matmul that reads them (QLoRA's storage, for XLA).
 
 `tensor` holds the storage (`QuantizedTensor`, `quantize`, the NF4 code and its packing; the layouts are
 documented there), `quantizer` the loader's hook (`make_quantizer`), `matmul` the device side
 (`dequantize`, `qmatmul`) and `memory` the byte and weight counts; `mxfp4` decodes the MXFP4 expert
-weights of gpt-oss checkpoints, which load dequantized. A leaf of the package: it imports only
-`jaxlora.errors`.
+weights of gpt-oss checkpoints (dequantized, or kept as they are by an mxfp4 base) and encodes kernels to
+MXFP4. A leaf of the package: it imports only `jaxlora.errors`.
 """
 
 from jaxlora.quant.matmul import as_kernel, dequantize, dequantize_params, qmatmul

@@ -180,8 +180,8 @@ def device_bytes(tree, shardings=None) -> int:
 
 
 def weights_by_kind(base: dict, shardings) -> dict[str, int]:
-    """Bytes per device of the base, by storage: "int8" / "nf4" (quantized kernels with their scales) or
-    the dtype of the rest."""
+    """Bytes per device of the base, by storage: "int8" / "nf4" / "mxfp4" (quantized kernels with their
+    scales) or the dtype of the rest."""
     is_q = lambda x: isinstance(x, QuantizedTensor)  # noqa: E731
     kinds: dict[str, int] = {}
     leaves = jax.tree.leaves(base, is_leaf=is_q)

@@ -71,7 +71,7 @@ def test_bf16_logits_match_transformers_on_cuda(family, tmp_path):
     assert err < 1e-2 or (err < 5e-2 and ours32 <= 1.5 * theirs32), (err, ours32, theirs32)
 
 
-@pytest.mark.parametrize("method", ["int8", "nf4"])
+@pytest.mark.parametrize("method", ["int8", "nf4", "mxfp4"])
 def test_qmatmul_matches_dequantize_then_matmul_on_gpu(method):
     """Forward and input gradient, bf16 on the GPU, against the dense kernel (GPU bf16 and CPU float32)."""
     rng = np.random.default_rng(0)

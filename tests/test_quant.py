@@ -205,7 +205,7 @@ def test_none_is_pass_through():
 # ---------------------------------------------------------------- scan slicing, jit, gradients
 
 
-@pytest.mark.parametrize("method", ["int8", "nf4"])
+@pytest.mark.parametrize("method", ["int8", "nf4", "mxfp4"])
 def test_scan_and_index_slicing(method):
     n_layers = 3
     w = gaussian((n_layers, 128, 96))
@@ -229,7 +229,7 @@ def test_scan_and_index_slicing(method):
         np.testing.assert_allclose(np.asarray(dequantize(qi, jnp.float32)), whole[i], rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["int8", "nf4"])
+@pytest.mark.parametrize("method", ["int8", "nf4", "mxfp4"])
 def test_qmatmul_forward_and_grad(method):
     w = gaussian((128, 64), seed=5)
     q = jax.device_put(quantize(w, method))
@@ -253,7 +253,8 @@ def test_qmatmul_forward_and_grad(method):
     # Gradients w.r.t. the quantized weight never exist: the dense kernel is a stopped value.
     g = jax.grad(lambda q: jnp.sum(as_kernel(q, jnp.float32) ** 2), allow_int=True)(q)
     floats = [a for a in jax.tree.leaves(g) if a.dtype != jax.dtypes.float0]
-    assert floats and not any(np.any(np.asarray(a)) for a in floats)
+    assert floats or method == "mxfp4"  # mxfp4's leaves are all uint8: every cotangent is float0
+    assert not any(np.any(np.asarray(a)) for a in floats)
 
 
 def test_backward_saves_quantized_not_dense_weights():

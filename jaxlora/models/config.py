@@ -53,14 +53,15 @@ def config_from_hf(hf: dict) -> DecoderConfig:
 
 
 def _check_quantization(hf: dict) -> None:
-    """A pre-quantized checkpoint loads only as MXFP4 (gpt-oss; its `X_blocks` / `X_scales` are
-    dequantized by `safetensors_io`); other quant methods' tensors are not read, so they are refused."""
+    """A pre-quantized checkpoint loads only as MXFP4 (gpt-oss; its `X_blocks` / `X_scales` are kept with
+    `quant.weights: mxfp4`, else dequantized by `safetensors_io`); other quant methods' tensors are not
+    read, so they are refused."""
     qc = hf.get("quantization_config")
     method = qc.get("quant_method") if isinstance(qc, dict) else qc
     if qc is not None and method != "mxfp4":
         raise UserError(
             f"config.json: quantization_config with quant_method {method!r} is not supported (only mxfp4 "
-            "checkpoints load); use the unquantized checkpoint and quant.weights: int8 or nf4"
+            "checkpoints load); use the unquantized checkpoint and quant.weights: int8, nf4 or mxfp4"
         )
 
 

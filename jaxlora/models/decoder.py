@@ -43,6 +43,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxlora.models import hybrid_cache
 from jaxlora.models.attention import KVCache, attend
 from jaxlora.models.decoder_config import DecoderConfig
+from jaxlora.models.gemma4_layers import gemma4_attention, per_layer_inputs, ple_residual, run_gemma4
 from jaxlora.models.hybrid_layers import linear_attention, run_hybrid
 from jaxlora.models.layer_ops import linear, norm
 from jaxlora.models.lora_product import lora_product_for
@@ -67,6 +68,8 @@ class LayerInputs(NamedTuple):
     lora_scale: jax.Array  # float32 scalar: alpha/r for this layer, 0 where it is not adapted
     dropout_rng: jax.Array | None = None  # this layer's LoRA dropout key; None = no dropout
     cache: KVCache | None = None  # this layer's slice of the KV cache (generation; Qwen3.5: a `HybridCache`)
+    ple: jax.Array | None = None  # Gemma 4: this layer's per-layer input [B, T, P]
+    shared_kv: tuple | None = None  # Gemma 4's KV-shared layers: the (k, v) they attend with
 
 
 # --- the projections of a layer ------------------------------------------------------------------------
@@ -99,6 +102,8 @@ def block(cfg: DecoderConfig, p: Params, lora: Params | None, h: jax.Array, x: L
     a = norm(p["attn_norm"], h, cfg) if cfg.pre_norm else h  # [B, T, D]
     if "linear_attn" in p:  # Qwen3.5's Gated DeltaNet layers (jaxlora.models.hybrid_layers)
         out, new_kv = linear_attention(cfg, p, proj, a, x.segment_ids, x.cache)
+    elif cfg.global_head_dim:  # Gemma 4 (jaxlora.models.gemma4_layers): new_kv = the (k, v) it used
+        out, new_kv = gemma4_attention(cfg, p, proj, a, x)
     else:
         out, new_kv = attention(cfg, p, proj, a, x)
     if cfg.post_norm:
@@ -114,6 +119,8 @@ def block(cfg: DecoderConfig, p: Params, lora: Params | None, h: jax.Array, x: L
     if cfg.post_norm:
         out = norm(p["mlp_post_norm"], out, cfg)
     h = h + out.astype(F32)  # [B, T, D]
+    if x.ple is not None:  # Gemma 4's per-layer input, then its layer scalar
+        h = (h + ple_residual(cfg, p, proj, h, x.ple)) * p["layer_scalar"]["scale"].astype(F32)
     return checkpoint_name(h.astype(dt), "residual"), (new_kv, stats)
 
 
@@ -287,6 +294,8 @@ def forward(
         segment_ids = jnp.ones_like(input_ids)
     h = embed(params, cfg, input_ids, positions).astype(cfg.runtime.compute_dtype)  # [B, T, D]
     shared = LayerInputs(positions, segment_ids, None, window=None, lora_scale=None, cache=cache)
+    if cfg.ple_dim:  # Gemma 4: the per-layer inputs [B, T, L, P]
+        shared = shared._replace(ple=per_layer_inputs(params, cfg, input_ids, h))
     per_layer = layer_stack(params, cfg, positions, lora, lora_scale, dropout_rng, cache)
     h, (new_kv, stats) = run_layers(cfg, h, shared, per_layer, lora_dropout)
     h = norm(params["final_norm"], h, cfg)
@@ -319,11 +328,16 @@ def run_layers(cfg: DecoderConfig, h: jax.Array, shared: LayerInputs, per_layer:
     `runtime.scan_layers` off), each rematerialized as `runtime.remat` says when training.
     Returns (h, (the updated caches (k, v) stacked, or None; the router statistics [L, 2, E] or None))."""
     rt, cache = cfg.runtime, shared.cache
-    layer = partial(block, cfg, lora_dropout=lora_dropout)
-    if cache is None and REMAT[rt.remat] is not None:
-        # Under scan XLA cannot merge the recomputation into the forward pass anyway; the barriers that
-        # prevent it would only slow the step (about 6% on the CPU benchmark).
-        layer = jax.checkpoint(layer, policy=REMAT[rt.remat], prevent_cse=not rt.scan_layers)
+
+    def make_layer(cfg):
+        layer = partial(block, cfg, lora_dropout=lora_dropout)
+        if cache is None and REMAT[rt.remat] is not None:
+            # Under scan XLA cannot merge the recomputation into the forward pass anyway; the barriers that
+            # prevent it would only slow the step (about 6% on the CPU benchmark).
+            layer = jax.checkpoint(layer, policy=REMAT[rt.remat], prevent_cse=not rt.scan_layers)
+        return layer
+
+    layer = make_layer(cfg)
 
     def one_layer(h, xs):
         p, lo, inv_freq, window, scale, rng, kv = xs
@@ -333,6 +347,8 @@ def run_layers(cfg: DecoderConfig, h: jax.Array, shared: LayerInputs, per_layer:
         )
         return layer(p, lo, h, x)
 
+    if cfg.global_head_dim:  # Gemma 4: two layer shapes, KV-shared layers (jaxlora.models.gemma4_layers)
+        return run_gemma4(cfg, make_layer, h, shared._replace(ple=None), per_layer, shared.ple)
     if cfg.mixers:  # Qwen3.5: scanned over groups of one period of the layer pattern
         return run_hybrid(cfg, one_layer, h, per_layer, cache)
     if rt.scan_layers:

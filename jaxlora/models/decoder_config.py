@@ -105,6 +105,14 @@ class DecoderConfig:
     linear_conv_kernel: int = 4
     # Qwen3.5's attention: q_proj emits [query; gate] per head, the output is times sigmoid(gate).
     attn_output_gate: bool = False
+    # Gemma 4 (`models.gemma4_spec`): the full layers' head dim and kv heads (0: not Gemma 4), their keys
+    # used as values too (`attention_k_eq_v`); per-layer input embeddings of width `ple_dim` (0 = none)
+    # from a table of `ple_vocab` rows. Its KV-shared layers are its `mixers` without "+".
+    global_head_dim: int = 0
+    global_kv_heads: int = 0
+    k_eq_v: bool = False
+    ple_dim: int = 0
+    ple_vocab: int = 0
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None

@@ -14,6 +14,7 @@ from functools import cached_property
 from typing import Any
 
 from jaxlora.errors import UserError
+from jaxlora.models import gemma4_spec as g4
 from jaxlora.models import hybrid_weights as hw
 from jaxlora.models import switches as sw
 from jaxlora.models import weights as w
@@ -289,6 +290,15 @@ FAMILIES: dict[str, Family] = {
         multimodal=("qwen3_5_moe",),
     ),
 }
+FAMILIES["gemma4_text"] = Family(  # PLE, KV sharing, two layer shapes (`models.gemma4_spec`)
+    g4.GEMMA4,
+    g4.DEFAULTS,
+    switches=dict(embed_scale=True, post_norm=True),
+    read=g4.gemma4_decoder,
+    activation=sw.gemma2_activation,
+    layers=g4.gemma4,
+    multimodal=("gemma4",),
+)
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Multimodal model_type -> the model_type of its text tower (`text_config`).
 TEXT_TOWERS = {mm: mt for mt, fam in FAMILIES.items() for mm in fam.multimodal}

@@ -32,7 +32,8 @@ def layer_ids(entry: w.Entry, cfg: DecoderConfig) -> tuple[int, ...]:
     """The HF layers whose tensors form the rows of this per-layer entry's stack, in order."""
     if not entry.kind:
         return tuple(range(cfg.num_layers))
-    return tuple(i for i, kind in enumerate(cfg.mixers) if kind == entry.kind)
+    # a layer's kind may join several weight kinds with "+" (Gemma 4: `models.gemma4_spec`)
+    return tuple(i for i, kind in enumerate(cfg.mixers) if entry.kind in kind.split("+"))
 
 
 def stack_rows(entry: w.Entry, cfg: DecoderConfig) -> int:

@@ -1,0 +1,156 @@
+"""[frontier] Gemma 4's text decoder (`gemma4_text`) against transformers and PEFT: per-layer input
+embeddings, KV-shared layers, full layers of another head dim (and with `attention_k_eq_v` one kv head
+whose keys are the values), proportional RoPE, final soft-capping.
+
+Two tiny random `Gemma4ForCausalLM` (tests/helpers/hf_gemma4.py: 4 layers, sliding and full alternating,
+the last 2 KV-shared; with and without k_eq_v; stories260K's tokenizer beside them) are built once per
+module and serve every check.
+"""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from jax import numpy as jnp
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+
+from jaxlora.errors import UserError
+from jaxlora.lora import LoraConfig, init_lora, target_paths
+from jaxlora.models import config_from_hf, forward, load_model
+from jaxlora.models.gemma4_spec import kv_source
+from jaxlora.models.generate import generate
+from jaxlora.peft import load_peft_adapter
+from tests.helpers.family_checks import merged_export_gap, peft_export_gap
+from tests.helpers.hf_gemma4 import gemma4_config, make_gemma4
+from tests.helpers.hf_tiny import hf_forward, padded_batch
+from tests.helpers.peft_torch import (
+    hf_model,
+    jax_logits,
+    randomize_peft_,
+    randomized,
+    token_ids,
+    torch_logits,
+)
+
+LORA = LoraConfig(r=8, alpha=16, dropout=0.0, use_rslora=True, target_modules="all-linear")
+# The one linear PEFT's all-linear adapts that jaxlora cannot: PLE's projection, outside the layers.
+OUTSIDE_LAYERS = "per_layer_model_projection"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, stories_dir):
+    """{"plain" | "k_eq_v": (folder, torch model, jaxlora Model)}, built once."""
+    out = {}
+    for name, k_eq_v in (("plain", False), ("k_eq_v", True)):
+        folder = tmp_path_factory.mktemp(f"gemma4_{name}")
+        hf = make_gemma4(folder, stories_dir, k_eq_v=k_eq_v)
+        out[name] = (folder, hf, load_model(folder))
+    return out
+
+
+def test_layout_by_kind(built):
+    _, _, model = built["k_eq_v"]
+    cfg, layers = model.config, model.params["layers"]
+    assert cfg.mixers == ("sliding_attention+sliding_kv", "full_attention+full_kv", "sliding_attention",
+                          "full_attention")  # fmt: skip
+    assert kv_source(cfg) == (0, 1, 0, 1)
+    assert layers["attn"]["q_proj"]["kernel"].shape == (2, 32, 4 * 8)  # both sliding layers
+    assert layers["attn"]["k_proj"]["kernel"].shape == (1, 32, 2 * 8)  # the one with its own k/v
+    assert layers["global_attn"]["q_proj"]["kernel"].shape == (2, 32, 4 * 16)
+    assert layers["global_attn"]["k_proj"]["kernel"].shape == (1, 32, 16)  # one kv head, no v_proj
+    assert "v_proj" not in layers["global_attn"]
+    assert "v_proj" in built["plain"][2].params["layers"]["global_attn"]
+    assert model.params["ple"]["embedding"].shape == (512, 4 * 8)
+    assert cfg.rotary_dim == 8 and cfg.global_head_dim == 16 and cfg.attn_scale == 1.0
+
+
+@pytest.mark.parametrize("variant", ["plain", "k_eq_v"])
+def test_logits_match_transformers_on_a_padded_batch(variant, built):
+    _, hf, model = built[variant]
+    ids, mask, pos = padded_batch(model.config.vocab_size)
+    ids_, pos_, mask_ = jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask)
+    ours = np.asarray(forward(model.params, model.config, ids_, pos_, mask_))
+    want = hf_forward(hf, ids, mask, pos).logits.numpy()
+    worst = float(np.abs(ours - want)[mask == 1].max())
+    print(f"gemma4 ({variant}): max |jaxlora - transformers| logits = {worst:.2e}")
+    assert worst < 1e-4
+
+
+def test_all_linear_targets_are_peft_s_inside_the_layers(built):
+    folder, _, model = built["k_eq_v"]
+    pm = get_peft_model(hf_model(folder), PeftLoraConfig(r=2, target_modules="all-linear"))
+    theirs = {n.split(".")[-1] for n in pm.peft_config["default"].target_modules}
+    ours = {name for _, name in target_paths(model.config, LORA)}
+    assert theirs - ours == {OUTSIDE_LAYERS} and ours <= theirs, (ours, theirs)
+    assert {"per_layer_input_gate", "per_layer_projection", "q_proj", "k_proj", "v_proj"} <= ours
+
+
+@pytest.mark.parametrize("variant", ["plain", "k_eq_v"])
+def test_exported_adapter_loads_in_peft(variant, built, tmp_path):
+    folder, _, model = built[variant]
+    lora = randomized(init_lora(model.config, LORA, jax.random.key(0)), 1)
+    assert lora["global_attn"]["q_proj"]["a"].shape[0] == 2 and lora["attn"]["k_proj"]["a"].shape[0] == 1
+    diff, _ = peft_export_gap(model, folder, lora, LORA, token_ids(model.config.vocab_size), tmp_path / "ad")
+    print(f"gemma4 ({variant}): jaxlora adapter in PEFT, max |logits diff| = {diff:.2e}")
+    assert diff < 1e-4
+
+
+def _peft_adapter(folder, targets, path):
+    torch.manual_seed(0)
+    config = PeftLoraConfig(
+        r=8, lora_alpha=16, use_rslora=True, target_modules=targets, task_type="CAUSAL_LM"
+    )
+    pm = get_peft_model(hf_model(folder), config)
+    randomize_peft_(pm, 2)
+    pm.save_pretrained(path)
+    return pm.eval()
+
+
+def test_peft_made_adapter_imports(built, tmp_path):
+    folder, _, model = built["k_eq_v"]
+    targets = sorted({name for _, name in target_paths(model.config, LORA)})
+    pm = _peft_adapter(folder, targets, tmp_path / "peft")
+    ids = token_ids(model.config.vocab_size)
+    lora, lc = load_peft_adapter(tmp_path / "peft", model.config)
+    diff = np.abs(jax_logits(model, ids, lora, lc) - torch_logits(pm, ids)).max()
+    print(f"gemma4: PEFT adapter in jaxlora, max |logits diff| = {diff:.2e}")
+    assert diff < 1e-4
+
+
+def test_peft_adapter_on_ple_projection_is_refused_in_one_line(built, tmp_path):
+    folder, _, model = built["plain"]
+    _peft_adapter(folder, "all-linear", tmp_path / "peft")
+    with pytest.raises(UserError, match=OUTSIDE_LAYERS) as err:
+        load_peft_adapter(tmp_path / "peft", model.config)
+    assert "\n" not in str(err.value)
+
+
+def test_merged_export_loads_in_transformers(built, tmp_path):
+    _, _, model = built["k_eq_v"]
+    lora = randomized(init_lora(model.config, LORA, jax.random.key(0)), 3)
+    diff = merged_export_gap(model, lora, LORA, token_ids(model.config.vocab_size), tmp_path / "merged")
+    print(f"gemma4: merged checkpoint in transformers, max |logits diff| = {diff:.2e}")
+    assert diff < 1e-4
+
+
+def test_generation_is_refused_in_one_line(built):
+    _, _, model = built["plain"]
+    with pytest.raises(UserError, match="not supported for gemma4_text") as err:
+        generate(model.params, model.config, [[1, 5, 9]], 2, temperature=0.0, eos_ids=())
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "over, what",
+    [
+        ({"enable_moe_block": True}, "enable_moe_block"),
+        ({"use_bidirectional_attention": "vision"}, "use_bidirectional_attention"),
+        ({"use_double_wide_mlp": True}, "use_double_wide_mlp"),
+    ],
+)
+def test_unsupported_keys_are_refused_in_one_line(over, what):
+    raw = {**gemma4_config().to_dict(), **over}
+    with pytest.raises(UserError, match=what) as err:
+        config_from_hf(raw)
+    assert "\n" not in str(err.value)

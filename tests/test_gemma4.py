@@ -7,6 +7,9 @@ the last 2 KV-shared; with and without k_eq_v; stories260K's tokenizer beside th
 module and serve every check.
 """
 
+import json
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -18,12 +21,16 @@ from peft import get_peft_model
 from jaxlora.errors import UserError
 from jaxlora.lora import LoraConfig, init_lora, target_paths
 from jaxlora.models import config_from_hf, forward, load_model
+from jaxlora.models.families import FAMILIES
 from jaxlora.models.gemma4_spec import kv_source
 from jaxlora.models.generate import generate
+from jaxlora.models.random_weights import init_params
 from jaxlora.peft import load_peft_adapter
+from jaxlora.quant import count_params
 from tests.helpers.family_checks import merged_export_gap, peft_export_gap
 from tests.helpers.hf_gemma4 import gemma4_config, make_gemma4
 from tests.helpers.hf_tiny import hf_forward, padded_batch
+from tests.helpers.parallel_runs import _config, _drive
 from tests.helpers.peft_torch import (
     hf_model,
     jax_logits,
@@ -36,6 +43,7 @@ from tests.helpers.peft_torch import (
 LORA = LoraConfig(r=8, alpha=16, dropout=0.0, use_rslora=True, target_modules="all-linear")
 # The one linear PEFT's all-linear adapts that jaxlora cannot: PLE's projection, outside the layers.
 OUTSIDE_LAYERS = "per_layer_model_projection"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +153,7 @@ def test_generation_is_refused_in_one_line(built):
     "over, what",
     [
         ({"enable_moe_block": True}, "enable_moe_block"),
-        ({"use_bidirectional_attention": "vision"}, "use_bidirectional_attention"),
+        ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention"),
         ({"use_double_wide_mlp": True}, "use_double_wide_mlp"),
     ],
 )
@@ -154,3 +162,82 @@ def test_unsupported_keys_are_refused_in_one_line(over, what):
     with pytest.raises(UserError, match=what) as err:
         config_from_hf(raw)
     assert "\n" not in str(err.value)
+
+
+def test_text_tower_defaults_equal_transformers():
+    from transformers import Gemma4TextConfig
+
+    made = Gemma4TextConfig()
+    for key, value in FAMILIES["gemma4_text"].text_config_defaults.items():
+        assert getattr(made, key) == value, key
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: the real trainer on one device, on fsdp=2 x tensor=2 and on int8 / nf4 bases, one 4-device process
+
+STEPS, MESH_STEPS = 6, 3
+
+
+@pytest.fixture(scope="module")
+def trained(built, assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gemma4_train")
+    base = {
+        "data.seq_len": 128,
+        "train.batch_size": 4,
+        "train.learning_rate": 1e-2,
+        "train.lr_schedule": "constant",
+        "train.warmup_steps": 1,
+        "train.warmup_ratio": None,
+        "train.eval_batches": 2,
+        "checkpoint.every_steps": None,
+        "lora.dropout": 0.0,
+        "lora.target_modules": "all-linear",
+        "train.remat": "none",  # compiles faster; the layers are unrolled
+        "train.eval_every_steps": None,
+    }
+    mesh = {"parallel.strategy": "mesh", "parallel.mesh.fsdp": 2, "parallel.mesh.tensor": 2}
+    runs = []
+    for name, over in (
+        ("single", {"train.max_steps": STEPS}),
+        ("f2t2", {**mesh, "train.max_steps": MESH_STEPS}),
+        *((k, {"quant.weights": k, "train.max_steps": STEPS}) for k in ("int8", "nf4")),
+    ):
+        cfg = _config(assets, root / name, **base, **over)
+        cfg["model"]["path"] = str(built["k_eq_v"][0])
+        runs.append({"name": name, "config": cfg})
+    return _drive(runs, 4, root / "runs.json")
+
+
+@pytest.mark.parametrize("run", ["single", "int8", "nf4"])
+def test_fine_tune_loss_falls(run, trained):
+    """On the float base and on int8 / nf4 ones: the last two train losses average 3% below the first."""
+    losses = trained[run]["losses"]
+    print(
+        f"gemma4 {run}: train losses", [round(losses[s], 3) for s in sorted(losses)], trained[run]["seconds"]
+    )
+    last = max(losses)
+    assert (losses[last] + losses[last - 1]) / 2 < 0.97 * losses[1]
+
+
+def test_fsdp2_tensor2_equals_one_device(trained):
+    a, b = trained["single"]["losses"], trained["f2t2"]["losses"]
+    diff = max(abs(a[s] - b[s]) for s in range(1, MESH_STEPS + 1))
+    print(f"gemma4: fsdp=2 x tensor=2 vs one device, max train-loss diff {diff:.2e}")
+    assert diff < 1e-4
+
+
+def test_e4b_preset_counts_as_transformers():
+    """The benchmark preset (Gemma 4 E4B's text model): as many weights as transformers builds for it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = json.loads((ROOT / "benchmarks" / "presets" / "gemma-4-e4b" / "config.json").read_text())
+    cfg = config_from_hf(raw)
+    assert cfg.mixers.count("full_attention+full_kv") == 4 and cfg.mixers.count("full_attention") == 3
+    ours = count_params(jax.eval_shape(lambda: init_params(cfg)))
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**raw))
+    theirs = sum(p.numel() for p in hf.parameters()) + sum(
+        b.numel() for n, b in hf.named_buffers() if "scalar" in n
+    )
+    print(f"Gemma 4 E4B text model: {ours:,} weights (transformers: {theirs:,})")
+    assert ours == theirs

@@ -298,6 +298,10 @@ FAMILIES["gemma4_text"] = Family(  # PLE, KV sharing, two layer shapes (`models.
     activation=sw.gemma2_activation,
     layers=g4.gemma4,
     multimodal=("gemma4",),
+    # transformers' Gemma4TextConfig, for a `text_config` that leaves them out
+    text_config_defaults=dict(
+        vocab_size=262144, num_attention_heads=8, bos_token_id=2, eos_token_id=1, pad_token_id=0
+    ),
 )
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Multimodal model_type -> the model_type of its text tower (`text_config`).

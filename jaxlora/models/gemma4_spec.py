@@ -84,8 +84,9 @@ def gemma4(hf: HFConfig) -> dict:
     """Gemma 4's keys past Gemma's: the layer kinds and windows, the full layers' head dim and kv heads,
     `attention_k_eq_v`, the KV-shared layers, PLE, the RoPE of each layer type, final soft-capping."""
     n = hf["num_hidden_layers"]
-    if hf.get("use_bidirectional_attention"):
-        raise UserError("config.json: use_bidirectional_attention is not supported (causal LM only)")
+    # "vision": image tokens see each other both ways; jaxlora feeds text only, which stays causal
+    if hf.get("use_bidirectional_attention") not in (None, "vision"):
+        raise UserError("config.json: use_bidirectional_attention 'all' is not supported (causal LM only)")
     if hf.get("enable_moe_block"):
         raise UserError("config.json: gemma4_text with enable_moe_block (the MoE block) is not supported yet")
     types = layer_types(hf, n, lambda hf, n: [SLIDING if (i + 1) % 6 else FULL for i in range(n)])

@@ -65,3 +65,23 @@ def make_gemma4(folder: Path, tokenizer_from: Path | None = None, seed: int = 0,
     if tokenizer_from is not None:
         copy_tokenizer(tokenizer_from, folder)
     return model
+
+
+def make_hf_gemma4(folder: Path, seed: int = 0):
+    """A tiny `Gemma4ForConditionalGeneration` (model_type gemma4): the k_eq_v config above as its text
+    tower plus a one-layer vision tower (no audio tower), randomized and saved; returns the torch model."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=8, patch_size=4, position_embedding_size=64,
+    )  # fmt: skip
+    text = gemma4_config(k_eq_v=True, use_bidirectional_attention="vision")
+    config = Gemma4Config(text_config=text.to_dict(), vision_config=vision, audio_config=None)
+    config._attn_implementation = "eager"
+    model = Gemma4ForConditionalGeneration(config)
+    randomize_gemma4_(model, seed)
+    model.eval()
+    model.save_pretrained(folder)
+    return model

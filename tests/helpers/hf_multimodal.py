@@ -8,10 +8,16 @@ import numpy as np
 import torch
 import transformers
 
+from tests.helpers.hf_gemma4 import make_hf_gemma4
 from tests.helpers.hf_tiny import make_hf_gemma3, make_hf_qwen3_5, make_hf_qwen3_5_moe
 
 # multimodal model_type -> builder(folder) -> the saved torch model (models.families.TEXT_TOWERS)
-BUILDERS = {"gemma3": make_hf_gemma3, "qwen3_5": make_hf_qwen3_5, "qwen3_5_moe": make_hf_qwen3_5_moe}
+BUILDERS = {
+    "gemma3": make_hf_gemma3,
+    "qwen3_5": make_hf_qwen3_5,
+    "qwen3_5_moe": make_hf_qwen3_5_moe,
+    "gemma4": make_hf_gemma4,
+}
 
 
 def hf_class(folder: Path):

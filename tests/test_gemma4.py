@@ -25,8 +25,9 @@ from jaxlora.models.families import FAMILIES
 from jaxlora.models.gemma4_spec import kv_source
 from jaxlora.models.generate import generate
 from jaxlora.models.random_weights import init_params
+from jaxlora.models.targets import linear_modules
 from jaxlora.peft import load_peft_adapter
-from jaxlora.quant import count_params
+from jaxlora.quant import QuantizedTensor, count_params, dequantize, make_quantizer
 from tests.helpers.family_checks import merged_export_gap, peft_export_gap
 from tests.helpers.hf_gemma4 import gemma4_config, make_gemma4
 from tests.helpers.hf_tiny import hf_forward, padded_batch
@@ -44,15 +45,23 @@ LORA = LoraConfig(r=8, alpha=16, dropout=0.0, use_rslora=True, target_modules="a
 # The one linear PEFT's all-linear adapts that jaxlora cannot: PLE's projection, outside the layers.
 OUTSIDE_LAYERS = "per_layer_model_projection"
 ROOT = Path(__file__).resolve().parents[1]
+# The MoE block (as in 26B-A4B): 4 experts, top-2, beside the MLP; no PLE, no KV-shared layers.
+MOE = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=16)
+VARIANTS = {
+    "plain": {},
+    "k_eq_v": {"k_eq_v": True},
+    "moe": {"k_eq_v": True, **MOE, "hidden_size_per_layer_input": 0, "num_kv_shared_layers": 0},
+}
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, stories_dir):
-    """{"plain" | "k_eq_v": (folder, torch model, jaxlora Model)}, built once."""
+    """{"plain" | "k_eq_v" | "moe": (folder, torch model, jaxlora Model)}, built once."""
     out = {}
-    for name, k_eq_v in (("plain", False), ("k_eq_v", True)):
+    for name, kw in VARIANTS.items():
         folder = tmp_path_factory.mktemp(f"gemma4_{name}")
-        hf = make_gemma4(folder, stories_dir, k_eq_v=k_eq_v)
+        hf = make_gemma4(folder, stories_dir, **kw)
         out[name] = (folder, hf, load_model(folder))
     return out
 
@@ -73,7 +82,7 @@ def test_layout_by_kind(built):
     assert cfg.rotary_dim == 8 and cfg.global_head_dim == 16 and cfg.attn_scale == 1.0
 
 
-@pytest.mark.parametrize("variant", ["plain", "k_eq_v"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_logits_match_transformers_on_a_padded_batch(variant, built):
     _, hf, model = built[variant]
     ids, mask, pos = padded_batch(model.config.vocab_size)
@@ -152,7 +161,7 @@ def test_generation_is_refused_in_one_line(built):
 @pytest.mark.parametrize(
     "over, what",
     [
-        ({"enable_moe_block": True}, "enable_moe_block"),
+        ({"enable_moe_block": True}, "enable_moe_block needs num_experts"),
         ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention"),
         ({"use_double_wide_mlp": True}, "use_double_wide_mlp"),
     ],
@@ -241,3 +250,55 @@ def test_e4b_preset_counts_as_transformers():
     )
     print(f"Gemma 4 E4B text model: {ours:,} weights (transformers: {theirs:,})")
     assert ours == theirs
+
+
+def test_moe_all_linear_equals_peft_router_included(built):
+    folder, _, model = built["moe"]
+    pm = get_peft_model(hf_model(folder), PeftLoraConfig(r=2, target_modules="all-linear"))
+    theirs = {n.split(".")[-1] for n in pm.peft_config["default"].target_modules}
+    names = {m.key: m.name for m in linear_modules(model.config)}  # HF module names: router.proj -> proj
+    ours = {names[path] for path in target_paths(model.config, LORA)}
+    assert ours == theirs and "proj" in ours, (ours, theirs)  # router.proj is an nn.Linear
+
+
+def test_moe_expert_lora_round_trips_peft_and_merges(built, tmp_path):
+    """all-linear (the router's proj included) and both expert weights as `target_parameters`: jaxlora ->
+    PEFT, PEFT -> jaxlora, and the merged export in transformers."""
+    folder, _, model = built["moe"]
+    lc = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear", target_parameters=EXPERTS)
+    ids = token_ids(model.config.vocab_size)
+    lora = randomized(init_lora(model.config, lc, jax.random.key(0)), 1)
+    assert set(lora["moe"]) == {"router", "gate_up_proj", "down_proj"}
+    exported, _ = peft_export_gap(model, folder, lora, lc, ids, tmp_path / "adapter", pattern_notice=True)
+    torch.manual_seed(0)
+    made = get_peft_model(
+        hf_model(folder),
+        PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", target_parameters=EXPERTS),
+    )
+    randomize_peft_(made, 2)
+    ref = torch_logits(made.eval(), ids)
+    made.save_pretrained(tmp_path / "peft")
+    back, back_cfg = load_peft_adapter(tmp_path / "peft", model.config)
+    imported = np.abs(jax_logits(model, ids, back, back_cfg) - ref).max()
+    merged = merged_export_gap(model, lora, lc, ids, tmp_path / "merged")
+    print(f"gemma4 MoE: to PEFT {exported:.2e}, from PEFT {imported:.2e}, merged {merged:.2e}")
+    assert max(exported, imported, merged) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_moe_quantized_base_is_the_model_of_its_dequantized_weights(kind, built):
+    """The experts and every linear quantized, the router kept in float; the logits those of the
+    dequantized weights."""
+    folder, _, model = built["moe"]
+    q = load_model(folder, quantizer=make_quantizer(kind))
+    moe = q.params["layers"]["moe"]
+    assert isinstance(moe["gate_up_proj"]["kernel"], QuantizedTensor)
+    assert isinstance(q.params["layers"]["global_attn"]["q_proj"]["kernel"], QuantizedTensor)
+    assert not isinstance(moe["router"]["kernel"], QuantizedTensor)
+    ids = jnp.asarray(token_ids(model.config.vocab_size))
+    deq = jax.tree.map(
+        lambda x: jnp.asarray(dequantize(x, np.float32)) if isinstance(x, QuantizedTensor) else x,
+        q.params,
+        is_leaf=lambda x: isinstance(x, QuantizedTensor),
+    )
+    assert float(jnp.abs(forward(deq, q.config, ids) - forward(q.params, q.config, ids)).max()) < 1e-4

@@ -43,7 +43,13 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxlora.models import hybrid_cache
 from jaxlora.models.attention import KVCache, attend
 from jaxlora.models.decoder_config import DecoderConfig
-from jaxlora.models.gemma4_layers import gemma4_attention, per_layer_inputs, ple_residual, run_gemma4
+from jaxlora.models.gemma4_layers import (
+    gemma4_attention,
+    gemma4_experts,
+    per_layer_inputs,
+    ple_residual,
+    run_gemma4,
+)
 from jaxlora.models.hybrid_layers import linear_attention, run_hybrid
 from jaxlora.models.layer_ops import linear, norm
 from jaxlora.models.lora_product import lora_product_for
@@ -112,15 +118,19 @@ def block(cfg: DecoderConfig, p: Params, lora: Params | None, h: jax.Array, x: L
     # (pre-)norm -> MLP or experts -> (post-norm) -> residual
     m = norm(p["mlp_norm"], h, cfg) if cfg.pre_norm else h  # [B, T, D]
     stats = None
-    if cfg.num_experts:  # Mixtral, Qwen3-MoE, Qwen2-MoE, gpt-oss: routed experts (jaxlora.models.moe)
+    if cfg.num_experts and not cfg.global_head_dim:  # Mixtral, Qwen3-MoE, Qwen2-MoE, gpt-oss (models.moe)
         out, stats = experts(cfg, p, lora, proj, m, x)
     else:
         out = tiled_mlp(cfg, p, lora or {}, x, lora_dropout, m)
+        if cfg.num_experts:  # Gemma 4: experts beside the MLP (jaxlora.models.gemma4_layers)
+            out, stats = gemma4_experts(cfg, p, lora, out, h, x)
     if cfg.post_norm:
         out = norm(p["mlp_post_norm"], out, cfg)
     h = h + out.astype(F32)  # [B, T, D]
-    if x.ple is not None:  # Gemma 4's per-layer input, then its layer scalar
-        h = (h + ple_residual(cfg, p, proj, h, x.ple)) * p["layer_scalar"]["scale"].astype(F32)
+    if x.ple is not None:  # Gemma 4's per-layer input
+        h = h + ple_residual(cfg, p, proj, h, x.ple)
+    if "layer_scalar" in p:  # Gemma 4
+        h = h * p["layer_scalar"]["scale"].astype(F32)
     return checkpoint_name(h.astype(dt), "residual"), (new_kv, stats)
 
 

@@ -15,6 +15,7 @@ norm(per_layer_projection(act(per_layer_input_gate(h)) * ple_i)). The layer's ou
 
 import dataclasses
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,8 @@ from jaxlora.models.decoder_config import DecoderConfig
 from jaxlora.models.gemma4_spec import kv_source, layer_type
 from jaxlora.models.layer_ops import linear, norm
 from jaxlora.models.layer_settings import FULL, SLIDING
+from jaxlora.models.lora_product import lora_product_for
+from jaxlora.models.moe import moe_mlp
 from jaxlora.models.spec import layer_ids, name_table
 
 F32 = jnp.float32
@@ -112,6 +115,21 @@ def ple_residual(cfg: DecoderConfig, p: dict, proj, h: jax.Array, ple: jax.Array
     return norm(p["ple"]["post_norm"], out, cfg)
 
 
+def gemma4_experts(cfg: DecoderConfig, p: dict, lora: dict | None, dense: jax.Array, h: jax.Array, x):
+    """The MoE block beside the MLP: dense [B, T, D] is the MLP's output, h [B, T, D] (float32) the stream
+    before it. Returns (norm_1(dense) + norm_2(experts(pre_norm_2(h))) [B, T, D], router stats [2, E]);
+    the router reads h RMS-normed, times its scale and D^-1/2."""
+    dt = jnp.dtype(cfg.runtime.compute_dtype)
+    b, t, _ = h.shape
+    routed = _rms(h, cfg.norm_eps) * p["moe"]["router_scale"]["scale"].astype(F32) * cfg.hidden_size**-0.5
+    router = partial(linear, dtype=dt, lora_scale=x.lora_scale, product=lora_product_for(cfg))
+    real = x.segment_ids > 0  # [B, T]
+    m = norm(p["moe_norm"], h, cfg)
+    out, stats = moe_mlp(cfg, p["moe"], (lora or {}).get("moe"), m, x.lora_scale, real, router, routed)
+    both = norm(p["mlp_post_norm_1"], dense, cfg) + norm(p["moe_post_norm"], out, cfg)
+    return both.astype(dt), stats
+
+
 def _rows(cfg: DecoderConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Params path under "layers" (without the leaf's name) -> the HF layers of its stack's rows."""
     return {e.path[1:-1]: layer_ids(e, cfg) for e in name_table(cfg) if e.per_layer}
@@ -134,13 +152,13 @@ def _layer(tree: dict | None, rows: dict, i: int) -> dict | None:
 def run_gemma4(cfg: DecoderConfig, make_layer, h: jax.Array, shared, per_layer: tuple, ple: jax.Array | None):
     """Every layer on h [B, T, D], unrolled: `make_layer(config)` gives the decoder's layer function for a
     config, `shared` the `LayerInputs` of every layer, `per_layer` what `decoder.layer_stack` stacks, `ple`
-    the per-layer inputs [B, T, L, P] or None. Returns (h, (None, None))."""
+    the per-layer inputs [B, T, L, P] or None. Returns (h, (None, the router stats [L, 2, E] or None))."""
     params, lora, _, windows, scales, rngs, kv = per_layer
     if kv is not None:
         raise UserError(
             f"generation with a KV cache is not supported for {cfg.model_type} (KV-shared layers) yet"
         )
-    rows, inv, source, kvs = _rows(cfg), inv_freqs(cfg), kv_source(cfg), {}
+    rows, inv, source, kvs, stats = _rows(cfg), inv_freqs(cfg), kv_source(cfg), {}, []
     layers = {kind: make_layer(kind_config(cfg, kind)) for kind in (SLIDING, FULL)}
     for i, kind in enumerate(cfg.mixers):
         x = shared._replace(
@@ -151,5 +169,6 @@ def run_gemma4(cfg: DecoderConfig, make_layer, h: jax.Array, shared, per_layer: 
             ple=None if ple is None else ple[:, :, i],
             shared_kv=None if source[i] == i else kvs[source[i]],
         )
-        h, (kvs[i], _) = layers[layer_type(kind)](_layer(params, rows, i), _layer(lora, rows, i), h, x)
-    return h, (None, None)
+        h, (kvs[i], s) = layers[layer_type(kind)](_layer(params, rows, i), _layer(lora, rows, i), h, x)
+        stats.append(s)
+    return h, (None, jnp.stack(stats) if cfg.num_experts else None)

@@ -87,8 +87,6 @@ def gemma4(hf: HFConfig) -> dict:
     # "vision": image tokens see each other both ways; jaxlora feeds text only, which stays causal
     if hf.get("use_bidirectional_attention") not in (None, "vision"):
         raise UserError("config.json: use_bidirectional_attention 'all' is not supported (causal LM only)")
-    if hf.get("enable_moe_block"):
-        raise UserError("config.json: gemma4_text with enable_moe_block (the MoE block) is not supported yet")
     types = layer_types(hf, n, lambda hf, n: [SLIDING if (i + 1) % 6 else FULL for i in range(n)])
     types[-1] = FULL  # as transformers forces it
     shared = int(hf.value("num_kv_shared_layers") or 0)
@@ -109,7 +107,26 @@ def gemma4(hf: HFConfig) -> dict:
         "final_logit_softcap": float(hf.value("final_logit_softcapping") or 0.0),
         "attn_scale": 1.0,  # the scores are q . k, unscaled (the q/k norms keep them small)
         **_rope(hf, heads),
+        **(_experts(hf) if hf.get("enable_moe_block") else {}),
     }
+
+
+def _experts(hf: HFConfig) -> dict:
+    """The MoE block's experts: `num_experts`, `top_k_experts` (top-k always renormalized), their width;
+    transformers adds no load-balancing loss for Gemma 4."""
+    e, k, f = hf.get("num_experts"), hf.get("top_k_experts"), hf.get("moe_intermediate_size")
+    if not (e and e >= 2 and k and 1 <= k <= e and f):
+        raise UserError(
+            "config.json: gemma4_text's enable_moe_block needs num_experts >= 2, top_k_experts between 1 "
+            "and num_experts, and moe_intermediate_size"
+        )
+    return dict(
+        num_experts=int(e),
+        experts_per_token=int(k),
+        norm_topk_prob=True,
+        moe_intermediate_size=int(f),
+        router_aux_loss_coef=0.0,
+    )
 
 
 def _global_heads(hf: HFConfig, types: list[str]) -> tuple[int, int]:
@@ -282,6 +299,31 @@ _PLE_LAYER = (
         _L + "post_per_layer_input_norm.weight", "ple.post_norm.scale", w.VECTOR, (D, None), when=_has_ple
     ),
 )
+
+
+def _has_moe(cfg: DecoderConfig) -> bool:
+    return cfg.num_experts > 0
+
+
+# The MoE block beside the MLP: a router (its input RMS-normed without scale, times `router.scale` and
+# D^-1/2; an nn.Linear `router.proj`, so a linear LoRA target as in PEFT's all-linear; each top-k weight
+# times its expert's `per_expert_scale`) and experts stored fused as transformers 5 keeps them (GeGLU,
+# gate first), adapted through `target_parameters`; its own pre-norm and two post-norms.
+_MOE = (
+    w._entry(_L + "router.scale", "moe.router_scale.scale", w.VECTOR, (D, None), when=_has_moe),
+    w._target(22, _L + "router.proj.weight", "moe.router.kernel", w.LINEAR, (D, "embed"), (w.E, None),
+              keep_float=True, when=_has_moe),
+    w._entry(_L + "router.per_expert_scale", "moe.expert_scale.scale", w.VECTOR, (w.E, None), when=_has_moe),
+    w._entry(_L + "experts.gate_up_proj", "moe.gate_up_proj.kernel", w.EXPERTS, (w.E, "expert"),
+             (D, "embed"), (w.FE2, "mlp"), param=True, stream=1002, when=_has_moe),
+    w._entry(_L + "experts.down_proj", "moe.down_proj.kernel", w.EXPERTS, (w.E, "expert"), (w.FE, "mlp"),
+             (D, "embed"), param=True, stream=1003, when=_has_moe),
+    w._entry(_L + "post_feedforward_layernorm_1.weight", "mlp_post_norm_1.scale", w.VECTOR, (D, None),
+             when=_has_moe),
+    w._entry(_L + "pre_feedforward_layernorm_2.weight", "moe_norm.scale", w.VECTOR, (D, None), when=_has_moe),
+    w._entry(_L + "post_feedforward_layernorm_2.weight", "moe_post_norm.scale", w.VECTOR, (D, None),
+             when=_has_moe),
+)  # fmt: skip
 GEMMA4 = (
     w._EMBED,
     w._FINAL,
@@ -290,6 +332,7 @@ GEMMA4 = (
     *_attention("attn", SLIDING, SLIDING_KV, Q, KV, H, (0, 1, 2, 3)),
     *_attention("global_attn", FULL, FULL_KV, QG, KVG, HG, (18, 19, 20, 21), v_when=_separate_v),
     *w._GATE_UP_DOWN,
+    *_MOE,
     *_PLE_LAYER,
     *_PLE_TOP,
     w._HEAD,

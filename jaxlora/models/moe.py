@@ -74,7 +74,9 @@ def expert_activation(cfg: DecoderConfig, gu: jax.Array) -> jax.Array:
     on interleaved columns, (clip(up, -l, l) + 1) * g * sigmoid(alpha * g) with g = min(gate, l)."""
     if not cfg.swiglu_alpha:
         f = gu.shape[-1] // 2
-        return jax.nn.silu(gu[..., :f]) * gu[..., f:]
+        gate = gu[..., :f]
+        act = jax.nn.gelu(gate, approximate=True) if cfg.activation == "gelu_tanh" else jax.nn.silu(gate)
+        return act * gu[..., f:]  # Gemma 4's experts: GeGLU
     limit = cfg.swiglu_limit
     gate = jnp.minimum(gu[..., ::2], limit)
     up = jnp.clip(gu[..., 1::2], -limit, limit)
@@ -116,18 +118,25 @@ def _expert_dense(x, w, lora, scale, dt):
     return y
 
 
-def moe_mlp(cfg: DecoderConfig, p: dict, lora: dict | None, m: jax.Array, scale, mask: jax.Array, linear):
+def moe_mlp(
+    cfg: DecoderConfig, p: dict, lora: dict | None, m: jax.Array, scale, mask: jax.Array, linear, routed=None
+):
     """The MoE MLP on the normed stream m [B, T, D] (float32). `scale` is the layer's LoRA scale; `mask`
     [B, T] marks real tokens (for the router statistics); `linear(p, x, lora)` is the decoder's linear layer
-    (the router goes through it, so router LoRA behaves like any adapted linear).
+    (the router goes through it, so router LoRA behaves like any adapted linear). `routed` [B, T, D]: the
+    router's input where it is not m (Gemma 4); with `p["expert_scale"]` ([E]) each top-k weight is times
+    its expert's scale.
 
     Returns (out [B, T, D] in the compute dtype, router_stats [2, E])."""
     dt = jnp.dtype(cfg.runtime.compute_dtype)
     b, t, d = m.shape
     lora = lora or {}
     x = m.reshape(b * t, d).astype(dt)  # [N, D]
-    logits = linear(p["router"], x, lora=lora.get("router"))  # [N, E]
+    r_in = x if routed is None else routed.reshape(b * t, d).astype(dt)
+    logits = linear(p["router"], r_in, lora=lora.get("router"))  # [N, E]
     probs, weights, experts = route(cfg, logits)
+    if "expert_scale" in p:
+        weights = weights * jnp.take(p["expert_scale"]["scale"].astype(F32), experts)
     stats = router_stats(cfg, probs, experts, mask.reshape(-1).astype(F32))
     w_gu = as_kernel(p["gate_up_proj"]["kernel"], dt)  # [E, D, 2F]
     w_down = as_kernel(p["down_proj"]["kernel"], dt)  # [E, F, D]

@@ -135,7 +135,7 @@ def _tensors(params: dict, cfg: DecoderConfig, np_dtype, hook: KernelHook | None
     for entry in name_table(cfg):
         leaf, shape = entry.get(params), hf_shape(entry, cfg)
         hooked = hook is not None and entry.per_layer and entry.layout in (LINEAR, CONV1D, EXPERTS)
-        if entry.layout == EXPERTS:
+        if entry.layout == EXPERTS and entry.parts:
             out.update(_expert_tensors(leaf, entry, cfg, np_dtype, hook if hooked else None))
             continue
 
@@ -144,6 +144,7 @@ def _tensors(params: dict, cfg: DecoderConfig, np_dtype, hook: KernelHook | None
             if hooked:
                 arr = hook(entry, layer, arr)
             arr = arr.T if entry.layout == LINEAR else arr
+            arr = arr.transpose(0, 2, 1) if entry.layout == EXPERTS else arr  # fused (Gemma 4): [E, out, in]
             arr = arr.T[:, None] if entry.layout == DEPTHWISE else arr  # [W, C] -> [C, 1, W]
             assert arr.shape == shape, (entry.hf_name(layer), arr.shape, shape)
             return np.ascontiguousarray(arr.astype(np_dtype))

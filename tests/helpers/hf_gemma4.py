@@ -40,6 +40,8 @@ def gemma4_config(k_eq_v: bool = False, **over):
     )
     if k_eq_v:
         keys.update(attention_k_eq_v=True, num_global_key_value_heads=1)
+    if over.get("enable_moe_block"):  # the MoE block adds to the MLP's output: keep the sum's scale near 1
+        keys.update(intermediate_size=24)
     return AutoConfig.for_model("gemma4_text", **{**keys, **over})
 
 

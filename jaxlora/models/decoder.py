@@ -43,6 +43,9 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxlora.models import hybrid_cache
 from jaxlora.models.attention import KVCache, attend
 from jaxlora.models.decoder_config import DecoderConfig
+from jaxlora.models.embed_logits import cap_logits as cap_logits  # re-exported
+from jaxlora.models.embed_logits import default_positions, embed, logits_from_hidden
+from jaxlora.models.embed_logits import lm_head_kernel as lm_head_kernel  # re-exported
 from jaxlora.models.gemma4_layers import (
     gemma4_attention,
     gemma4_experts,
@@ -58,7 +61,6 @@ from jaxlora.models.moe import moe_mlp
 from jaxlora.models.remat import LAYER_INPUT, MLP_TILE, REMAT, TILED_REMATS
 from jaxlora.models.rope import apply_rope, layer_inv_freq
 from jaxlora.models.spec import dropout_stream
-from jaxlora.quant import as_kernel
 
 Params = dict[str, Any]
 F32 = jnp.float32
@@ -225,52 +227,6 @@ def experts(cfg: DecoderConfig, p: Params, lora: Params | None, proj, m: jax.Arr
         weight = jax.nn.sigmoid(proj("shared_expert", "router", m).astype(F32))  # [B, T, 1]
         out = (out.astype(F32) + weight * shared).astype(dt)
     return out, stats
-
-
-def default_positions(input_ids: jax.Array) -> jax.Array:
-    """0, 1, ..., T - 1 for every row: [B, T] int32."""
-    b, t = input_ids.shape
-    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-
-
-def embed(params: Params, cfg: DecoderConfig, input_ids, positions) -> jax.Array:
-    """Token (and GPT-2 position) embeddings as the float32 residual stream [B, T, D].
-
-    Gemma multiplies by sqrt(hidden) in the compute dtype, the constant rounded to it, as transformers.
-    """
-    h = jnp.take(params["embed"]["embedding"], input_ids, axis=0)
-    if cfg.embed_scale:
-        dt = jnp.dtype(cfg.runtime.compute_dtype)
-        h = h.astype(dt) * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
-    h = h.astype(F32)
-    if cfg.learned_positions:
-        h = h + jnp.take(params["pos_embed"]["embedding"], positions, axis=0).astype(F32)
-    return h
-
-
-def lm_head_kernel(params: Params, cfg: DecoderConfig) -> jax.Array:
-    """The [D, V] output projection (the transposed embedding when tied)."""
-    dt = jnp.dtype(cfg.runtime.compute_dtype)
-    if cfg.tie_word_embeddings:
-        return params["embed"]["embedding"].astype(dt).T
-    return as_kernel(params["lm_head"]["kernel"], dt)
-
-
-def logits_from_hidden(params: Params, cfg: DecoderConfig, hidden: jax.Array) -> jax.Array:
-    """Final-normed hidden [..., D] -> float32 logits [..., V] (soft-capped when the model asks)."""
-    dt = jnp.dtype(cfg.runtime.compute_dtype)
-    if cfg.tie_word_embeddings and dt != F32:  # the [V, D] table as stored: XLA:CPU runs a dot on its
-        # transposed copy in float32 (1.7x slower); in float32 the copy is the faster layout there
-        w, spec = params["embed"]["embedding"].astype(dt), "...d,vd->...v"
-    else:
-        w, spec = lm_head_kernel(params, cfg), "...d,dv->...v"
-    return cap_logits(jnp.einsum(spec, hidden.astype(dt), w, preferred_element_type=F32), cfg)
-
-
-def cap_logits(logits: jax.Array, cfg: DecoderConfig) -> jax.Array:
-    """Gemma 2's final-logit soft-capping, c * tanh(logits / c); the identity when the model has none."""
-    c = cfg.final_logit_softcap
-    return c * jnp.tanh(logits / c) if c else logits
 
 
 def forward(

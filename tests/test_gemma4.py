@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The MoE block (as in 26B-A4B): 4 experts, top-2, beside the MLP; no PLE, no KV-shared layers.
 MOE = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=16)
 VARIANTS = {
-    "plain": {},
+    "plain": {"use_double_wide_mlp": True},  # as E2B: the KV-shared layers' MLPs twice as wide
     "k_eq_v": {"k_eq_v": True},
     "moe": {"k_eq_v": True, **MOE, "hidden_size_per_layer_input": 0, "num_kv_shared_layers": 0},
 }
@@ -77,7 +77,10 @@ def test_layout_by_kind(built):
     assert layers["global_attn"]["q_proj"]["kernel"].shape == (2, 32, 4 * 16)
     assert layers["global_attn"]["k_proj"]["kernel"].shape == (1, 32, 16)  # one kv head, no v_proj
     assert "v_proj" not in layers["global_attn"]
-    assert "v_proj" in built["plain"][2].params["layers"]["global_attn"]
+    plain = built["plain"][2].params["layers"]
+    assert "v_proj" in plain["global_attn"] and "wide_mlp" not in layers
+    assert plain["mlp"]["up_proj"]["kernel"].shape == (2, 32, 48)  # layers 0, 1
+    assert plain["wide_mlp"]["up_proj"]["kernel"].shape == (2, 32, 96)  # the KV-shared layers 2, 3
     assert model.params["ple"]["embedding"].shape == (512, 4 * 8)
     assert cfg.rotary_dim == 8 and cfg.global_head_dim == 16 and cfg.attn_scale == 1.0
 
@@ -144,7 +147,7 @@ def test_peft_adapter_on_ple_projection_is_refused_in_one_line(built, tmp_path):
 
 
 def test_merged_export_loads_in_transformers(built, tmp_path):
-    _, _, model = built["k_eq_v"]
+    _, _, model = built["plain"]
     lora = randomized(init_lora(model.config, LORA, jax.random.key(0)), 3)
     diff = merged_export_gap(model, lora, LORA, token_ids(model.config.vocab_size), tmp_path / "merged")
     print(f"gemma4: merged checkpoint in transformers, max |logits diff| = {diff:.2e}")
@@ -163,7 +166,6 @@ def test_generation_is_refused_in_one_line(built):
     [
         ({"enable_moe_block": True}, "enable_moe_block needs num_experts"),
         ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention"),
-        ({"use_double_wide_mlp": True}, "use_double_wide_mlp"),
     ],
 )
 def test_unsupported_keys_are_refused_in_one_line(over, what):
@@ -235,20 +237,37 @@ def test_fsdp2_tensor2_equals_one_device(trained):
     assert diff < 1e-4
 
 
-def test_e4b_preset_counts_as_transformers():
-    """The benchmark preset (Gemma 4 E4B's text model): as many weights as transformers builds for it."""
+# E2B's text config where it differs from E4B's (the preset), as public transcriptions of
+# google/gemma-4-E2B-it's config.json give it: double-wide MLPs on its 20 KV-shared layers.
+E2B = dict(
+    hidden_size=1536,
+    intermediate_size=6144,
+    num_hidden_layers=35,
+    num_key_value_heads=1,
+    num_kv_shared_layers=20,
+    use_double_wide_mlp=True,
+    layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 7,
+)
+
+
+@pytest.mark.parametrize("size", ["e4b", "e2b"])
+def test_e4b_preset_and_e2b_count_as_transformers(size):
+    """The benchmark preset (Gemma 4 E4B's text model) and E2B's: as many weights as transformers builds."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     raw = json.loads((ROOT / "benchmarks" / "presets" / "gemma-4-e4b" / "config.json").read_text())
+    raw = {**raw, **(E2B if size == "e2b" else {})}
     cfg = config_from_hf(raw)
-    assert cfg.mixers.count("full_attention+full_kv") == 4 and cfg.mixers.count("full_attention") == 3
+    full_kv, full = (4, 3) if size == "e4b" else (3, 4)
+    assert cfg.mixers.count("full_attention+full_kv" + "+mlp" * (size == "e2b")) == full_kv
+    assert cfg.mixers.count("full_attention" + "+wide_mlp" * (size == "e2b")) == full
     ours = count_params(jax.eval_shape(lambda: init_params(cfg)))
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**raw))
     theirs = sum(p.numel() for p in hf.parameters()) + sum(
         b.numel() for n, b in hf.named_buffers() if "scalar" in n
     )
-    print(f"Gemma 4 E4B text model: {ours:,} weights (transformers: {theirs:,})")
+    print(f"Gemma 4 {size} text model: {ours:,} weights (transformers: {theirs:,})")
     assert ours == theirs
 
 

@@ -145,7 +145,8 @@ def _layer(tree: dict | None, rows: dict, i: int) -> dict | None:
             ids = rows.get((group, name), rows.get((group,)))
             if i in ids:
                 row = ids.index(i)
-                out.setdefault(group, {})[name] = jax.tree.map(lambda a, row=row: a[row], leaf)
+                mine = "mlp" if group == "wide_mlp" else group  # a double-wide MLP is the layer's MLP
+                out.setdefault(mine, {})[name] = jax.tree.map(lambda a, row=row: a[row], leaf)
     return out
 
 

@@ -34,6 +34,8 @@ from jaxlora.models.family_defaults import HFConfig
 from jaxlora.models.layer_settings import FULL, SLIDING, layer_types, rope_parameters, sliding_windows
 
 SLIDING_KV, FULL_KV = "sliding_kv", "full_kv"
+# With `use_double_wide_mlp` the KV-shared layers' MLP is twice as wide: MLP weights of two kinds.
+MLP, WIDE_MLP = "mlp", "wide_mlp"
 # Where transformers' Gemma4TextConfig defaults a key differently from `GENERIC` (its own keys included).
 DEFAULTS = dict(
     head_dim=256,
@@ -51,15 +53,25 @@ DEFAULTS = dict(
 GLOBAL_HEAD_DIM = 512  # transformers' default for the `global_head_dim` key (read, not kept, by its config)
 
 
-def layer_kinds(types: list[str], shared: int) -> tuple[str, ...]:
-    """Each layer's kind: its type, "+" its k/v weights' kind unless it is one of the last `shared`."""
+def layer_kinds(types: list[str], shared: int, wide: bool = False) -> tuple[str, ...]:
+    """Each layer's kind: its type, "+" its k/v weights' kind unless it is one of the last `shared`; with
+    `wide` (double-wide MLPs on the shared layers), "+" its MLP's kind too."""
     first = len(types) - shared
     kv = {SLIDING: SLIDING_KV, FULL: FULL_KV}
-    return tuple(t + (f"+{kv[t]}" if i < first else "") for i, t in enumerate(types))
+    out = []
+    for i, t in enumerate(types):
+        parts = [t] + ([kv[t]] if i < first else [])
+        out.append("+".join(parts + ([MLP if i < first else WIDE_MLP] if wide else [])))
+    return tuple(out)
 
 
 def layer_type(kind: str) -> str:
     return kind.split("+")[0]
+
+
+def own_kv(kind: str) -> bool:
+    """Whether a layer of this kind has its own k/v weights (is not KV-shared)."""
+    return bool({SLIDING_KV, FULL_KV} & set(kind.split("+")))
 
 
 def kv_source(cfg: DecoderConfig) -> tuple[int, ...]:
@@ -67,12 +79,13 @@ def kv_source(cfg: DecoderConfig) -> tuple[int, ...]:
     its type before the shared ones, as transformers' `kv_sharing_modes`)."""
     out = []
     for i, kind in enumerate(cfg.mixers):
-        if "+" in kind:
-            out.append(i)
-        else:
-            own = [j for j, k in enumerate(cfg.mixers) if "+" in k and layer_type(k) == kind]
-            out.append(own[-1])
+        own = [j for j, k in enumerate(cfg.mixers) if own_kv(k) and layer_type(k) == layer_type(kind)]
+        out.append(i if own_kv(kind) else own[-1])
     return tuple(out)
+
+
+def wide_mlp(cfg: DecoderConfig) -> bool:
+    return any(WIDE_MLP in k.split("+") for k in cfg.mixers)
 
 
 def gemma4_decoder(hf: HFConfig) -> dict:
@@ -90,13 +103,11 @@ def gemma4(hf: HFConfig) -> dict:
     types = layer_types(hf, n, lambda hf, n: [SLIDING if (i + 1) % 6 else FULL for i in range(n)])
     types[-1] = FULL  # as transformers forces it
     shared = int(hf.value("num_kv_shared_layers") or 0)
-    if shared and hf.value("use_double_wide_mlp"):
-        raise UserError("config.json: gemma4_text with use_double_wide_mlp is not supported yet")
     if not 0 <= shared < n or (shared and {*types[: n - shared]} != {*types}):
         raise UserError(f"config.json: num_kv_shared_layers {shared} leaves a layer type without its own k/v")
     heads, kv_heads = _global_heads(hf, types)
     return {
-        "mixers": layer_kinds(types, shared),
+        "mixers": layer_kinds(types, shared, bool(shared and hf.value("use_double_wide_mlp"))),
         "sliding_windows": sliding_windows(hf, n, types),
         "layer_rope": tuple("local" if t == SLIDING else "global" for t in types),
         "global_head_dim": heads,
@@ -301,6 +312,35 @@ _PLE_LAYER = (
 )
 
 
+def _narrow(cfg: DecoderConfig) -> bool:
+    return not wide_mlp(cfg)
+
+
+def _wide(stream: int, name: str, fan_in, fan_out, kind: str) -> w.Entry:
+    group = "mlp" if kind == MLP else "wide_mlp"
+    entry = w._target(stream, _L + f"mlp.{name}.weight", f"{group}.{name}.kernel", w.LINEAR, fan_in, fan_out)
+    return dataclasses.replace(entry, kind=kind, when=wide_mlp)
+
+
+def I2(cfg: DecoderConfig) -> int:
+    return 2 * cfg.intermediate_size
+
+
+# With double-wide MLPs: the MLP of the layers with their own k/v (`mlp`, [L_kv]) and the wide one of the
+# KV-shared layers (`wide_mlp`, [L_shared], width 2I; the layer reads it as its `mlp`).
+_MLPS = tuple(
+    _wide(stream, name, fan_in, fan_out, kind)
+    for kind, width, streams in ((MLP, w.I, (4, 5, 6)), (WIDE_MLP, I2, (23, 24, 25)))
+    for stream, name, fan_in, fan_out in zip(
+        streams,
+        ("gate_proj", "up_proj", "down_proj"),
+        ((D, "embed"), (D, "embed"), (width, "mlp")),
+        ((width, "mlp"), (width, "mlp"), (D, "embed")),
+        strict=True,
+    )
+)
+
+
 def _has_moe(cfg: DecoderConfig) -> bool:
     return cfg.num_experts > 0
 
@@ -331,7 +371,8 @@ GEMMA4 = (
     *w._SANDWICH_NORMS,
     *_attention("attn", SLIDING, SLIDING_KV, Q, KV, H, (0, 1, 2, 3)),
     *_attention("global_attn", FULL, FULL_KV, QG, KVG, HG, (18, 19, 20, 21), v_when=_separate_v),
-    *w._GATE_UP_DOWN,
+    *(dataclasses.replace(e, when=_narrow) for e in w._GATE_UP_DOWN[::2]),
+    *_MLPS,
     *_MOE,
     *_PLE_LAYER,
     *_PLE_TOP,

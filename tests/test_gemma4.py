@@ -97,6 +97,17 @@ def test_logits_match_transformers_on_a_padded_batch(variant, built):
     assert worst < 1e-4
 
 
+@pytest.mark.parametrize("variant", ["plain", "moe"])
+def test_unrolled_equals_the_scan_over_periods(variant, built):
+    """The layers with their own k/v, then the KV-shared ones, each a scan over groups of one period of
+    their kinds (the MoE model: 2 groups of sliding + full), equal the layers unrolled."""
+    _, _, model = built[variant]
+    ids = jnp.asarray(token_ids(model.config.vocab_size))
+    scanned = forward(model.params, model.config, ids)
+    unrolled = forward(model.params, model.config.with_runtime(scan_layers=False), ids)
+    assert float(jnp.abs(scanned - unrolled).max()) < 1e-5
+
+
 def test_all_linear_targets_are_peft_s_inside_the_layers(built):
     folder, _, model = built["k_eq_v"]
     pm = get_peft_model(hf_model(folder), PeftLoraConfig(r=2, target_modules="all-linear"))

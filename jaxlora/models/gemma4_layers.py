@@ -2,9 +2,11 @@
 
 The weights are declared in `jaxlora.models.gemma4_spec`: each layer type's attention weights are stacked
 apart (a full layer's head dim and kv heads differ), and the KV-shared layers have no k/v weights.
-`run_gemma4` runs the layers one by one (unrolled, static slices of each stack): layer i reads its row of
-every stack it is in, the decoder's `block` runs on a config whose head dim and kv heads are its type's,
-and a KV-shared layer attends with the keys and values of its source layer (`gemma4_spec.kv_source`).
+`run_gemma4` runs the layers with their own k/v, then the KV-shared ones, each as a scan over groups of one
+period of their kinds (the stacks cut and regrouped [G, P_kind, ...]; the group's layers unrolled in the
+scan's body): layer i reads its row of every stack it is in, the decoder's `block` runs on a config whose
+head dim and kv heads are its type's, and a KV-shared layer attends with the keys and values of its source
+layer (`gemma4_spec.kv_source`), kept from the first scan.
 
 Per-layer input embeddings (PLE, width P): before the layers, `per_layer_inputs` mixes a token's row of the
 packed table [Vp, L*P] (times sqrt(P)) with a projection of its embedding (times D^-1/2, RMS-normed per
@@ -24,7 +26,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxlora.errors import UserError
 from jaxlora.models.attention import attend
 from jaxlora.models.decoder_config import DecoderConfig
-from jaxlora.models.gemma4_spec import kv_source, layer_type
+from jaxlora.models.gemma4_spec import kv_source, layer_type, own_kv
+from jaxlora.models.hybrid_layers import period
 from jaxlora.models.layer_ops import linear, norm
 from jaxlora.models.layer_settings import FULL, SLIDING
 from jaxlora.models.lora_product import lora_product_for
@@ -135,41 +138,121 @@ def _rows(cfg: DecoderConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {e.path[1:-1]: layer_ids(e, cfg) for e in name_table(cfg) if e.per_layer}
 
 
-def _layer(tree: dict | None, rows: dict, i: int) -> dict | None:
-    """Layer i's slice of a layer tree (weights or adapters): its row of every stack it is in."""
+def _regroup(tree: dict | None, rows: dict, span: range, groups: int) -> dict | None:
+    """The stacks of a layer tree (weights or adapters) cut to the layers `span` and regrouped: each leaf's
+    rows of those layers [n, ...] -> [groups, n / groups, ...] (a double-wide MLP under "mlp")."""
     if tree is None:
         return None
     out: dict = {}
     for group, sub in tree.items():
         for name, leaf in sub.items():
-            ids = rows.get((group, name), rows.get((group,)))
-            if i in ids:
-                row = ids.index(i)
-                mine = "mlp" if group == "wide_mlp" else group  # a double-wide MLP is the layer's MLP
-                out.setdefault(mine, {})[name] = jax.tree.map(lambda a, row=row: a[row], leaf)
+            mine = [r for r, i in enumerate(rows.get((group, name), rows.get((group,)))) if i in span]
+            if mine:
+                lo, n = mine[0], len(mine)
+                cut = jax.tree.map(
+                    lambda a, lo=lo, n=n: a[lo : lo + n].reshape(groups, -1, *a.shape[1:]), leaf
+                )
+                out.setdefault("mlp" if group == "wide_mlp" else group, {})[name] = cut
+    return out
+
+
+def _member(cfg: DecoderConfig, rows: dict, tree: dict | None, span: range, size: int) -> list:
+    """For each layer j of a group of `size` (periodic in `span`): {(group, name): its row in the group}."""
+    if tree is None:
+        return [None] * size
+    out = []
+    for j in range(size):
+        mine = {}
+        for group, sub in tree.items():
+            for name in sub:
+                ids = [i for i in rows.get((group, name), rows.get((group,))) if i in span[:size]]
+                if span[j] in ids:
+                    mine["mlp" if group == "wide_mlp" else group, name] = ids.index(span[j])
+        out.append(mine)
+    return out
+
+
+def _pick(tree: dict | None, member: dict | None) -> dict | None:
+    """One layer's slice of a regrouped group (rows per `member`)."""
+    if tree is None:
+        return None
+    out: dict = {}
+    for (group, name), row in member.items():
+        if group in tree and name in tree[group]:
+            out.setdefault(group, {})[name] = jax.tree.map(lambda a, row=row: a[row], tree[group][name])
     return out
 
 
 def run_gemma4(cfg: DecoderConfig, make_layer, h: jax.Array, shared, per_layer: tuple, ple: jax.Array | None):
-    """Every layer on h [B, T, D], unrolled: `make_layer(config)` gives the decoder's layer function for a
-    config, `shared` the `LayerInputs` of every layer, `per_layer` what `decoder.layer_stack` stacks, `ple`
-    the per-layer inputs [B, T, L, P] or None. Returns (h, (None, the router stats [L, 2, E] or None))."""
-    params, lora, _, windows, scales, rngs, kv = per_layer
+    """Every layer on h [B, T, D]: `make_layer(config)` gives the decoder's layer function for a config,
+    `shared` the `LayerInputs` of every layer, `per_layer` what `decoder.layer_stack` stacks, `ple` the
+    per-layer inputs [B, T, L, P] or None. The layers with their own k/v, then the KV-shared ones, each
+    scanned over groups of one period of their kinds (`hybrid_layers.period`; unrolled without
+    `runtime.scan_layers`). Returns (h, (None, the router stats [L, 2, E] or None))."""
+    *_, kv = per_layer
     if kv is not None:
         raise UserError(
             f"generation with a KV cache is not supported for {cfg.model_type} (KV-shared layers) yet"
         )
-    rows, inv, source, kvs, stats = _rows(cfg), inv_freqs(cfg), kv_source(cfg), {}, []
-    layers = {kind: make_layer(kind_config(cfg, kind)) for kind in (SLIDING, FULL)}
-    for i, kind in enumerate(cfg.mixers):
-        x = shared._replace(
-            inv_freq=inv[layer_type(kind)],
-            window=windows[i],
-            lora_scale=scales[i],
-            dropout_rng=None if rngs is None else rngs[i],
-            ple=None if ple is None else ple[:, :, i],
-            shared_kv=None if source[i] == i else kvs[source[i]],
-        )
-        h, (kvs[i], s) = layers[layer_type(kind)](_layer(params, rows, i), _layer(lora, rows, i), h, x)
-        stats.append(s)
-    return h, (None, jnp.stack(stats) if cfg.num_experts else None)
+    first = sum(own_kv(k) for k in cfg.mixers)  # the KV-shared layers are the last ones
+    kvs, stats = {}, []
+    for span in (range(0, first), range(first, cfg.num_layers)):
+        if len(span):
+            h, got, s = _segment(cfg, make_layer, h, shared, per_layer, ple, span, kvs)
+            kvs.update(got)
+            stats.append(s)
+    return h, (None, jnp.concatenate(stats) if cfg.num_experts else None)
+
+
+def _segment(cfg: DecoderConfig, make_layer, h, shared, per_layer: tuple, ple, span: range, kvs: dict):
+    """The layers `span` on h, scanned over groups of one period. `kvs`: {layer: (k, v)} of the layers
+    KV-shared ones read. Returns (h, the (k, v) of the span's layers others read, router stats or None)."""
+    params, lora, _, windows, scales, rngs, _ = per_layer
+    kinds, rows, inv, source = cfg.mixers[span.start : span.stop], _rows(cfg), inv_freqs(cfg), kv_source(cfg)
+    size = period(kinds) if cfg.runtime.scan_layers else len(kinds)
+    groups, cut = len(kinds) // size, slice(span.start, span.stop)
+    layers = {t: make_layer(kind_config(cfg, t)) for t in (SLIDING, FULL)}
+    read = {source[i] for i in range(cfg.num_layers) if source[i] != i}  # the layers KV-shared ones read
+    mine = [j for j in range(size) if span[len(kinds) - size + j] in read]  # read ones: in the last group
+    members = (_member(cfg, rows, params, span, size), _member(cfg, rows, lora, span, size))
+
+    def per(a):  # a per-layer array [L, ...] -> this span's [G, P, ...]
+        return None if a is None else a[cut].reshape(groups, size, *a.shape[1:])
+
+    xs = (
+        _regroup(params, rows, span, groups),
+        _regroup(lora, rows, span, groups),
+        per(windows),
+        per(scales),
+        per(rngs),
+        None if ple is None else per(jnp.moveaxis(ple, 2, 0)),  # [G, P, B, T, P_ple]
+    )
+
+    def body(h, xs):  # one group: `size` layers, unrolled
+        p, lo, win, scale, rng, pl = xs
+        out, st = [], []
+        for j, kind in enumerate(kinds[:size]):
+            i = span[j]
+            x = shared._replace(
+                inv_freq=inv[layer_type(kind)],
+                window=win[j],
+                lora_scale=scale[j],
+                dropout_rng=None if rng is None else rng[j],
+                ple=None if pl is None else pl[j],
+                shared_kv=None if own_kv(kind) else kvs[source[i]],
+            )
+            layer = layers[layer_type(kind)]
+            h, (kv, s) = layer(_pick(p, members[0][j]), _pick(lo, members[1][j]), h, x)
+            out.append(kv if j in mine else None)
+            st.append(s)
+        return h, (tuple(out), jnp.stack(st) if cfg.num_experts else None)
+
+    if cfg.runtime.scan_layers:
+        h, (got, stats) = jax.lax.scan(body, h, xs)
+        got = jax.tree.map(lambda a: a[-1], got)
+    else:
+        h, (got, stats) = body(h, jax.tree.map(lambda a: a[0], xs))
+        stats = None if stats is None else stats[None]
+    base = span.start + len(kinds) - size  # the last group's first layer
+    kv_out = {base + j: got[j] for j in mine}
+    return h, kv_out, None if stats is None else stats.reshape(-1, *stats.shape[2:])

@@ -18,6 +18,7 @@ from jax import numpy as jnp
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
+from jaxlora.config import config_from_dict
 from jaxlora.errors import UserError
 from jaxlora.lora import LoraConfig, init_lora, target_paths
 from jaxlora.models import config_from_hf, forward, load_model
@@ -28,6 +29,7 @@ from jaxlora.models.random_weights import init_params
 from jaxlora.models.targets import linear_modules
 from jaxlora.peft import load_peft_adapter
 from jaxlora.quant import QuantizedTensor, count_params, dequantize, make_quantizer
+from jaxlora.train.memory_plan import plan_memory
 from tests.helpers.family_checks import merged_export_gap, peft_export_gap
 from tests.helpers.hf_gemma4 import gemma4_config, make_gemma4
 from tests.helpers.hf_tiny import hf_forward, padded_batch
@@ -332,3 +334,22 @@ def test_moe_quantized_base_is_the_model_of_its_dequantized_weights(kind, built)
         is_leaf=lambda x: isinstance(x, QuantizedTensor),
     )
     assert float(jnp.abs(forward(deq, q.config, ids) - forward(q.params, q.config, ids)).max()) < 1e-4
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_plan_counts_equal_transformers_and_peft(quant, built, tmp_path):
+    """`jaxlora plan` on the MoE model: its weights are transformers' parameters plus the layer scalars
+    (buffers there); its trainable count is PEFT's with all-linear (the router's proj included)."""
+    folder, hf, model = built["moe"]
+    raw = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"path": str(folder)},
+        "data": {"train": [{"path": str(tmp_path / "none.jsonl"), "format": "alpaca"}], "seq_len": 16},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+        "train": {"batch_size": 2},
+        "quant": {"weights": quant},
+    }
+    counts = plan_memory(config_from_dict(raw), compile_step_too=False)["params"]
+    peft = get_peft_model(hf_model(folder), PeftLoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    assert counts["total"] == hf.num_parameters() + model.config.num_layers
+    assert counts["trainable"] == peft.get_nb_trainable_parameters()[0]

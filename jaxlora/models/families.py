@@ -68,6 +68,17 @@ _GEMMA = dict(norm_offset=1.0, embed_scale=True)  # RMSNorm times (1 + w); embed
 _GEMMA2 = dict(_GEMMA, post_norm=True)
 _OLMO2 = dict(pre_norm=False, post_norm=True, qk_norm_full=True)  # post-norms only, q/k norms over N*H
 
+# transformers' Qwen3.5 config defaults that the dense and the MoE text configs share
+_QWEN3_5 = dict(
+    head_dim=256,
+    max_position_embeddings=32768,
+    partial_rotary_factor=0.25,
+    linear_conv_kernel_dim=4,
+    linear_key_head_dim=128,
+    linear_value_head_dim=128,
+    linear_num_key_heads=16,
+    linear_num_value_heads=32,
+)
 # model_type -> family; the order is that of the "supported" list in error messages.
 FAMILIES: dict[str, Family] = {
     "llama": Family(w.LLAMA, buffers=(w.ROTARY,)),
@@ -249,17 +260,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "qwen3_5_text": Family(  # hybrid: Gated DeltaNet and gated attention layers (`models.hybrid_weights`)
         hw.QWEN3_5,
-        dict(
-            head_dim=256,
-            num_key_value_heads=4,
-            max_position_embeddings=32768,
-            partial_rotary_factor=0.25,
-            linear_conv_kernel_dim=4,
-            linear_key_head_dim=128,
-            linear_value_head_dim=128,
-            linear_num_key_heads=16,
-            linear_num_value_heads=32,
-        ),
+        dict(_QWEN3_5, num_key_value_heads=4),
         switches=dict(_GEMMA, embed_scale=False, qk_norm=True, attn_output_gate=True),
         layers=sw.hybrid_layers,
         buffers=(w.ROTARY, hw.MTP),
@@ -268,15 +269,8 @@ FAMILIES: dict[str, Family] = {
     "qwen3_5_moe_text": Family(  # Qwen3.5's hybrid layers with Qwen2-MoE's experts and shared expert
         hw.QWEN3_5_MOE,
         dict(
-            head_dim=256,
+            _QWEN3_5,
             num_key_value_heads=2,
-            max_position_embeddings=32768,
-            partial_rotary_factor=0.25,
-            linear_conv_kernel_dim=4,
-            linear_key_head_dim=128,
-            linear_value_head_dim=128,
-            linear_num_key_heads=16,
-            linear_num_value_heads=32,
             num_experts=256,
             num_experts_per_tok=8,
             shared_expert_intermediate_size=512,

@@ -49,8 +49,8 @@ def init_lora(cfg: DecoderConfig, lora_cfg: LoraConfig, rng: jax.Array, params: 
         unsupported = [name for name, on in flags.items() if on]
         if unsupported:
             raise UserError(
-                f"{unsupported[0]} is not supported yet for {cfg.model_type} (hybrid layers); "
-                "train plain LoRA"
+                f"{unsupported[0]} is not supported yet for {cfg.model_type} (its layers stack weights "
+                "by layer kind); train plain LoRA"
             )
     lay = layout(cfg, lora_cfg)  # refuses targets that match nothing, and what PEFT cannot express
     mods, mask = list(lay.modules), lay.mask

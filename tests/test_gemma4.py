@@ -24,7 +24,6 @@ from jaxlora.lora import LoraConfig, init_lora, target_paths
 from jaxlora.models import config_from_hf, forward, load_model
 from jaxlora.models.families import FAMILIES
 from jaxlora.models.gemma4_spec import kv_source
-from jaxlora.models.generate import generate
 from jaxlora.models.random_weights import init_params
 from jaxlora.models.targets import linear_modules
 from jaxlora.peft import load_peft_adapter
@@ -164,13 +163,6 @@ def test_merged_export_loads_in_transformers(built, tmp_path):
     diff = merged_export_gap(model, lora, LORA, token_ids(model.config.vocab_size), tmp_path / "merged")
     print(f"gemma4: merged checkpoint in transformers, max |logits diff| = {diff:.2e}")
     assert diff < 1e-4
-
-
-def test_generation_is_refused_in_one_line(built):
-    _, _, model = built["plain"]
-    with pytest.raises(UserError, match="not supported for gemma4_text") as err:
-        generate(model.params, model.config, [[1, 5, 9]], 2, temperature=0.0, eos_ids=())
-    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(

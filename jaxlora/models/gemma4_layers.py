@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxlora.errors import UserError
-from jaxlora.models.attention import attend
+from jaxlora.models.attention import attend, attention_mask, dot_attention
 from jaxlora.models.decoder_config import DecoderConfig
+from jaxlora.models.gemma4_cache import layer_view, own_rows, type_stacks, with_type_stacks
 from jaxlora.models.gemma4_spec import kv_source, layer_type, own_kv
 from jaxlora.models.hybrid_layers import period
 from jaxlora.models.layer_ops import linear, norm
@@ -76,7 +76,9 @@ def gemma4_attention(cfg: DecoderConfig, p: dict, proj, a: jax.Array, x):
 
     q -> q_norm -> RoPE; k -> k_norm -> RoPE, v (or k's projection, `k_eq_v`) -> RMS norm without scale;
     a KV-shared layer takes (k, v) from `x.shared_kv`. Scores unscaled. Returns ([B, T, D], (k, v)
-    [B, T, K, H] each: what a KV-shared layer reading this one attends with)."""
+    [B, T, K, H] each: what a KV-shared layer reading this one attends with). With `x.cache` (generation:
+    a `KVCache` view, a KV-shared layer's holding its source's keys) (k, v) is the layer's cache [B, S, K, H]
+    with this step's written (a KV-shared layer's: its source's, unchanged)."""
     dt = jnp.dtype(cfg.runtime.compute_dtype)
     group = "global_attn" if "global_attn" in p else "attn"
     g, (b, t, _) = p[group], a.shape
@@ -92,7 +94,13 @@ def gemma4_attention(cfg: DecoderConfig, p: dict, proj, a: jax.Array, x):
     # every kernel divides the scores by sqrt(H); Gemma 4 does not scale them
     q = (q.astype(F32) * math.sqrt(cfg.head_dim)).astype(dt)
     q, k, v = checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
-    out, _ = attend(q, k, v, cfg, x.positions, x.segment_ids, x.window)  # [B, T, N, H]
+    if x.cache is not None and x.shared_kv is not None:  # the source's cache, this step's keys in it
+        c = x.cache
+        mask = attention_mask(x.positions, x.segment_ids, c.positions, c.segment_ids, x.window)
+        out = dot_attention(q, k.astype(dt), v.astype(dt), mask, cfg)  # [B, T, N, H]
+    else:
+        out, new = attend(q, k, v, cfg, x.positions, x.segment_ids, x.window, x.cache)  # [B, T, N, H]
+        k, v = (k, v) if new is None else new
     return proj(group, "o_proj", out.reshape(b, t, cfg.q_dim)), (k, v)
 
 
@@ -185,36 +193,39 @@ def _pick(tree: dict | None, member: dict | None) -> dict | None:
 
 def run_gemma4(cfg: DecoderConfig, make_layer, h: jax.Array, shared, per_layer: tuple, ple: jax.Array | None):
     """Every layer on h [B, T, D]: `make_layer(config)` gives the decoder's layer function for a config,
-    `shared` the `LayerInputs` of every layer, `per_layer` what `decoder.layer_stack` stacks, `ple` the
-    per-layer inputs [B, T, L, P] or None. The layers with their own k/v, then the KV-shared ones, each
-    scanned over groups of one period of their kinds (`hybrid_layers.period`; unrolled without
-    `runtime.scan_layers`). Returns (h, (None, the router stats [L, 2, E] or None))."""
-    *_, kv = per_layer
-    if kv is not None:
-        raise UserError(
-            f"generation with a KV cache is not supported for {cfg.model_type} (KV-shared layers) yet"
-        )
+    `shared` the `LayerInputs` of every layer (its `cache` a `Gemma4Cache` in generation, else None),
+    `per_layer` what `decoder.layer_stack` stacks, `ple` the per-layer inputs [B, T, L, P] or None. The
+    layers with their own k/v, then the KV-shared ones, each scanned over groups of one period of their
+    kinds (`hybrid_layers.period`; unrolled without `runtime.scan_layers`). Returns (h, (the updated
+    `Gemma4Cache` or None, the router stats [L, 2, E] or None))."""
+    cache = shared.cache
     first = sum(own_kv(k) for k in cfg.mixers)  # the KV-shared layers are the last ones
+    stacks = None if cache is None else type_stacks(cache)
     kvs, stats = {}, []
     for span in (range(0, first), range(first, cfg.num_layers)):
         if len(span):
-            h, got, s = _segment(cfg, make_layer, h, shared, per_layer, ple, span, kvs)
+            own = stacks if span.start == 0 else None
+            h, got, new, s = _segment(cfg, make_layer, h, shared, per_layer, ple, span, (kvs, own))
+            if new:  # the KV-shared layers read their source's updated cache
+                stacks = {**stacks, **new}
+                kvs.update({i: tuple(a[r] for a in new[t]) for i, (t, r) in own_rows(cfg).items()})
             kvs.update(got)
             stats.append(s)
-    return h, (None, jnp.concatenate(stats) if cfg.num_experts else None)
+    stats = jnp.concatenate(stats) if cfg.num_experts else None
+    return h, (None if cache is None else with_type_stacks(cache, stacks), stats)
 
 
-def _segment(cfg: DecoderConfig, make_layer, h, shared, per_layer: tuple, ple, span: range, kvs: dict):
-    """The layers `span` on h, scanned over groups of one period. `kvs`: {layer: (k, v)} of the layers
-    KV-shared ones read. Returns (h, the (k, v) of the span's layers others read, router stats or None)."""
+def _segment(cfg: DecoderConfig, make_layer, h, shared, per_layer: tuple, ple, span: range, kv: tuple):
+    """The layers `span` on h, scanned over groups of one period. kv: ({layer: (k, v)} of the layers
+    KV-shared ones read, the cache's `type_stacks` of the span's layers or None). Returns (h, the (k, v) of
+    the span's layers others read (without a cache), the updated stacks or None, router stats or None)."""
     params, lora, _, windows, scales, rngs, _ = per_layer
-    kinds, rows, inv, source = cfg.mixers[span.start : span.stop], _rows(cfg), inv_freqs(cfg), kv_source(cfg)
+    kvs, stacks = kv
+    kinds, rows, source = cfg.mixers[span.start : span.stop], _rows(cfg), kv_source(cfg)
     size = period(kinds) if cfg.runtime.scan_layers else len(kinds)
     groups, cut = len(kinds) // size, slice(span.start, span.stop)
-    layers = {t: make_layer(kind_config(cfg, t)) for t in (SLIDING, FULL)}
     read = {source[i] for i in range(cfg.num_layers) if source[i] != i}  # the layers KV-shared ones read
-    mine = [j for j in range(size) if span[len(kinds) - size + j] in read]  # read ones: in the last group
-    members = (_member(cfg, rows, params, span, size), _member(cfg, rows, lora, span, size))
+    mine = [] if shared.cache is not None else [j for j in range(size) if span[len(kinds) - size + j] in read]
 
     def per(a):  # a per-layer array [L, ...] -> this span's [G, P, ...]
         return None if a is None else a[cut].reshape(groups, size, *a.shape[1:])
@@ -226,33 +237,68 @@ def _segment(cfg: DecoderConfig, make_layer, h, shared, per_layer: tuple, ple, s
         per(scales),
         per(rngs),
         None if ple is None else per(jnp.moveaxis(ple, 2, 0)),  # [G, P, B, T, P_ple]
+        _cache_rows(stacks, kinds[:size], groups),
     )
+    body = _group_body(cfg, make_layer, shared, span, kinds[:size], (kvs, mine, rows, (params, lora)))
+    if cfg.runtime.scan_layers:
+        h, (got, new, stats) = jax.lax.scan(body, h, xs)
+        got = jax.tree.map(lambda a: a[-1], got)
+    else:
+        h, (got, new, stats) = body(h, jax.tree.map(lambda a: a[0], xs))
+        new, stats = jax.tree.map(lambda a: a[None], (new, stats))
+    base = span.start + len(kinds) - size  # the last group's first layer
+    kv_out = {base + j: got[j] for j in mine}
+    new = None if new is None else jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), new)  # [L_t, ...]
+    return h, kv_out, new, None if stats is None else stats.reshape(-1, *stats.shape[2:])
+
+
+def _cache_rows(stacks: dict | None, kinds: tuple[str, ...], groups: int) -> dict | None:
+    """The cache's {type: (k, v) [L_type_own, ...]} regrouped [G, P_type_own, ...] (types with rows only)."""
+    if stacks is None:
+        return None
+    out = {}
+    for t, kv in stacks.items():
+        n = sum(own_kv(k) and layer_type(k) == t for k in kinds)
+        if n:
+            out[t] = jax.tree.map(lambda a, n=n: a.reshape(groups, n, *a.shape[1:]), kv)
+    return out
+
+
+def _group_body(cfg: DecoderConfig, make_layer, shared, span: range, kinds: tuple[str, ...], ctx: tuple):
+    """The scan's body over one group of the layers `kinds` (the first of `span`'s groups given; the others
+    alike). ctx: ({layer: (k, v)} KV-shared layers read, the group's layers whose (k, v) to emit, `_rows`,
+    (weights, adapters) trees). The body returns (h, (emitted (k, v) or None per layer, the cache's new
+    {type: (k, v) [P_type_own, ...]} or None, router stats [P, 2, E] or None))."""
+    kvs, mine, rows, (params, lora) = ctx
+    inv, source, size, cache = inv_freqs(cfg), kv_source(cfg), len(kinds), shared.cache
+    layers = {t: make_layer(kind_config(cfg, t)) for t in (SLIDING, FULL)}
+    members = (_member(cfg, rows, params, span, size), _member(cfg, rows, lora, span, size))
 
     def body(h, xs):  # one group: `size` layers, unrolled
-        p, lo, win, scale, rng, pl = xs
-        out, st = [], []
-        for j, kind in enumerate(kinds[:size]):
-            i = span[j]
+        p, lo, win, scale, rng, pl, kv = xs
+        out, st, new = [], [], {}
+        for j, kind in enumerate(kinds):
+            i, t = span[j], layer_type(kind)
+            row = sum(own_kv(k) and layer_type(k) == t for k in kinds[:j])  # in its type's cache rows
+            src = None if own_kv(kind) else kvs[source[i]]  # a KV-shared layer's source's (k, v)
+            view = src if kv is None or not own_kv(kind) else tuple(a[row] for a in kv[t])
             x = shared._replace(
-                inv_freq=inv[layer_type(kind)],
+                inv_freq=inv[t],
                 window=win[j],
                 lora_scale=scale[j],
                 dropout_rng=None if rng is None else rng[j],
                 ple=None if pl is None else pl[j],
-                shared_kv=None if own_kv(kind) else kvs[source[i]],
+                shared_kv=src,
+                cache=None if cache is None else layer_view(cache, view),
             )
-            layer = layers[layer_type(kind)]
-            h, (kv, s) = layer(_pick(p, members[0][j]), _pick(lo, members[1][j]), h, x)
-            out.append(kv if j in mine else None)
+            h, (layer_kv, s) = layers[t](_pick(p, members[0][j]), _pick(lo, members[1][j]), h, x)
+            out.append(layer_kv if j in mine else None)
+            if cache is not None and own_kv(kind):
+                new.setdefault(t, []).append(layer_kv)
             st.append(s)
-        return h, (tuple(out), jnp.stack(st) if cfg.num_experts else None)
+        new = (
+            None if cache is None else {t: jax.tree.map(lambda *a: jnp.stack(a), *v) for t, v in new.items()}
+        )
+        return h, (tuple(out), new, jnp.stack(st) if cfg.num_experts else None)
 
-    if cfg.runtime.scan_layers:
-        h, (got, stats) = jax.lax.scan(body, h, xs)
-        got = jax.tree.map(lambda a: a[-1], got)
-    else:
-        h, (got, stats) = body(h, jax.tree.map(lambda a: a[0], xs))
-        stats = None if stats is None else stats[None]
-    base = span.start + len(kinds) - size  # the last group's first layer
-    kv_out = {base + j: got[j] for j in mine}
-    return h, kv_out, None if stats is None else stats.reshape(-1, *stats.shape[2:])
+    return body

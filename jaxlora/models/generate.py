@@ -13,12 +13,15 @@ import numpy as np
 from jaxlora.models.attention import KVCache
 from jaxlora.models.config import DecoderConfig
 from jaxlora.models.decoder import forward, logits_from_hidden
+from jaxlora.models.gemma4_cache import Gemma4Cache, init_gemma4_cache
 from jaxlora.models.hybrid_cache import HybridCache, init_hybrid_cache
 
 
-def init_cache(cfg: DecoderConfig, batch: int, max_len: int) -> KVCache | HybridCache:
+def init_cache(cfg: DecoderConfig, batch: int, max_len: int) -> KVCache | HybridCache | Gemma4Cache:
     """An empty cache: k/v [L, B, S, K, H] in the compute dtype, positions/segment_ids [B, S], index 0
-    (a hybrid model's: `jaxlora.models.hybrid_cache`)."""
+    (a hybrid model's: `jaxlora.models.hybrid_cache`; Gemma 4's: `jaxlora.models.gemma4_cache`)."""
+    if cfg.global_head_dim:
+        return init_gemma4_cache(cfg, batch, max_len)
     if cfg.mixers:
         return init_hybrid_cache(cfg, batch, max_len)
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)

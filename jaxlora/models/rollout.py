@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jaxlora.models.attention import KVCache
 from jaxlora.models.config import DecoderConfig
 from jaxlora.models.decoder import LayerInputs, block, embed, layer_stack, logits_from_hidden, norm
+from jaxlora.models.gemma4_cache import repeat_global
 from jaxlora.models.generate import decode_step, init_cache, prefill, sample
 from jaxlora.models.hybrid_cache import layer_view, mixer_stacks, repeat_states
 from jaxlora.models.hybrid_layers import layer_slices
@@ -68,6 +69,7 @@ def repeat_cache(cache: KVCache, g: int, extra: int) -> KVCache:
         pad[axis + 1] = (0, extra)
         return jnp.pad(a, pad)
 
+    cache = repeat_global(cache, partial(grow, axis=1))  # Gemma 4's full layers' keys and values
     cache = cache._replace(
         k=grow(cache.k, 1),
         v=grow(cache.v, 1),
@@ -111,7 +113,8 @@ def rollout(
     A row stops at its first token in `eos_ids` (kept, counted in its length); the loop stops when every
     row has stopped or N tokens are out. Returns a `Rollout` of [P*G, N] completions and mask, [P*G]
     lengths and truncated flags. Static: cfg and every keyword argument (a new value compiles anew).
-    `split_layers` (None: on a CPU) decodes with `layered_step` instead of the scanned `decode_step`.
+    `split_layers` (None: on a CPU) decodes with `layered_step` instead of the scanned `decode_step`
+    (not Gemma 4: its KV-shared layers decode with the scanned step always).
     """
     g, new = num_generations, max_new_tokens
     if g < 1 or new < 1:
@@ -124,6 +127,7 @@ def rollout(
 
     if split_layers is None:
         split_layers = jax.default_backend() == "cpu"
+    split_layers = split_layers and not cfg.global_head_dim  # Gemma 4 decodes with the scanned step
     if split_layers:  # each layer's weights and cache as arrays of their own (see `layered_step`)
         step, cache = layered_decoder(params, cfg, lora, lora_scale, cache)
     else:

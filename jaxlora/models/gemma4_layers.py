@@ -6,7 +6,9 @@ apart (a full layer's head dim and kv heads differ), and the KV-shared layers ha
 period of their kinds (the stacks cut and regrouped [G, P_kind, ...]; the group's layers unrolled in the
 scan's body): layer i reads its row of every stack it is in, the decoder's `block` runs on a config whose
 head dim and kv heads are its type's, and a KV-shared layer attends with the keys and values of its source
-layer (`gemma4_spec.kv_source`), kept from the first scan.
+layer (`gemma4_spec.kv_source`), kept from the first scan. In generation the first scan also carries the
+cache's rows of its layers (`gemma4_cache`: stacked by layer type) and writes this step's keys and values
+into them; a KV-shared layer then attends with its source's updated row.
 
 Per-layer input embeddings (PLE, width P): before the layers, `per_layer_inputs` mixes a token's row of the
 packed table [Vp, L*P] (times sqrt(P)) with a projection of its embedding (times D^-1/2, RMS-normed per
@@ -188,6 +190,19 @@ def _pick(tree: dict | None, member: dict | None) -> dict | None:
     for (group, name), row in member.items():
         if group in tree and name in tree[group]:
             out.setdefault(group, {})[name] = jax.tree.map(lambda a, row=row: a[row], tree[group][name])
+    return out
+
+
+def layer_trees(cfg: DecoderConfig, tree: dict | None) -> list:
+    """A layer tree (weights or adapters) as one tree per layer: layer i's row of each stack it is in (the
+    double-wide MLP under "mlp"), as the scan's body picks it (None -> None per layer)."""
+    if tree is None:
+        return [None] * cfg.num_layers
+    rows, out = _rows(cfg), []
+    for i in range(cfg.num_layers):
+        span = range(i, i + 1)
+        one = jax.tree.map(lambda a: a[0], _regroup(tree, rows, span, 1))
+        out.append(_pick(one, _member(cfg, rows, tree, span, 1)[0]))
     return out
 
 

@@ -31,7 +31,9 @@ import jax.numpy as jnp
 from jaxlora.models.attention import KVCache
 from jaxlora.models.config import DecoderConfig
 from jaxlora.models.decoder import LayerInputs, block, embed, layer_stack, logits_from_hidden, norm
-from jaxlora.models.gemma4_cache import repeat_global
+from jaxlora.models.gemma4_cache import own_rows, repeat_global, type_stacks
+from jaxlora.models.gemma4_layers import inv_freqs, kind_config, layer_trees, per_layer_inputs
+from jaxlora.models.gemma4_spec import kv_source, layer_type
 from jaxlora.models.generate import decode_step, init_cache, prefill, sample
 from jaxlora.models.hybrid_cache import layer_view, mixer_stacks, repeat_states
 from jaxlora.models.hybrid_layers import layer_slices
@@ -113,8 +115,7 @@ def rollout(
     A row stops at its first token in `eos_ids` (kept, counted in its length); the loop stops when every
     row has stopped or N tokens are out. Returns a `Rollout` of [P*G, N] completions and mask, [P*G]
     lengths and truncated flags. Static: cfg and every keyword argument (a new value compiles anew).
-    `split_layers` (None: on a CPU) decodes with `layered_step` instead of the scanned `decode_step`
-    (not Gemma 4: its KV-shared layers decode with the scanned step always).
+    `split_layers` (None: on a CPU) decodes with `layered_step` instead of the scanned `decode_step`.
     """
     g, new = num_generations, max_new_tokens
     if g < 1 or new < 1:
@@ -127,7 +128,6 @@ def rollout(
 
     if split_layers is None:
         split_layers = jax.default_backend() == "cpu"
-    split_layers = split_layers and not cfg.global_head_dim  # Gemma 4 decodes with the scanned step
     if split_layers:  # each layer's weights and cache as arrays of their own (see `layered_step`)
         step, cache = layered_decoder(params, cfg, lora, lora_scale, cache)
     else:
@@ -186,7 +186,11 @@ def layered_decoder(params, cfg: DecoderConfig, lora, lora_scale, cache: KVCache
     """
     take = lambda tree, i: None if tree is None else jax.tree.map(lambda a: a[i], tree)  # noqa: E731
     n = cfg.num_layers
-    if cfg.mixers:  # hybrid: mixer weights and states stacked by kind (a DeltaNet layer's: `DeltaNetState`)
+    if cfg.global_head_dim:  # Gemma 4: k/v stacked by layer type; a KV-shared layer's: None (its source's)
+        weights, adapters = layer_trees(cfg, params["layers"]), layer_trees(cfg, lora)
+        rows, stacks = own_rows(cfg), type_stacks(cache)
+        kv = tuple(tuple(a[rows[i][1]] for a in stacks[rows[i][0]]) if i in rows else None for i in range(n))
+    elif cfg.mixers:  # hybrid: mixer weights and states stacked by kind (a DeltaNet layer's: `DeltaNetState`)
         weights, adapters = layer_slices(params["layers"], cfg.mixers), layer_slices(lora, cfg.mixers)
         kv = tuple(next(iter(part.values())) for part in layer_slices(mixer_stacks(cache), cfg.mixers))
     else:
@@ -205,8 +209,8 @@ def layered_step(params, cfg, weights, adapters, lora_scale, state, token, posit
     """`generate.decode_step` with the layers unrolled on per-layer weights, adapters and cache.
 
     weights, adapters: L trees of one layer's arrays (adapters may be None); state: (((k, v) [B, S, K, H]
-    or a DeltaNet layer's `DeltaNetState`) per layer, cache positions and segment ids [B, S], index); token,
-    position: [B] int32.
+    or a DeltaNet layer's `DeltaNetState`, None for a Gemma 4 KV-shared layer) per layer, cache positions
+    and segment ids [B, S], index); token, position: [B] int32.
     Returns (the logits [B, V] after `token`, the state one slot further).
     """
     kv, positions, segments, index = state
@@ -215,13 +219,32 @@ def layered_step(params, cfg, weights, adapters, lora_scale, state, token, posit
     segments = jax.lax.dynamic_update_slice(segments, seg, (0, index))
     _, _, inv_freq, windows, scales, _, _ = layer_stack(params, cfg, pos, None, lora_scale, None, None)
     h = embed(params, cfg, token[:, None], pos).astype(cfg.runtime.compute_dtype)  # [B, 1, D]
+    if cfg.global_head_dim:
+        per = _gemma4_layers(params, cfg, token, h)
+    else:
+        per = [(cfg, jax.tree.map(lambda a, i=i: a[i], inv_freq), None, i) for i in range(cfg.num_layers)]
     new_kv = []
     for i, part in enumerate(kv):
+        layer_cfg, inv_i, ple, src = per[i]
+        shared = None if src == i else new_kv[src]  # a KV-shared layer: its source's updated (k, v)
         x = LayerInputs(
-            pos, seg, jax.tree.map(lambda a, i=i: a[i], inv_freq), windows[i], scales[i],
-            cache=layer_view(part, positions, segments, index),
+            pos, seg, inv_i, windows[i], scales[i], ple=ple, shared_kv=shared,
+            cache=layer_view(part if shared is None else shared, positions, segments, index),
         )  # fmt: skip
-        h, (layer_kv, _) = block(cfg, weights[i], adapters[i], h, x)
-        new_kv.append(layer_kv)
+        h, (layer_kv, _) = block(layer_cfg, weights[i], adapters[i], h, x)
+        new_kv.append(layer_kv if shared is None else None)
     logits = logits_from_hidden(params, cfg, norm(params["final_norm"], h[:, -1], cfg))  # [B, V]
     return logits, (tuple(new_kv), positions, segments, index + 1)
+
+
+def _gemma4_layers(params, cfg: DecoderConfig, token, h) -> list:
+    """Gemma 4's layers for `layered_step`: per layer (its type's config, RoPE inverse frequencies, its
+    per-layer input [B, 1, P] or None, the layer whose keys and values it attends with) for the new
+    `token` [B] whose scaled embedding is h [B, 1, D]."""
+    inv, source = inv_freqs(cfg), kv_source(cfg)
+    ple = per_layer_inputs(params, cfg, token[:, None], h) if cfg.ple_dim else None  # [B, 1, L, P]
+    out = []
+    for i, kind in enumerate(cfg.mixers):
+        t = layer_type(kind)
+        out.append((kind_config(cfg, t), inv[t], None if ple is None else ple[:, :, i], source[i]))
+    return out

@@ -390,7 +390,7 @@ def test_bad_input_block_size_and_method(stories_dir):
         run_generation(str(stories_dir), ["Once"], quant="int4")
     base = {"output_dir": "o", "model": {"path": "m"}, "train": {"max_steps": 1}}
     base["data"] = {"train": [{"path": "x.json", "format": "text"}]}
-    with pytest.raises(UserError, match=r"quant.weights must be one of none, int8, nf4; got 'int4'"):
+    with pytest.raises(UserError, match=r"quant.weights must be one of none, int8, nf4, mxfp4; got 'int4'"):
         config_from_dict(base, ["quant.weights=int4"])
     cfg = config_from_dict(base, ["quant.weights=nf4", "quant.block_size=32", "quant.skip=[lm_head]"])
     qz = make_quantizer(cfg.quant.weights, cfg.quant.block_size, cfg.quant.skip)

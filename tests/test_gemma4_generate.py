@@ -16,13 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from jaxlora.lora import LoraConfig, init_lora, lora_scale
 from jaxlora.models import forward, load_model
 from jaxlora.models.generate import generate, left_pad
 from jaxlora.models.rollout import rollout
 from tests.helpers.hf_gemma4 import make_gemma4, make_hf_gemma4
+from tests.helpers.hf_generate import hf_greedy
 from tests.helpers.peft_torch import randomized
 
 PROMPTS = [[1, 5, 9, 33, 40, 7, 11], [1, 60], [1, 22, 17, 4]]  # lengths 7, 2, 4: left-padded
@@ -36,16 +36,6 @@ VARIANTS = {
 }
 
 
-def hf_greedy(hf, ids, mask) -> np.ndarray:
-    """transformers' greedy `generate` on the left-padded batch, no EOS: the new tokens [B, NEW]."""
-    with torch.no_grad():
-        out = hf.generate(
-            input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-            do_sample=False, max_new_tokens=NEW, eos_token_id=None, pad_token_id=PAD,
-        )  # fmt: skip
-    return out[:, ids.shape[1] :].numpy()
-
-
 @pytest.fixture(scope="module")
 def gen(tmp_path_factory):
     """{variant: (jaxlora model, transformers' greedy tokens [3, NEW], ours [3, NEW], our logits of each
@@ -57,7 +47,7 @@ def gen(tmp_path_factory):
         hf = make_gemma4(folder, **kw)
         model = load_model(folder)
         new, logits = generate(model.params, model.config, PROMPTS, NEW, eos_ids=(), return_logits=True)
-        out[name] = (model, hf_greedy(hf, ids, mask), np.asarray(new), logits)
+        out[name] = (model, hf_greedy(hf, ids, mask, NEW), np.asarray(new), logits)
     return out
 
 
@@ -121,4 +111,4 @@ def test_multimodal_gemma4_text_tower_generates_as_transformers(tmp_path):
     hf = make_hf_gemma4(tmp_path)
     model = load_model(tmp_path)
     new = generate(model.params, model.config.with_runtime(scan_layers=False), PROMPTS, NEW, eos_ids=())
-    assert np.array_equal(np.asarray(new), hf_greedy(hf, ids, mask))
+    assert np.array_equal(np.asarray(new), hf_greedy(hf, ids, mask, NEW))

@@ -24,22 +24,13 @@ from jaxlora.models.generate import generate, left_pad
 from jaxlora.models.rollout import rollout
 from jaxlora.train.grpo import completion_logps, grpo_batch
 from jaxlora.train.objective import StepSpec
+from tests.helpers.hf_generate import hf_greedy
 from tests.helpers.hf_tiny import make_hf_qwen3_5, model_cache
 from tests.helpers.peft_torch import randomized
 
 PROMPTS = [[1, 5, 9, 33, 40, 7, 11], [1, 60], [1, 22, 17, 4]]  # lengths 7, 2, 4: left-padded
 NEW = 12
 PAD = 0
-
-
-def hf_greedy(hf, ids, mask) -> np.ndarray:
-    """transformers' greedy `generate` on the left-padded batch, no EOS: the new tokens [B, NEW]."""
-    with torch.no_grad():
-        out = hf.generate(
-            input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-            do_sample=False, max_new_tokens=NEW, eos_token_id=None, pad_token_id=PAD,
-        )  # fmt: skip
-    return out[:, ids.shape[1] :].numpy()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +40,7 @@ def gen(tmp_path_factory):
     folder, hf, model = model_cache(tmp_path_factory)("qwen3_5_text")
     ids, mask = left_pad(PROMPTS, PAD)
     new, logits = generate(model.params, model.config, PROMPTS, NEW, eos_ids=(), return_logits=True)
-    return folder, model, ids, mask, hf_greedy(hf, ids, mask), np.asarray(new), logits
+    return folder, model, ids, mask, hf_greedy(hf, ids, mask, NEW), np.asarray(new), logits
 
 
 def test_greedy_equals_transformers_generate(gen):
@@ -127,4 +118,4 @@ def test_multimodal_qwen3_5_text_tower_generates_as_transformers(gen, tmp_path):
     hf = make_hf_qwen3_5(tmp_path)
     model = load_model(tmp_path)
     new = generate(model.params, model.config.with_runtime(scan_layers=False), PROMPTS, NEW, eos_ids=())
-    assert np.array_equal(np.asarray(new), hf_greedy(hf, ids, mask))
+    assert np.array_equal(np.asarray(new), hf_greedy(hf, ids, mask, NEW))

@@ -78,15 +78,12 @@ def test_greedy_generation_equals_transformers(built):
     """The hybrid cache (tests/test_qwen35_generate.py) with experts: greedy tokens on left-padded prompts
     of lengths 6 and 2 equal transformers' `generate`."""
     from jaxlora.models.generate import generate, left_pad
+    from tests.helpers.hf_generate import hf_greedy
 
     _, hf, model = built
     prompts, new = [[1, 5, 9, 33, 40, 7], [1, 60]], 8
     ids, mask = left_pad(prompts, 0)
-    with torch.no_grad():
-        ref = hf.generate(
-            input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-            do_sample=False, max_new_tokens=new, eos_token_id=None, pad_token_id=0,
-        )[:, ids.shape[1] :].numpy()  # fmt: skip
+    ref = hf_greedy(hf, ids, mask, new)
     ours = np.asarray(generate(model.params, model.config, prompts, new, eos_ids=()))
     assert np.array_equal(ours, ref), (ours, ref)
 

@@ -23,6 +23,7 @@ from jaxlora.models import forward, load_model
 from jaxlora.models.generate import categorical, generate, left_pad, nucleus, warp
 from jaxlora.models.rollout import rollout
 from jaxlora.quant import make_quantizer
+from tests.helpers.hf_generate import hf_greedy
 from tests.helpers.hf_tiny import make_hf_model
 from tests.helpers.parallel_runs import _env
 from tests.helpers.peft_torch import randomized
@@ -50,29 +51,15 @@ def run(model, ids, mask, seed=0, lora=None, scale=1.0, params=None, **kw):
     return jax.tree.map(np.asarray, out)
 
 
-def hf_greedy(hf, ids, mask, eos: int | None) -> np.ndarray:
-    """transformers' greedy `generate` on the left-padded batch: the new tokens [B, <= NEW], PAD after EOS."""
-    with torch.no_grad():
-        out = hf.generate(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            attention_mask=torch.tensor(mask),
-            do_sample=False,
-            max_new_tokens=NEW,
-            eos_token_id=eos,
-            pad_token_id=PAD,
-        )
-    return out[:, ids.shape[1] :].numpy()
-
-
 def test_greedy_equals_transformers_generate_with_eos_per_row(tiny):
     _, hf, model, ids, mask = tiny
-    free = hf_greedy(hf, ids, mask, eos=None)  # no EOS: every row runs NEW tokens
+    free = hf_greedy(hf, ids, mask, NEW, eos=None, pad=PAD)  # no EOS: every row runs NEW tokens
     assert free.shape == (3, NEW)
     # as EOS, the token that most rows meet short of all of them (here: one row at its first token, one
     # midway, one never)
     rows_hit = {int(t): sum(t in row for row in free) for t in np.unique(free) if t != PAD}
     eos = max((t for t, n in rows_hit.items() if n < 3), key=lambda t: (rows_hit[t], -t))
-    ref = hf_greedy(hf, ids, mask, eos=eos)
+    ref = hf_greedy(hf, ids, mask, NEW, eos=eos, pad=PAD)
     for g in (1, 2):  # G = 2: the prompt's cache repeated, both copies equal to transformers'
         out = run(model, ids, mask, num_generations=g, eos_ids=(eos,))
         got = out.completions[::g]

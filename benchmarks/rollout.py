@@ -141,22 +141,23 @@ def timed(call, seed: int, want: tuple[int, int]) -> tuple[float, float]:
     return seconds, cpu
 
 
-def measure(calls: dict, repeats: int, want: tuple[int, int], log) -> dict:
-    """One warm-up call of each row, then `repeats` rounds of one call each; seconds per row."""
-    results = {name: {"first_call_s": timed(call, 0, want)[0], "repeats_s": [], "repeats_cpu_s": []}
+def measure(calls: dict, repeats: int, want, log) -> dict:
+    """One warm-up call of each row, then `repeats` rounds of one call each; seconds per row. `want`: the
+    output shape [B, N] of every row, or a dict of it per row."""
+    want = want if isinstance(want, dict) else dict.fromkeys(calls, want)
+    results = {name: {"first_call_s": timed(call, 0, want[name])[0], "repeats_s": [], "repeats_cpu_s": []}
                for name, call in calls.items()}  # fmt: skip
     log("warm-up: " + ", ".join(f"{n} {r['first_call_s']:.3g}s" for n, r in results.items()))
     for i in range(repeats):
         for name, call in calls.items():
-            wall, cpu = timed(call, i + 1, want)
+            wall, cpu = timed(call, i + 1, want[name])
             results[name]["repeats_s"].append(wall)
             results[name]["repeats_cpu_s"].append(cpu)
         log(f"round {i + 1}: " + ", ".join(f"{n} {r['repeats_s'][-1]:.3g}s" for n, r in results.items()))
-    tokens = want[0] * want[1]
-    for r in results.values():
+    for name, r in results.items():
         r["median_s"] = statistics.median(r["repeats_s"])
         r["median_cpu_s"] = statistics.median(r["repeats_cpu_s"])
-        r["completion_tokens_per_s"] = tokens / r["median_s"]
+        r["completion_tokens_per_s"] = want[name][0] * want[name][1] / r["median_s"]
     return results
 
 

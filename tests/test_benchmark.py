@@ -165,6 +165,23 @@ def test_benchmark_smoke_jaxlora_and_peft(tmp_path):
     assert all(v > 0 for v in report["peaks_flops"].values())
 
 
+def test_rollout_floor_smoke(tmp_path):
+    """The rollout floor report: every row timed, the ceiling transformers' time over the floor."""
+    out = tmp_path / "floor.json"
+    args = ["--arch", "tiny", "--prompts", "2", "--new-tokens", "4", "--repeats", "1", "--out", str(out)]
+    cmd = [sys.executable, "benchmarks/rollout_floor.py", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    med = {name: r["median_s"] for name, r in report["results"].items()}
+    assert set(med) == {"jaxlora", "jaxlora prefill", "decode products", "transformers"}
+    assert all(s > 0 for s in med.values())
+    assert report["floor_s"] == med["jaxlora prefill"] + med["decode products"]
+    assert report["ceiling"] == med["transformers"] / report["floor_s"]
+    assert report["speedup"] == med["transformers"] / med["jaxlora"]
+    assert "ceiling" in proc.stdout
+
+
 def test_benchmark_cudnn_on_cpu_is_a_user_error(tmp_path):
     cmd = [sys.executable, "scripts/benchmark.py", "--preset", "tiny", "--frameworks", "jaxlora"]
     proc = subprocess.run(

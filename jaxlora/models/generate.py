@@ -1,4 +1,5 @@
-"""Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p), batched prompts.
+"""Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p, min-p; a repetition
+penalty), batched prompts.
 
 Prompts are left-padded into one batch; a prefill writes their keys and values into the cache, then one
 jitted step per new token (same shapes every step, so nothing recompiles) appends to it. `init_cache`,
@@ -56,25 +57,65 @@ def extend(params, cfg, cache: KVCache, ids, positions, segments, lora, lora_sca
     return logits_from_hidden(params, cfg, hidden[:, -1]), cache._replace(index=idx + ids.shape[1])
 
 
-def sample(logits: jax.Array, rng, temperature: float, top_k: int, top_p: float) -> jax.Array:
-    """Pick the next token [B] from logits [B, V]; temperature 0 means greedy, else a draw from `warp`."""
+def sample(
+    logits: jax.Array,
+    rng,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seen: jax.Array | None = None,
+) -> jax.Array:
+    """Pick the next token [B] from logits [B, V]: first the repetition penalty on the tokens `seen`
+    [B, V] bool (1 = off; transformers' processors run before its warpers, greedy included), then
+    temperature 0 means greedy, else a draw from `warp`."""
+    if repetition_penalty != 1.0:
+        logits = penalize(logits, seen, repetition_penalty)
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return categorical(rng, warp(logits, temperature, top_k, top_p))
+    return categorical(rng, warp(logits, temperature, top_k, top_p, min_p))
 
 
-def warp(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+def warp(
+    logits: jax.Array, temperature: float, top_k: int, top_p: float, min_p: float | None = None
+) -> jax.Array:
     """The logits [B, V] sampling draws from, as transformers' warpers in their order: divided by the
     temperature, then -inf below the k-th best (top_k 0 = off; ties with it kept), then -inf outside
     the nucleus (top_p 1 = off): best first (ties by index), the tokens whose better ones hold less
-    than `top_p` of the mass."""
+    than `top_p` of the mass, then -inf where the probability is under `min_p` times the best one's
+    (min_p None or 0 = off; the best token, and any tied with it, always kept)."""
     logits = logits / temperature
     if top_k > 0:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1.0:
         logits = nucleus(logits, top_p, max(top_k, TOP_P_CANDIDATES))
+    if min_p:  # p / p_best = exp(logit - best logit): no normalizing sum needed
+        ratio = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+        logits = jnp.where(ratio < min_p, -jnp.inf, logits)
     return logits
+
+
+def penalize(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """transformers' repetition penalty: logits [B, V] of the tokens `seen` [B, V] bool multiplied by
+    `penalty` where negative, divided by it otherwise (penalty > 1: a seen token gets less likely)."""
+    return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def seen_tokens(ids: jax.Array, mask: jax.Array, vocab: int) -> jax.Array:
+    """[B, V] bool: the tokens of prompts ids [B, T] where mask [B, T] is 1 (padding is not counted, as
+    transformers' generate skips the left padding it is told of; ids >= V are dropped)."""
+    rows = jnp.arange(ids.shape[0])[:, None]
+    real = jnp.where(mask > 0, ids, vocab)  # index V: out of range, dropped
+    return jnp.zeros((ids.shape[0], vocab), bool).at[rows, real].set(True, mode="drop")
+
+
+def remember(seen: jax.Array | None, token: jax.Array) -> jax.Array | None:
+    """`seen` [B, V] with each row's new `token` [B] marked (None stays None: no penalty to keep)."""
+    if seen is None:
+        return None
+    return seen.at[jnp.arange(token.shape[0]), token].set(True, mode="drop")
 
 
 TOP_P_CANDIDATES = 1024  # top-p looks among this many best tokens first; a full sort where too few
@@ -170,6 +211,8 @@ def generate(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
     seed: int = 0,
     eos_ids: tuple[int, ...] | None = None,
     lora=None,
@@ -178,6 +221,7 @@ def generate(
 ):
     """Generate up to `max_new_tokens` per prompt; each row stops at its first EOS (kept in the output).
 
+    Sampling is `sample`'s; `repetition_penalty` counts each prompt's tokens and the ones drawn so far.
     Returns a list of new-token lists (and the [B, N, V] logits of each step with `return_logits`).
     """
     if any(len(p) == 0 for p in prompts):
@@ -189,6 +233,8 @@ def generate(
     logits, cache = _prefill(params, cfg, cache, jnp.asarray(ids), jnp.asarray(mask), lora, lora_scale)
     position = jnp.asarray(mask.sum(axis=1), jnp.int32)
     rng = jax.random.key(seed)
+    penalized = repetition_penalty != 1.0  # then the tokens seen so far, [B, V] bool
+    seen = seen_tokens(jnp.asarray(ids), jnp.asarray(mask), logits.shape[-1]) if penalized else None
     out = np.zeros((b, max_new_tokens), np.int32)
     done = np.zeros(b, bool)
     steps_logits = []
@@ -197,7 +243,8 @@ def generate(
         rng, sub = jax.random.split(rng)
         if return_logits:
             steps_logits.append(np.asarray(logits))
-        token = sample(logits, sub, temperature, top_k, top_p)
+        token = sample(logits, sub, temperature, top_k, top_p, min_p, repetition_penalty, seen)
+        seen = remember(seen, token)
         tok = np.asarray(token)
         out[:, n] = np.where(done, 0, tok)
         done |= np.isin(tok, eos)
@@ -205,14 +252,16 @@ def generate(
             break
         logits, cache = _step(params, cfg, cache, token, position, lora, lora_scale)
         position = position + 1
-    result = []
-    for i in range(b):
-        row = out[i, : n + 1].tolist()
-        hits = [j for j, tk in enumerate(row) if tk in set(eos.tolist())]
-        result.append(row[: hits[0] + 1] if hits else row)
+    result = [until_eos(row, eos) for row in out[:, : n + 1].tolist()]
     if return_logits:
         return result, np.stack(steps_logits, axis=1)
     return result
+
+
+def until_eos(row: list[int], eos: np.ndarray) -> list[int]:
+    """A row of tokens up to and including its first token in `eos` (all of it without one)."""
+    hits = [j for j, tk in enumerate(row) if tk in set(eos.tolist())]
+    return row[: hits[0] + 1] if hits else row
 
 
 def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, **kw) -> list[str]:

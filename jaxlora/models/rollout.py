@@ -34,7 +34,7 @@ from jaxlora.models.decoder import LayerInputs, block, embed, layer_stack, logit
 from jaxlora.models.gemma4_cache import own_rows, repeat_global, type_stacks
 from jaxlora.models.gemma4_layers import inv_freqs, kind_config, layer_trees, per_layer_inputs
 from jaxlora.models.gemma4_spec import kv_source, layer_type
-from jaxlora.models.generate import decode_step, init_cache, prefill, sample
+from jaxlora.models.generate import decode_step, init_cache, prefill, remember, sample, seen_tokens
 from jaxlora.models.hybrid_cache import layer_view, mixer_stacks, repeat_states
 from jaxlora.models.hybrid_layers import layer_slices
 
@@ -59,6 +59,7 @@ class _Loop(NamedTuple):
     cache: KVCache | tuple  # [L, B, Tp + N, K, H], or `layered_decoder`'s per-layer cache
     position: jax.Array  # [B] int32: the position of `token`
     rng: jax.Array
+    seen: jax.Array | None  # [B, V] bool: the row's prompt and sampled tokens (repetition penalty only)
 
 
 def repeat_cache(cache: KVCache, g: int, extra: int) -> KVCache:
@@ -83,8 +84,8 @@ def repeat_cache(cache: KVCache, g: int, extra: int) -> KVCache:
 
 # what a call compiles for: the model and every sampling setting
 STATIC = (
-    "cfg", "num_generations", "max_new_tokens", "temperature", "top_p", "top_k", "eos_ids", "pad_id",
-    "split_layers",
+    "cfg", "num_generations", "max_new_tokens", "temperature", "top_p", "top_k", "min_p",
+    "repetition_penalty", "eos_ids", "pad_id", "split_layers",
 )  # fmt: skip
 
 
@@ -103,6 +104,8 @@ def rollout(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
     eos_ids: tuple[int, ...] = (),
     pad_id: int = 0,
     split_layers: bool | None = None,
@@ -111,7 +114,9 @@ def rollout(
 
     prompt_ids, prompt_mask: [P, Tp] int32, left-padded (mask 1 on real tokens, at least one per row);
     rng: a JAX key; lora: the adapter tree or None, scaled by `lora_scale` (scalar or [L]).
-    Sampling is `generate.sample`'s: temperature (0 = greedy), then top-k (0 = off), then top-p (1 = off).
+    Sampling is `generate.sample`'s: the repetition penalty (1 = off) on the raw logits of the tokens in
+    the row's prompt (mask 1: padding not counted) or sampled so far, then temperature (0 = greedy), top-k
+    (0 = off), top-p (1 = off), min-p (None or 0 = off). With a penalty the loop carries a [B, V] bool.
     A row stops at its first token in `eos_ids` (kept, counted in its length); the loop stops when every
     row has stopped or N tokens are out. Returns a `Rollout` of [P*G, N] completions and mask, [P*G]
     lengths and truncated flags. Static: cfg and every keyword argument (a new value compiles anew).
@@ -121,10 +126,13 @@ def rollout(
     if g < 1 or new < 1:
         raise ValueError(f"num_generations and max_new_tokens must be >= 1, got {g} and {new}")
     logits, cache, position = prefill_groups(params, cfg, lora, lora_scale, prompt_ids, prompt_mask, g, new)
+    seen = None
+    if repetition_penalty != 1.0:  # static: the default loop carries nothing more
+        seen = jnp.repeat(seen_tokens(prompt_ids, prompt_mask, logits.shape[-1]), g, axis=0)  # [B, V]
 
-    def pick(logits, rng):  # the next tokens [B] and the key left, as `generate` draws them
+    def pick(logits, rng, seen):  # the next tokens [B] and the key left, as `generate` draws them
         rng, sub = jax.random.split(rng)
-        return sample(logits, sub, temperature, top_k, top_p), rng
+        return sample(logits, sub, temperature, top_k, top_p, min_p, repetition_penalty, seen), rng
 
     if split_layers is None:
         split_layers = jax.default_backend() == "cpu"
@@ -135,7 +143,8 @@ def rollout(
         def step(token, cache, position):  # the logits [B, V] after `token` [B], the cache a slot further
             return decode_step(params, cfg, cache, token, position, lora, lora_scale)
 
-    s = decode_loop(step, pick, logits, cache, position, rng, jnp.asarray(eos_ids, jnp.int32), new, pad_id)
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    s = decode_loop(step, pick, logits, cache, position, rng, eos, new, pad_id, seen)
     mask = (jnp.arange(new)[None, :] < s.lengths[:, None]).astype(jnp.int32)  # [B, N]
     return Rollout(s.out, mask, s.lengths, ~s.done)
 
@@ -152,25 +161,27 @@ def prefill_groups(params, cfg, lora, lora_scale, prompt_ids, prompt_mask, g: in
     return jnp.repeat(logits, g, axis=0), repeat_cache(cache, g, new), position
 
 
-def decode_loop(step, pick, logits, cache: KVCache, position, rng, eos, new: int, pad_id: int) -> _Loop:
+def decode_loop(step, pick, logits, cache: KVCache, position, rng, eos, new: int, pad_id: int, seen=None):
     """Sample from `logits` [B, V], then `step` and sample again until every row has drawn a token of
-    `eos` [E] or `new` tokens are out: one `lax.while_loop`. Returns the final carry (`out` [B, new])."""
-    token, rng = pick(logits, rng)
+    `eos` [E] or `new` tokens are out: one `lax.while_loop`. `pick(logits, rng, seen)` samples; `seen`
+    [B, V] bool (or None) marks the tokens drawn. Returns the final `_Loop` carry (`out` [B, new])."""
+    token, rng = pick(logits, rng, seen)
     done = jnp.isin(token, eos)  # E = 0: never
     out = jnp.full((token.shape[0], new), pad_id, jnp.int32).at[:, 0].set(token)
-    state = _Loop(jnp.ones((), jnp.int32), token, done, jnp.ones_like(token), out, cache, position, rng)
+    first = (jnp.ones((), jnp.int32), token, done, jnp.ones_like(token), out, cache, position, rng)
+    state = _Loop(*first, remember(seen, token))
 
     def more(s: _Loop):
         return (s.n < new) & ~jnp.all(s.done)
 
     def body(s: _Loop) -> _Loop:
         logits, cache = step(s.token, s.cache, s.position)
-        token, rng = pick(logits, s.rng)
+        token, rng = pick(logits, s.rng, s.seen)
         written = jnp.where(s.done, pad_id, token)  # [B]: finished rows emit padding
         out = jax.lax.dynamic_update_slice(s.out, written[:, None], (0, s.n))
         lengths = s.lengths + (~s.done).astype(jnp.int32)
         done = s.done | jnp.isin(token, eos)
-        return _Loop(s.n + 1, token, done, lengths, out, cache, s.position + 1, rng)
+        return _Loop(s.n + 1, token, done, lengths, out, cache, s.position + 1, rng, remember(s.seen, token))
 
     return jax.lax.while_loop(more, body, state)
 

@@ -102,6 +102,15 @@ class GrpoSection(Section):
     )
     top_p: Float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep the top tokens of this mass")
     top_k: Int = Field(0, ge=0, description="sample among the k most likely tokens; 0 = all")
+    min_p: Float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="keep tokens of at least min_p x the top token's probability; null = off",
+    )
+    repetition_penalty: Float = Field(
+        1.0, gt=0, description="tokens already in the prompt or answer: logit / this (x this if < 0); 1 = off"
+    )
     beta: Float = Field(
         0.0, ge=0, description="weight of the KL to the reference (the adapter off); 0 = no reference pass"
     )

@@ -84,7 +84,8 @@ class GrpoFeed:
         out = rollout(
             params, steps.base.config, lo, steps.scale, ids, mask, key,
             num_generations=g.num_generations, max_new_tokens=g.max_completion_length,
-            temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, eos_ids=self.eos_ids, pad_id=self.pad_id,
+            temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, min_p=g.min_p,
+            repetition_penalty=g.repetition_penalty, eos_ids=self.eos_ids, pad_id=self.pad_id,
         )  # fmt: skip
         comp, cmask, lengths = jax.device_get((out.completions, out.mask, out.lengths))
         n = g.num_generations

@@ -102,6 +102,7 @@ def compile_rollout(cfg: Config, state, plan: Plan):
         return rollout(
             params, model, lora, scale, ids, mask, rng, num_generations=g.num_generations,
             max_new_tokens=completion, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+            min_p=g.min_p, repetition_penalty=g.repetition_penalty,
         )  # fmt: skip
 
     ids = jax.ShapeDtypeStruct((prompts, prompt_len), np.int32)

@@ -1,7 +1,10 @@
 """[memory] The remat policies (`jaxlora.models.remat`): the same loss and gradients under every policy, what
 each keeps (XLA's temp bytes of a compiled gradient), the MLP run in tiles over long rows, the residual
 stream kept in the compute dtype between layers, and `offload` off a GPU (refused by a run, estimated by
-the plan)."""
+the plan), and a hybrid model's period of layers recomputed one layer at a time."""
+
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -127,3 +130,32 @@ def test_offload_needs_a_gpu_and_the_plan_estimates_it(tmp_path):
     moved = cfg.num_hidden_layers * 2 * 64 * cfg.hidden_size * 4  # [L, B, T, D] float32
     assert offload["memory"]["activations"] == minimal["memory"]["activations"] - moved
     assert any("offload needs a GPU" in n for n in offload["notes"]), offload["notes"]
+
+
+def test_a_hybrid_period_recomputes_one_layer_at_a_time(monkeypatch):
+    """Qwen3.5's scan step runs a period of 4 layers (3 DeltaNet, 1 attention). `remat.after_cotangent`
+    keeps XLA from recomputing all 4 before the first backward: the same loss and gradients, and about
+    half the temp bytes of the same program without it (49 against 103 MiB at T = 512)."""
+    preset = Path(__file__).resolve().parents[1] / "benchmarks" / "presets" / "qwen3.5-0.8b" / "config.json"
+    raw = json.loads(preset.read_text()) | dict(
+        num_hidden_layers=4, layer_types=["linear_attention"] * 3 + ["full_attention"], vocab_size=512,
+        hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        linear_key_head_dim=64, linear_value_head_dim=64, linear_num_key_heads=4, linear_num_value_heads=4,
+    )  # fmt: skip
+    cfg = config_from_hf(raw).with_runtime(remat="full")
+    lora_cfg = LoraConfig(r=4, alpha=8.0, dropout=0.0, target_modules="all-linear")
+    lora = init_lora(cfg, lora_cfg, jax.random.key(0))
+    lora = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(1), x.shape, x.dtype), lora)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 512, (1, 512)), jnp.int32)
+    batch = {"input_ids": ids, "targets": jnp.roll(ids, -1, 1), "segment_ids": jnp.ones_like(ids),
+             "positions": jnp.arange(512)[None]}  # fmt: skip
+    params, scale = init_params(cfg, 0), jnp.asarray(lora_scale(cfg, lora_cfg))
+    ordered = _grad(cfg, params, lora, scale, batch)
+    monkeypatch.setattr(decoder, "after_cotangent", lambda layer: layer)
+    free = _grad(cfg, params, lora, scale, batch)
+    (loss, grads), (loss_free, grads_free) = ordered(lora), free(lora)
+    np.testing.assert_allclose(loss, loss_free, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_free), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    print(f"temp: {_temp(ordered) / 2**20:.1f} MiB ordered, {_temp(free) / 2**20:.1f} MiB without")
+    assert _temp(ordered) < 0.6 * _temp(free)

@@ -58,7 +58,7 @@ from jaxlora.models.layer_ops import linear, norm
 from jaxlora.models.lora_product import lora_product_for
 from jaxlora.models.moe import aux_loss as moe_aux_loss
 from jaxlora.models.moe import moe_mlp
-from jaxlora.models.remat import LAYER_INPUT, MLP_TILE, REMAT, TILED_REMATS
+from jaxlora.models.remat import LAYER_INPUT, MLP_TILE, REMAT, TILED_REMATS, after_cotangent
 from jaxlora.models.rope import apply_rope, layer_inv_freq
 from jaxlora.models.spec import dropout_stream
 
@@ -301,6 +301,8 @@ def run_layers(cfg: DecoderConfig, h: jax.Array, shared: LayerInputs, per_layer:
             # Under scan XLA cannot merge the recomputation into the forward pass anyway; the barriers that
             # prevent it would only slow the step (about 6% on the CPU benchmark).
             layer = jax.checkpoint(layer, policy=REMAT[rt.remat], prevent_cse=not rt.scan_layers)
+            if (cfg.mixers or not rt.scan_layers) and rt.remat != "offload":  # several layers per program
+                layer = after_cotangent(layer)
         return layer
 
     layer = make_layer(cfg)

@@ -79,6 +79,29 @@ def test_generate_script_prints_golden_text(stories_dir):
     assert out.stdout.rstrip("\n") == golden["text"]
 
 
+def test_generate_cli_repetition_penalty_and_min_p_reach_generate(stories_dir, capsys):
+    """`--repetition-penalty 1.3` (greedy) and `--min-p 0.2` (sampled, seeded) print the prompt plus the
+    tokens `generate` draws with the same knobs; each knob changes stories260K's text."""
+    from jaxlora.cli.generate import main
+    from jaxlora.models import load_tokenizer
+
+    model, tok = load_model(stories_dir), load_tokenizer(stories_dir)
+    prompt = "Once upon a time"
+    ids = tok(prompt)["input_ids"]
+    base = ["--model", str(stories_dir), "--prompt", prompt, "--max-new-tokens", "40"]
+    sampled = dict(temperature=1.0, seed=3)
+    cases = [  # (flags, generate's knobs, the same without the flag's knob)
+        (["--repetition-penalty", "1.3"], dict(repetition_penalty=1.3), {}),
+        (["--temperature", "1", "--min-p", "0.2", "--seed", "3"], dict(sampled, min_p=0.2), sampled),
+    ]
+    for flags, kw, without in cases:
+        capsys.readouterr()
+        assert main([*base, *flags]) == 0
+        new = generate(model.params, model.config, [ids], 40, **kw)[0]
+        assert capsys.readouterr().out.rstrip("\n") == tok.decode(ids + new, skip_special_tokens=True), flags
+        assert new != generate(model.params, model.config, [ids], 40, **without)[0], flags  # the knob matters
+
+
 @pytest.mark.parametrize("family", ["stories", "qwen3", "gpt2"])
 def test_kv_cache_equals_recompute(family, stories_dir, tmp_path):
     if family == "stories":
@@ -165,6 +188,15 @@ def _assert_one_line_error(proc, *needles):
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+def test_bad_input_sampling_flags(stories_dir):
+    """`--min-p 2` exits 2 with one line naming the flag; `--repetition-penalty 0` is refused the same way."""
+    from jaxlora.cli.generate import main
+
+    _assert_one_line_error(_run_generate(["--model", str(stories_dir), "--min-p", "2"]), "--min-p", "[0, 1]")
+    with pytest.raises(UserError, match="--repetition-penalty must be > 0"):
+        main(["--model", str(stories_dir), "--prompt", "hi", "--repetition-penalty", "0"])
 
 
 def test_bad_input_missing_folder(tmp_path):

@@ -27,13 +27,17 @@ from jaxlora.train.samples import PROMPT_FORMATS, encode_prompt, render_prompt
 USAGE = """Generate text from a Hugging Face checkpoint (optionally with a LoRA adapter).
 
     generate --model PATH_OR_ID --prompt TEXT [--format alpaca|chat|raw] [--adapter DIR_OR_RUN]
-        [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+        [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--min-p P]
+        [--repetition-penalty R] [--seed S]
     generate --model PATH_OR_ID --chat [--chat-template chatml] [--adapter DIR_OR_RUN] < turns.txt
 
 `--prompt ""` starts from BOS. Repeat `--prompt` for a batch. With --format raw (the default) each prompt
 is printed with its completion; alpaca and chat render the prompt as training did and print the answer.
 `--adapter` takes an adapter folder or a training run's folder (then --format follows the run's data).
 `--chat` reads one user turn per line (from the terminal or a pipe) until end of input or /exit.
+Sampling is transformers' (the same names): --temperature 0 is greedy; --top-k, --top-p, then --min-p
+(keep tokens at least P times as likely as the best); --repetition-penalty (1 = off, greedy too) makes the
+prompt's tokens and those generated so far less likely.
 """
 
 
@@ -209,6 +213,8 @@ def run_generation(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
     seed: int = 0,
     dtype: str = "float32",
     adapter: str | None = None,
@@ -224,29 +230,20 @@ def run_generation(
     fmt: raw returns each prompt followed by its completion; alpaca or chat render each prompt as training
     did (`render_prompt`) and return the response alone. `adapter` may be a run folder; then fmt (when
     None) and chat_template (when None) follow the run's config.
+    Sampling (temperature .. seed) is `jaxlora.models.generate.generate`'s.
     """
     fmt, chat_template, adapter = _settings(fmt, chat_template, adapter)
-    _check(max_new_tokens, temperature, top_p)
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    kw["repetition_penalty"] = repetition_penalty
+    _check(max_new_tokens, **kw)
     if fmt != "raw":
         gen = Generator(model, dtype, adapter, quant, allow_pickle)
         if fmt == "chat":
             chat_template = chat_template_for(gen.tokenizer, chat_template)
         texts = [render_prompt(fmt, p, gen.tokenizer, chat_template) for p in prompts]
-        kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         return gen.complete(texts, max_new_tokens, **kw)
     m, tokenizer, lora, scale = load_with_adapter(model, dtype, adapter, quant, allow_pickle)
-    return generate_text(
-        m,
-        tokenizer,
-        prompts,
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        lora=lora,
-        lora_scale=scale,
-    )
+    return generate_text(m, tokenizer, prompts, max_new_tokens, lora=lora, lora_scale=scale, **kw)
 
 
 def _settings(fmt, chat_template, adapter):
@@ -262,13 +259,18 @@ def _settings(fmt, chat_template, adapter):
     return fmt, chat_template or run_template, adapter
 
 
-def _check(max_new_tokens, temperature, top_p) -> None:
+def _check(max_new_tokens, temperature=0.0, top_p=1.0, min_p=None, repetition_penalty=1.0, **_) -> None:
+    """One line naming the flag for a value out of range (NaN included)."""
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
+    if not temperature >= 0:
         raise UserError(f"--temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+    if min_p is not None and not 0 <= min_p <= 1:
+        raise UserError(f"--min-p must be in [0, 1] (0 = off), got {min_p}")
+    if not repetition_penalty > 0:
+        raise UserError(f"--repetition-penalty must be > 0 (1 = off), got {repetition_penalty}")
 
 
 def chat(
@@ -288,7 +290,7 @@ def chat(
     """A conversation: each line read from `lines` (stdin) is a user turn, rendered with the earlier turns
     through the chat template; each answer is written to `out`. Ends at end of input or `/exit`.
     Returns the turns as (user, assistant) pairs."""
-    _check(max_new_tokens, kw.get("temperature", 0.0), kw.get("top_p", 1.0))
+    _check(max_new_tokens, **kw)
     _, chat_template, adapter = _settings("chat", chat_template, adapter)
     gen = Generator(model, dtype, adapter, quant, allow_pickle)
     chat_template = chat_template_for(gen.tokenizer, chat_template)  # before the first turn is read
@@ -329,6 +331,8 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=None, help="keep tokens >= P x the best's; 0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats; 1 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder, or a training run's folder")
@@ -348,7 +352,8 @@ def main(argv=None) -> int:
     for line in run_adapter_notes(args.adapter) if args.adapter else ():
         print(line, file=sys.stderr)  # stdout keeps the generated text alone
     common = dict(dtype=args.dtype, adapter=args.adapter, quant=args.quant, allow_pickle=args.allow_pickle)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                    repetition_penalty=args.repetition_penalty, seed=args.seed)  # fmt: skip
     if args.chat:
         prompt = "> " if sys.stdin.isatty() else ""
         chat(args.model, sys.stdin, sys.stdout, args.max_new_tokens, chat_template=args.chat_template,

@@ -2,8 +2,9 @@
 `GRPOTrainer` on a tiny Llama with the real PEFT LoRA (A and B non-zero, the same weights in jaxlora):
 its rollouts (sampled completions, rewards from our reward functions, advantages, old and reference
 log-probs) and its loss, LoRA gradients and metrics for every loss_type, scale_rewards mode, beta 0 and
-> 0, num_iterations 2 and GSPO's sequence-level ratios, within 1e-5. Then the one train step (accumulation
-equals one batch), the `grpo:` config section and the rewards' loading, calling and errors.
+> 0, num_iterations 2, GSPO's sequence-level ratios, the high-entropy token mask and the entropy bonus,
+within 1e-5. Then the one train step (accumulation equals one batch), the `grpo:` config section and the
+rewards' loading, calling and errors.
 """
 
 import json
@@ -199,24 +200,29 @@ CASES = {
     "bnpo_mu2_delta": ("group", {"loss_type": "bnpo", "num_iterations": 2, "delta": 1.1}),
     "dapo_off_policy_mask": ("group", {"num_iterations": 2, "off_policy_mask_threshold": 0.02}),
     "dr_grpo_masked": ("masked", {"loss_type": "dr_grpo", "mask_truncated_completions": True}),
+    "grpo_top_entropy": ("group", {"loss_type": "grpo", "top_entropy_quantile": 0.5}),
+    "dapo_top_entropy": ("group", {"top_entropy_quantile": 0.5}),
+    "dapo_entropy_coef": ("group", {"entropy_coef": 0.01}),
+    "bnpo_top_entropy_coef_beta": ("group", {"loss_type": "bnpo", "top_entropy_quantile": 0.2,
+                                             "entropy_coef": 0.01, "beta": 0.04, "num_iterations": 2}),
 }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def policy(setup, rollouts):
     """The one forward pass all cases share: log-probs and entropies [B, C] with the adapter, and the
-    pullback of a cotangent on the log-probs to the LoRA gradient (the chain rule: the loss depends on
-    the adapter only through them), compiled once; and `batch_loss` with its gradient in the log-probs."""
+    pullback of cotangents on both to the LoRA gradient (the chain rule: the loss depends on the adapter
+    only through them), compiled once; and `batch_loss` with its gradient in the log-probs and entropies
+    (zero for the entropies unless entropy_coef != 0)."""
     out = rollouts["group_mu2_beta"][0]
     batch, params, scale, spec = _batch(out), setup["model"].params, setup["scale"], setup["spec"]
 
-    def logps_of(lora):
-        return completion_logps(lora, params, batch, scale, spec, TEMPERATURE)[0]
+    def outputs_of(lora):
+        return completion_logps(lora, params, batch, scale, spec, TEMPERATURE, entropy_grad=True)[:2]
 
-    forward = jax.jit(lambda lo: completion_logps(lo, params, batch, scale, spec, TEMPERATURE))
-    logps, ent, _ = forward(setup["lora"])
-    pullback = jax.jit(lambda lo, cot: jax.vjp(logps_of, lo)[1](cot)[0])
-    loss_of = jax.jit(jax.value_and_grad(batch_loss, argnums=1, has_aux=True), static_argnums=0)
+    logps, ent = jax.jit(outputs_of)(setup["lora"])
+    pullback = jax.jit(lambda lo, cots: jax.vjp(outputs_of, lo)[1](cots)[0])
+    loss_of = jax.jit(jax.value_and_grad(batch_loss, argnums=(1, 2), has_aux=True), static_argnums=0)
     return logps, ent, pullback, loss_of
 
 
@@ -267,15 +273,18 @@ def test_loss_gradient_and_metrics_equal_trl(setup, rollouts, policy, case):
             value, sums = value + v, {k: sums.get(k, 0.0) + x for k, x in s.items()}
             cots.append(cot)
         _close(float(value), want_loss, ("loss", accumulation))
-        got = _peft_tensors(setup, pullback(setup["lora"], jnp.concatenate(cots)))
+        cot = jax.tree.map(lambda *c: jnp.concatenate(c), *cots)  # (log-probs', entropies') [B, C]
+        got = _peft_tensors(setup, pullback(setup["lora"], cot))
         assert sorted(got) == sorted(want_grads)
         scale = max(np.abs(w).max() for w in want_grads.values())
         assert scale > 1e-3, scale  # the case has a gradient
         for name, want in want_grads.items():
             _close(got[name] / scale, want / scale, (name, accumulation))
         if accumulation == 1:  # TRL logs each micro-batch's means; ours are the batch's (equal for one)
-            assert set(sums) == set(want_metrics) - {"clip_ratio/low_min", "clip_ratio/high_max"}
-            for name, v in sums.items():
+            metrics = Grpo(setup["spec"], g).finish(value, sums, totals)[1]
+            del metrics["loss"], metrics["tokens"]
+            assert set(metrics) == set(want_metrics) - {"clip_ratio/low_min", "clip_ratio/high_max"}
+            for name, v in metrics.items():
                 _close(float(v), want_metrics[name], name)
     if settings.get("num_iterations", 1) > 1 and "clip_ratio/region_mean" in sums:
         assert float(sums["clip_ratio/region_mean"]) > 0  # the moved policy is clipped somewhere
@@ -292,21 +301,23 @@ def _peft_tensors(setup, grads) -> dict:
 # The objective on the one train step and eval step
 
 
-def test_train_step_accumulates_to_trls_batch(setup, rollouts):
+@pytest.mark.parametrize(("case", "trl_split"), [("gspo_mu2_beta", 1), ("bnpo_top_entropy_coef_beta", 2)])
+def test_train_step_accumulates_to_trls_batch(setup, rollouts, case, trl_split):
     """`Grpo` on `make_train_step` (plain SGD: the update is minus the gradient) over 2 micro-batches
     equals TRL's loss, gradient and metrics on the whole batch (GSPO with the KL term; every loss_type's
-    accumulation is checked above); the eval step gives the same loss."""
-    data, settings = CASES["gspo_mu2_beta"]
+    accumulation is checked above), or, where the loss depends on the split (bnpo, the entropy quantile
+    and bonus, per micro-batch), TRL's loss and gradient with 2 accumulation steps; the eval step gives
+    TRL's loss on the whole batch."""
+    data, settings = CASES[case]
     tr = setup["trainer"]
     trl_ref.configure(tr, max_completion_length=MAX_LEN, **settings)
     inputs = _inputs(rollouts, data, settings)
-    want_loss, want_grads, want_metrics = trl_ref.loss_and_grads(tr, inputs)
+    want_loss, want_grads, want_metrics = trl_ref.loss_and_grads(tr, inputs, trl_split)
+    whole_loss = trl_ref.loss_and_grads(tr, inputs)[0]
     g = GrpoSpec.from_section(GrpoSection(max_completion_length=MAX_LEN, temperature=TEMPERATURE, **settings))
     objective = Grpo(setup["spec"], g)
     assert objective.updates_per_batch == 2 and "old_logps" in objective.batch_keys
-    batch = {**_batch(inputs), "advantages": jnp.asarray(inputs["advantages"].numpy()),
-             "old_logps": jnp.asarray(inputs["old_per_token_logps"].numpy()),
-             "ref_logps": jnp.asarray(inputs["ref_per_token_logps"].numpy())}  # fmt: skip
+    batch = {**_batch(inputs), **_case_batch(inputs)}
     assert set(batch) == set(objective.batch_keys)
     two = jax.tree.map(lambda x: x.reshape(2, x.shape[0] // 2, *x.shape[1:]), batch)
     sgd = optax.sgd(1.0)
@@ -322,10 +333,16 @@ def test_train_step_accumulates_to_trls_batch(setup, rollouts):
     _close(float(metrics["loss"]), want_loss, "loss")
     assert float(metrics["tokens"]) == float(inputs["completion_mask"].sum())
     assert not bool(metrics["nonfinite"])
-    for name in set(want_metrics) - {"clip_ratio/low_min", "clip_ratio/high_max"}:
+    # TRL logs each micro-batch's means, ours are the batch's: equal on one micro-batch, or for constants
+    same = (
+        set(want_metrics) - {"clip_ratio/low_min", "clip_ratio/high_max"}
+        if trl_split == 1
+        else {"entropy_coef"}
+    )
+    for name in same:
         _close(float(metrics[name]), want_metrics[name], name)
     evaluated = jax.jit(make_eval_step(objective))(lora, setup["model"].params, batch, setup["scale"])
-    _close(float(evaluated["loss"]), want_loss, "eval loss")
+    _close(float(evaluated["loss"]), whole_loss, "eval loss")
     assert float(evaluated["count"]) == 1.0
 
 
@@ -380,6 +397,7 @@ def test_grpo_section_reads_rewards_and_round_trips(tmp_path):
         ({"reward_funcs": [{"name": "a:f", "args": {"x": {"y": 1}}}]}, None, "grpo.reward_funcs[0].args.x: "),
         ({"loss_type": "dpo"}, None, "grpo.loss_type must be one of grpo, bnpo, dr_grpo, dapo"),
         ({"num_generations": 1}, None, "grpo.num_generations must be >= 2, got 1"),
+        ({"top_entropy_quantile": 0}, None, "grpo.top_entropy_quantile must be in (0, 1], got 0.0"),
         ({"reward_funcs": ["a.py:f"], "num_generations": 4}, {"batch_size": 3, "grad_accum_steps": 2},
          "train.batch_size x train.grad_accum_steps = 6 completions per step is not divisible by "
          "grpo.num_generations = 4; make it a multiple of 4"),

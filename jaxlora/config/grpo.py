@@ -151,6 +151,15 @@ class GrpoSection(Section):
         description="drop completions with negative advantage whose mean KL to the sampler exceeds this; "
         "null = keep all",
     )
+    top_entropy_quantile: Float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="the policy loss keeps only this top share of tokens by entropy (paper: 0.2); 1 = all",
+    )
+    entropy_coef: Float = Field(
+        0.0, description="entropy bonus: subtract this times the mean token entropy from the loss; 0 = off"
+    )
     sapo_temperature_pos: Float = Field(1.0, gt=0, description="sapo: gate temperature, positive advantages")
     sapo_temperature_neg: Float = Field(1.05, gt=0, description="sapo: gate temperature, other advantages")
     vespo_k_pos: Float = Field(2.0, description="vespo: power of the weight, positive advantages")

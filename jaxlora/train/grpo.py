@@ -22,6 +22,16 @@ accumulation and data parallelism equal one large batch):
     luspo         sum over tokens / completions
     bnpo          mean over micro-batches of each micro-batch's token mean (as TRL: depends on the split)
 
+Entropy, as TRL: with `top_entropy_quantile` q < 1 the policy term (not the KL) counts only on the loss
+tokens whose entropy H_t is >= the (1 - q) quantile of the loss tokens' entropies (linear interpolation,
+as torch.quantile; padding is neither counted nor kept). The quantile spans one micro-batch, as TRL's
+spans its micro-batch gathered over processes: under `jit` (one device or a mesh) that micro-batch's
+rows on every device, so data parallelism equals one device; under `pmap` each device's rows. With
+`entropy_coef` c != 0 the entropy bonus (H_t with its gradient) is subtracted, a token mean per
+micro-batch over the kept tokens whatever the loss_type (so, as bnpo, it depends on the split):
+
+    loss  -=  c * mean over micro-batches of (sum of H_t over kept tokens / kept tokens)
+
 Batch (the step's [A, B, ...] micro-batches; B completions, T = P + C):
 
     input_ids        [B, T] int32    the prompt left-padded to P, then the completion right-padded to C
@@ -35,7 +45,8 @@ Batch (the step's [A, B, ...] micro-batches; B completions, T = P + C):
 
 `grpo_batch` builds them from TRL-shaped prompt and completion arrays. Metrics carry TRL's names: `kl`,
 `entropy`, `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean`, `cispo_clip_ratio`,
-`vespo/phi_seq_mean` (means over the batch's tokens, or completions for per-completion values).
+`vespo/phi_seq_mean` (means over the batch's tokens, or completions for per-completion values); with
+`entropy_coef` != 0 also `policy_loss` (the loss without the bonus) and, in training, `entropy_coef`.
 """
 
 import dataclasses
@@ -49,7 +60,16 @@ from jaxlora.lora.tokens import with_embeddings
 from jaxlora.models.decoder import cap_logits, forward, lm_head_kernel
 from jaxlora.train.objective import Objective, StepSpec
 
-__all__ = ["BATCH_KEYS", "Grpo", "GrpoSpec", "batch_loss", "completion_logps", "grpo_batch", "policy_terms"]
+__all__ = [
+    "BATCH_KEYS",
+    "Grpo",
+    "GrpoSpec",
+    "batch_loss",
+    "completion_logps",
+    "grpo_batch",
+    "high_entropy_mask",
+    "policy_terms",
+]
 
 BATCH_KEYS = ("input_ids", "positions", "segment_ids", "completion_mask", "advantages")
 CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
@@ -72,6 +92,8 @@ class GrpoSpec:
     num_iterations: int = 1
     use_bias_correction_kl: bool = True
     off_policy_mask_threshold: float | None = None
+    top_entropy_quantile: float = 1.0
+    entropy_coef: float = 0.0
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
     vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0)  # k_pos, lambda_pos, k_neg, lambda_neg
@@ -97,7 +119,7 @@ class GrpoSpec:
 
     @property
     def metric_names(self) -> tuple[str, ...]:
-        names = ("kl",) * (self.beta != 0) + ("entropy",)
+        names = ("kl",) * (self.beta != 0) + ("entropy",) + ("policy_loss",) * (self.entropy_coef != 0)
         if self.loss_type in CLIPPED:
             return names + CLIP_METRICS
         return names + OTHER_METRICS.get(self.loss_type, ())
@@ -119,10 +141,11 @@ def grpo_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, loss_ma
     }
 
 
-def token_logps(params, cfg, hidden: jax.Array, targets: jax.Array, temperature: float, chunk: int):
+def token_logps(params, cfg, hidden: jax.Array, targets: jax.Array, temperature: float, chunk: int,
+                entropy_grad: bool = False):  # fmt: skip
     """(log-probs [N], entropies [N]) of `targets` [N] under the temperature-scaled logits of hidden
     [N, D], `chunk` positions' [chunk, V] logits at a time (recomputed in the backward pass). The
-    entropies carry no gradient."""
+    entropies carry a gradient only with `entropy_grad` (the entropy bonus)."""
     n, d = hidden.shape
     chunk = min(chunk, n)
     n_chunks = -(-n // chunk)
@@ -138,20 +161,21 @@ def token_logps(params, cfg, hidden: jax.Array, targets: jax.Array, temperature:
         logits = cap_logits(logits, cfg) / temperature  # [K, V]
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
-        probs = jax.lax.stop_gradient(jnp.exp(logits - lse[:, None]))
-        entropy = jax.lax.stop_gradient(lse - jnp.sum(probs * logits, axis=-1))
-        return picked - lse, entropy
+        entropy = lse - jnp.sum(jnp.exp(logits - lse[:, None]) * logits, axis=-1)
+        return picked - lse, entropy if entropy_grad else jax.lax.stop_gradient(entropy)
 
     logp, ent = jax.lax.map(lambda xs: one(*xs), (h, t))
     return logp.reshape(-1)[:n], ent.reshape(-1)[:n]
 
 
 def completion_logps(
-    lora, base, batch: dict, lora_scale, spec: StepSpec, temperature: float, rng=None, train: bool = False
-):
+    lora, base, batch: dict, lora_scale, spec: StepSpec, temperature: float, rng=None, train: bool = False,
+    entropy_grad: bool = False,
+):  # fmt: skip
     """(log-probs [B, C], entropies [B, C], MoE aux loss) of each completion token of `batch` (the
     layout above), from the decoder with `lora` (None: the adapter off, the reference), the logits divided
-    by `temperature`. `train` applies LoRA dropout with `rng` and computes the MoE aux loss."""
+    by `temperature`. `train` applies LoRA dropout with `rng` and computes the MoE aux loss;
+    `entropy_grad` gives the entropies a gradient."""
     ids = batch["input_ids"]
     b, t = ids.shape
     c = batch["completion_mask"].shape[-1]
@@ -166,7 +190,7 @@ def completion_logps(
     hidden, aux = out if aux_on else (out, jnp.float32(0))
     h = hidden[:, t - c - 1 : t - 1]  # [B, C, D]: the positions that predict the completion tokens
     logp, ent = token_logps(params, spec.model, h.reshape(b * c, -1), ids[:, t - c :].reshape(-1),
-                            temperature, spec.loss_chunk)  # fmt: skip
+                            temperature, spec.loss_chunk, entropy_grad)  # fmt: skip
     return logp.reshape(b, c), ent.reshape(b, c), aux
 
 
@@ -205,10 +229,10 @@ def _surrogate(g: GrpoSpec, coef_1, adv, logps, log_ratio, mask):
     raise ValueError(f"unknown loss_type {lt!r}")
 
 
-def policy_terms(g: GrpoSpec, logps, old, ref, adv, mask) -> tuple[jax.Array, dict]:
+def policy_terms(g: GrpoSpec, logps, old, ref, adv, mask, keep=None) -> tuple[jax.Array, dict]:
     """(per-token loss [B, C] or [B, 1], metric values {name: [B, C] or [B, 1]}) from the current
-    log-probs [B, C], the sampler's `old` [B, C], the reference's `ref` [B, C] (beta > 0), advantages [B]
-    and the loss mask [B, C], as TRL's `_compute_loss`."""
+    log-probs [B, C], the sampler's `old` [B, C], the reference's `ref` [B, C] (beta > 0), advantages [B],
+    the loss mask [B, C] and `keep` [B, C] (the high-entropy tokens; None = all), as TRL's `_compute_loss`."""
     adv = adv[:, None]
     log_ratio = logps - old
     if g.importance_sampling_level == "sequence":
@@ -228,6 +252,8 @@ def policy_terms(g: GrpoSpec, logps, old, ref, adv, mask) -> tuple[jax.Array, di
         drift = jnp.nan_to_num(old - jax.lax.stop_gradient(logps), nan=0.0)
         seq = jnp.sum(drift * mask, axis=1, keepdims=True) / jnp.maximum(jnp.sum(mask, 1, keepdims=True), 1.0)
         loss = loss * ((adv >= 0) | (seq <= g.off_policy_mask_threshold)).astype(mask.dtype)
+    if keep is not None:
+        loss = loss * keep.astype(mask.dtype)
     if g.beta != 0:
         loss = loss + g.beta * metrics["kl"]
     return loss, metrics
@@ -248,13 +274,31 @@ def _reduce(g: GrpoSpec, loss, mask, totals) -> jax.Array:
     return jnp.sum(masked) / tokens  # dapo, cispo, vespo
 
 
+def high_entropy_mask(entropy, mask, quantile: float) -> jax.Array:
+    """[B, C] bool: the loss tokens (`mask` [B, C] > 0) whose entropy [B, C] is >= the (1 - quantile)
+    quantile of the loss tokens' entropies (linear interpolation; none without loss tokens), TRL's
+    `get_high_entropy_mask`."""
+    entropy = jax.lax.stop_gradient(entropy).astype(jnp.float32)
+    on = mask > 0
+    threshold = jnp.nanquantile(jnp.where(on, entropy, jnp.nan), 1.0 - quantile)
+    return on & (entropy >= threshold)
+
+
 def batch_loss(g: GrpoSpec, logps, entropy, mb: dict, totals: dict) -> tuple[jax.Array, dict]:
     """(this micro-batch's share of the loss, its metric sums) from the current log-probs and entropies
     [B, C] of its completions (`completion_logps`), its batch arrays and the batch's `totals`."""
     mask = mb["completion_mask"]
     old = mb["old_logps"] if g.needs_old else jax.lax.stop_gradient(logps)
-    loss, values = policy_terms(g, logps, old, mb.get("ref_logps"), mb["advantages"], mask)
-    return _reduce(g, loss, mask, totals), _metric_sums({**values, "entropy": entropy}, mask, totals)
+    keep = high_entropy_mask(entropy, mask, g.top_entropy_quantile) if g.top_entropy_quantile < 1 else None
+    loss, values = policy_terms(g, logps, old, mb.get("ref_logps"), mb["advantages"], mask, keep)
+    value = _reduce(g, loss, mask, totals)
+    sums = _metric_sums({**values, "entropy": entropy}, mask, totals)
+    if g.entropy_coef != 0:  # TRL: a token mean over each micro-batch's kept tokens, not loss_type's
+        sums["policy_loss"] = jax.lax.stop_gradient(value).astype(jnp.float32)
+        kept = mask if keep is None else mask * keep
+        mean = jnp.sum(entropy * kept) / jnp.maximum(jnp.sum(kept), 1.0)
+        value = value - g.entropy_coef * mean / totals["micro_batches"]
+    return value, sums
 
 
 def _metric_sums(values: dict, mask, totals) -> dict:
@@ -303,10 +347,11 @@ class Grpo(Objective):
         }
 
     def _terms(self, lora, base, mb, lora_scale, rng, totals, train: bool):
+        g = self.grpo
         logps, ent, aux = completion_logps(
-            lora, base, mb, lora_scale, self.spec, self.grpo.temperature, rng, train
+            lora, base, mb, lora_scale, self.spec, g.temperature, rng, train, entropy_grad=g.entropy_coef != 0
         )
-        value, sums = batch_loss(self.grpo, logps, ent, mb, totals)
+        value, sums = batch_loss(g, logps, ent, mb, totals)
         if self._aux and train:  # TRL: + coef * aux / gradient accumulation steps
             sums["aux_loss"] = jax.lax.stop_gradient(aux) / totals["micro_batches"]
             value = value + self.spec.aux_loss_coef * aux / totals["micro_batches"]
@@ -317,6 +362,8 @@ class Grpo(Objective):
 
     def finish(self, value, sums, totals):
         metrics = {"loss": value, "tokens": totals["tokens"], **sums}
+        if self.grpo.entropy_coef != 0:  # TRL logs the (static) coefficient at each training step
+            metrics["entropy_coef"] = jnp.float32(self.grpo.entropy_coef)
         return jnp.float32(1), metrics, (value,)
 
     def eval_sums(self, lora, base, batch, lora_scale, *extra):

@@ -12,14 +12,15 @@ import torch
 MIRRORED = {
     **{name: name for name in ("loss_type", "beta", "importance_sampling_level", "off_policy_mask_threshold",
                                "max_completion_length", "scale_rewards", "multi_objective_aggregation",
-                               "mask_truncated_completions", "num_iterations")},
+                               "mask_truncated_completions", "num_iterations", "top_entropy_quantile",
+                               "entropy_coef")},
     "epsilon": "epsilon_low",
 }  # fmt: skip
 DEFAULTS = {
     "loss_type": "dapo", "beta": 0.0, "importance_sampling_level": "token", "off_policy_mask_threshold": None,
     "scale_rewards": "group", "multi_objective_aggregation": "sum_then_normalize", "epsilon": 0.2,
     "mask_truncated_completions": False, "num_iterations": 1, "epsilon_high": None, "delta": None,
-    "use_bias_correction_kl": True,
+    "use_bias_correction_kl": True, "top_entropy_quantile": 1.0, "entropy_coef": 0.0,
 }  # fmt: skip
 
 
@@ -63,6 +64,7 @@ def configure(trainer, **settings) -> None:
             setattr(trainer, MIRRORED[name], value)
     eps_high = settings["epsilon_high"]
     trainer.epsilon_high = settings["epsilon"] if eps_high is None else eps_high
+    trainer._entropy_bonus_enabled = settings["entropy_coef"] != 0.0  # static control: no adaptive entropy
 
 
 def rollout(trainer, rows: list[dict], seed: int = 0) -> tuple[dict, dict, dict]:

@@ -232,10 +232,15 @@ def main(argv=None) -> int:
         report["speedup"] = results["transformers"]["median_s"] / results["jaxlora"]["median_s"]
         report["cpu_speedup"] = results["transformers"]["median_cpu_s"] / results["jaxlora"]["median_cpu_s"]
     print(table(report))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    save(report, args.out)
     return 0
+
+
+def save(report: dict, out: str | None) -> None:
+    """Write the JSON report to `out` (its folder made as needed); nothing without one."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

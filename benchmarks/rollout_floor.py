@@ -21,7 +21,6 @@ with no work besides those products on this machine. `speedup` is transformers o
 `share_of_ceiling` their ratio.
 """
 
-import json
 import os
 import sys
 import tempfile
@@ -117,9 +116,7 @@ def main(argv=None) -> int:
         f"floor (prefill + decode products) {floor:.3f} s; ceiling {report['ceiling']:.2f}x transformers; "
         f"jaxlora {report['speedup']:.2f}x ({report['share_of_ceiling']:.0%} of the ceiling)"
     )
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    bench.save(report, args.out)
     return 0
 
 

@@ -156,6 +156,6 @@ def test_a_hybrid_period_recomputes_one_layer_at_a_time(monkeypatch):
     (loss, grads), (loss_free, grads_free) = ordered(lora), free(lora)
     np.testing.assert_allclose(loss, loss_free, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_free), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())  # float32 summation order
     print(f"temp: {_temp(ordered) / 2**20:.1f} MiB ordered, {_temp(free) / 2**20:.1f} MiB without")
     assert _temp(ordered) < 0.6 * _temp(free)

@@ -211,16 +211,28 @@ def main(argv=None) -> int:
                 repeated, split = row == "jaxlora repeated prefill", row != "jaxlora scanned layers"
                 calls[row] = jaxlora_call(model, ids, mask, g, new, top, repeated, split)
         results = measure(calls, args.repeats, (args.prompts * g, new), log)
-    report = {
-        "command": " ".join(["python", "benchmarks/rollout.py", *(sys.argv[1:] if argv is None else argv)]),
+    report = report_head("benchmarks/rollout.py", argv, args, mask, load_before, results)
+    if "jaxlora" in results and "transformers" in results:
+        report["speedup"] = results["transformers"]["median_s"] / results["jaxlora"]["median_s"]
+        report["cpu_speedup"] = results["transformers"]["median_cpu_s"] / results["jaxlora"]["median_cpu_s"]
+    print(table(report))
+    save(report, args.out)
+    return 0
+
+
+def report_head(script: str, argv, args, mask, load_before, results: dict) -> dict:
+    """The JSON report's common part: the command, the settings (prompt mask [P, Tp]), the machine, its
+    load average before (`os.getloadavg()` then) and now, and the rows' `results`."""
+    return {
+        "command": " ".join(["python", script, *(sys.argv[1:] if argv is None else argv)]),
         "settings": {
             "arch": args.arch,
             "dtype": args.dtype,
             "prompts": args.prompts,
-            "generations": g,
+            "generations": args.generations,
             "prompt_len": args.prompt_len,
             "prompt_lengths": mask.sum(axis=1).tolist(),
-            "new_tokens": new,
+            "new_tokens": args.new_tokens,
             "repeats": args.repeats,
             "sampling": {"temperature": 1.0, "top_k": args.top_k, "top_p": args.top_p, "eos": None},
         },
@@ -228,12 +240,6 @@ def main(argv=None) -> int:
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "results": results,
     }
-    if "jaxlora" in results and "transformers" in results:
-        report["speedup"] = results["transformers"]["median_s"] / results["jaxlora"]["median_s"]
-        report["cpu_speedup"] = results["transformers"]["median_cpu_s"] / results["jaxlora"]["median_cpu_s"]
-    print(table(report))
-    save(report, args.out)
-    return 0
 
 
 def save(report: dict, out: str | None) -> None:

@@ -91,20 +91,7 @@ def main(argv=None) -> int:
         results = bench.measure(calls, args.repeats, want, log)
     med = {name: r["median_s"] for name, r in results.items()}
     floor = med["jaxlora prefill"] + med["decode products"]
-    report = {
-        "command": " ".join(["python", "benchmarks/rollout_floor.py", *(argv or sys.argv[1:])]),
-        "settings": {
-            "arch": args.arch,
-            "dtype": args.dtype,
-            "prompts": args.prompts,
-            "generations": g,
-            "prompt_len": args.prompt_len,
-            "new_tokens": new,
-            "repeats": args.repeats,
-        },  # fmt: skip
-        **bench.environment(),
-        "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        "results": results,
+    report = bench.report_head("benchmarks/rollout_floor.py", argv, args, mask, load_before, results) | {
         "floor_s": floor,
         "ceiling": med["transformers"] / floor,
         "speedup": med["transformers"] / med["jaxlora"],

@@ -233,8 +233,8 @@ def run_generation(
     Sampling (temperature .. seed) is `jaxlora.models.generate.generate`'s.
     """
     fmt, chat_template, adapter = _settings(fmt, chat_template, adapter)
-    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
-    kw["repetition_penalty"] = repetition_penalty
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+              repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
     _check(max_new_tokens, **kw)
     if fmt != "raw":
         gen = Generator(model, dtype, adapter, quant, allow_pickle)

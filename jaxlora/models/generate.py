@@ -260,7 +260,8 @@ def generate(
 
 def until_eos(row: list[int], eos: np.ndarray) -> list[int]:
     """A row of tokens up to and including its first token in `eos` (all of it without one)."""
-    hits = [j for j, tk in enumerate(row) if tk in set(eos.tolist())]
+    stops = set(eos.tolist())
+    hits = [j for j, tk in enumerate(row) if tk in stops]
     return row[: hits[0] + 1] if hits else row
 
 
